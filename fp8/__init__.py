@@ -1,0 +1,1 @@
+"""twinpipe.fp8."""
