@@ -1,0 +1,26 @@
+import pytest
+import torch
+import torch.distributed as dist
+
+from twinpipe.parallel.local import run_local
+
+
+def _sum_ranks(rank, world_size, scale):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return t.item() * scale
+
+
+def _fail_on_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    dist.barrier()
+
+
+def test_run_local_collects_results_by_rank():
+    assert run_local(_sum_ranks, 3, 2.0) == [6.0, 6.0, 6.0]
+
+
+def test_run_local_reraises_with_rank_traceback():
+    with pytest.raises(RuntimeError, match="rank 1 failed(.|\n)*boom on rank 1"):
+        run_local(_fail_on_one, 2, timeout_s=60)
