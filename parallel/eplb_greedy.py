@@ -1,0 +1,94 @@
+"""The two greedy steps of EPLB, vectorized over rows (layers, or layers × nodes).
+
+Both greedies are sequential in the number of items they place, but every step is one batch of torch
+ops over all rows at once, so planning 61 layers costs about as much as planning one.
+
+Tie-breaking follows DeepSeek's EPLB exactly, because the published example depends on it:
+- replication picks the expert with the highest load per replica, the lowest expert id on ties;
+- packing visits items heaviest first (a stable sort, so equal weights keep their index order) and
+  puts each on the lightest pack that still has room, the lowest pack id on ties; pack loads are
+  accumulated in fp32 in visiting order, as the reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def replicate_experts(
+    weight: torch.Tensor, num_physical: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give each row's experts `num_physical` slots in all: one each, then the extra slots one at a
+    time to the expert with the highest load per replica.
+
+    weight: [X, n] fp32 loads. Returns phy2log [X, num_physical] (slot -> expert; slots 0..n-1 are the
+    experts themselves, in order), rank [X, num_physical] (replica index of the slot among its expert's
+    replicas) and logcnt [X, n] (replicas per expert).
+    """
+    num_rows, num_log = weight.shape
+    phy2log = torch.arange(num_physical, dtype=torch.int64).repeat(num_rows, 1)  # [X, P]
+    rank = torch.zeros(num_rows, num_physical, dtype=torch.int64)  # [X, P]
+    logcnt = torch.ones(num_rows, num_log, dtype=torch.int64)  # [X, n]
+    rows = torch.arange(num_rows)
+    for slot in range(num_log, num_physical):
+        heaviest = (weight / logcnt).max(dim=-1).indices  # [X], first index on ties
+        phy2log[:, slot] = heaviest
+        rank[:, slot] = logcnt[rows, heaviest]
+        logcnt[rows, heaviest] += 1
+    return phy2log, rank, logcnt
+
+
+def balanced_packing(
+    weight: torch.Tensor, num_packs: int, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put each row's n items into `num_packs` packs of exactly n / num_packs items, heaviest item
+    first onto the lightest pack with room.
+
+    weight: [X, n] fp32. labels: optional [X, n] int64 in [0, n); when given, an item avoids packs that
+    already hold an item with the same label (a replica of the same expert) as long as some pack with
+    room does not. Returns pack_index [X, n] and rank_in_pack [X, n] (position of the item in its pack,
+    in the order items were placed).
+    """
+    num_rows, num_items = weight.shape
+    per_pack = num_items // num_packs
+    if per_pack == 1:
+        # One item per pack: item i goes to pack i (the reference's shortcut; no label can repeat).
+        pack_index = torch.arange(num_items, dtype=torch.int64).expand(num_rows, num_items).clone()
+        return pack_index, torch.zeros_like(pack_index)
+
+    order = weight.sort(dim=-1, descending=True, stable=True).indices  # [X, n]
+    sorted_weight = weight.gather(-1, order)  # [X, n]
+    loads = torch.zeros(num_rows, num_packs, dtype=weight.dtype)  # [X, packs]
+    counts = torch.zeros(num_rows, num_packs, dtype=torch.int64)  # [X, packs]
+    sorted_pack = torch.empty(num_rows, num_items, dtype=torch.int64)  # [X, n]
+    sorted_rank = torch.empty(num_rows, num_items, dtype=torch.int64)  # [X, n]
+    rows = torch.arange(num_rows)
+    inf = torch.tensor(float("inf"), dtype=weight.dtype)
+    if labels is not None:
+        sorted_labels = labels.gather(-1, order)  # [X, n]
+        holds = torch.zeros(num_rows, num_packs, num_items, dtype=torch.bool)  # [X, packs, labels]
+        packs = torch.arange(num_packs)
+    for j in range(num_items):
+        full = counts >= per_pack  # [X, packs]
+        key = torch.where(full, inf, loads)  # [X, packs]
+        if labels is not None:
+            label = sorted_labels[:, j]  # [X]
+            clash = holds[rows[:, None], packs[None, :], label[:, None]]  # [X, packs]
+            avoidable = (~full & ~clash).any(dim=-1, keepdim=True)  # [X, 1]
+            key = torch.where(avoidable & clash, inf, key)
+        pack = key.argmin(dim=-1)  # [X], first index on ties
+        sorted_pack[:, j] = pack
+        sorted_rank[:, j] = counts[rows, pack]
+        counts[rows, pack] += 1
+        loads[rows, pack] += sorted_weight[:, j]
+        if labels is not None:
+            holds[rows, pack, label] = True
+    pack_index = torch.empty_like(sorted_pack).scatter_(-1, order, sorted_pack)  # [X, n]
+    rank_in_pack = torch.empty_like(sorted_rank).scatter_(-1, order, sorted_rank)  # [X, n]
+    return pack_index, rank_in_pack
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse of permutations perm [X, n]: out[x, perm[x, i]] = i."""
+    positions = torch.arange(perm.size(-1), dtype=torch.int64).expand_as(perm)
+    return torch.empty_like(perm).scatter_(-1, perm, positions)

@@ -1,0 +1,140 @@
+"""Keep experts where they are: relabel a balanced EPLB plan to overlap the current placement.
+
+A plan's balance depends only on which experts share a GPU, not on which GPU that is. So after
+planning, the nodes (hierarchical policy), then the GPUs within each node, are matched to the current
+ones by the number of expert replicas they already hold (a greedy maximum-overlap matching, vectorized
+over layers), and within each GPU an expert that stays keeps its old slot. Every replica that lands on
+a GPU which did not hold that expert before is a "moved" expert: its weights (and during training its
+optimizer state) must be copied in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _histogram(phy2log: torch.Tensor, num_bins: int, num_experts: int) -> torch.Tensor:
+    """phy2log [X, R] -> replicas of each expert in each of num_bins equal slot ranges [X, bins, E]."""
+    num_rows = phy2log.size(0)
+    per_bin = phy2log.view(num_rows, num_bins, -1)  # [X, bins, R/bins]
+    counts = torch.zeros(num_rows, num_bins, num_experts, dtype=torch.float32)
+    return counts.scatter_add_(-1, per_bin, torch.ones_like(per_bin, dtype=torch.float32))
+
+
+def _overlap(new_counts: torch.Tensor, old_counts: torch.Tensor) -> torch.Tensor:
+    """Multiset overlap sum_e min(new[a, e], old[b, e]) for all bin pairs: [X, K, E] x2 -> [X, K, K].
+
+    min(x, y) = sum_{k >= 1} [x >= k][y >= k] for counts, so this is a few exact fp32 batched matmuls
+    instead of a [X, K, K, E] tensor.
+    """
+    overlap = torch.zeros(new_counts.size(0), new_counts.size(1), old_counts.size(1))
+    top = int(torch.minimum(new_counts.max(), old_counts.max()).item())
+    for k in range(1, top + 1):
+        overlap += torch.bmm((new_counts >= k).float(), (old_counts >= k).float().transpose(1, 2))
+    return overlap
+
+
+def _greedy_matching(score: torch.Tensor) -> torch.Tensor:
+    """score [X, K, K] >= 0 -> perm [X, K]: new bin a goes to old bin perm[a]; repeatedly takes the
+    highest-scoring unmatched pair (lowest indices on ties)."""
+    num_rows, k, _ = score.shape
+    score = score.clone()
+    perm = torch.empty(num_rows, k, dtype=torch.int64)
+    rows = torch.arange(num_rows)
+    for _ in range(k):
+        best = score.view(num_rows, -1).argmax(-1)  # [X]
+        a, b = best // k, best % k
+        perm[rows, a] = b
+        score[rows, a, :] = -1.0
+        score[rows, :, b] = -1.0
+    return perm
+
+
+def _move_bins(phy2log: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Move slot range a of each row to position perm[a]: [X, R], [X, K] -> [X, R]."""
+    num_rows, num_bins = perm.shape
+    per_bin = phy2log.view(num_rows, num_bins, -1)  # [X, K, R/K]
+    index = perm.unsqueeze(-1).expand_as(per_bin)
+    return torch.empty_like(per_bin).scatter_(1, index, per_bin).view(num_rows, -1)
+
+
+def _match_bins(new: torch.Tensor, old: torch.Tensor, num_bins: int, num_experts: int) -> torch.Tensor:
+    perm = _greedy_matching(
+        _overlap(_histogram(new, num_bins, num_experts), _histogram(old, num_bins, num_experts))
+    )
+    return _move_bins(new, perm)
+
+
+def _keep_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Reorder each row of new [X, S] so items also in old [X, S] keep old's positions."""
+    num_rows, num_slots = new.shape
+    rows = torch.arange(num_rows)
+    out = torch.full_like(new, -1)
+    used = torch.zeros_like(new, dtype=torch.bool)
+    for s in range(num_slots):
+        same = (new == old[:, s : s + 1]) & ~used  # [X, S]
+        found = same.any(-1)  # [X]
+        pick = same.int().argmax(-1)  # [X]
+        out[:, s] = torch.where(found, new[rows, pick], out[:, s])
+        used[rows[found], pick[found]] = True
+    # The remaining items fill the remaining slots in their original order.
+    free_slots = (out >= 0).int().argsort(dim=-1, stable=True)  # free slots first
+    unused = used.int().argsort(dim=-1, stable=True)  # unused items first
+    fill = torch.empty_like(new).scatter_(-1, free_slots, new.gather(-1, unused))
+    return torch.where(out >= 0, out, fill)
+
+
+def keep_placement(
+    phy2log: torch.Tensor,
+    current_phy2log: torch.Tensor,
+    num_experts: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> torch.Tensor:
+    """Relabel nodes, GPUs and slots of a plan phy2log [L, R] to overlap current_phy2log [L, R].
+
+    num_nodes: the node count the plan was made with (1 for the global policy: then GPUs are matched
+    across the whole layer).
+    """
+    if tuple(current_phy2log.shape) != tuple(phy2log.shape):
+        raise ValueError(
+            f"current_phy2log: shape {tuple(current_phy2log.shape)} must equal the plan's "
+            f"[num_layers, num_replicas] = {tuple(phy2log.shape)}"
+        )
+    current = current_phy2log.detach().cpu().to(torch.int64)
+    if current.min() < 0 or current.max() >= num_experts:
+        raise ValueError(
+            f"current_phy2log: expert ids must lie in [0, {num_experts}), got "
+            f"[{int(current.min())}, {int(current.max())}]"
+        )
+    num_layers, num_slots = phy2log.shape
+    gpus_per_node = num_gpus // num_nodes
+    plan = phy2log
+    if num_nodes > 1:
+        plan = _match_bins(plan, current, num_nodes, num_experts)
+    node_rows = num_layers * num_nodes
+    plan = _match_bins(
+        plan.reshape(node_rows, -1), current.reshape(node_rows, -1), gpus_per_node, num_experts
+    )
+    slots_per_gpu = num_slots // num_gpus
+    plan = _keep_slots(plan.reshape(-1, slots_per_gpu), current.reshape(-1, slots_per_gpu))
+    return plan.view(num_layers, num_slots)
+
+
+def replica_ranks(phy2log: torch.Tensor) -> torch.Tensor:
+    """Replica index of each slot among its expert's slots, counted in slot order: [L, R] -> [L, R]."""
+    order = phy2log.sort(dim=-1, stable=True).indices  # [L, R]
+    sorted_experts = phy2log.gather(-1, order)
+    positions = torch.arange(phy2log.size(-1)).expand_as(phy2log)
+    starts = torch.ones_like(sorted_experts, dtype=torch.bool)
+    starts[:, 1:] = sorted_experts[:, 1:] != sorted_experts[:, :-1]
+    run_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(-1).values
+    return torch.empty_like(order).scatter_(-1, order, positions - run_start)
+
+
+def moved_experts(current_phy2log: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Replicas per layer that land on a GPU which did not hold that expert before ([L] int64)."""
+    num_experts = int(max(phy2log.max().item(), current_phy2log.max().item())) + 1
+    new = _histogram(phy2log, num_gpus, num_experts)  # [L, G, E]
+    old = _histogram(current_phy2log.to(torch.int64), num_gpus, num_experts)
+    return (new - old).clamp(min=0).sum((-1, -2)).to(torch.int64)
