@@ -1,0 +1,233 @@
+"""The recipe schema: dataclasses registered with Hydra's ConfigStore, plus the checks types cannot say.
+
+`recipes/pretrain.yaml` names these schemas in its defaults list, so OmegaConf rejects an unknown key
+or a value of the wrong type at start-up with the key's full name; `validate(cfg)` then checks ranges
+and choices and raises `ValueError("<key>=<value>: <what is allowed>")`.
+
+Sections: `model` (a preset of `ModelConfig` plus optional field overrides), `data`, `optim` (AdamW and
+the LR schedule), `parallel`, `fp8`, `train`, `loss`, `balance`, `eplb`, `run`, `logging`, `checkpoint`,
+and the top-level `resume`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class ModelSchema:
+    """`ModelConfig.preset(preset)` with the non-null fields below (HF `DeepseekV3Config` names) replaced."""
+
+    preset: str = MISSING  # tiny | small | v3_671b
+    vocab_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    moe_intermediate_size: Optional[int] = None
+    n_routed_experts: Optional[int] = None
+    num_experts_per_tok: Optional[int] = None
+    n_shared_experts: Optional[int] = None
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    first_k_dense_replace: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_nextn_predict_layers: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    # any other ModelConfig field, e.g. `+model.extra.rope_theta=50000`
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSchema:
+    source: str = "embedded"  # embedded: the standard-library sources shipped with the interpreter
+    # "default" trains (once, cached) the byte-level BPE on the embedded corpus with model.vocab_size;
+    # otherwise a tokenizer.json file or an HF tokenizer folder.
+    tokenizer: str = "default"
+    cache_dir: str = "runs/.cache"
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 2.2e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    moment_dtype: str = "fp32"  # fp32 | bf16 (DeepSeek keeps AdamW moments in BF16)
+    zero: str = "ours"  # ours | deepspeed: who partitions the optimizer state over DP (ZeRO stage 1)
+    # LR schedule: linear warmup (steps) -> constant -> cosine to min_lr -> tail phases [length, lr]
+    unit: str = "steps"  # steps | tokens: the unit of constant, decay and the tail lengths
+    warmup_steps: int = 2000
+    constant: float = 0.0
+    decay: float = 0.0
+    min_lr: float = 2.2e-5
+    tail: List[List[float]] = field(default_factory=list)
+    # optional batch-size ramp: sequences per step grow linearly from ramp_start to train.global_batch
+    ramp_start: int = 0  # 0 = no ramp
+    ramp_tokens: float = 0.0
+
+
+@dataclass
+class ParallelSchema:
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    schedule: str = "1f1b"  # dualpipe | dualpipev | 1f1b (used when pp > 1)
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class FP8Schema:
+    backend: str = "off"  # off | emulate | triton | cublas | auto
+
+
+@dataclass
+class TrainSchema:
+    steps: int = 300
+    seed: int = 0
+    global_batch: int = 8  # sequences per optimizer step over all data-parallel ranks
+    micro_batch: int = 2  # sequences per forward on one rank
+    seq_len: int = 128
+    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU; master weights stay fp32)
+    grad_clip: float = 1.0
+    on_nonfinite: str = "skip"  # skip | stop: what a NaN/inf loss or gradient does
+    init_std: Optional[float] = None  # None: the model's own initialisation
+    threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
+
+
+@dataclass
+class LossSchema:
+    mtp_lambda: float = 0.3  # weight of the MTP loss
+    mtp_lambda_late: float = 0.1  # ... after mtp_switch_tokens
+    mtp_switch_tokens: float = 10e12
+
+
+@dataclass
+class BalanceSchema:
+    gamma: float = 0.001  # router bias update speed
+    gamma_until_tokens: float = 14.3e12  # gamma is 0 after this many tokens
+    center: bool = False  # subtract the mean of each update (torchtitan); DeepSeek/Megatron: off
+
+
+@dataclass
+class EPLBSchema:
+    every: int = 0  # steps between expert re-placements; 0 = off
+
+
+@dataclass
+class RunSchema:
+    dir: str = MISSING
+    name: str = "pretrain"
+
+
+@dataclass
+class LoggingSchema:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "twinpipe"
+    every: int = 1  # steps between metrics.jsonl lines
+    progress: bool = True  # tqdm bar on rank 0
+    plots: bool = True  # PNG plots in run.dir at the end
+    peak_tflops: Optional[float] = None  # for MFU; None: detected from the GPU name (none on CPU)
+
+
+@dataclass
+class CheckpointSchema:
+    every: int = 100  # steps; 0 = only at the end
+    keep: int = 2  # newest complete checkpoints kept
+    at_end: bool = True
+
+
+@dataclass
+class RecipeSchema:
+    model: ModelSchema = MISSING
+    data: DataSchema = MISSING
+    optim: OptimSchema = MISSING
+    parallel: ParallelSchema = MISSING
+    fp8: FP8Schema = MISSING
+    train: TrainSchema = field(default_factory=TrainSchema)
+    loss: LossSchema = field(default_factory=LossSchema)
+    balance: BalanceSchema = field(default_factory=BalanceSchema)
+    eplb: EPLBSchema = field(default_factory=EPLBSchema)
+    run: RunSchema = field(default_factory=RunSchema)
+    logging: LoggingSchema = field(default_factory=LoggingSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    resume: str = "auto"  # auto | never | PATH (a checkpoints/step_N folder)
+
+
+def register() -> None:
+    """Register the schemas (called once by the entry point before Hydra composes)."""
+    cs = ConfigStore.instance()
+    cs.store(name="recipe_schema", node=RecipeSchema)
+    cs.store(group="model", name="model_schema", node=ModelSchema)
+    cs.store(group="data", name="data_schema", node=DataSchema)
+    cs.store(group="optim", name="optim_schema", node=OptimSchema)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelSchema)
+    cs.store(group="fp8", name="fp8_schema", node=FP8Schema)
+
+
+CHOICES = {
+    "model.preset": ("tiny", "small", "v3_671b"),
+    "data.source": ("embedded",),
+    "optim.moment_dtype": ("fp32", "bf16"),
+    "optim.zero": ("ours", "deepspeed"),
+    "optim.unit": ("steps", "tokens"),
+    "parallel.schedule": ("dualpipe", "dualpipev", "1f1b"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "fp8.backend": ("off", "emulate", "triton", "cublas", "auto"),
+    "train.dtype": ("fp32", "bf16"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "logging.wandb": ("offline", "online", "disabled"),
+}
+
+POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
+            "parallel.pp", "parallel.dp", "parallel.ep", "checkpoint.keep", "logging.every")
+NON_NEGATIVE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.constant",
+                "optim.decay", "optim.min_lr", "train.grad_clip", "train.threads", "balance.gamma",
+                "loss.mtp_lambda", "loss.mtp_lambda_late", "checkpoint.every", "eplb.every",
+                "optim.ramp_start", "optim.ramp_tokens")
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ValueError naming the key, the value seen and what is allowed."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ValueError(f"{key}={_get(cfg, key)}: must be > 0")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ValueError(f"{key}={_get(cfg, key)}: must be >= 0")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"optim.betas={betas}: need two values in [0, 1)")
+    for i, phase in enumerate(cfg.optim.tail):
+        if len(phase) != 2 or phase[0] < 0 or phase[1] < 0:
+            raise ValueError(f"optim.tail[{i}]={list(phase)}: each phase is [length >= 0, lr >= 0]")
+    t, p = cfg.train, cfg.parallel
+    per_step = t.micro_batch * p.dp
+    if t.global_batch % per_step:
+        raise ValueError(f"train.global_batch={t.global_batch}: must be a multiple of train.micro_batch"
+                         f" x parallel.dp = {t.micro_batch} x {p.dp} = {per_step}")
+    if cfg.optim.ramp_start and cfg.optim.ramp_start % per_step:
+        raise ValueError(f"optim.ramp_start={cfg.optim.ramp_start}: must be a multiple of "
+                         f"train.micro_batch x parallel.dp = {per_step}")
+    if p.dp % p.ep:
+        raise ValueError(f"parallel.ep={p.ep}: must divide parallel.dp={p.dp} (experts are spread"
+                         " inside the data-parallel group)")
+    if p.pp > 1 and p.schedule == "dualpipe" and p.pp % 2:
+        raise ValueError(f"parallel.pp={p.pp}: DualPipe needs an even number of pipeline ranks")
+    resume = cfg.resume
+    if not resume:
+        raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")
