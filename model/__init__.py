@@ -1,1 +1,16 @@
-"""twinpipe.model."""
+"""twinpipe.model: the DeepSeek-V3 architecture (config, MLA, MoE, MTP, transformer, KV cache)."""
+
+from .attention import MLA
+from .block import Block
+from .config import PRESETS, ModelConfig
+from .experts import Experts
+from .gate import Gate
+from .kv_cache import LatentKVCache
+from .mlp import MLP
+from .moe import MoE
+from .mtp import MTPLayer
+from .norm import RMSNorm
+from .transformer import Transformer, TransformerOutput
+
+__all__ = ["MLA", "MLP", "PRESETS", "Block", "Experts", "Gate", "LatentKVCache", "MTPLayer", "ModelConfig",
+           "MoE", "RMSNorm", "Transformer", "TransformerOutput"]

@@ -296,6 +296,10 @@ def hf_config_dict(config: ModelConfig, fp8: bool, dtype: torch.dtype) -> dict:
     return out
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def _hf_tensors(model: nn.Module, config: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor view) of every tensor of a checkpoint of `model`, MTP copies included."""
     state = model.state_dict()
@@ -303,14 +307,14 @@ def _hf_tensors(model: nn.Module, config: ModelConfig, dtype: torch.dtype | None
         if tensor.is_meta:
             raise ValueError(f"save_hf: {name!r} is on the meta device (a partially loaded model cannot be "
                              f"saved)")
-        keep = name.endswith("e_score_correction_bias")
-        t = tensor if keep or dtype is None else tensor.to(dtype) if tensor.dtype != dtype else tensor
+        t = tensor if name.endswith("e_score_correction_bias") else _cast(tensor, dtype)
         for hf, row in ours_to_hf(name, config.num_hidden_layers, config.n_routed_experts):
             yield hf, (t if row is None else t[row])
     for k in range(config.num_nextn_predict_layers):
         layer = config.num_hidden_layers + k
-        yield f"model.layers.{layer}.embed_tokens.weight", state["embed_tokens.weight"]
-        yield f"model.layers.{layer}.shared_head.head.weight", state["lm_head.weight"]
+        # Copies (cloned when written), so safetensors never sees two names on one storage.
+        yield f"model.layers.{layer}.embed_tokens.weight", _cast(state["embed_tokens.weight"], dtype).clone()
+        yield f"model.layers.{layer}.shared_head.head.weight", _cast(state["lm_head.weight"], dtype).clone()
 
 
 def save_hf(model: nn.Module, path: str | os.PathLike, fp8: bool = False,

@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2/V3.
+
+q = W_qb(RMSNorm(W_qa x)) (or W_q x when q_lora_rank is None); [c_kv, k_pe] = W_kva x;
+k_nope, v = W_kvb(RMSNorm(c_kv)); RoPE only on the decoupled q_pe / k_pe (k_pe shared by all heads).
+
+Two forms of the same arithmetic:
+- naive (training and reference): expand the latent into per-head keys/values, then attention;
+- absorbed (cached decoding): fold W_kvb's key half into the query and its value half into the
+  output, so attention runs directly on the cached latent c_kv and k_pe.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, apply_rope
+
+if TYPE_CHECKING:
+    from .kv_cache import LatentKVCache
+
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Block-causal mask [B, 1, T, T] (True = attend) when positions restart inside a row (packed
+    documents); None when every row counts up by one, so plain causal attention applies."""
+    breaks = position_ids[:, 1:] != position_ids[:, :-1] + 1                    # [B, T-1]
+    if not bool(breaks.any()):
+        return None
+    doc = F.pad(breaks.long().cumsum(1), (1, 0))                               # [B, T]
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    same_doc = doc[:, :, None] == doc[:, None, :]                              # [B, T, T]
+    return (same_doc & causal).unsqueeze(1)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with a naive and an absorbed (latent-cache) form."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.rope_interleave = config.rope_interleave
+        h, nh = config.hidden_size, config.num_attention_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, nh * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, nh * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.qk_nope_head_dim + self.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(nh * self.v_head_dim, h, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.softmax_scale = self.qk_head_dim ** -0.5 * self.rotary.softmax_mscale
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.num_heads, self.qk_head_dim)           # [B, T, nh, qk_head]
+
+    def project(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """x [B, T, H] -> q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, T, r], k_pe [B, T, dr]."""
+        q = self._query(x)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)                                          # [B, T, r]
+        cos, sin = self.rotary(position_ids, q.dtype)                             # [B, T, dr/2]
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)                   # [B, T, nh, dr]
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, T, dr]
+        return q_nope, q_pe, c_kv, k_pe
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: "LatentKVCache | None" = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]. With a cache, the new latents are stored and attention covers
+        every cached slot (absorbed form unless cache.absorb is False)."""
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device).expand(B, T)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids)
+        if cache is None:
+            mask = document_causal_mask(position_ids)
+            out = self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal=mask is None)
+        else:
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)                # [B, S, r], [B, S, dr]
+            if cache.absorb:
+                out = self.absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask)
+            else:
+                out = self.naive(q_nope, q_pe, c_kv, k_pe, cache.mask, causal=False)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
+
+    def naive(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool) -> torch.Tensor:
+        """Expand the latent into full keys/values; returns [B, T, nh, dv]."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)   # [B, S, nh, dn|dv]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)                                      # [B, T, nh, qk_head]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=causal,
+                                             scale=self.softmax_scale)            # [B, nh, T, dv]
+        return out.transpose(1, 2)
+
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Attention on the latent: scores = (q_nope W_k) c_kv^T + q_pe k_pe^T; out = (p c_kv) W_v^T.
+
+        q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, S, r], k_pe [B, S, dr],
+        mask [B, 1, T, S] bool (True = attend); returns [B, T, nh, dv].
+        """
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
+                                       self.kv_lora_rank)
+        w_k, w_v = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)       # [nh, dn|dv, r]
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_k)                       # [B, T, nh, r]
+        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale  # [B, nh, T, S]
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        out_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)                     # [B, T, nh, r]
+        return torch.einsum("bthr,hdr->bthd", out_lat, w_v)                       # [B, T, nh, dv]
+
+    def reset_parameters(self, std: float) -> None:
+        for module in self.children():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()

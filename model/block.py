@@ -1,0 +1,42 @@
+"""One transformer block: pre-norm MLA and pre-norm SwiGLU (dense) or MoE, each with a residual."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .attention import MLA
+from .config import ModelConfig
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm
+
+if TYPE_CHECKING:
+    from .kv_cache import LatentKVCache
+
+
+class Block(nn.Module):
+    """h -> h + attn(norm(h)) -> h + mlp(norm(h)); mlp is MoE from layer first_k_dense_replace on."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_idx)
+                               else MLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: "LatentKVCache | None" = None) -> torch.Tensor:
+        """h [B, T, H] -> [B, T, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), position_ids, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def reset_parameters(self, std: float) -> None:
+        self.input_layernorm.reset_parameters()
+        self.post_attention_layernorm.reset_parameters()
+        self.self_attn.reset_parameters(std)
+        self.mlp.reset_parameters(std)

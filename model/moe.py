@@ -1,0 +1,91 @@
+"""The MoE feed-forward: router, routed experts, shared experts, and the sequence-wise balance loss.
+
+The balance loss reaches the gradient inside the graph: it is attached to the MoE output by
+`AttachAuxLoss`, whose backward gives the loss a gradient of `MoE.aux_loss_scale` and passes the output
+gradient through unchanged, so pipeline stages and gradient accumulation need nothing extra.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .experts import Experts
+from .gate import Gate
+from .mlp import MLP
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """L_bal = sum_i f_i P_i per sequence, averaged over sequences (REFERENCE.md section 1).
+
+    scores [B, T, E] (unbiased sigmoid), topk_idx [B, T, K];
+    f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+    """
+    B, T, K = topk_idx.shape
+    picks = torch.zeros(B, num_experts, dtype=scores.dtype, device=scores.device)
+    picks.scatter_add_(1, topk_idx.reshape(B, T * K), torch.ones_like(topk_idx, dtype=scores.dtype)
+                       .reshape(B, T * K))                                          # [B, E]
+    f = picks * (num_experts / (K * T))                                             # [B, E]
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)                             # [B, E]
+    return (f * p).sum(-1).mean()
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on `output`; in backward the aux loss gets gradient MoE.aux_loss_scale."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, MoE.aux_loss_scale)
+
+
+class MoE(nn.Module):
+    """x [B, T, H] -> experts(x) weighted by the gate + shared_experts(x).
+
+    After each call: `last_counts` [E] int64 (each top-k pick counted) and `last_balance_loss`
+    (aux_loss_alpha * L_bal, detached: the amount added to the objective).
+    """
+
+    aux_loss_scale: float = 1.0
+    """Gradient given to the balance loss; the trainer sets 1 / num_micro_batches."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.gate = Gate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+                               if config.n_shared_experts > 0 else None)
+        self.last_counts: torch.Tensor | None = None
+        self.last_balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)                                                  # [N, H]
+        topk_weight, topk_idx, scores = self.gate(flat)                             # [N, K], [N, K], [N, E]
+        y = self.experts(flat, topk_idx, topk_weight).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        self.last_counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)
+        if self.aux_loss_alpha > 0:
+            aux = self.aux_loss_alpha * sequence_balance_loss(
+                scores.view(B, T, -1), topk_idx.view(B, T, -1), self.num_experts)
+            self.last_balance_loss = aux.detach()
+            if aux.requires_grad:
+                y = AttachAuxLoss.apply(y, aux)
+        else:
+            self.last_balance_loss = torch.zeros((), device=x.device)
+        return y
+
+    def reset_parameters(self, std: float) -> None:
+        self.gate.reset_parameters(std)
+        self.experts.reset_parameters(std)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(std)
