@@ -85,7 +85,59 @@ def balanced_packing(
             holds[rows, pack, label] = True
     pack_index = torch.empty_like(sorted_pack).scatter_(-1, order, sorted_pack)  # [X, n]
     rank_in_pack = torch.empty_like(sorted_rank).scatter_(-1, order, sorted_rank)  # [X, n]
+    if labels is not None:
+        _separate_labels(weight, labels, pack_index, rank_in_pack, num_packs)
     return pack_index, rank_in_pack
+
+
+def _separate_labels(
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    pack_index: torch.Tensor,
+    rank_in_pack: torch.Tensor,
+    num_packs: int,
+) -> None:
+    """Swap away the same-label pairs the greedy could not avoid (it ran out of room late), in place.
+
+    Packs are visited in order; while a pack holds a label twice, its duplicate placed last swaps with
+    the item of closest weight (then lowest pack, then lowest rank) among items whose label the pack
+    lacks, sitting in a pack that lacks the duplicate's label. Items keep their slots' ranks. Rows
+    needing this are rare, so it runs in Python over those rows only.
+    """
+    per_pack = labels.size(-1) // num_packs
+    slots = torch.full((labels.size(0), num_packs, per_pack), -1, dtype=torch.int64)
+    items = torch.arange(labels.size(-1)).expand_as(labels)
+    slots.view(labels.size(0), -1).scatter_(-1, pack_index * per_pack + rank_in_pack, items)
+    slot_labels = labels.gather(-1, slots.view(labels.size(0), -1)).view_as(slots)  # [X, packs, per]
+    sorted_labels = slot_labels.sort(-1).values
+    clashing = (sorted_labels[..., 1:] == sorted_labels[..., :-1]).flatten(1).any(-1)  # [X]
+    for row in clashing.nonzero().flatten().tolist():
+        held = slots[row].tolist()  # held[p][r] = item
+        label = labels[row].tolist()
+        w = weight[row].tolist()
+        for p in range(num_packs):
+            for r in range(per_pack - 1, -1, -1):
+                dup = held[p][r]
+                if sum(label[i] == label[dup] for i in held[p]) < 2:
+                    continue
+                pack_labels = {label[i] for i in held[p]}
+                best = None
+                for q in range(num_packs):
+                    if q == p or label[dup] in {label[i] for i in held[q]}:
+                        continue
+                    for s, other in enumerate(held[q]):
+                        if label[other] in pack_labels:
+                            continue
+                        key = (abs(w[other] - w[dup]), q, s)
+                        if best is None or key < best[0]:
+                            best = (key, q, s)
+                if best is None:
+                    continue
+                _, q, s = best
+                other = held[q][s]
+                held[p][r], held[q][s] = other, dup
+                pack_index[row, other], rank_in_pack[row, other] = p, r
+                pack_index[row, dup], rank_in_pack[row, dup] = q, s
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
