@@ -1,0 +1,76 @@
+"""From a validated recipe to the objects a run needs: model config, model, tokenizer, data loader."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def model_config(model: DictConfig) -> Any:
+    """`ModelConfig.preset(model.preset, **non-null fields, **model.extra)`; errors name `model.<key>`."""
+    from twinpipe.model.config import ModelConfig
+
+    fields = OmegaConf.to_container(model, resolve=True)
+    preset = fields.pop("preset")
+    extra = fields.pop("extra") or {}
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    overrides.update(extra)
+    known = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model.extra has keys {unknown} that are not ModelConfig fields; allowed: "
+                         f"{', '.join(sorted(known))}")
+    return ModelConfig.preset(preset, **overrides)
+
+
+def build_tokenizer(cfg: DictConfig, vocab_size: int) -> Any:
+    """The run's tokenizer: the cached BPE of the embedded corpus, or a file/folder (data.tokenizer)."""
+    from pathlib import Path
+
+    from twinpipe.data.tokenizer import default_tokenizer, load_tokenizer
+
+    if cfg.data.tokenizer == "default":
+        return default_tokenizer(vocab_size, cfg.data.cache_dir)
+    path = Path(cfg.data.tokenizer)
+    if not path.exists():
+        raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: no such file or folder; allowed: "
+                                "'default' or a tokenizer.json / HF tokenizer folder")
+    tok = load_tokenizer(path)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"data.tokenizer={cfg.data.tokenizer} has {tok.vocab_size} tokens but "
+                         f"model.vocab_size={vocab_size}: the embedding must cover the tokenizer")
+    return tok
+
+
+def build_loader(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) -> Any:
+    """The resumable data-parallel loader over the packed training split (a batch source: its
+    `next_step()` gives this rank's micro-batches of one global batch; `state_dict()` is checkpointed)."""
+    from twinpipe.data.loader import PackedDataset, PackedLoader
+
+    dataset = PackedDataset.from_embedded(tokenizer, "train", cfg.train.seq_len, cfg.data.cache_dir)
+    return PackedLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank=dp_rank,
+                        dp_size=dp_size, seed=cfg.train.seed)
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> Any:
+    """The full model on `device` (fp32 weights: master weights are fp32, bf16 runs under autocast),
+    initialised from train.seed, with FP8 layers swapped in when fp8.backend is not off."""
+    from twinpipe.model.transformer import Transformer
+
+    mcfg = model_config(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(mcfg)
+    if cfg.train.init_std is not None:
+        model.init_weights(cfg.train.init_std)
+    model.to(device)
+    if cfg.fp8.backend != "off":
+        from twinpipe.fp8 import convert_model
+
+        model = convert_model(model, cfg.fp8.backend)
+        log.info("fp8: linear layers and experts converted (backend %s)", cfg.fp8.backend)
+    return model

@@ -1,0 +1,193 @@
+"""Checkpoints: atomic, sharded (torch.distributed.checkpoint), resumable with another dp size.
+
+Layout of `run.dir/checkpoints/step_N/`:
+    __0_0.distcp, .metadata   the training state: {"model": model state dict (router biases are
+                              buffers in it), "optim": ZeRO-1 shards as DTensors of the flat vectors}
+    rank_R.pt                 per-rank state: data-loader position and RNG states (torch.save of
+                              tensors, ints and dicts; read back with weights_only=True)
+    meta.json                 step, tokens consumed, world shape
+    config.yaml, tokenizer.json
+    COMPLETE                  written last, before the folder gets its final name
+
+A save writes everything into `checkpoints/.tmp-step_N`, then rank 0 writes `COMPLETE` and renames
+the folder to `step_N` (a rename is atomic). A crash mid-write leaves only a `.tmp-*` folder, which
+`resume=auto` ignores and the next save removes, so the newest `step_N` is always whole. The scheduler
+needs no state of its own: the LR, λ and γ are functions of (step, tokens) from meta.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# fault injection for the crash tests: "save:N" kills the process (SIGKILL) in the middle of
+# writing the checkpoint of step N, after the shards and before COMPLETE
+FAULT_ENV = "TWINPIPE_FAULT"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = checkpoint_root(run_dir)
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / COMPLETE).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
+    """The checkpoint folder to start from: `auto` = newest complete one (or none), `never`, or PATH."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        found = complete_checkpoints(path)  # a run dir is accepted too: its newest checkpoint
+        if found:
+            return found[-1][1]
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {COMPLETE} "
+                                "marker) nor a run dir with one; allowed: auto, never, or such a path")
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _maybe_fault(stage: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{stage}:{step}":
+        log.warning("%s=%s: killing this process now (crash test)", FAULT_ENV, os.environ[FAULT_ENV])
+        os.kill(os.getpid(), 9)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_state: dict[str, Any],
+                    meta: dict[str, Any], config_yaml: str, tokenizer: Any, keep: int) -> Path:
+    """Write checkpoint `step` atomically (all ranks call this together); keep the newest `keep`."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    torch.save(rank_state, tmp / f"rank_{rank}.pt")
+    _maybe_fault("save", step)
+    _barrier()
+    if rank == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        with open(tmp / COMPLETE, "w") as f:
+            f.write(f"step {step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (a resumed run ending where it started)
+            old = root / f".old-step_{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(final)
+        _prune(run_dir, keep)
+        log.info("checkpoint step %d -> %s", step, final)
+    _barrier()
+    return final
+
+
+def _prune(run_dir: str | Path, keep: int) -> None:
+    for _, d in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+    for d in checkpoint_root(run_dir).glob(".tmp-step_*"):  # leftovers of crashed saves
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill `state` in place from `path` (any dp size); return (meta, this rank's rank state).
+
+    The per-rank state comes from rank_<rank>.pt when the checkpoint had this rank, else rank 0's
+    (a resume with more ranks than were saved; the data loader re-splits its position itself)."""
+    dcp.load(state, checkpoint_id=path)
+    meta = json.loads((path / "meta.json").read_text())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = path / f"rank_{rank}.pt"
+    rank_state = torch.load(own if own.is_file() else path / "rank_0.pt", weights_only=True)
+    return meta, rank_state
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    out = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2], "numpy_keys": torch.from_numpy(np_state[1].copy()),
+           "numpy_pos": int(np_state[2])}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy(), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(Transformer in eval mode, TextTokenizer) from one of our checkpoints or an HF DeepSeek-V3 folder.
+
+    `path` may be a `checkpoints/step_N` folder, a run dir (its newest complete checkpoint) or an HF
+    folder (config.json + safetensors, loaded with `twinpipe.model.load_hf`)."""
+    from omegaconf import OmegaConf
+
+    from twinpipe.data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / COMPLETE).is_file():
+        from twinpipe.model import load_hf
+
+        model = load_hf(path, dtype=dtype)
+        return model.eval(), load_tokenizer(path)
+    ckpt = resolve_resume(str(path), path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: neither a twinpipe checkpoint nor an HF folder with config.json")
+    from twinpipe.model import Transformer
+    from twinpipe.trainer.build import model_config
+
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    model = Transformer(model_config(cfg.model))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    model.load_state_dict(state["model"])
+    return model.to(dtype).eval(), load_tokenizer(ckpt / "tokenizer.json")

@@ -1,0 +1,193 @@
+"""The pretraining loop: one optimizer step per global batch, read top to bottom.
+
+    micro-batches (batch source) -> step runner (forward + backward) -> reduce gradients over dp
+    -> global grad norm, clip -> ZeRO-1 AdamW step -> router-bias update from the global expert
+    counts -> metrics -> checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1)
+
+`train(cfg)` needs a resolved, validated recipe (`trainer/train.py` makes one from Hydra) and joins
+the process group torchrun/srun/run_local describe, if any.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from twinpipe.parallel.grid import build_grid, init_distributed
+from twinpipe.trainer import checkpoint as ckpt
+from twinpipe.trainer.balance import ExpertLoadTracker, global_counts, load_max_over_mean, update_router_bias
+from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
+from twinpipe.trainer.flops import flops_per_token, peak_flops
+from twinpipe.trainer.loss import PretrainLoss
+from twinpipe.trainer.metrics import MetricsWriter
+from twinpipe.trainer.optim import build_optimizer
+from twinpipe.trainer.runner import select_runner
+from twinpipe.trainer.schedule import batch_size_at, gamma_at, lr_at, mtp_lambda_at
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption): checkpoint after the current step, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("signal %d: will checkpoint after this step and exit", signum)
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was signalled."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _mean_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return dict(zip(keys, t.tolist()))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the recipe; return a summary {step, tokens, last metrics, run_dir}."""
+    if cfg.train.threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.train.threads)
+    init_distributed(cfg.parallel.backend)
+    grid = build_grid(cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.ep)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    run_dir = Path(cfg.run.dir)
+    mcfg = model_config(cfg.model)
+
+    tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
+    loader = build_loader(cfg, tokenizer, grid.dp_rank, grid.dp)
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, cfg.optim, grid)
+    tracker = ExpertLoadTracker(model)
+    loss_fn = PretrainLoss(cfg.loss.mtp_lambda)
+    runner = select_runner(cfg, model, loss_fn, grid, device)
+
+    step, tokens = 0, 0.0
+    start = ckpt.resolve_resume(cfg.resume, run_dir)
+    if start is not None:
+        state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        meta, rank_state = ckpt.load_checkpoint(start, state)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
+        loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        step, tokens = int(meta["step"]), float(meta["tokens"])
+        log.info("resumed from %s at step %d (%.3g tokens)", start, step, tokens)
+    elif grid.is_main:
+        log.info("starting %s from scratch: %.2fM parameters", run_dir, mcfg.num_parameters() / 1e6)
+
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    writer = MetricsWriter(run_dir, cfg.train.steps, step, enabled=grid.is_main,
+                           wandb_mode=cfg.logging.wandb, project=cfg.logging.project, run_name=str(run_dir),
+                           config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.logging.progress)
+    fpt = flops_per_token(mcfg, cfg.train.seq_len)
+    peak = peak_flops(cfg.logging.peak_tflops, fp8=cfg.fp8.backend != "off")
+    stop = StopRequest()
+    fault = os.environ.get(ckpt.FAULT_ENV, "")
+    multiple = cfg.train.micro_batch * grid.dp
+    last: dict[str, Any] = {}
+    saved_at = step
+
+    def save() -> None:
+        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state()}
+        meta = {"step": step, "tokens": tokens, "pp": grid.pp, "dp": grid.dp, "ep": grid.ep}
+        ckpt.save_checkpoint(run_dir, step, {"model": model.state_dict(), "optim": optimizer.state_dict()},
+                             rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
+                             cfg.checkpoint.keep)
+
+    try:
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batch = batch_size_at(cfg.optim, cfg.train.global_batch, tokens, multiple)
+            loader.global_batch = batch
+            micro_batches = loader.next_step()  # this rank's share of the global batch
+            lr = lr_at(cfg.optim, step, tokens)
+            loss_fn.mtp_lambda = mtp_lambda_at(cfg.loss, tokens)
+
+            optimizer.zero_grad()
+            local = runner.run(micro_batches)
+            optimizer.reduce_gradients()
+            grad_norm = optimizer.grad_norm()
+            metrics = _mean_over(grid.dp_group, local)
+            counts, balance_loss = tracker.take()
+            counts = global_counts(counts, grid.dp_group)  # [moe layers, E] of the global batch
+
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                clip = min(1.0, cfg.train.grad_clip / (grad_norm + 1e-6)) if cfg.train.grad_clip > 0 else 1.0
+                optimizer.step(lr, clip)
+                update_router_bias(model, counts.to(torch.float32), gamma_at(cfg.balance, tokens),
+                                   cfg.balance.center)
+            elif cfg.train.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"step {step + 1}: loss={metrics['loss']}, grad_norm={grad_norm}; stopping with the "
+                    f"weights of step {step} untouched (train.on_nonfinite=stop; 'skip' drops such steps)")
+            else:
+                log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (weights unchanged)",
+                            step + 1, metrics["loss"], grad_norm)
+            step += 1
+            tokens += batch * cfg.train.seq_len
+            elapsed = time.perf_counter() - t0
+            tokens_per_s = batch * cfg.train.seq_len / elapsed
+            last = {"step": step, "loss": metrics["loss"], "lm_loss": metrics["lm_loss"],
+                    "mtp_loss": metrics["mtp_loss"], "balance_loss": balance_loss, "lr": lr,
+                    "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens,
+                    "global_batch": batch, "skipped": not finite,
+                    "expert_load_max_over_mean": load_max_over_mean(counts),
+                    "expert_load": counts.tolist()}
+            if peak:
+                last["mfu"] = tokens_per_s * fpt / (peak * grid.world_size)
+            if step % cfg.logging.every == 0 or step == cfg.train.steps:
+                writer.log(last)
+
+            stopping = stop.agreed(device)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
+                save()
+                saved_at = step
+            if fault == f"step:{step}":
+                log.warning("%s=%s: killing this process now (crash test)", ckpt.FAULT_ENV, fault)
+                os.kill(os.getpid(), 9)
+            if stopping:
+                log.warning("stopped by signal after step %d (checkpoint saved); exiting", step)
+                break
+        if cfg.checkpoint.at_end and saved_at != step:
+            save()
+    finally:
+        stop.restore()
+        tracker.remove()
+        writer.close()
+    if grid.is_main and cfg.logging.plots and not stop.requested:
+        from twinpipe.trainer.plots import make_plots
+
+        make_plots(run_dir)
+    return {"step": step, "tokens": tokens, "last": last, "run_dir": str(run_dir)}

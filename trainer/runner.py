@@ -1,0 +1,56 @@
+"""Step runners: forward + backward of one global batch's micro-batches on this rank.
+
+A runner's `run(micro_batches) -> metrics` leaves the gradients of the *mean* loss over this rank's
+micro-batches in `p.grad` and returns the detached mean `loss`, `lm_loss`, `mtp_loss`. The plain runner
+(pp = 1) is gradient accumulation; pipeline runners (`parallel.schedule`) plug in at `select_runner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from twinpipe.parallel.grid import Grid
+
+
+def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU for train.dtype=bf16; nothing for fp32 (and on CPU, where tests run fp32)."""
+    if dtype == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class PlainRunner:
+    """Gradient accumulation: each micro-batch's loss is scaled by 1/n and back-propagated."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, dtype: str, device: torch.device):
+        self.model, self.loss_fn, self.dtype, self.device = model, loss_fn, dtype, device
+
+    def run(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        from twinpipe.model.moe import MoE
+
+        n = len(micro_batches)
+        MoE.aux_loss_scale = 1.0 / n  # the balance loss is averaged like the LM loss
+        totals: dict[str, torch.Tensor] = {}
+        for mb in micro_batches:
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            with autocast_context(self.dtype, self.device):
+                output = self.model.forward_train(mb["input_ids"], mb.get("position_ids"))
+                loss, metrics = self.loss_fn(output, mb)
+            (loss / n).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v.float() / n
+        return totals
+
+
+def select_runner(cfg: DictConfig, model: nn.Module, loss_fn: Callable, grid: Grid,
+                  device: torch.device) -> Any:
+    """The step runner for parallel.pp / parallel.schedule."""
+    if grid.pp == 1:
+        return PlainRunner(model, loss_fn, cfg.train.dtype, device)
+    raise ValueError(f"parallel.pp={grid.pp} (schedule {cfg.parallel.schedule}): no pipeline step "
+                     "runner is wired into the trainer yet; use parallel.pp=1")

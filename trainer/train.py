@@ -1,0 +1,55 @@
+"""`twinpipe-train` / `python -m twinpipe.trainer`: Hydra entry point of the training recipes.
+
+    twinpipe-train model=tiny train.steps=20 run.dir=runs/try1
+    torchrun --nproc-per-node 4 -m twinpipe.trainer parallel.dp=4
+    twinpipe-train --multirun train.seed=0,1
+
+Hydra composes `recipes/pretrain.yaml` (or `--config-name ...`) against the schema in
+`trainer/config.py`, does not change the working directory, and the resolved recipe goes to `train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from twinpipe.trainer import config  # noqa: E402
+
+config.register()
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings only on the other ranks."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate a composed recipe and train (also the entry for tests and other recipes)."""
+    OmegaConf.resolve(cfg)
+    config.validate(cfg)
+    from twinpipe.trainer.loop import train
+
+    return train(cfg)
+
+
+@hydra.main(config_path="pkg://twinpipe.recipes", config_name="pretrain", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    setup_logging()
+    run(cfg)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
