@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from twinpipe.data.tokenizer import TextTokenizer, file_lock
 
@@ -85,7 +86,7 @@ def _write_cache(documents: Iterable[str], tokenizer: TextTokenizer, prefix: Pat
 
     with open(tmp_bin, "wb") as out:
         batch: list[str] = []
-        for doc in documents:
+        for doc in tqdm(documents, desc=f"tokenizing -> {prefix.name}", unit="doc", disable=None):
             batch.append(doc)
             if len(batch) == _ENCODE_BATCH:
                 flush(batch, out)

@@ -165,11 +165,16 @@ class TextSource:
         import datasets  # heavy import, only when user data is read
 
         kwargs = {"sample_by": "document"} if builder == "text" else {}
+        bars_were_off = datasets.is_progress_bar_enabled() is False
+        datasets.disable_progress_bars()  # one bar per file is noise; the tokenizer pass has one
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f)], split="train",
                                        streaming=self.streaming, cache_dir=self.cache_dir, **kwargs)
         except Exception as err:
             raise ValueError(f"data file {f}: datasets could not read it as {builder} ({err})") from err
+        finally:
+            if not bars_were_off:
+                datasets.enable_progress_bars()
         columns = ds.column_names
         if builder != "text" and columns is not None and self.text_field not in columns:
             raise KeyError(f"data file {f}: no field {self.text_field!r} (fields: {columns}); set "
