@@ -1,0 +1,96 @@
+"""FP8 kernel backends behind one interface: emulate (torch), triton, cublas, auto.
+
+A backend bundles the two quantizers and the two GEMMs. `auto` resolves once per device type to the
+fastest one available (cuBLAS blockwise on Hopper, else our Triton kernels on a GPU, else emulation)
+and logs its choice in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Callable
+
+import torch
+
+from twinpipe.fp8 import emulate, quant
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("emulate", "triton", "cublas", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    act_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]      # (x, block_size, pow2)
+    weight_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]   # (w, block_size, pow2)
+    gemm: Callable[..., torch.Tensor]            # (a, a_s, b, b_s, out_dtype, block_size)
+    grouped_gemm: Callable[..., torch.Tensor]    # (a, a_s, b, b_s, offsets, out_dtype, block_size)
+
+
+def _emulate() -> Backend:
+    return Backend("emulate", quant.act_quant, quant.weight_quant, emulate.emulate_gemm,
+                   emulate.emulate_grouped_gemm)
+
+
+def _triton() -> Backend:
+    from twinpipe.fp8 import triton_gemm, triton_quant
+    return Backend("triton", triton_quant.triton_act_quant, triton_quant.triton_weight_quant,
+                   triton_gemm.triton_gemm, triton_gemm.triton_grouped_gemm)
+
+
+def _cublas() -> Backend:
+    from twinpipe.fp8 import cublas
+    return Backend("cublas", quant.act_quant, quant.weight_quant, cublas.cublas_gemm,
+                   cublas.cublas_grouped_gemm)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto(device_type: str) -> Backend:
+    if device_type == "cuda":
+        from twinpipe.fp8.cublas import cublas_unavailable_reason
+        reason = cublas_unavailable_reason(torch.cuda.current_device())
+        if reason is None:
+            log.info("fp8 backend auto -> cublas (torch._scaled_mm blockwise)")
+            return _cublas()
+        log.info("fp8 backend auto -> triton (cublas unavailable: %s)", reason)
+        return _triton()
+    log.info("fp8 backend auto -> emulate (tensors on %s; the FP8 kernels need a CUDA GPU)", device_type)
+    return _emulate()
+
+
+def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
+    """The backend called `name` (one of BACKENDS) for tensors on `device`."""
+    if name == "emulate":
+        return _emulate()
+    if name == "triton":
+        return _triton()
+    if name == "cublas":
+        return _cublas()
+    if name == "auto":
+        return _auto(torch.device(device).type)
+    raise ValueError(f"fp8 backend {name!r}: allowed values are {', '.join(BACKENDS)}")
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             out_dtype: torch.dtype | None = None, backend: str = "auto", block_size: int = 128
+             ) -> torch.Tensor:
+    """a @ b.T with DeepSeek's semantics.
+
+    a [..., K] float8_e4m3fn with 1×128 dequant scales a_s [..., ceil(K/128)] (fp32);
+    b [N, K] float8_e4m3fn with 128×128 scales b_s [ceil(N/128), ceil(K/128)] (or 1×128 scales [N, ...]).
+    Returns [..., N] in `out_dtype` (default: torch's default dtype). FP32 accumulation, scales applied
+    per 128-wide K block.
+    """
+    out_dtype = out_dtype or torch.get_default_dtype()
+    return get_backend(backend, a.device).gemm(a, a_s, b, b_s, out_dtype, block_size)
+
+
+def fp8_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                     offsets: torch.Tensor, out_dtype: torch.dtype | None = None, backend: str = "auto",
+                     block_size: int = 128) -> torch.Tensor:
+    """Per contiguous segment e (rows offsets[e]:offsets[e+1] of a [M, K]): a_seg @ b[e].T -> [M, N]."""
+    out_dtype = out_dtype or torch.get_default_dtype()
+    return get_backend(backend, a.device).grouped_gemm(a, a_s, b, b_s, offsets, out_dtype, block_size)

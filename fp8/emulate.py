@@ -1,0 +1,93 @@
+"""The reference FP8 GEMMs in torch: what the GPU kernels compute, up to FP32 summation order.
+
+Per 128-wide K block j the FP8 operands are multiplied exactly (E4M3 products fit in FP32) and summed
+in FP32, then the partial product is promoted into an FP32 accumulator with both dequant scales:
+
+    acc += (a_q[:, Kj] @ b_q[:, Kj].T) * a_s[:, j] * b_s[:, j]
+
+which is the DeepSeek-V3 recipe (promotion every N_C = 128 elements) and the order of operations of the
+Triton kernels (`twinpipe.fp8.triton_gemm`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def b_scales_per_row(b_s: torch.Tensor, n: int, num_k_blocks: int, block_size: int) -> torch.Tensor:
+    """Scales of b [N, K] as one row per output column: [N, nbk].
+
+    b_s is either per 128×128 block ([ceil(N/bs), nbk], weights) or per 1×128 tile ([N, nbk],
+    activations, as in Wgrad). Both describe the same thing when N == 1.
+    """
+    if b_s.dim() != 2 or b_s.shape[1] != num_k_blocks:
+        raise ValueError(f"b_s shape {tuple(b_s.shape)}: expected [ceil(N/{block_size}), {num_k_blocks}] "
+                         f"or [N={n}, {num_k_blocks}]")
+    if b_s.shape[0] == n:
+        return b_s.float()
+    if b_s.shape[0] == math.ceil(n / block_size):
+        return b_s.float().repeat_interleave(block_size, dim=0)[:n]
+    raise ValueError(f"b_s shape {tuple(b_s.shape)}: first dim must be N={n} (1x{block_size} tiles) or "
+                     f"ceil(N/{block_size})={math.ceil(n / block_size)} ({block_size}x{block_size} blocks)")
+
+
+def check_gemm_operands(a, a_s, b, b_s, block_size):
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fp8_gemm: a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if b.dim() != 2 or a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"fp8_gemm: a [..., K] and b [N, K] must share K, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    nbk = math.ceil(a.shape[-1] / block_size)
+    if tuple(a_s.shape) != (*a.shape[:-1], nbk):
+        raise ValueError(f"fp8_gemm: a_s shape {tuple(a_s.shape)} does not match a {tuple(a.shape)}; "
+                         f"expected {(*a.shape[:-1], nbk)}")
+    return nbk
+
+
+def emulate_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                 out_dtype: torch.dtype, block_size: int = 128) -> torch.Tensor:
+    """a [..., K] fp8, a_s [..., nbk]; b [N, K] fp8, b_s [ceil(N/bs) or N, nbk] -> a @ b.T [..., N]."""
+    nbk = check_gemm_operands(a, a_s, b, b_s, block_size)
+    k, n = a.shape[-1], b.shape[0]
+    a2 = a.reshape(-1, k)                                              # [M, K]
+    as2 = a_s.reshape(-1, nbk).float()                                 # [M, nbk]
+    bs_rows = b_scales_per_row(b_s, n, nbk, block_size)                # [N, nbk]
+    acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)  # [M, N]
+    for j in range(nbk):
+        ks = slice(j * block_size, min(k, (j + 1) * block_size))
+        part = a2[:, ks].float() @ b[:, ks].float().T                  # [M, N], exact products
+        acc += part * as2[:, j:j + 1] * bs_rows[:, j][None, :]
+    return acc.to(out_dtype).reshape(*a.shape[:-1], n)
+
+
+def segment_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] per group from offsets [E + 1] (offsets[0] = 0, offsets[-1] = M)."""
+    o = offsets.tolist()
+    return list(zip(o[:-1], o[1:]))
+
+
+def check_grouped_operands(a, b, b_s, offsets, block_size):
+    if b.dim() != 3:
+        raise ValueError(f"fp8_grouped_gemm: b must be [E, N, K], got {tuple(b.shape)}")
+    e, n, k = b.shape
+    expected = (e, math.ceil(n / block_size), math.ceil(k / block_size))
+    if tuple(b_s.shape) != expected:
+        raise ValueError(f"fp8_grouped_gemm: b_s shape {tuple(b_s.shape)}, expected {expected}")
+    if offsets.shape != (e + 1,):
+        raise ValueError(f"fp8_grouped_gemm: offsets shape {tuple(offsets.shape)}, expected ({e + 1},)")
+    if a.dim() != 2 or a.shape[1] != k:
+        raise ValueError(f"fp8_grouped_gemm: a must be [M, K={k}], got {tuple(a.shape)}")
+
+
+def emulate_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                         offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
+                         ) -> torch.Tensor:
+    """Rows offsets[e]:offsets[e+1] of a [M, K] times b[e].T: out [M, N] (contiguous expert segments)."""
+    check_grouped_operands(a, b, b_s, offsets, block_size)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)  # [M, N]
+    for e, (lo, hi) in enumerate(segment_bounds(offsets)):
+        if hi > lo:
+            out[lo:hi] = emulate_gemm(a[lo:hi], a_s[lo:hi], b[e], b_s[e], out_dtype, block_size)
+    return out

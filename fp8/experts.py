@@ -1,0 +1,117 @@
+"""FP8 routed experts: `Experts.grouped_swiglu` as grouped FP8 GEMMs over contiguous expert segments.
+
+Forward, per segment e (tokens sorted by expert):  g = x·Wgᵀ, u = x·Wuᵀ, h = silu(g)·u, y = h·Wdᵀ,
+every GEMM in E4M3 with 1×128 activation tiles and 128×128 weight blocks. Saved for backward, all in
+FP8: the expert input x and the SwiGLU input (g, u); SwiGLU is recomputed in backward (DeepSeek-V3
+§3.3). Dgrad runs as grouped GEMMs on the transposed weight blocks; Wgrad per expert as dense FP8 GEMMs
+with both operands tiled 1×128 along that expert's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
+from twinpipe.fp8.emulate import segment_bounds
+from twinpipe.fp8.linear import wgrad
+from twinpipe.fp8.quant import act_dequant
+from twinpipe.fp8.weight_cache import WeightCache
+from twinpipe.model.experts import Experts
+
+_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _grouped_wgrad(backend: Backend, grad: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor,
+                   bounds: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+    """out[e] = grad_segᵀ · x_seg per expert segment: grad [M, N], x [M, K] -> out [E, N, K]."""
+    for e, (lo, hi) in enumerate(bounds):
+        if hi > lo:
+            out[e] = wgrad(backend, grad[lo:hi], x_q[lo:hi], x_s[lo:hi])
+        else:
+            out[e] = 0
+    return out
+
+
+class FP8GroupedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                offsets: torch.Tensor, caches: dict[str, WeightCache], backend: Backend) -> torch.Tensor:
+        x_q, x_s = backend.act_quant(x)                                     # [M, H] fp8, [M, nbh]
+        wg, wu, wd = (caches[n].get(w, backend) for n, w in zip(_PROJS, (w_gate, w_up, w_down)))
+        gate = backend.grouped_gemm(x_q, x_s, wg.q, wg.s, offsets, torch.float32)   # [M, I]
+        up = backend.grouped_gemm(x_q, x_s, wu.q, wu.s, offsets, torch.float32)     # [M, I]
+        g_q, g_s = backend.act_quant(gate)                                  # SwiGLU input, cached in FP8
+        u_q, u_s = backend.act_quant(up)
+        h_q, h_s = backend.act_quant(F.silu(gate) * up)                     # [M, I]
+        y = backend.grouped_gemm(h_q, h_s, wd.q, wd.s, offsets, x.dtype)    # [M, H]
+        ctx.save_for_backward(x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets)
+        ctx.caches, ctx.backend, ctx.x_dtype = caches, backend, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets = ctx.saved_tensors
+        backend: Backend = ctx.backend
+        caches = ctx.caches
+        bounds = segment_bounds(offsets)
+        gate, up = act_dequant(g_q, g_s), act_dequant(u_q, u_s)            # [M, I] fp32 each
+        sig = torch.sigmoid(gate)
+        silu = gate * sig                                                   # recomputed SwiGLU
+        h = silu * up                                                       # [M, I]
+
+        dy_q, dy_s = backend.act_quant(grad_y)                              # [M, H]
+        wd_t = caches["down_proj"].get_transposed(w_down, backend)          # [E, I, H]
+        dh = backend.grouped_gemm(dy_q, dy_s, wd_t.q, wd_t.s, offsets, torch.float32)  # [M, I]
+        d_gate = dh * up * sig * (1 + gate * (1 - sig))                     # [M, I]
+        d_up = dh * silu                                                    # [M, I]
+
+        grad_x = grad_gate = grad_up = grad_down = None
+        if ctx.needs_input_grad[0]:
+            dg_q, dg_s = backend.act_quant(d_gate)
+            du_q, du_s = backend.act_quant(d_up)
+            wg_t = caches["gate_proj"].get_transposed(w_gate, backend)      # [E, H, I]
+            wu_t = caches["up_proj"].get_transposed(w_up, backend)
+            grad_x = (backend.grouped_gemm(dg_q, dg_s, wg_t.q, wg_t.s, offsets, torch.float32)
+                      + backend.grouped_gemm(du_q, du_s, wu_t.q, wu_t.s, offsets, torch.float32)
+                      ).to(ctx.x_dtype)                                     # [M, H]
+        if ctx.needs_input_grad[1]:
+            grad_gate = _grouped_wgrad(backend, d_gate, x_q, x_s, bounds, torch.empty_like(w_gate))
+        if ctx.needs_input_grad[2]:
+            grad_up = _grouped_wgrad(backend, d_up, x_q, x_s, bounds, torch.empty_like(w_up))
+        if ctx.needs_input_grad[3]:
+            h_q, h_s = backend.act_quant(h)
+            grad_down = _grouped_wgrad(backend, grad_y, h_q, h_s, bounds, torch.empty_like(w_down))
+        return grad_x, grad_gate, grad_up, grad_down, None, None, None
+
+
+class FP8Experts(Experts):
+    """`Experts` with `grouped_swiglu` in FP8; parameters and state-dict names unchanged."""
+
+    def _init_fp8(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"fp8 backend {backend!r}: allowed values are {', '.join(BACKENDS)}")
+        self.fp8_backend = backend
+        self.fp8_weight_caches = {name: WeightCache() for name in _PROJS}
+
+    @classmethod
+    def from_experts(cls, experts: Experts, backend: str) -> "FP8Experts":
+        """Turn `experts` into FP8Experts in place (parameters kept)."""
+        experts.__class__ = cls
+        experts._init_fp8(backend)
+        return experts
+
+    def select(self, ids) -> "FP8Experts":
+        new = super().select(ids)
+        new._init_fp8(self.fp8_backend)       # fresh caches: the copies are new parameters
+        return new
+
+    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[M, H] tokens sorted by expert, counts [E] -> [M, H]."""
+        offsets = F.pad(counts.cumsum(0), (1, 0))                           # [E + 1]
+        backend = get_backend(self.fp8_backend, x_sorted.device)
+        return FP8GroupedSwiGLU.apply(x_sorted, self.gate_proj, self.up_proj, self.down_proj, offsets,
+                                      self.fp8_weight_caches, backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8_backend={self.fp8_backend}"

@@ -1,0 +1,89 @@
+"""FP8 Linear: all three GEMMs in E4M3 with FP32 accumulation (DeepSeek-V3 §3.3).
+
+    Fprop  Y  = X · Wᵀ     X 1×128 tiles along K,      W 128×128 blocks
+    Dgrad  dX = dY · W     dY 1×128 tiles along N,     Wᵀ = the same 128×128 blocks transposed
+    Wgrad  dW = dYᵀ · X    dYᵀ and Xᵀ both 1×128 tiles along the token dimension
+
+The input is saved for backward in FP8 (q + 1×128 scales), not in BF16; for Wgrad it is dequantized
+and requantized along the token dimension (the report's 1×128 -> 128×1 tile conversion). The weight is
+quantized once per optimizer step (`twinpipe.fp8.weight_cache`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
+from twinpipe.fp8.quant import act_dequant
+from twinpipe.fp8.weight_cache import WeightCache
+
+
+def wgrad(backend: Backend, grad_out: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
+    """dW = dYᵀ · X in FP8, both operands scaled 1×128 along tokens: dY [T, N], X (q, s) [T, K] -> [N, K]."""
+    x_t = act_dequant(x_q, x_s).t()                                 # [K, T] fp32
+    xt_q, xt_s = backend.act_quant(x_t)                             # [K, T], [K, ceil(T/128)]
+    gt_q, gt_s = backend.act_quant(grad_out.t())                    # [N, T], [N, ceil(T/128)]
+    return backend.gemm(gt_q, gt_s, xt_q, xt_s, torch.float32)     # [N, K]
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                cache: WeightCache, backend: Backend) -> torch.Tensor:
+        in_features = x.shape[-1]
+        x2 = x.reshape(-1, in_features)                             # [T, K]
+        x_q, x_s = backend.act_quant(x2)                            # [T, K] fp8, [T, nbk]
+        w = cache.get(weight, backend)                              # [N, K] fp8, [nbn, nbk]
+        y = backend.gemm(x_q, x_s, w.q, w.s, x.dtype)              # [T, N]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(x_q, x_s, weight)
+        ctx.cache, ctx.backend = cache, backend
+        ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x_q, x_s, weight = ctx.saved_tensors
+        backend: Backend = ctx.backend
+        g = grad_out.reshape(-1, grad_out.shape[-1])                # [T, N]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g_q, g_s = backend.act_quant(g)                         # [T, N], [T, nbn]
+            w_t = ctx.cache.get_transposed(weight, backend)         # [K, N] fp8, [nbk, nbn]
+            grad_x = backend.gemm(g_q, g_s, w_t.q, w_t.s, ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = wgrad(backend, g, x_q, x_s).to(weight.dtype)  # [N, K]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.float().sum(0).to(grad_out.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in FP8; same parameters and state dict as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 backend: str = "auto"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_fp8(backend)
+
+    def _init_fp8(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"fp8 backend {backend!r}: allowed values are {', '.join(BACKENDS)}")
+        self.fp8_backend = backend
+        self.fp8_weight_caches = {"weight": WeightCache()}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str) -> "FP8Linear":
+        """Turn `linear` into an FP8Linear in place (its parameters, hooks and device are kept)."""
+        linear.__class__ = cls
+        linear._init_fp8(backend)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = get_backend(self.fp8_backend, x.device)
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.fp8_weight_caches["weight"], backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8_backend={self.fp8_backend}"
