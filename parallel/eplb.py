@@ -12,9 +12,13 @@ num_nodes).
 - Global policy (otherwise): the same with one group and one node, i.e. replicate globally and pack
   onto all GPUs.
 
-Two options go beyond the reference (both off by default, where the output equals the reference's):
+Three options go beyond the reference (both off by default, where the output equals the reference's):
 - `avoid_colocation=True`: while packing, a replica avoids GPUs that already hold a replica of the same
   expert whenever a GPU with room does not (a second copy on one GPU balances nothing).
+- `refine=True`: after each greedy packing (groups onto nodes, replicas onto GPUs), swap items out of
+  the heaviest bin while that lowers it (`eplb_refine.py`). The GPU step is never worse than the
+  greedy's; after the node step, nodes replicate for their new groups, so only the heaviest node is
+  guaranteed no heavier.
 - `current_phy2log=[L, R]`: the placement the experts have now. The balanced plan is kept, but nodes,
   GPUs and slots are relabelled to keep as many experts where they already are, so fewer expert
   weights (and optimizer states, during training) move. Balancedness is unchanged by construction.
@@ -26,6 +30,7 @@ import torch
 
 from twinpipe.parallel.eplb_greedy import balanced_packing, inverse_permutation, replicate_experts
 from twinpipe.parallel.eplb_moves import keep_placement, replica_ranks
+from twinpipe.parallel.eplb_refine import refine_packing
 
 
 def _check_arguments(
@@ -71,6 +76,7 @@ def _rebalance_hierarchical(
     num_nodes: int,
     num_gpus: int,
     avoid_colocation: bool,
+    refine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [L, E] fp32 -> phy2log [L, R], phyrank [L, R], logcnt [L, E].
 
@@ -86,6 +92,8 @@ def _rebalance_hierarchical(
     # Step 1: groups onto nodes, balancing node loads.
     group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)  # [L, groups]
     group_node, group_rank = balanced_packing(group_load, num_nodes)  # [L, groups] each
+    if refine:
+        group_node, group_rank = refine_packing(group_load, group_node, group_rank, num_nodes)
     first_mlog = (group_node * groups_per_node + group_rank) * group_size  # [L, groups]
     log2mlog = (first_mlog.unsqueeze(-1) + torch.arange(group_size)).flatten(-2)  # [L, E]
     mlog2log = inverse_permutation(log2mlog)  # [L, E]
@@ -98,6 +106,8 @@ def _rebalance_hierarchical(
     replica_load = (node_load / mlogcnt).gather(-1, phy2mlog)  # [L*N, R/N]
     labels = phy2mlog if avoid_colocation else None
     gpu, rank_in_gpu = balanced_packing(replica_load, num_gpus // num_nodes, labels)  # [L*N, R/N]
+    if refine:
+        gpu, rank_in_gpu = refine_packing(replica_load, gpu, rank_in_gpu, num_gpus // num_nodes, labels)
     phy2slot = gpu * slots_per_gpu + rank_in_gpu  # [L*N, R/N]
     slot2phy = inverse_permutation(phy2slot)  # [L*N, R/N]
 
@@ -118,6 +128,7 @@ def rebalance_experts(
     num_gpus: int,
     *,
     avoid_colocation: bool = False,
+    refine: bool = False,
     current_phy2log: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan expert replicas for every layer.
@@ -125,7 +136,7 @@ def rebalance_experts(
     weight: [L, E] load of each logical expert (token counts or a moving average; any real dtype).
     num_replicas: physical expert slots R (a multiple of num_gpus, at least E).
     num_groups: expert groups of the group-limited router; num_nodes, num_gpus: the EP layout.
-    avoid_colocation, current_phy2log: see the module docstring.
+    avoid_colocation, refine, current_phy2log: see the module docstring.
 
     Returns (CPU, int64):
         phy2log [L, R]: logical expert held by each physical slot;
@@ -138,7 +149,7 @@ def rebalance_experts(
     if num_groups % num_nodes != 0:
         num_groups, num_nodes = 1, 1
     phy2log, rank, logcnt = _rebalance_hierarchical(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_colocation
+        weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_colocation, refine
     )
     if current_phy2log is not None:
         phy2log = keep_placement(phy2log, current_phy2log, num_experts, num_nodes, num_gpus)

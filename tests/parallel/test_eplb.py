@@ -277,6 +277,45 @@ def test_avoid_colocation_keeps_unavoidable_pairs():
     assert (phy2log == 0).sum() == 5 and colocated_replicas(phy2log, 2).item() == 3
 
 
+def _node_max_load(weight, phy2log, num_nodes):
+    return gpu_loads(weight, phy2log, num_nodes).max(-1).values  # [L]: nodes are equal slot ranges too
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_refine_never_worse_and_keeps_colocation_bound(config):
+    num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus = config
+    weight = _loads("zipf", (8, num_experts), seed=7) * torch.rand(num_experts, generator=torch.Generator().manual_seed(7))
+    greedy = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    refined = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, refine=True)
+    _check_plan(weight, *refined, num_replicas, num_gpus)
+    # Each accepted swap lowers the heaviest bin, so no layer gets worse (fp64 metric; 1e-9 covers the
+    # fp32 loads the swaps were judged on).
+    tol = 1e-9
+    hierarchical = num_groups % num_nodes == 0
+    if hierarchical and num_groups > num_nodes:
+        # Groups may change nodes, and then each node replicates differently: only the node step's
+        # result is guaranteed, the heaviest node is no heavier.
+        greedy_nodes = _node_max_load(weight, greedy[0], num_nodes)
+        assert (_node_max_load(weight, refined[0], num_nodes) <= greedy_nodes * (1 + tol)).all()
+    else:
+        assert torch.equal(refined[2], greedy[2]), "refining GPUs moves replicas, it adds none"
+        assert (balancedness(weight, refined[0], num_gpus) <= balancedness(weight, greedy[0], num_gpus) + tol).all()
+    both = rebalance_experts(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, refine=True, avoid_colocation=True
+    )
+    _check_plan(weight, *both, num_replicas, num_gpus)
+    forced = (both[2] - num_gpus // (num_nodes if hierarchical else 1)).clamp(min=0).sum(-1)
+    assert torch.equal(colocated_replicas(both[0], num_gpus), forced)
+
+
+def test_refine_improves_skewed_loads():
+    # 64 experts on 16 GPUs, global policy, 6 slots per GPU: the greedy's heaviest GPU can be lowered.
+    weight = _loads("zipf", (8, 64), seed=11)
+    greedy = balancedness(weight, rebalance_experts(weight, 96, 3, 2, 16)[0], 16)
+    refined = balancedness(weight, rebalance_experts(weight, 96, 3, 2, 16, refine=True)[0], 16)
+    assert refined.mean() < greedy.mean()
+
+
 @pytest.mark.parametrize("groups", [8, 3])  # hierarchical, global
 def test_keep_placement_same_balance_fewer_moves(groups):
     num_layers, num_experts, num_replicas, num_nodes, num_gpus = 6, 48, 64, 4, 16
