@@ -15,7 +15,8 @@ One forward:
      `fp8_dispatch`), reorder them slot-major and run the local `Experts.grouped_swiglu` (the FP8
      subclass when the model was converted to FP8);
   3. combine the outputs back with the reversed splits, scale by the gate weights and scatter-add into
-     the tokens. No token is dropped.
+     the tokens in logical-expert order (the order of `Experts.forward`), so the result does not depend
+     on the placement. No token is dropped.
 
 Node-limited routing: with the identity placement, expert e sits on EP rank e // (E/ep); the gate's
 group limit (`n_group` groups, `topk_group` kept) is node-limited routing when each node's ranks hold
@@ -162,8 +163,13 @@ class ExpertParallelExperts(nn.Module):
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local)            # [M, H] source-major
         y_send = ep_comm.combine(y_recv, in_splits, out_splits, self.ep_group)     # [N*K, H]
 
-        y_send = (y_send * topk_weight.reshape(-1)[order].unsqueeze(-1)).to(x.dtype)  # [N*K, H]
-        return torch.zeros_like(x).index_add_(0, token_of, y_send)                 # [N, H]
+        # Sum each token's K picks in logical-expert order (as `Experts.forward` does), whatever the
+        # placement: outputs do not change when EPLB moves or replicates experts.
+        by_expert = torch.argsort(topk_idx.reshape(-1), stable=True)               # [N*K]
+        position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel()))
+        y_pairs = y_send[position[by_expert]]                                      # [N*K, H]
+        y_pairs = (y_pairs * topk_weight.reshape(-1)[by_expert].unsqueeze(-1)).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, by_expert // k, y_pairs)          # [N, H]
 
 
 def mark_expert_param(param: nn.Parameter, ep_size: int) -> None:
