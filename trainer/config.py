@@ -64,7 +64,7 @@ class OptimSchema:
     constant: float = 0.0
     decay: float = 0.0
     min_lr: float = 2.2e-5
-    tail: List[List[float]] = field(default_factory=list)
+    tail: List[Any] = field(default_factory=list)  # [[length, lr], ...]
     # optional batch-size ramp: sequences per step grow linearly from ramp_start to train.global_batch
     ramp_start: int = 0  # 0 = no ramp
     ramp_tokens: float = 0.0
