@@ -14,3 +14,7 @@ from .transformer import Transformer, TransformerOutput
 
 __all__ = ["MLA", "MLP", "PRESETS", "Block", "Experts", "Gate", "LatentKVCache", "MTPLayer", "ModelConfig",
            "MoE", "RMSNorm", "Transformer", "TransformerOutput"]
+
+from .generation import generate  # noqa: E402  (the function, re-exported as twinpipe.model.generate)
+
+__all__ += ["generate"]

@@ -94,7 +94,7 @@ class ModelConfig:
     initializer_range: float = 0.006
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """HF config keys we do not model, kept so that to_hf_dict writes them back unchanged."""
 
     # ---- derived sizes ----

@@ -296,25 +296,20 @@ def hf_config_dict(config: ModelConfig, fp8: bool, dtype: torch.dtype) -> dict:
     return out
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-def _hf_tensors(model: nn.Module, config: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor view) of every tensor of a checkpoint of `model`, MTP copies included."""
+def _hf_tensors(model: nn.Module, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor or view, in the model's dtype) of every tensor of a checkpoint of `model`,
+    MTP copies of the embedding and head included."""
     state = model.state_dict()
     for name, tensor in state.items():
         if tensor.is_meta:
             raise ValueError(f"save_hf: {name!r} is on the meta device (a partially loaded model cannot be "
                              f"saved)")
-        t = tensor if name.endswith("e_score_correction_bias") else _cast(tensor, dtype)
         for hf, row in ours_to_hf(name, config.num_hidden_layers, config.n_routed_experts):
-            yield hf, (t if row is None else t[row])
+            yield hf, (tensor if row is None else tensor[row])
     for k in range(config.num_nextn_predict_layers):
         layer = config.num_hidden_layers + k
-        # Copies (cloned when written), so safetensors never sees two names on one storage.
-        yield f"model.layers.{layer}.embed_tokens.weight", _cast(state["embed_tokens.weight"], dtype).clone()
-        yield f"model.layers.{layer}.shared_head.head.weight", _cast(state["lm_head.weight"], dtype).clone()
+        yield f"model.layers.{layer}.embed_tokens.weight", state["embed_tokens.weight"]
+        yield f"model.layers.{layer}.shared_head.head.weight", state["lm_head.weight"]
 
 
 def save_hf(model: nn.Module, path: str | os.PathLike, fp8: bool = False,
@@ -329,11 +324,14 @@ def save_hf(model: nn.Module, path: str | os.PathLike, fp8: bool = False,
     config: ModelConfig = model.config
     plan: list[PlannedTensor] = []
     fp8_cache: dict = {}
-    for hf, t in _hf_tensors(model, config, dtype):
-        if fp8 and is_fp8_weight(hf):
-            plan.extend(iter_plan_fp8(hf, tuple(t.shape), lambda t=t: t, fp8_cache))
-        else:
-            plan.append(PlannedTensor(hf, t.numel() * t.element_size(), lambda t=t: t.detach().cpu()))
+    for hf, t in _hf_tensors(model, config):
+        if fp8 and is_fp8_weight(hf):  # quantized from the model's own precision
+            plan.extend(iter_plan_fp8(hf, tuple(t.shape), lambda t=t: t.detach().cpu(), fp8_cache))
+            continue
+        out_dtype = t.dtype if dtype is None or hf.endswith("e_score_correction_bias") else dtype
+        # A fresh tensor per name (clone), so safetensors never sees two names on one storage.
+        plan.append(PlannedTensor(hf, t.numel() * out_dtype.itemsize,
+                                  lambda t=t, d=out_dtype: t.detach().to("cpu", d, copy=True)))
     cfg = hf_config_dict(config, fp8, dtype or next(model.parameters()).dtype)
     out = write_folder(path, plan, {CONFIG_FILE: json.dumps(cfg, indent=2) + "\n"}, max_shard_bytes, overwrite)
     logger.info("saved %s (%d tensors, fp8=%s)", out, len(plan), fp8)

@@ -137,10 +137,11 @@ class CheckpointReader:
         return self._handle(name).get_slice(name).get_dtype()
 
     def get_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor `name` in `dtype`; an FP8 weight is dequantized with its `_scale_inv` sibling."""
-        t = self.get(name)
+        """The tensor `name` in `dtype`, in memory of its own (never a view of the file); an FP8 weight
+        is dequantized with its `_scale_inv` sibling."""
+        t = self.get(name)  # may be a view of the memory-mapped file: always copy out of it
         if t.dtype != FP8_DTYPE:
-            return t.to(dtype)
+            return t.to(dtype, copy=True)
         scale_name = name + SCALE_SUFFIX
         if scale_name not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} in {self.file_of(name)} is float8_e4m3fn but its "
@@ -222,6 +223,8 @@ def write_folder(path: str | os.PathLike, tensors: list[PlannedTensor], extra_fi
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for fname, text in extra_files.items():
             (tmp / fname).write_text(text)
+        for f in tmp.iterdir():  # safetensors writes 0600; a checkpoint is meant to be shared
+            f.chmod(0o644)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)

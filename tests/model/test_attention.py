@@ -1,0 +1,67 @@
+"""MLA: absorbed == naive over the same latent cache, cached == uncached, packed-document mask."""
+
+import torch
+
+from twinpipe.model import MLA, LatentKVCache, ModelConfig, Transformer
+
+# fp32: the absorbed form multiplies W_kvb into the query/output instead of into the keys/values, so
+# sums run in another order; differences are a few ulps of values of size ~1 (1e-5 leaves 100x room).
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_mla(**overrides):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", **overrides)
+    mla = MLA(cfg, layer_idx=0)
+    mla.reset_parameters(0.05)
+    return cfg, mla
+
+
+def run_cached(cfg, mla, x, chunks, absorb, valid=None):
+    cache = LatentKVCache(cfg, x.shape[0], x.shape[1], absorb=absorb)
+    outs, start = [], 0
+    for n in chunks:
+        v = None if valid is None else valid[:, start:start + n]
+        pos = cache.begin(n, v)
+        outs.append(mla(x[:, start:start + n], pos, cache))
+        cache.commit()
+        start += n
+    return torch.cat(outs, dim=1)
+
+
+def test_absorbed_equals_naive_and_uncached():
+    yarn = {"type": "yarn", "factor": 8, "original_max_position_embeddings": 64, "mscale": 1.0,
+            "mscale_all_dim": 1.0}
+    for overrides in ({}, {"q_lora_rank": None, "rope_interleave": False, "rope_scaling": yarn}):
+        cfg, mla = tiny_mla(**overrides)
+        x = torch.randn(3, 11, cfg.hidden_size)
+        full = mla(x)                                                 # causal, no cache
+        naive = run_cached(cfg, mla, x, [6, 1, 1, 3], absorb=False)
+        absorbed = run_cached(cfg, mla, x, [6, 1, 1, 3], absorb=True)
+        torch.testing.assert_close(naive, full, **TOL)
+        torch.testing.assert_close(absorbed, naive, **TOL)
+
+
+def test_padding_is_invisible():
+    cfg, mla = tiny_mla()
+    x = torch.randn(1, 5, cfg.hidden_size)
+    alone = mla(x)
+    # same tokens with two pads in front and a pad in the middle of the decode steps
+    padded = torch.cat([torch.randn(1, 2, cfg.hidden_size), x[:, :3], torch.randn(1, 1, cfg.hidden_size),
+                        x[:, 3:]], dim=1)
+    valid = torch.tensor([[False, False, True, True, True, False, True, True]])
+    for absorb in (False, True):
+        out = run_cached(cfg, mla, padded, [5, 1, 1, 1], absorb, valid)
+        torch.testing.assert_close(out[:, valid[0]], alone, **TOL)
+
+
+def test_packed_documents_do_not_see_each_other():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    a, b = torch.randint(0, 4096, (1, 6)), torch.randint(0, 4096, (1, 4))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(6), torch.arange(4)])[None]
+    with torch.no_grad():
+        out = model(packed, positions)
+        torch.testing.assert_close(out[:, :6], model(a), **TOL)
+        torch.testing.assert_close(out[:, 6:], model(b), **TOL)
