@@ -87,6 +87,8 @@ class CommStats:
 
 
 COMM_STATS = CommStats()
+LAST_REGION = {"switches": 0}
+"""Hand-offs made in the last overlapped region (each one a chunk boundary at a collective)."""
 
 
 def wait(work: Any) -> None:
@@ -140,6 +142,7 @@ def _run_pair(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any,
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE = None
+        LAST_REGION["switches"] = pair.num_switches
     for err in errors:
         if err is not None:
             raise err
