@@ -126,19 +126,20 @@ def _rank_builds_and_loads(rank, world_size, tokenizer_dir, cache_dir, steps):
     mine = torch.stack([cat_step(loader.next_step())["input_ids"] for _ in range(steps)])
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine)  # [steps, per_rank, T] from each rank
-    return torch.cat(gathered, dim=1), ds.tokens.fingerprint  # [steps, global_batch, T]
+    # numpy, not a tensor: torch's queue shares tensor storage through fds that vanish with the rank
+    return torch.cat(gathered, dim=1).numpy(), ds.tokens.fingerprint  # [steps, global_batch, T]
 
 
 def test_embedded_heldout_two_real_ranks_match_one(small_tokenizer, tmp_path):
     small_tokenizer.save(tmp_path / "tok")
     results = run_local(_rank_builds_and_loads, 2, str(tmp_path / "tok"), str(tmp_path / "cache"), 3)
     assert results[0][1] == results[1][1]  # one cache, shared
-    assert torch.equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][0], results[1][0])
     ds = PackedDataset.from_embedded(small_tokenizer, "heldout", 64, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.meta.json"))) == 1
     single = PackedLoader(ds, global_batch=4, micro_batch=4, seed=7)
     reference = torch.stack([single.next_step()[0]["input_ids"] for _ in range(3)])
-    assert torch.equal(results[0][0], reference)
+    assert np.array_equal(results[0][0], reference.numpy())
     # the packed samples decode back to corpus text, eos between files
     batch = ds.batch([0])
     labels = batch["labels"][0]
