@@ -16,5 +16,6 @@ __all__ = ["MLA", "MLP", "PRESETS", "Block", "Experts", "Gate", "LatentKVCache",
            "MoE", "RMSNorm", "Transformer", "TransformerOutput"]
 
 from .generation import generate  # noqa: E402  (the function, re-exported as twinpipe.model.generate)
+from .hf import load_hf, save_hf  # noqa: E402
 
-__all__ += ["generate"]
+__all__ += ["generate", "load_hf", "save_hf"]
