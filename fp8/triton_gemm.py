@@ -26,7 +26,7 @@ _CONFIGS = [
     for bm, bn, s, w in [(128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8), (64, 128, 4, 4),
                          (128, 128, 3, 4), (64, 256, 4, 8)]
 ]
-_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 2}
+_INTERPRETER_META = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 2}
 
 
 @functools.lru_cache(maxsize=None)
