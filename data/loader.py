@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from twinpipe.data.corpus import embedded_corpus_files, embedded_corpus_fingerprint
-from twinpipe.data.packing import TokenArray, make_sample, pack_spans, tokenize_to_cache
+from twinpipe.data.packing import (EmptySourceError, TokenArray, make_sample, pack_spans,
+                                   tokenize_to_cache)
 from twinpipe.data.sources import TextSource, first_invalid_utf8
 from twinpipe.data.tokenizer import PAD_TOKEN, TextTokenizer
 
@@ -93,7 +94,13 @@ class PackedDataset:
         want = split == "heldout"
         docs = (d for d in source if heldout_document(d, heldout_percent) == want)
         fp = f"files-{split}-{heldout_percent}-{source.fingerprint()}"
-        return cls.from_documents(docs, fp, tokenizer, seq_len, cache_dir, **kwargs)
+        try:
+            return cls.from_documents(docs, fp, tokenizer, seq_len, cache_dir, **kwargs)
+        except EmptySourceError as err:
+            raise EmptySourceError(
+                f"the {split!r} split of {len(source.files)} data files ({source.files[0]} ...) has "
+                f"no documents with data.heldout_percent={heldout_percent}; change it or add data"
+            ) from err
 
     def __len__(self) -> int:
         return self.spans.shape[0]

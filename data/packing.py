@@ -38,6 +38,10 @@ _CACHE_VERSION = "tokens-v1"
 _ENCODE_BATCH = 64  # documents per tokenizer call
 
 
+class EmptySourceError(ValueError):
+    """The documents to tokenize were none at all."""
+
+
 @dataclass
 class TokenArray:
     """All documents' tokens (each followed by eos) and where each document ends."""
@@ -95,7 +99,7 @@ def _write_cache(documents: Iterable[str], tokenizer: TextTokenizer, prefix: Pat
             flush(batch, out)
     if total == 0:
         tmp_bin.unlink()
-        raise ValueError("no documents to tokenize: the data source yielded nothing")
+        raise EmptySourceError("no documents to tokenize: the data source yielded nothing")
     np.save(prefix.with_suffix(".docs.npy"), np.asarray(doc_ends, dtype=np.int64))
     os.replace(tmp_bin, prefix.with_suffix(".tokens.bin"))
     meta = {"num_tokens": total, "num_docs": len(doc_ends), "dtype": dtype.name, "key": key}
