@@ -106,10 +106,11 @@ def convert_twinpipe(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.d
                            f"this installation does not provide ({exc})") from exc
     model, tokenizer = load_model_for_inference(src, dtype)
     out = save_hf(model, dst, fp8=fp8, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
-    if tokenizer is not None:
+    if tokenizer is not None:  # tokenizer.json (+ tokenizer_config.json), next to the weights
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save(Path(tmp) / "tokenizer.json")
-            shutil.copy(Path(tmp) / "tokenizer.json", out / "tokenizer.json")
+            tokenizer.save(tmp)
+            for f in Path(tmp).iterdir():
+                shutil.copy(f, out / f.name)
     return out
 
 

@@ -75,7 +75,8 @@ def _mean_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) the recipe; return a summary {step, tokens, last metrics, run_dir}."""
+    """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
+    optimizer-state bytes, parameter count)."""
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
     init_distributed(cfg.parallel.backend)
@@ -190,4 +191,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from twinpipe.trainer.plots import make_plots
 
         make_plots(run_dir)
-    return {"step": step, "tokens": tokens, "last": last, "run_dir": str(run_dir)}
+    return {"step": step, "tokens": tokens, "last": last, "run_dir": str(run_dir),
+            "optimizer_state_bytes": optimizer.state_bytes(),
+            "num_params": sum(p.numel() for p in model.parameters())}
