@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from twinpipe.model.config import ModelConfig
-from twinpipe.model.safetensors_io import (
-    FP8_DTYPE,
+from .config import ModelConfig
+from .safetensors_io import (
     SCALE_SUFFIX,
     CheckpointError,
     CheckpointReader,
@@ -41,6 +40,7 @@ from twinpipe.model.safetensors_io import (
     iter_plan_fp8,
     write_folder,
 )
+from .transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +48,14 @@ CONFIG_FILE = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [128, 128]}
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight")
 MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # of the main embedding / head
 _TOP_LEVEL = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "lm_head.weight"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
                          r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
-# Where an HF name lands: (our state-dict name, expert row or None); `SHARED` marks the MTP copies.
-SHARED = "<shared>"
+SHARED = "<shared>"  # what the MTP layer's copies of the embedding and head map to on load
 
 
 def is_fp8_weight(hf_name: str) -> bool:
@@ -76,31 +73,6 @@ def layer_of(hf_name: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Name mapping
 # ---------------------------------------------------------------------------------------------
-
-def hf_to_ours(hf_name: str, num_hidden_layers: int) -> tuple[str, int | None] | None:
-    """Our state-dict name and expert row for an HF tensor name; None when the name is not ours."""
-    if hf_name in _TOP_LEVEL:
-        return _TOP_LEVEL[hf_name], None
-    m = _LAYER.match(hf_name)
-    if m is None:
-        return None
-    layer, rest = int(m.group(1)), m.group(2)
-    if layer < num_hidden_layers:
-        prefix = f"layers.{layer}."
-    else:
-        k = layer - num_hidden_layers
-        if rest in MTP_OWN:
-            return f"mtp.{k}.{rest}", None
-        if rest == "shared_head.norm.weight":
-            return f"mtp.{k}.norm.weight", None
-        if rest in MTP_COPIES:
-            return SHARED, None
-        prefix = f"mtp.{k}.block."
-    e = _EXPERT.match(rest)
-    if e is not None:
-        return f"{prefix}mlp.experts.{e.group(2)}", int(e.group(1))
-    return prefix + rest, None
-
 
 def ours_to_hf(name: str, num_hidden_layers: int, num_experts: int) -> list[tuple[str, int | None]]:
     """HF names (with expert rows) of one of our state-dict entries; MTP copies are added by the caller."""
@@ -180,7 +152,7 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, layers: Iterable[int] | None = None,
-            device: str | torch.device = "cpu"):
+            device: str | torch.device = "cpu") -> Transformer:
     """Build a `Transformer` from an HF DeepSeek-V3 folder (BF16/FP32 or FP8 with `weight_scale_inv`).
 
     Parameters come out in `dtype` (FP8 weights dequantized per 128×128 block); fp32 buffers (the
@@ -188,8 +160,6 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, layers
     without any (e.g. one written by transformers) gives a model with num_nextn_predict_layers=0.
     Errors name the tensor and file: unknown names, missing tensors, wrong shapes, absent shards.
     """
-    from twinpipe.model.transformer import Transformer
-
     path = Path(path)
     hf_cfg = _read_config(path)
     with CheckpointReader(path) as reader:
@@ -312,7 +282,7 @@ def _hf_tensors(model: nn.Module, config: ModelConfig) -> Iterator[tuple[str, to
         yield f"model.layers.{layer}.shared_head.head.weight", state["lm_head.weight"]
 
 
-def save_hf(model: nn.Module, path: str | os.PathLike, fp8: bool = False,
+def save_hf(model: Transformer, path: str | os.PathLike, fp8: bool = False,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = torch.bfloat16,
             overwrite: bool = False) -> Path:
     """Write `model` as an HF DeepSeek-V3 folder: config.json + (sharded) safetensors + index.
@@ -338,5 +308,4 @@ def save_hf(model: nn.Module, path: str | os.PathLike, fp8: bool = False,
     return out
 
 
-__all__ = ["load_hf", "save_hf", "hf_to_ours", "ours_to_hf", "is_fp8_weight", "hf_config_dict",
-           "CheckpointError", "FP8_DTYPE"]
+__all__ = ["CheckpointError", "hf_config_dict", "is_fp8_weight", "load_hf", "ours_to_hf", "save_hf"]
