@@ -12,7 +12,7 @@ num_nodes).
 - Global policy (otherwise): the same with one group and one node, i.e. replicate globally and pack
   onto all GPUs.
 
-Three options go beyond the reference (both off by default, where the output equals the reference's):
+Options beyond the reference (all off by default, and then the output equals the reference's):
 - `avoid_colocation=True`: while packing, a replica avoids GPUs that already hold a replica of the same
   expert whenever a GPU with room does not (a second copy on one GPU balances nothing).
 - `refine=True`: after each greedy packing (groups onto nodes, replicas onto GPUs), swap items out of
@@ -22,6 +22,9 @@ Three options go beyond the reference (both off by default, where the output equ
 - `current_phy2log=[L, R]`: the placement the experts have now. The balanced plan is kept, but nodes,
   GPUs and slots are relabelled to keep as many experts where they already are, so fewer expert
   weights (and optimizer states, during training) move. Balancedness is unchanged by construction.
+- `keep_tolerance=t` (with `current_phy2log`): a replica stays on a GPU that holds its expert now
+  unless that GPU's load would pass (1 + t) x the mean; trades a little balance for fewer moves. With
+  `refine`, only GPUs above that bound are refined.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from __future__ import annotations
 import torch
 
 from twinpipe.parallel.eplb_greedy import balanced_packing, inverse_permutation, replicate_experts
-from twinpipe.parallel.eplb_moves import keep_placement, replica_ranks
+from twinpipe.parallel.eplb_moves import (
+    check_placement,
+    home_counts,
+    keep_placement,
+    match_group_nodes,
+    replica_ranks,
+)
 from twinpipe.parallel.eplb_refine import refine_packing
 
 
@@ -77,11 +86,15 @@ def _rebalance_hierarchical(
     num_gpus: int,
     avoid_colocation: bool,
     refine: bool,
+    current: torch.Tensor | None,
+    keep_tolerance: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [L, E] fp32 -> phy2log [L, R], phyrank [L, R], logcnt [L, E].
 
     "mlog" numbers logical experts node-major after group packing: node n holds mlog ids
     n*E/N .. (n+1)*E/N - 1, so each node's experts form one contiguous row for the next two steps.
+    current [L, R]: the placement now; nodes are then numbered to overlap it, and with keep_tolerance
+    each node's replicas prefer the GPUs that hold their expert now.
     """
     num_layers, num_experts = weight.shape
     group_size = num_experts // num_groups
@@ -94,6 +107,8 @@ def _rebalance_hierarchical(
     group_node, group_rank = balanced_packing(group_load, num_nodes)  # [L, groups] each
     if refine:
         group_node, group_rank = refine_packing(group_load, group_node, group_rank, num_nodes)
+    if current is not None and num_nodes > 1:
+        group_node = match_group_nodes(group_node, current, group_size)
     first_mlog = (group_node * groups_per_node + group_rank) * group_size  # [L, groups]
     log2mlog = (first_mlog.unsqueeze(-1) + torch.arange(group_size)).flatten(-2)  # [L, E]
     mlog2log = inverse_permutation(log2mlog)  # [L, E]
@@ -104,10 +119,18 @@ def _rebalance_hierarchical(
 
     # Step 3: each node's replicas onto its GPUs.
     replica_load = (node_load / mlogcnt).gather(-1, phy2mlog)  # [L*N, R/N]
-    labels = phy2mlog if avoid_colocation else None
-    gpu, rank_in_gpu = balanced_packing(replica_load, num_gpus // num_nodes, labels)  # [L*N, R/N]
+    home = home_cap = None
+    if keep_tolerance is not None:
+        home = home_counts(current, log2mlog, num_nodes, num_gpus)  # [L*N, GPUs/N, R/N]
+        home_cap = (1 + keep_tolerance) * node_load.sum(-1) / (num_gpus // num_nodes)  # [L*N]
+    gpu, rank_in_gpu = balanced_packing(  # [L*N, R/N] each
+        replica_load, num_gpus // num_nodes, phy2mlog, separate=avoid_colocation, home=home, home_cap=home_cap
+    )
     if refine:
-        gpu, rank_in_gpu = refine_packing(replica_load, gpu, rank_in_gpu, num_gpus // num_nodes, labels)
+        labels = phy2mlog if avoid_colocation else None
+        gpu, rank_in_gpu = refine_packing(
+            replica_load, gpu, rank_in_gpu, num_gpus // num_nodes, labels, good_enough=home_cap
+        )
     phy2slot = gpu * slots_per_gpu + rank_in_gpu  # [L*N, R/N]
     slot2phy = inverse_permutation(phy2slot)  # [L*N, R/N]
 
@@ -130,13 +153,14 @@ def rebalance_experts(
     avoid_colocation: bool = False,
     refine: bool = False,
     current_phy2log: torch.Tensor | None = None,
+    keep_tolerance: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan expert replicas for every layer.
 
     weight: [L, E] load of each logical expert (token counts or a moving average; any real dtype).
     num_replicas: physical expert slots R (a multiple of num_gpus, at least E).
     num_groups: expert groups of the group-limited router; num_nodes, num_gpus: the EP layout.
-    avoid_colocation, refine, current_phy2log: see the module docstring.
+    avoid_colocation, refine, current_phy2log, keep_tolerance: see the module docstring.
 
     Returns (CPU, int64):
         phy2log [L, R]: logical expert held by each physical slot;
@@ -148,11 +172,18 @@ def rebalance_experts(
     num_layers, num_experts = weight.shape
     if num_groups % num_nodes != 0:
         num_groups, num_nodes = 1, 1
-    phy2log, rank, logcnt = _rebalance_hierarchical(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_colocation, refine
-    )
+    current = None
     if current_phy2log is not None:
-        phy2log = keep_placement(phy2log, current_phy2log, num_experts, num_nodes, num_gpus)
+        current = check_placement(current_phy2log, num_layers, num_replicas, num_experts)
+    elif keep_tolerance is not None:
+        raise ValueError("keep_tolerance: needs current_phy2log (the placement to keep)")
+    if keep_tolerance is not None and not keep_tolerance >= 0:
+        raise ValueError(f"keep_tolerance={keep_tolerance}: must be >= 0 (a fraction of the mean GPU load)")
+    phy2log, rank, logcnt = _rebalance_hierarchical(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_colocation, refine, current, keep_tolerance
+    )
+    if current is not None:
+        phy2log = keep_placement(phy2log, current, num_experts, num_nodes, num_gpus)
         rank = replica_ranks(phy2log)
 
     max_count = num_replicas - num_experts + 1

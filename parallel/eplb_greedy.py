@@ -39,15 +39,25 @@ def replicate_experts(
 
 
 def balanced_packing(
-    weight: torch.Tensor, num_packs: int, labels: torch.Tensor | None = None
+    weight: torch.Tensor,
+    num_packs: int,
+    labels: torch.Tensor | None = None,
+    *,
+    separate: bool = False,
+    home: torch.Tensor | None = None,
+    home_cap: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Put each row's n items into `num_packs` packs of exactly n / num_packs items, heaviest item
     first onto the lightest pack with room.
 
-    weight: [X, n] fp32. labels: optional [X, n] int64 in [0, n); when given, an item avoids packs that
-    already hold an item with the same label (a replica of the same expert) as long as some pack with
-    room does not. Returns pack_index [X, n] and rank_in_pack [X, n] (position of the item in its pack,
-    in the order items were placed).
+    weight: [X, n] fp32. labels: [X, n] int64 in [0, n), the expert of each item; needed by:
+    - separate=True: an item avoids packs already holding its label (a second replica of the same
+      expert) as long as some pack with room does not; pairs left at the end are swapped apart;
+    - home [X, packs, n] (copies of each label each pack holds now) and home_cap [X]: an item goes to
+      the lightest pack that still has an unused copy of its label, room, and stays within home_cap
+      with it; if none, the rule above applies.
+    Returns pack_index [X, n] and rank_in_pack [X, n] (position of the item in its pack, in the order
+    items were placed).
     """
     num_rows, num_items = weight.shape
     per_pack = num_items // num_packs
@@ -63,29 +73,40 @@ def balanced_packing(
     sorted_pack = torch.empty(num_rows, num_items, dtype=torch.int64)  # [X, n]
     sorted_rank = torch.empty(num_rows, num_items, dtype=torch.int64)  # [X, n]
     rows = torch.arange(num_rows)
+    packs = torch.arange(num_packs)
     inf = torch.tensor(float("inf"), dtype=weight.dtype)
     if labels is not None:
         sorted_labels = labels.gather(-1, order)  # [X, n]
+    if separate:
         holds = torch.zeros(num_rows, num_packs, num_items, dtype=torch.bool)  # [X, packs, labels]
-        packs = torch.arange(num_packs)
+    if home is not None:
+        home = home.clone()
     for j in range(num_items):
         full = counts >= per_pack  # [X, packs]
         key = torch.where(full, inf, loads)  # [X, packs]
         if labels is not None:
             label = sorted_labels[:, j]  # [X]
+        if separate:
             clash = holds[rows[:, None], packs[None, :], label[:, None]]  # [X, packs]
             avoidable = (~full & ~clash).any(dim=-1, keepdim=True)  # [X, 1]
             key = torch.where(avoidable & clash, inf, key)
+        if home is not None:
+            at_home = home[rows[:, None], packs[None, :], label[:, None]] > 0  # [X, packs]
+            fits = loads + sorted_weight[:, j : j + 1] <= home_cap[:, None]  # [X, packs]
+            stay = at_home & fits & torch.isfinite(key)  # [X, packs]
+            key = torch.where(stay.any(-1, keepdim=True) & ~stay, inf, key)
         pack = key.argmin(dim=-1)  # [X], first index on ties
         sorted_pack[:, j] = pack
         sorted_rank[:, j] = counts[rows, pack]
         counts[rows, pack] += 1
         loads[rows, pack] += sorted_weight[:, j]
-        if labels is not None:
+        if separate:
             holds[rows, pack, label] = True
+        if home is not None:
+            home[rows, pack, label] = (home[rows, pack, label] - 1).clamp(min=0)
     pack_index = torch.empty_like(sorted_pack).scatter_(-1, order, sorted_pack)  # [X, n]
     rank_in_pack = torch.empty_like(sorted_rank).scatter_(-1, order, sorted_rank)  # [X, n]
-    if labels is not None:
+    if separate:
         _separate_labels(weight, labels, pack_index, rank_in_pack, num_packs)
     return pack_index, rank_in_pack
 

@@ -1,9 +1,10 @@
 """Keep experts where they are: relabel a balanced EPLB plan to overlap the current placement.
 
-A plan's balance depends only on which experts share a GPU, not on which GPU that is. So after
-planning, the nodes (hierarchical policy), then the GPUs within each node, are matched to the current
-ones by the number of expert replicas they already hold (a greedy maximum-overlap matching, vectorized
-over layers), and within each GPU an expert that stays keeps its old slot. Every replica that lands on
+A plan's balance depends only on which experts share a GPU, not on which GPU that is. So the nodes
+(hierarchical policy, right after groups are packed), then the GPUs within each node, are matched to
+the current ones by the experts they already hold (a greedy maximum-overlap matching, vectorized over
+layers), and within each GPU an expert that stays keeps its old slot. `home_counts` feeds the optional
+stickier packing (`keep_tolerance`), which also changes which replicas share a GPU. Every replica that lands on
 a GPU which did not hold that expert before is a "moved" expert: its weights (and during training its
 optimizer state) must be copied in.
 """
@@ -84,22 +85,14 @@ def _keep_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.where(out >= 0, out, fill)
 
 
-def keep_placement(
-    phy2log: torch.Tensor,
-    current_phy2log: torch.Tensor,
-    num_experts: int,
-    num_nodes: int,
-    num_gpus: int,
+def check_placement(
+    current_phy2log: torch.Tensor, num_layers: int, num_replicas: int, num_experts: int
 ) -> torch.Tensor:
-    """Relabel nodes, GPUs and slots of a plan phy2log [L, R] to overlap current_phy2log [L, R].
-
-    num_nodes: the node count the plan was made with (1 for the global policy: then GPUs are matched
-    across the whole layer).
-    """
-    if tuple(current_phy2log.shape) != tuple(phy2log.shape):
+    """Validate a current placement [L, R] of expert ids; returns it as a CPU int64 tensor."""
+    if tuple(current_phy2log.shape) != (num_layers, num_replicas):
         raise ValueError(
             f"current_phy2log: shape {tuple(current_phy2log.shape)} must equal the plan's "
-            f"[num_layers, num_replicas] = {tuple(phy2log.shape)}"
+            f"[num_layers, num_replicas] = {(num_layers, num_replicas)}"
         )
     current = current_phy2log.detach().cpu().to(torch.int64)
     if current.min() < 0 or current.max() >= num_experts:
@@ -107,14 +100,59 @@ def keep_placement(
             f"current_phy2log: expert ids must lie in [0, {num_experts}), got "
             f"[{int(current.min())}, {int(current.max())}]"
         )
-    num_layers, num_slots = phy2log.shape
+    return current
+
+
+def match_group_nodes(group_node: torch.Tensor, current: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Renumber the nodes of a group packing group_node [L, groups] so each new node is the current
+    node holding most of its experts now (current [L, R]); returns the renumbered [L, groups]."""
+    num_layers, num_groups = group_node.shape
+    num_nodes = int(group_node.max()) + 1
+    num_experts = num_groups * group_size
+    expert_node = group_node.repeat_interleave(group_size, dim=-1)  # [L, E]
+    new = torch.zeros(num_layers, num_nodes, num_experts)  # [L, N, E] 1 where the expert will live
+    new.scatter_(1, expert_node.unsqueeze(1), 1.0)
+    old = (_histogram(current, num_nodes, num_experts) > 0).float()  # [L, N, E]
+    perm = _greedy_matching(torch.bmm(new, old.transpose(1, 2)))  # [L, N]
+    return perm.gather(-1, group_node)
+
+
+def home_counts(current: torch.Tensor, log2mlog: torch.Tensor, num_nodes: int, num_gpus: int) -> torch.Tensor:
+    """Copies of each node-local expert on each GPU now: [L*N, GPUs/N, R/N].
+
+    current [L, R] holds logical ids; log2mlog [L, E] maps them to the node-major numbering of the new
+    plan, where node n's experts are n*E/N + (0 .. E/N-1). Experts that now belong to another node
+    count nowhere. The last dimension is R/N (>= E/N) so it can index item labels of the packing.
+    """
+    num_layers, num_slots = current.shape
+    experts_per_node = log2mlog.size(1) // num_nodes
     gpus_per_node = num_gpus // num_nodes
-    plan = phy2log
-    if num_nodes > 1:
-        plan = _match_bins(plan, current, num_nodes, num_experts)
+    mlog = log2mlog.gather(-1, current).view(num_layers, num_nodes, -1)  # [L, N, R/N]
+    local = mlog - (torch.arange(num_nodes) * experts_per_node).view(1, -1, 1)  # [L, N, R/N]
+    here = (local >= 0) & (local < experts_per_node)
+    local = torch.where(here, local, torch.zeros_like(local))
+    per_gpu = local.view(num_layers * num_nodes, gpus_per_node, -1)  # [L*N, GPUs/N, R/G]
+    counts = torch.zeros(num_layers * num_nodes, gpus_per_node, num_slots // num_nodes, dtype=torch.int64)
+    return counts.scatter_add_(-1, per_gpu, here.view_as(per_gpu).to(torch.int64))
+
+
+def keep_placement(
+    phy2log: torch.Tensor,
+    current: torch.Tensor,
+    num_experts: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> torch.Tensor:
+    """Relabel the GPUs within each node, then the slots within each GPU, of a plan phy2log [L, R] to
+    overlap the current placement [L, R] (nodes were matched before, by `match_group_nodes`).
+
+    num_nodes: the node count the plan was made with (1 for the global policy: then GPUs are matched
+    across the whole layer).
+    """
+    num_layers, num_slots = phy2log.shape
     node_rows = num_layers * num_nodes
     plan = _match_bins(
-        plan.reshape(node_rows, -1), current.reshape(node_rows, -1), gpus_per_node, num_experts
+        phy2log.reshape(node_rows, -1), current.reshape(node_rows, -1), num_gpus // num_nodes, num_experts
     )
     slots_per_gpu = num_slots // num_gpus
     plan = _keep_slots(plan.reshape(-1, slots_per_gpu), current.reshape(-1, slots_per_gpu))

@@ -20,10 +20,13 @@ def refine_packing(
     num_packs: int,
     labels: torch.Tensor | None = None,
     max_rounds: int | None = None,
+    good_enough: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [X, n]; pack_index, rank_in_pack [X, n] as from `balanced_packing` -> refined pair.
 
     max_rounds: at most this many swaps per row (default n, which is rarely reached).
+    good_enough: [X] optional; a row whose heaviest pack is at most this is left alone (so a packing
+    that kept items in place is only disturbed where it is too unbalanced).
     """
     num_rows, num_items = weight.shape
     per_pack = num_items // num_packs
@@ -59,6 +62,8 @@ def refine_packing(
         pair_max = pair_max.masked_fill(useless, float("inf")).flatten(1)  # [A, P*S*S]
         best = pair_max.argmin(-1)  # [A]
         helps = torch.isfinite(pair_max[local, best])
+        if good_enough is not None:
+            helps &= top_load.flatten() > good_enough[active]
         if not helps.any():
             break
         r, best, t = active[helps], best[helps], top[helps]
