@@ -2,7 +2,7 @@
 
 Token cache (`<dir>/<key>.tokens.bin` + `.docs.npy` + `.meta.json`): every document's tokens followed
 by eos, concatenated (uint16 when the vocabulary fits, else uint32), and the end offset of each
-document. It is written in chunks (never the whole corpus in memory), read back as a numpy memmap,
+document. Special-token text inside a document is encoded as plain text: only the pipeline places eos. It is written in chunks (never the whole corpus in memory), read back as a numpy memmap,
 and keyed by the tokenizer's and the source's fingerprints. `.meta.json` is renamed into place last,
 so a cache without it is incomplete and is rebuilt.
 
@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PACKING_MODES = ("concat", "pad")
 IGNORE_INDEX = -100
-_CACHE_VERSION = "tokens-v1"
+_CACHE_VERSION = "tokens-v2"
 _ENCODE_BATCH = 64  # documents per tokenizer call
 
 
@@ -77,12 +78,12 @@ def tokenize_to_cache(documents: Iterable[str], tokenizer: TextTokenizer, source
 def _write_cache(documents: Iterable[str], tokenizer: TextTokenizer, prefix: Path, key: str) -> None:
     dtype = _token_dtype(tokenizer.vocab_size)
     tmp_bin = prefix.with_name(f".{prefix.name}.tokens.bin.tmp")
-    doc_ends: list[int] = []
+    doc_ends = array("q")  # int64, compact even for many millions of documents
     total = 0
 
     def flush(batch: list[str], out) -> None:
         nonlocal total
-        for ids in tokenizer.encode_batch(batch):
+        for ids in tokenizer.encode_batch(batch, literal_specials=True):
             ids.append(tokenizer.eos_id)
             out.write(np.asarray(ids, dtype=dtype).tobytes())
             total += len(ids)
@@ -100,7 +101,7 @@ def _write_cache(documents: Iterable[str], tokenizer: TextTokenizer, prefix: Pat
     if total == 0:
         tmp_bin.unlink()
         raise EmptySourceError("no documents to tokenize: the data source yielded nothing")
-    np.save(prefix.with_suffix(".docs.npy"), np.asarray(doc_ends, dtype=np.int64))
+    np.save(prefix.with_suffix(".docs.npy"), np.frombuffer(doc_ends, dtype=np.int64))
     os.replace(tmp_bin, prefix.with_suffix(".tokens.bin"))
     meta = {"num_tokens": total, "num_docs": len(doc_ends), "dtype": dtype.name, "key": key}
     tmp_meta = prefix.with_name(f".{prefix.name}.meta.json.tmp")

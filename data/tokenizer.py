@@ -57,8 +57,16 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], literal_specials: bool = False) -> list[list[int]]:
+        """With `literal_specials`, a special token's text inside a document (say a literal
+        "<｜end▁of▁sentence｜>") is encoded as plain text, so raw data cannot inject control ids."""
+        previous = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = literal_specials
+        try:
+            encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        finally:
+            self.tokenizer.encode_special_tokens = previous
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -88,3 +88,12 @@ def test_token_cache_round_trip_and_reuse(small_tokenizer, tmp_path):
     assert load_token_cache(prefix).fingerprint in {arr.fingerprint, other.fingerprint}
     with pytest.raises(ValueError, match="no documents"):
         tokenize_to_cache(iter([]), small_tokenizer, "fp-empty", tmp_path)
+
+
+def test_special_token_text_in_documents_stays_text(small_tokenizer, tmp_path):
+    doc = "before <｜end▁of▁sentence｜> after"
+    assert small_tokenizer.encode(doc).count(small_tokenizer.eos_id) == 1  # plain encode parses it
+    arr = tokenize_to_cache(iter([doc]), small_tokenizer, "fp-special", tmp_path)
+    ids = arr.tokens[:].tolist()
+    assert ids.count(small_tokenizer.eos_id) == 1 and ids[-1] == small_tokenizer.eos_id
+    assert small_tokenizer.decode(ids[:-1]) == doc
