@@ -93,7 +93,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
     _maybe_fault("save", step)
     _barrier()
@@ -130,7 +130,7 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], 
 
     The per-rank state comes from rank_<rank>.pt when the checkpoint had this rank, else rank 0's
     (a resume with more ranks than were saved; the data loader re-splits its position itself)."""
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     meta = json.loads((path / "meta.json").read_text())
     rank = dist.get_rank() if dist.is_initialized() else 0
     own = path / f"rank_{rank}.pt"
