@@ -124,18 +124,24 @@ class PackedLoader:
         check_batch_sizes(global_batch, micro_batch, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank}: must be in [0, {dp_size})")
-        self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
+        self.dataset, self._global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
         self.next_sample = 0  # global index of the first sample of the next step
         self._perms: dict[int, np.ndarray] = {}
 
     @property
-    def num_micro_batches(self) -> int:
-        return self.global_batch // (self.dp_size * self.micro_batch)
+    def global_batch(self) -> int:
+        return self._global_batch
+
+    @global_batch.setter
+    def global_batch(self, value: int) -> None:
+        """A batch-size schedule may change it between steps; the sample stream stays the same."""
+        check_batch_sizes(value, self.micro_batch, self.dp_size)
+        self._global_batch = value
 
     @property
-    def steps_done(self) -> int:
-        return self.next_sample // self.global_batch
+    def num_micro_batches(self) -> int:
+        return self.global_batch // (self.dp_size * self.micro_batch)
 
     @property
     def epoch(self) -> int:

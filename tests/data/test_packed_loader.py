@@ -58,7 +58,7 @@ def test_micro_batch_shapes_and_counts():
     for mb in mbs:
         assert set(mb) == {"input_ids", "labels", "position_ids"}
         assert all(v.shape == (2, SEQ) and v.dtype == torch.int64 for v in mb.values())
-    assert loader.state_dict()["next_sample"] == 8 and loader.steps_done == 1
+    assert loader.state_dict()["next_sample"] == 8
 
 
 @pytest.mark.parametrize("dp_size,micro_batch", [(2, 2), (4, 1), (2, 4)])
@@ -78,6 +78,27 @@ def test_resume_continues_at_the_next_sample(dp_before, dp_after):
     state = {k: v for k, v in state.items()}  # what a checkpoint would hold (plain Python)
     rest, _ = global_batches(ds, steps=7, dp_size=dp_after, micro_batch=1, state=state)
     assert_same(first + rest, straight)
+
+
+def test_batch_size_schedule_keeps_the_sample_stream_and_resumes():
+    ds = synthetic_dataset()
+    straight = PackedLoader(ds, 4, 2, seed=1)
+    stream = [cat_step(straight.next_step())["input_ids"] for _ in range(6)]  # 24 samples
+    schedule = [4, 8, 12]  # sums to 24; each a multiple of micro_batch × dp = 2 × 2
+    ranks = [PackedLoader(ds, 4, 1, r, 2, seed=1) for r in range(2)]
+    got = []
+    for i, size in enumerate(schedule):
+        if i == 2:  # resume the last step from a checkpoint, with micro-batch 2
+            state = ranks[0].state_dict()
+            ranks = [PackedLoader(ds, 4, 2, r, 2, seed=1) for r in range(2)]
+            for loader in ranks:
+                loader.load_state_dict(state)
+        for loader in ranks:
+            loader.global_batch = size
+        got.extend(cat_step(loader.next_step())["input_ids"] for loader in ranks)
+    assert torch.equal(torch.cat(got), torch.cat(stream))
+    with pytest.raises(ValueError, match="train.global_batch=6"):
+        ranks[0].global_batch = 6
 
 
 def test_epochs_are_permutations_seeded_by_seed_and_epoch():
