@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +198,9 @@ def write_folder(path: str | os.PathLike, tensors: list[PlannedTensor], extra_fi
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    names = [t.name for t in tensors]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ValueError(f"tensor {dup!r} planned twice")
+    dup = [name for name, n in Counter(t.name for t in tensors).items() if n > 1]
+    if dup:
+        raise ValueError(f"tensor {dup[0]!r} planned more than once")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -239,23 +239,21 @@ def write_folder(path: str | os.PathLike, tensors: list[PlannedTensor], extra_fi
 
 
 def iter_plan_fp8(name: str, shape: tuple[int, int], produce: Callable[[], torch.Tensor],
-                  cache: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[PlannedTensor]:
-    """Plan a weight as FP8 q and FP32 `<name>_scale_inv`; the pair is quantized once, when q is written.
+                  cache: dict[str, torch.Tensor]) -> Iterator[PlannedTensor]:
+    """Plan a 2-D weight as FP8 q plus its FP32 `<name>_scale_inv`, quantized once.
 
-    Both are produced from one quantization kept in `cache` until the scale has been taken.
+    q is planned first, so it is produced first (shards are written in plan order); it leaves the
+    scale in `cache` until the scale is written, possibly into the next shard.
     """
     rows, cols = scale_shape(shape)
 
     def q() -> torch.Tensor:
         qt, st = block_quant(produce())
-        cache[name] = (qt, st)
+        cache[name] = st
         return qt
 
     def s() -> torch.Tensor:
-        if name not in cache:  # scale planned into an earlier shard than its weight cannot happen, but be safe
-            q()
-        return cache.pop(name)[1].float()
+        return cache.pop(name).float()
 
-    numel = shape[0] * shape[1]
-    yield PlannedTensor(name, numel, q)
+    yield PlannedTensor(name, shape[0] * shape[1], q)
     yield PlannedTensor(name + SCALE_SUFFIX, rows * cols * 4, s)

@@ -295,3 +295,16 @@ def test_peak_memory_is_about_one_model_copy(tmp_path):
     # Anonymous memory (file pages of the memory-mapped shards are page cache, not counted): one model
     # copy (ratio 1) plus at most one tensor in flight (the largest, the embedding, is ~22% of it).
     assert 0.8 < ratio < 1.3, ratio
+
+
+def test_fp8_swapped_model_saves_the_same_checkpoint(saved, tmp_path):
+    """`twinpipe.fp8.convert_model` keeps parameter names, so a model training in FP8 exports as is."""
+    fp8 = pytest.importorskip("twinpipe.fp8")
+    model, _ = saved
+    plain = _all_tensors(save_hf(model, tmp_path / "plain", dtype=None))
+    swapped = load_hf(save_hf(model, tmp_path / "tmp", dtype=None), dtype=torch.float32)
+    fp8.convert_model(swapped, "emulate")
+    assert type(swapped.layers[1].mlp.experts).__name__ != "Experts"  # the swap happened
+    converted = _all_tensors(save_hf(swapped, tmp_path / "swapped", dtype=None))
+    assert converted.keys() == plain.keys()
+    assert all(torch.equal(converted[k], plain[k]) for k in plain)
