@@ -1,0 +1,112 @@
+"""Generation benchmark: tokens/s of cached decoding (absorbed vs naive MLA) and KV-cache size.
+
+- throughput: `tiny` and `small` presets, freshly initialised (speed does not depend on training),
+  greedy decoding of a batch of random prompts; prefill time and decode tokens/s (new tokens over the
+  whole batch per second of decoding), for the absorbed (latent) and the naive attention form;
+- KV-cache bytes per token, computed for the `v3_671b` shape (main layers, BF16): the latent cache
+  (c_kv + k_pe, kv_lora_rank + qk_rope_head_dim per layer) against a full per-head K/V cache.
+
+    python bench/generate.py [--presets tiny small] [--threads 1] [--device cpu]
+
+Prints one line per run and writes bench/results/generate_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from twinpipe.model import LatentKVCache, ModelConfig, Transformer
+from twinpipe.model.generation import last_valid_index, pad_prompts
+
+# batch, prompt length, new tokens, dtype per preset (small stays in BF16 on CPU to save memory)
+SETTINGS = {
+    "tiny": dict(batch=4, prompt_len=32, new_tokens=64, dtype=torch.float32),
+    "small": dict(batch=2, prompt_len=16, new_tokens=8, dtype=torch.bfloat16),
+}
+
+
+@torch.no_grad()
+def time_decode(model, prompts: list[list[int]], new_tokens: int, absorb: bool) -> dict[str, float]:
+    """Greedy decoding with the latent cache, timed as prefill and per-token decode."""
+    device = model.embed_tokens.weight.device
+    tokens, valid = pad_prompts(prompts, "left")
+    tokens, valid = tokens.to(device), valid.to(device)
+    cache = LatentKVCache.for_model(model, len(prompts), tokens.shape[1] + new_tokens, absorb=absorb)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    logits = model(tokens, cache=cache, valid=valid)
+    nxt = logits[torch.arange(len(prompts), device=device), last_valid_index(valid)].argmax(-1)
+    sync()
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+    sync()
+    decode = time.perf_counter() - start
+    steps = new_tokens - 1
+    return {"prefill_s": prefill, "decode_s": decode, "decode_steps": steps,
+            "decode_tokens_per_s": steps * len(prompts) / decode if decode > 0 else float("nan"),
+            "decode_ms_per_step": 1e3 * decode / max(steps, 1)}
+
+
+def kv_cache_sizes() -> dict[str, float]:
+    cfg = ModelConfig.preset("v3_671b")
+    latent = LatentKVCache.bytes_per_token(cfg, bytes_per_value=2, latent=True)
+    naive = LatentKVCache.bytes_per_token(cfg, bytes_per_value=2, latent=False)
+    return {"shape": "v3_671b", "dtype": "bfloat16", "layers": cfg.num_hidden_layers,
+            "latent_values_per_layer": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            "naive_values_per_layer": cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim),
+            "latent_bytes_per_token": latent, "naive_bytes_per_token": naive, "ratio": naive / latent,
+            "latent_GiB_per_128k_tokens": latent * 131072 / 2**30,
+            "naive_GiB_per_128k_tokens": naive * 131072 / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SETTINGS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
+               "machine": platform.machine(), "cpu_count": os.cpu_count(),
+               "load_avg_1min": os.getloadavg()[0], "runs": [], "kv_cache": kv_cache_sizes()}
+    kv = results["kv_cache"]
+    print(f"KV cache per token at v3_671b (bf16, {kv['layers']} layers): latent {kv['latent_bytes_per_token']:,} B "
+          f"vs naive K/V {kv['naive_bytes_per_token']:,} B -> {kv['ratio']:.1f}x smaller")
+    for name in args.presets:
+        s = SETTINGS[name]
+        torch.manual_seed(args.seed)
+        cfg = ModelConfig.preset(name)
+        with torch.device(device):
+            model = Transformer(cfg).to(s["dtype"]).eval()
+        gen = torch.Generator().manual_seed(args.seed)
+        prompts = torch.randint(3, cfg.vocab_size, (s["batch"], s["prompt_len"]), generator=gen).tolist()
+        time_decode(model, prompts, 2, absorb=True)  # warm-up
+        for absorb in (True, False):
+            r = time_decode(model, prompts, s["new_tokens"], absorb)
+            r.update(preset=name, form="absorbed" if absorb else "naive", batch=s["batch"],
+                     prompt_len=s["prompt_len"], new_tokens=s["new_tokens"], dtype=str(s["dtype"]),
+                     params=cfg.num_parameters())
+            results["runs"].append(r)
+            print(f"{name:6s} {r['form']:8s} batch {s['batch']} prompt {s['prompt_len']}: prefill "
+                  f"{r['prefill_s']:.3f}s, decode {r['decode_tokens_per_s']:.1f} tok/s "
+                  f"({r['decode_ms_per_step']:.1f} ms/step)")
+        del model
+    out = Path(__file__).resolve().parent / "results" / f"generate_{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
