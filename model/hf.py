@@ -185,8 +185,9 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, layers
     return model
 
 
-def _expected(model: nn.Module, config: ModelConfig) -> dict[str, tuple[str, int | None]]:
-    """Every HF name this model reads or writes -> (our name, expert row); MTP copies map to SHARED."""
+def hf_names(model: nn.Module, config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """Every HF tensor name of a checkpoint of `model` (no `_scale_inv`) -> (our state-dict name, expert
+    row or None); the MTP layers' copies of the embedding and head map to SHARED. Works on meta models."""
     out: dict[str, tuple[str, int | None]] = {}
     for name in model.state_dict():
         for hf, row in ours_to_hf(name, config.num_hidden_layers, config.n_routed_experts):
@@ -200,7 +201,7 @@ def _expected(model: nn.Module, config: ModelConfig) -> dict[str, tuple[str, int
 def _load_tensors(model, reader: CheckpointReader, config: ModelConfig, dtype, device, chosen, embed, head):
     meta = model.state_dict()
     params = {name for name, _ in model.named_parameters()}
-    expected = _expected(model, config)
+    expected = hf_names(model, config)
     present = set(reader.names())
     for name in reader.names():
         base = name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else name
@@ -308,4 +309,4 @@ def save_hf(model: Transformer, path: str | os.PathLike, fp8: bool = False,
     return out
 
 
-__all__ = ["CheckpointError", "hf_config_dict", "is_fp8_weight", "load_hf", "ours_to_hf", "save_hf"]
+__all__ = ["CheckpointError", "hf_config_dict", "hf_names", "is_fp8_weight", "load_hf", "ours_to_hf", "save_hf"]

@@ -308,3 +308,28 @@ def test_fp8_swapped_model_saves_the_same_checkpoint(saved, tmp_path):
     converted = _all_tensors(save_hf(swapped, tmp_path / "swapped", dtype=None))
     assert converted.keys() == plain.keys()
     assert all(torch.equal(converted[k], plain[k]) for k in plain)
+
+
+def test_671b_layout_on_the_meta_device():
+    """The published model's names and shapes, derived from REFERENCE.md §1 and counted by hand:
+    3 top-level + 3 dense layers × 12 + 58 MoE layers × 782 + the MTP layer (782 + 6) = 46183 tensors,
+    of which 3 × 8 + 59 × 776 = 45808 carry a weight_scale_inv in the FP8 release (91991 entries)."""
+    from twinpipe.model.hf import hf_names, is_fp8_weight
+
+    config = ModelConfig.preset("v3_671b")
+    with torch.device("meta"):
+        model = Transformer(config)
+    names = hf_names(model, config)
+    assert len(names) == 46183
+    assert sum(is_fp8_weight(n) for n in names) == 45808
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def shape(hf):
+        ours, row = names[hf]
+        return shapes[ours][1:] if row is not None else shapes[ours]
+    assert shape("model.layers.61.eh_proj.weight") == (7168, 14336)
+    assert shape("model.layers.60.mlp.experts.255.down_proj.weight") == (7168, 2048)
+    assert shape("model.layers.2.mlp.gate_proj.weight") == (18432, 7168)
+    assert shape("model.layers.0.self_attn.kv_a_proj_with_mqa.weight") == (576, 7168)
+    assert shape("model.layers.61.shared_head.norm.weight") == (7168,)
+    assert not is_fp8_weight("model.layers.61.eh_proj.weight") and not is_fp8_weight("model.layers.5.mlp.gate.weight")
