@@ -2,15 +2,19 @@
 
 The greedy packing of EPLB places each item once and never revisits it, so the heaviest pack often
 ends up one item's weight above what a swap could give. Each round, for every row at once, this looks
-at all swaps between an item of the heaviest pack and an item of any other pack, and makes the one that
-lowers the larger of the two packs' new loads the most, provided that is below the heaviest load. A row
-stops when no swap helps; every accepted swap lowers the heaviest pack's load, so the row's maximum
-never rises. With labels, a swap may not put two items with the same label into one pack.
+at all swaps between an item of the heaviest pack and an item of one of the 8 lightest packs, and makes
+the one that lowers the larger of the two packs' new loads the most, provided that is below the
+heaviest load. A row stops when no swap helps; every accepted swap lowers the heaviest pack's load,
+so the row's maximum never rises. With labels, a swap may not put two items with the same label into
+one pack.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Swap partners of the heaviest pack: its lightest packs (a swap with a heavier pack rarely helps more).
+PARTNERS = 8
 
 
 def refine_packing(
@@ -42,32 +46,39 @@ def refine_packing(
         held_l = labels.gather(-1, held.flatten(1)).view_as(held)  # [X, P, S]
     packs = torch.arange(num_packs)
     active = torch.arange(num_rows)  # rows that may still improve
+    num_partners = min(num_packs, PARTNERS)
     for _ in range(num_items if max_rounds is None else max_rounds):
-        part_w = held_w[active]  # [A, P, S]
+        all_w = held_w[active]  # [A, P, S]
+        loads = all_w.sum(-1)  # [A, P]
+        top_load, top = loads.max(-1)  # [A] each
+        if good_enough is not None:
+            unfinished = top_load > good_enough[active]
+            active, all_w, loads, top, top_load = (
+                x[unfinished] for x in (active, all_w, loads, top, top_load)
+            )
         local = torch.arange(active.numel())
-        loads = part_w.sum(-1)  # [A, P]
-        top = loads.argmax(-1)  # [A]
-        top_load = loads[local, top][:, None, None, None]  # [A, 1, 1, 1]
-        delta = part_w[local, top][:, None, :, None] - part_w[:, :, None, :]  # [A, P, S_top, S_other]
-        pair_max = torch.maximum(top_load - delta, loads[:, :, None, None] + delta)
+        partner = loads.topk(num_partners, dim=-1, largest=False).indices  # [A, K] lightest packs
+        partner_w = all_w.gather(1, partner[..., None].expand(-1, -1, per_pack))  # [A, K, S]
+        delta = all_w[local, top][:, None, :, None] - partner_w[:, :, None, :]  # [A, K, S_top, S_other]
+        top_load = top_load[:, None, None, None]
+        pair_max = torch.maximum(top_load - delta, loads.gather(1, partner)[..., None, None] + delta)
         # A swap must strictly lower the heaviest load (relative margin against rounding churn).
         useless = pair_max >= top_load * (1 - 1e-12)
-        useless |= (packs == top[:, None])[:, :, None, None]
+        useless |= (partner == top[:, None])[..., None, None]
         if labels is not None:
-            part_l = held_l[active]  # [A, P, S]
-            top_l = part_l[local, top]  # [A, S]
-            # top item's label already in the other pack / other item's label already in the top pack
-            useless |= (top_l[:, None, :, None] == part_l[:, :, None, :]).any(-1, keepdim=True)
-            useless |= (part_l[:, :, :, None] == top_l[:, None, None, :]).any(-1)[:, :, None, :]
-        pair_max = pair_max.masked_fill(useless, float("inf")).flatten(1)  # [A, P*S*S]
+            all_l = held_l[active]  # [A, P, S]
+            top_l = all_l[local, top]  # [A, S]
+            partner_l = all_l.gather(1, partner[..., None].expand(-1, -1, per_pack))  # [A, K, S]
+            # top item's label already in the partner / partner item's label already in the top pack
+            useless |= (top_l[:, None, :, None] == partner_l[:, :, None, :]).any(-1, keepdim=True)
+            useless |= (partner_l[:, :, :, None] == top_l[:, None, None, :]).any(-1)[:, :, None, :]
+        pair_max = pair_max.masked_fill(useless, float("inf")).flatten(1)  # [A, K*S*S]
         best = pair_max.argmin(-1)  # [A]
         helps = torch.isfinite(pair_max[local, best])
-        if good_enough is not None:
-            helps &= top_load.flatten() > good_enough[active]
         if not helps.any():
             break
         r, best, t = active[helps], best[helps], top[helps]
-        other = best // (per_pack * per_pack)
+        other = partner[helps].gather(1, (best // (per_pack * per_pack))[:, None]).squeeze(1)
         i = (best // per_pack) % per_pack
         j = best % per_pack
         for tensor in [held, held_w] + ([held_l] if labels is not None else []):
