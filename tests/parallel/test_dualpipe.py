@@ -1,0 +1,261 @@
+"""DualPipe, DualPipeV and 1F1B against the unpartitioned model over the same micro-batches.
+
+As deepseek-ai/DualPipe's own test: every rank (real gloo processes) also runs the whole model
+micro-batch by micro-batch. Losses must be bitwise equal (fp32, same ops on the same shapes, one thread
+per rank). Gradients are sums over micro-batches taken in a different order (and, for DualPipe, over
+two copies of a stage), so they may differ by rounding: 1 - 2<x,y>/(|x|^2+|y|^2) < 1e-13 (float64
+metric), the bound DualPipe's test uses. Inference (no_grad, return_outputs) must give equal outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twinpipe.parallel.dualpipe import (DualPipe, DualPipeV, WeightGradStore,
+                                        set_p2p_tensor_dtype, set_p2p_tensor_shapes)
+from twinpipe.parallel.local import run_local
+from twinpipe.parallel.pipeline_engine import sequential_forward_backward
+from twinpipe.parallel.schedule_1f1b import OneFOneB
+from twinpipe.parallel.weight_grad_store import linear
+
+HIDDEN, MICRO = 16, 3
+
+
+class MLPStage(nn.Module):
+    """x + W2 tanh(W1 x + b1): its linears defer weight gradients under zero-bubble B."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(2 * hidden, hidden) / hidden ** 0.5)
+        self.b1 = nn.Parameter(torch.randn(2 * hidden) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(hidden, 2 * hidden) / (2 * hidden) ** 0.5)
+
+    def forward(self, x):  # x: [micro, hidden]
+        return x + linear(torch.tanh(linear(x, self.w1, self.b1)), self.w2)
+
+
+def criterion(out, target):
+    return F.mse_loss(out, target)
+
+
+def portable(obj):
+    """Tensors -> numpy inside nested containers: run_local's queue cannot carry tensors back."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().numpy().copy()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(portable(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    return obj
+
+
+def restored(obj):
+    if hasattr(obj, "dtype") and hasattr(obj, "shape") and not isinstance(obj, torch.Tensor):
+        return torch.from_numpy(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(restored(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: restored(v) for k, v in obj.items()}
+    return obj
+
+
+def run(fn, world, *args):
+    return restored(run_local(fn, world, *args, timeout_s=120))
+
+
+def grad_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double().flatten(), y.double().flatten()
+    return (1 - 2 * (x @ y) / (x @ x + y @ y)).item()
+
+
+def make_problem(num_stages: int, num_chunks: int):
+    torch.manual_seed(0)
+    stages = [MLPStage(HIDDEN) for _ in range(num_stages)]
+    x = torch.randn(num_chunks * MICRO, HIDDEN)
+    target = torch.randn(num_chunks * MICRO, HIDDEN)
+    return stages, x, target
+
+
+def reference(stages, x, target, num_chunks):
+    """Per-micro-batch losses, summed gradients per stage, and outputs of the whole model."""
+    losses, outputs = [], []
+    for xi, ti in zip(x.chunk(num_chunks), target.chunk(num_chunks)):
+        h = xi
+        for s in stages:
+            h = s(h)
+        loss = criterion(h, ti)
+        loss.backward()
+        losses.append(loss.detach())
+        outputs.append(h.detach())
+    grads = [[p.grad.clone() for p in s.parameters()] for s in stages]
+    return torch.stack(losses), grads, torch.cat(outputs)
+
+
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def _run_dualpipe(rank, world, num_chunks, v_shape, hook):
+    n_stages = 2 * world if v_shape else world
+    stages, x, target = make_problem(n_stages, num_chunks)
+    ref_loss, ref_grads, ref_out = reference(stages, x, target, num_chunks)
+    for s in stages:
+        s.zero_grad(set_to_none=True)
+    set_p2p_tensor_shapes([(MICRO, HIDDEN)])
+    set_p2p_tensor_dtype(torch.float32)
+    pair = (stages[rank], stages[n_stages - 1 - rank])
+    if v_shape:
+        pipe = DualPipeV(pair, overlapped_forward_backward=hook)
+        inputs, labels = ([x], [target]) if rank == 0 else ([], [])
+    else:
+        pipe = DualPipe(pair, overlapped_forward_backward=hook)
+        half_x, half_t = x.chunk(2), target.chunk(2)
+        # rank 0 feeds the first half, whose losses land on rank N-1, and vice versa
+        inputs = [half_x[0]] if rank == 0 else [half_x[1]] if rank == world - 1 else []
+        labels = [half_t[1]] if rank == 0 else [half_t[0]] if rank == world - 1 else []
+    loss, _ = pipe.step(*inputs, num_chunks=num_chunks, criterion=criterion, labels=labels)
+    grads = (_grads(pair[0]), _grads(pair[1]))
+    with torch.no_grad():
+        _, out = pipe.step(*inputs, num_chunks=num_chunks, return_outputs=True)
+    return portable(dict(loss=loss, out=out, grads=grads, ref_loss=ref_loss, ref_grads=ref_grads,
+                         ref_out=ref_out, queue_empty=WeightGradStore.funcs_queue.empty()))
+
+
+def _check_grads(results, stage_of):
+    """Sum each stage's gradient over the (rank, module) copies holding it; compare with reference."""
+    ref = results[0]["ref_grads"]
+    summed = [None] * len(ref)
+    for rank, res in enumerate(results):
+        for m in range(2):
+            s = stage_of(rank, m)
+            summed[s] = res["grads"][m] if summed[s] is None else [
+                a + b for a, b in zip(summed[s], res["grads"][m])]
+    for s, (got, want) in enumerate(zip(summed, ref)):
+        for g, w in zip(got, want):
+            assert grad_error(g, w) < 1e-13, f"stage {s}: gradient error {grad_error(g, w)}"
+
+
+@pytest.mark.parametrize("world,num_chunks", [(2, 4), (2, 6), (4, 8), (4, 10)])
+def test_dualpipe_matches_unpartitioned(world, num_chunks):
+    res = run(_run_dualpipe, world, num_chunks, False, None)
+    half = num_chunks // 2
+    first, last = res[0], res[-1]
+    assert torch.equal(first["loss"], first["ref_loss"][half:])
+    assert torch.equal(last["loss"], first["ref_loss"][:half])
+    assert torch.equal(first["out"], first["ref_out"][half * MICRO:])
+    assert torch.equal(last["out"], first["ref_out"][:half * MICRO])
+    assert all(r["loss"] is None and r["out"] is None for r in res[1:-1])
+    _check_grads(res, lambda r, m: r if m == 0 else world - 1 - r)
+
+
+@pytest.mark.parametrize("world,num_chunks", [(1, 2), (1, 5), (2, 4), (3, 7), (4, 8), (4, 10)])
+def test_dualpipev_matches_unpartitioned(world, num_chunks):
+    res = run(_run_dualpipe, world, num_chunks, True, None)
+    assert torch.equal(res[0]["loss"], res[0]["ref_loss"])
+    assert torch.equal(res[0]["out"], res[0]["ref_out"])
+    assert all(r["loss"] is None for r in res[1:])
+    _check_grads(res, lambda r, m: r if m == 0 else 2 * world - 1 - r)
+
+
+def _counting_hook(calls):
+    def hook(*args):
+        calls.append(1)
+        return sequential_forward_backward(*args)
+    return hook
+
+
+def _run_with_hook(rank, world, num_chunks, v_shape):
+    calls = []
+    res = _run_dualpipe(rank, world, num_chunks, v_shape, _counting_hook(calls))
+    res["calls"] = len(calls)
+    return res
+
+
+@pytest.mark.parametrize("v_shape", [False, True])
+def test_overlap_hook_runs_forward_backward_pairs(v_shape):
+    world, num_chunks = 2, 6
+    res = run(_run_with_hook, world, num_chunks, v_shape)
+    assert torch.equal(res[0]["loss"], res[0]["ref_loss"][num_chunks // 2:] if not v_shape
+                       else res[0]["ref_loss"])
+    stage_of = (lambda r, m: 2 * world - 1 - r if m else r) if v_shape else (
+        lambda r, m: world - 1 - r if m else r)
+    _check_grads(res, stage_of)
+    # Step 4 pairs every chunk's forward with a backward except the turn rank's first; step 5 adds
+    # h-p-1 more; inference (no_grad) never calls it.
+    k = num_chunks if v_shape else num_chunks // 2
+    h = world if v_shape else world // 2
+    for rank, r in enumerate(res):
+        p = rank if v_shape else min(rank, world - 1 - rank)
+        main = k - 2 * h + p + 1
+        assert r["calls"] == 2 * main - (p == h - 1) + (h - p - 1), (rank, r["calls"])
+    assert all(r["queue_empty"] for r in res)
+
+
+def _run_1f1b(rank, world, num_chunks):
+    stages, x, target = make_problem(world, num_chunks)
+    ref_loss, ref_grads, ref_out = reference(stages, x, target, num_chunks)
+    for s in stages:
+        s.zero_grad(set_to_none=True)
+    set_p2p_tensor_shapes([(MICRO, HIDDEN)])
+    set_p2p_tensor_dtype(torch.float32)
+    pipe = OneFOneB(stages[rank])
+    inputs = [x] if rank == 0 else []
+    labels = [target] if rank == world - 1 else []
+    loss, _ = pipe.step(*inputs, num_chunks=num_chunks, criterion=criterion, labels=labels)
+    with torch.no_grad():
+        _, out = pipe.step(*inputs, num_chunks=num_chunks, return_outputs=True)
+    return portable(dict(loss=loss, out=out, grads=_grads(stages[rank]), ref_loss=ref_loss,
+                         ref_grads=ref_grads[rank], ref_out=ref_out))
+
+
+@pytest.mark.parametrize("world,num_chunks", [(1, 3), (3, 2), (4, 8)])
+def test_1f1b_matches_unpartitioned(world, num_chunks):
+    res = run(_run_1f1b, world, num_chunks)
+    assert torch.equal(res[-1]["loss"], res[-1]["ref_loss"])
+    assert torch.equal(res[-1]["out"], res[-1]["ref_out"])
+    for rank, r in enumerate(res):
+        for g, w in zip(r["grads"], r["ref_grads"]):
+            assert grad_error(g, w) < 1e-13, (rank, grad_error(g, w))
+
+
+def _make(rank, world, kind, num_chunks):
+    stages, x, _ = make_problem(2 * world, num_chunks)
+    set_p2p_tensor_shapes([(MICRO, HIDDEN)])
+    set_p2p_tensor_dtype(torch.float32)
+    pipe = kind((stages[0], stages[1]))
+    with torch.no_grad():
+        pipe.step(*([x] if rank == 0 else []), num_chunks=num_chunks)
+
+
+@pytest.mark.parametrize("kind,world,num_chunks,message", [
+    (DualPipe, 3, 6, "even number of pipeline ranks"),
+    (DualPipe, 2, 2, "num_chunks=2 on 2 ranks"),
+    (DualPipe, 2, 5, "num_chunks=5 on 2 ranks"),
+    (DualPipeV, 2, 3, "DualPipeV num_chunks=3"),
+])
+def test_clear_errors(kind, world, num_chunks, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(_make, world, kind, num_chunks)
+
+
+def test_split_linear_defers_weight_grad_only_when_enabled():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3))
+    b = nn.Parameter(torch.randn(4))
+    x = torch.randn(5, 3, requires_grad=True)
+    F.linear(x, w, b).square().sum().backward()
+    want = (x.grad.clone(), w.grad.clone(), b.grad.clone())
+    x.grad = w.grad = b.grad = None
+    WeightGradStore.clear()
+    WeightGradStore.enabled = True
+    linear(x, w, b).square().sum().backward()
+    WeightGradStore.enabled = False
+    WeightGradStore.flush()
+    assert w.grad is None and b.grad is None
+    torch.testing.assert_close(x.grad, want[0])
+    WeightGradStore.pop()
+    torch.testing.assert_close(w.grad, want[1])
+    torch.testing.assert_close(b.grad, want[2])
