@@ -4,13 +4,13 @@ broken folders (errors must name the tensor and the file) and peak memory while 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from twinpipe.model.config import ModelConfig
@@ -217,7 +217,6 @@ def test_bad_config_value_is_named(single):
 
 def test_missing_index_shard_is_named(saved, tmp_path):
     _, folder = saved
-    import shutil
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     victim = sorted(copy.glob("model-*.safetensors"))[1]
