@@ -62,6 +62,8 @@ class PackedDataset:
         self.spans = pack_spans(tokens.doc_ends, seq_len, packing)  # [num_samples, 2]
         self.fingerprint = hashlib.sha256(json.dumps(
             [tokens.fingerprint, seq_len, packing, reset_position_ids]).encode()).hexdigest()[:24]
+        log.info("%d documents, %d tokens -> %d samples of %d tokens (%s packing)",
+                 len(tokens.doc_ends), len(tokens.tokens), len(self.spans), seq_len, packing)
 
     @classmethod
     def from_documents(cls, documents: Iterable[str], source_fingerprint: str,

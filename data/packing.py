@@ -160,7 +160,9 @@ def pack_spans(doc_ends: np.ndarray, seq_len: int, mode: str = "concat") -> np.n
 def make_sample(window: np.ndarray, seq_len: int, pad_id: int, eos_id: int,
                 reset_position_ids: bool) -> dict[str, np.ndarray]:
     """One sample from `window` (the span's tokens, 2..seq_len+1 of them): `input_ids[T]`,
-    `labels[T]` (-100 on padding) and `position_ids[T]` (optionally restarting after each eos)."""
+    `labels[T]` (-100 on padding) and `position_ids[T]`. Positions count from 0 at the sample's start
+    (also when it begins inside a document, so they never exceed seq_len - 1) and, with
+    `reset_position_ids`, restart after each eos."""
     n = window.shape[0] - 1  # real (input, target) pairs
     input_ids = np.full(seq_len, pad_id, dtype=np.int64)  # [T]
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)  # [T]

@@ -1,4 +1,5 @@
-"""Documents from local files: text, jsonl/json, parquet and arrow, read with HF `datasets`.
+"""Documents from local files: text, jsonl/json (both also .gz/.bz2/.xz), parquet and arrow, read
+with HF `datasets`.
 
 `TextSource(paths, text_field, streaming)` yields documents (strings) file by file, in sorted path
 order, so the stream is deterministic and every problem can name its file:
@@ -20,10 +21,13 @@ cache first, which is faster to re-read.
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -34,8 +38,23 @@ BUILDERS = {  # suffix -> datasets builder
     ".jsonl": "json", ".json": "json", ".ndjson": "json",
     ".parquet": "parquet", ".arrow": "arrow",
 }
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # text/jsonl may be compressed
 DEFAULT_MAX_DOC_CHARS = 1_000_000
 _UTF8_CHECKED = ("text", "json")  # builders that decode raw bytes; parquet/arrow strings are UTF-8 already
+
+
+def builder_for(path: Path) -> str | None:
+    """The datasets builder for `path` by suffix (`a.jsonl.gz` -> json), None when unknown."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+        builder = BUILDERS.get(suffixes[-1]) if suffixes else None
+        return builder if builder in _UTF8_CHECKED else None  # parquet/arrow compress inside
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _known_suffixes() -> str:
+    return ", ".join(sorted(BUILDERS)) + f" (text/json also with {', '.join(sorted(COMPRESSIONS))})"
 
 
 def resolve_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -49,25 +68,27 @@ def resolve_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
         if not p.exists():
             raise FileNotFoundError(f"data path {p} does not exist")
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS
+            found = sorted(f for f in p.rglob("*") if f.is_file() and builder_for(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise FileNotFoundError(f"data folder {p} holds no files with a known suffix "
-                                        f"({', '.join(sorted(BUILDERS))})")
+                                        f"({_known_suffixes()})")
             files.extend(found)
-        elif p.suffix.lower() in BUILDERS:
+        elif builder_for(p):
             files.append(p)
         else:
-            raise ValueError(f"data file {p}: unknown suffix {p.suffix!r}; known: "
-                             f"{', '.join(sorted(BUILDERS))}")
+            raise ValueError(f"data file {p}: unknown suffix {''.join(p.suffixes)!r}; known: "
+                             f"{_known_suffixes()}")
     return files
 
 
 def first_invalid_utf8(path: Path, chunk_bytes: int = 1 << 24) -> int | None:
-    """Byte offset of the first invalid UTF-8 sequence in `path`, or None if it is valid."""
+    """Byte offset (in the decompressed stream for .gz/.bz2/.xz) of the first invalid UTF-8
+    sequence in `path`, or None if it is valid."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(path, "rb") as f:
+    opener = COMPRESSIONS.get(path.suffix.lower(), open)
+    with opener(path, "rb") as f:
         while True:
             chunk = f.read(chunk_bytes)
             try:
@@ -126,7 +147,7 @@ class TextSource:
                              "or skipped (see the warnings above)")
 
     def _file_documents(self, f: Path) -> Iterator[str]:
-        builder = BUILDERS[f.suffix.lower()]
+        builder = builder_for(f)
         if f.stat().st_size == 0:
             log.warning("skipping empty data file %s", f)
             return

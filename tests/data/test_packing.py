@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from twinpipe.data.packing import (IGNORE_INDEX, load_token_cache, make_sample, pack_spans,
-                                   tokenize_to_cache)
+from twinpipe.data.packing import (IGNORE_INDEX, _token_dtype, load_token_cache, make_sample,
+                                   pack_spans, tokenize_to_cache)
 
 EOS, PAD = 1, 2
 
@@ -70,6 +70,7 @@ def test_token_cache_round_trip_and_reuse(small_tokenizer, tmp_path):
     docs = ["def f():\n    return 1\n", "x = 'héllo'\n", "class A:\n    pass\n"]
     arr = tokenize_to_cache(iter(docs), small_tokenizer, "fp-1", tmp_path)
     assert arr.tokens.dtype == np.uint16  # vocab 512 fits
+    assert _token_dtype(65536) == np.uint16 and _token_dtype(129280) == np.uint32  # V3's vocab
     starts = np.concatenate([[0], arr.doc_ends[:-1]])
     for doc, s, e in zip(docs, starts, arr.doc_ends):
         ids = arr.tokens[s:e].tolist()

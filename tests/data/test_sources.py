@@ -1,7 +1,9 @@
 """Local file sources: each format, folders, streaming, and bad data named by file."""
 
+import gzip
 import json
 import logging
+import lzma
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +26,21 @@ def test_formats_and_folders(tmp_path, streaming):
     src = TextSource(tmp_path, streaming=streaming, cache_dir=tmp_path / ".hf")
     assert [f.name for f in src.files] == ["a.txt", "b.jsonl", "c.parquet"]
     assert list(src) == ["first document\nwith two lines\n", "json one", "json two", "parquet doc"]
+
+
+def test_compressed_files(tmp_path, caplog):
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "zipped json"}) + "\n")
+    with lzma.open(tmp_path / "b.txt.xz", "wb") as f:
+        f.write("xz text".encode())
+    with gzip.open(tmp_path / "c.txt.gz", "wb") as f:
+        f.write(b"abc\xff")
+    (tmp_path / "d.parquet.gz").write_bytes(b"not a thing we read")
+    with caplog.at_level(logging.WARNING, logger="twinpipe.data.sources"):
+        assert list(TextSource(tmp_path)) == ["zipped json", "xz text"]
+    assert "c.txt.gz: invalid UTF-8 at byte 3" in caplog.text
+    with pytest.raises(ValueError, match=r"d\.parquet\.gz.*'\.parquet\.gz'"):
+        resolve_files(tmp_path / "d.parquet.gz")
 
 
 def test_text_field_and_arrow(tmp_path):
