@@ -17,5 +17,6 @@ __all__ = ["MLA", "MLP", "PRESETS", "Block", "Experts", "Gate", "LatentKVCache",
 
 from .generation import generate  # noqa: E402  (the function, re-exported as twinpipe.model.generate)
 from .hf import load_hf, save_hf  # noqa: E402
+from .speculative import SpeculativeResult, speculative_generate  # noqa: E402
 
-__all__ += ["generate", "load_hf", "save_hf"]
+__all__ += ["SpeculativeResult", "generate", "load_hf", "save_hf", "speculative_generate"]

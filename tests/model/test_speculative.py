@@ -1,0 +1,60 @@
+"""MTP speculative decoding: always the greedy output; drafts accepted per sequence."""
+
+import pytest
+import torch
+
+from twinpipe.model import ModelConfig, Transformer, generate
+from twinpipe.model.speculative import speculative_generate
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+
+
+def markov_model(mtp_noise: float):
+    """A model whose next token depends on the current token only (every block's output projection
+    is zero, so h = embedding), with an MTP layer that sees just the next token's embedding
+    (eh_proj = [I, 0]) plus `mtp_noise`: noise 0 drafts perfectly, more noise drafts worse."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    H = model.config.hidden_size
+    with torch.no_grad():
+        for block in list(model.layers) + [model.mtp[0].block]:
+            block.self_attn.o_proj.weight.zero_()
+            if hasattr(block.mlp, "experts"):
+                block.mlp.experts.down_proj.zero_()
+                block.mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                block.mlp.down_proj.weight.zero_()
+        eh = model.mtp[0].eh_proj.weight
+        eh.zero_()
+        eh[:, :H].copy_(torch.eye(H))
+        eh.add_(torch.randn(H, 2 * H, generator=torch.Generator().manual_seed(1)) * mtp_noise)
+    return model
+
+
+def test_random_model_matches_greedy():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    result = speculative_generate(model, PROMPTS, 8)
+    assert result.tokens == generate(model, PROMPTS, 8)
+    assert result.forwards == 8  # nothing accepted: one token per forward
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+def test_drafts_accepted_and_output_unchanged(noise):
+    model = markov_model(noise)
+    result = speculative_generate(model, PROMPTS, 12)
+    assert result.tokens == generate(model, PROMPTS, 12)
+    if noise == 0:
+        assert result.acceptance_rate == 1.0 and result.forwards == 7  # prefill + 6 steps of 2 tokens
+    else:  # sequences accept or reject independently in one batch
+        assert 0 < result.acceptance_rate < 1 and 7 < result.forwards < 12
+
+
+def test_eos_and_errors():
+    model = markov_model(0.0)
+    free = generate(model, PROMPTS, 10)
+    eos = free[0][3]
+    assert speculative_generate(model, PROMPTS, 10, eos_id=eos).tokens == generate(model, PROMPTS, 10, eos_id=eos)
+    no_mtp = Transformer(ModelConfig.preset("tiny", num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="needs an MTP layer"):
+        speculative_generate(no_mtp, PROMPTS, 4)
