@@ -10,6 +10,7 @@ different order (fused expert matmuls, attention layout), nothing more.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from twinpipe.model import generate  # noqa: E402
 from twinpipe.model.hf import load_hf, save_hf  # noqa: E402
 
+log = logging.getLogger(__name__)
 ATOL = 1e-5
 
 BASE = dict(vocab_size=211, hidden_size=72, intermediate_size=100, moe_intermediate_size=24,
@@ -88,6 +90,8 @@ def test_logits_match_transformers(hf_checkpoints, name):
         want = hf_model(tokens).logits                           # [B, T, V]
         got = ours(tokens)                                       # [B, T, V]
     assert got.shape == want.shape
+    log.info("%s: max |ours - transformers| = %.2e (logit std %.2f)", name, float((got - want).abs().max()),
+             float(want.std()))
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
