@@ -17,6 +17,7 @@ Keys read from `data` (a DictConfig or any mapping; a missing key takes the defa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from twinpipe.data.loader import PackedDataset, PackedLoader, eval_batches
@@ -54,6 +55,10 @@ def packed_dataset(data: Mapping[str, Any], tokenizer: TextTokenizer, split: str
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("data.source=files needs data.paths (a list of files or folders)")
+    for folder in map(Path, paths):
+        if folder.is_dir() and Path(cache_dir).resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"data.cache_dir={cache_dir} lies inside the data folder {folder}: its "
+                             "cache files would be read as data; put the cache elsewhere")
     text_source = TextSource(paths, text_field=_get(data, "text_field"),
                              streaming=bool(_get(data, "streaming")),
                              max_doc_chars=int(_get(data, "max_doc_chars")),

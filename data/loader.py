@@ -94,7 +94,7 @@ class PackedDataset:
         if split == "heldout" and heldout_percent == 0:
             raise ValueError("a held-out split was asked for but data.heldout_percent=0")
         want = split == "heldout"
-        docs = (d for d in source if heldout_document(d, heldout_percent) == want)
+        docs = source.documents(keep=lambda d: heldout_document(d, heldout_percent) == want)
         fp = f"files-{split}-{heldout_percent}-{source.fingerprint()}"
         try:
             return cls.from_documents(docs, fp, tokenizer, seq_len, cache_dir, **kwargs)

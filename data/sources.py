@@ -29,7 +29,7 @@ import json
 import logging
 import lzma
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,17 @@ class TextSource:
         return h.hexdigest()
 
     def __iter__(self) -> Iterator[str]:
+        return self.documents()
+
+    def documents(self, keep: Callable[[str], bool] | None = None) -> Iterator[str]:
+        """All documents (cut to `max_doc_chars` pieces); `keep(whole_document)` filters before the
+        cut, so the pieces of one document always land in the same split."""
         yielded = 0
         for f in self.files:
             for doc in self._file_documents(f):
-                for piece in split_document(doc, self.max_doc_chars):
-                    yielded += 1
-                    yield piece
+                yielded += 1
+                if keep is None or keep(doc):
+                    yield from split_document(doc, self.max_doc_chars)
         if yielded == 0:
             raise ValueError(f"no documents in any of the {len(self.files)} data files "
                              f"({self.files[0]}{' ...' if len(self.files) > 1 else ''}): all empty "

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,26 @@ def test_files_source_splits_documents_and_trains(small_tokenizer, tmp_path):
     assert rows.shape[0] == len(held_ds)
     text = "".join(small_tokenizer.decode(r[r != 2].tolist()) for r in rows)
     assert text.replace("<｜end▁of▁sentence｜>", "") == "".join(held_docs)
+
+
+def test_pieces_of_a_huge_document_stay_in_one_split(small_tokenizer, tmp_path):
+    docs = ["".join(f"doc {i} line {j}\n" for j in range(60)) for i in range(40)]  # ~900 chars each
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = {"source": "files", "paths": [str(tmp_path / "data")], "heldout_percent": 20,
+            "max_doc_chars": 100, "cache_dir": str(tmp_path / "data" / "cache")}
+    with pytest.raises(ValueError, match="data.cache_dir=.*inside the data folder"):
+        packed_dataset(data, small_tokenizer, "train", 64)
+    data["cache_dir"] = str(tmp_path / "cache")
+    held = packed_dataset(data, small_tokenizer, "heldout", 64).tokens
+    train = packed_dataset(data, small_tokenizer, "train", 64).tokens
+    held_text = small_tokenizer.decode(np.asarray(held.tokens).tolist())
+    train_text = small_tokenizer.decode(np.asarray(train.tokens).tolist())
+    for i, d in enumerate(docs):
+        inside = [f"doc {i} line {j}\n" in held_text for j in range(60)]
+        assert all(inside) if heldout_document(d, 20) else not any(inside)
+        assert (f"doc {i} line 0\n" in train_text) != heldout_document(d, 20)
+    assert len(held.doc_ends) > 0 and len(train.doc_ends) > len(held.doc_ends)
 
 
 def test_bad_keys_are_named(small_tokenizer, tmp_path):
