@@ -4,9 +4,10 @@
     twinpipe-convert --from hf --to hf SRC DST            # FP8 (or anything) -> BF16 (--dtype fp32)
     twinpipe-convert --from twinpipe --to hf RUN/checkpoints/step_N DST
 
-HF -> HF works tensor by tensor on the safetensors (no model is built), so converting the 671B
-checkpoint needs memory for one output shard, not for the model. FP8 -> FP8 copies the quantized
-weights and scales unchanged. Files beside the weights (tokenizer, generation config) are copied.
+HF -> HF works tensor by tensor on the safetensors (no model is built, names are kept as they are),
+so converting the 671B checkpoint needs memory for one output shard, not for the model. FP8 -> FP8
+copies the quantized weights and scales unchanged. Text files beside the weights (tokenizer,
+generation config) are copied. Load the result with `twinpipe.model.load_hf` to check it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -59,7 +61,7 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype =
     cfg = json.loads(cfg_file.read_text())
     with CheckpointReader(src) as reader:
         plan: list[PlannedTensor] = []
-        cache: dict = {}
+        cache: dict[str, torch.Tensor] = {}  # scales waiting for their shard
         names = set(reader.names())
         for name in reader.names():
             if name.endswith(SCALE_SUFFIX):
@@ -69,9 +71,7 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype =
                 continue
             shape = reader.shape(name)
             src_dtype = reader.dtype_name(name)
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = math.prod(shape)
             if fp8 and is_fp8_weight(name):
                 if src_dtype == "F8_E4M3":  # already block-quantized: copy q and s as they are
                     if name + SCALE_SUFFIX not in names:
@@ -85,8 +85,7 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype =
                     plan.extend(iter_plan_fp8(name, shape, lambda n=name: reader.get(n).float(), cache))
                 continue
             out_dtype = torch.float32 if name.endswith("e_score_correction_bias") else dtype
-            size = numel * torch.tensor([], dtype=out_dtype).element_size()
-            plan.append(PlannedTensor(name, size, lambda n=name, d=out_dtype: reader.get_weight(n, d)))
+            plan.append(PlannedTensor(name, numel * out_dtype.itemsize, lambda n=name, d=out_dtype: reader.get_weight(n, d)))
         cfg_out = {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
         cfg_out["torch_dtype"] = str(dtype).removeprefix("torch.")
         if fp8:
