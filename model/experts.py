@@ -29,7 +29,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     """Segment e of x (counts[e] contiguous rows) times w[e]: x [M, K], w [E, K, N] -> [M, N].
 
     torch._grouped_mm where it runs, else a padded batched matmul (one bmm over [E, max_count, K]).
+    Under autocast both operands take the autocast dtype first (as a Linear would).
     """
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     if _grouped_mm_ok(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offs)

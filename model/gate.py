@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N = x.shape[0]
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()               # [N, E]
+        with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
+                else contextlib.nullcontext():  # the router stays fp32 under bf16 autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()           # [N, E]
         biased = scores + self.e_score_correction_bias                            # [N, E]
         per_group = self.num_experts // self.n_group
         group_scores = biased.view(N, self.n_group, per_group).topk(2, dim=-1).values.sum(-1)  # [N, G]

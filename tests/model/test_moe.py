@@ -153,3 +153,17 @@ def test_router_bias_stays_fp32_and_moves():
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
     assert moe.gate.e_score_correction_bias[0].item() == pytest.approx(1e-3 + 1e-7, rel=1e-7)
     assert "gate.e_score_correction_bias" in moe.state_dict()
+
+
+def test_autocast_keeps_router_fp32_and_runs_experts_in_bf16():
+    moe = make_moe()
+    x = torch.randn(2, 5, 128)
+    ref_w, ref_idx, ref_scores = moe.gate(x.view(10, 128))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, idx, scores = moe.gate(x.view(10, 128))
+        y = moe.experts(x.view(10, 128), idx, w)
+    assert scores.dtype == torch.float32 and torch.equal(scores, ref_scores) and torch.equal(idx, ref_idx)
+    assert y.dtype == torch.float32  # cast back to the input dtype after the bf16 GEMMs
+    ref_y = moe.experts(x.view(10, 128), idx, w)
+    torch.testing.assert_close(y, ref_y, rtol=0.05, atol=0.02)  # bf16 GEMMs: ~3 significant digits
+    assert not torch.equal(y, ref_y)
