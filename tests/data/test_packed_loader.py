@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from twinpipe.data.loader import PackedDataset, PackedLoader, eval_batches
 from twinpipe.data.packing import IGNORE_INDEX, TokenArray
-from twinpipe.data.tokenizer import load_tokenizer
+from twinpipe.data.tokenizer import default_tokenizer
 from twinpipe.parallel.local import run_local
 
 SEQ = 16
@@ -138,23 +138,25 @@ def test_eval_batches_cover_the_dataset_once_in_order():
     assert sum(b["input_ids"].shape[0] for b in eval_batches(ds, 4, max_samples=5)) == 5
 
 
-def _rank_builds_and_loads(rank, world_size, tokenizer_dir, cache_dir, steps):
-    """Each rank tokenizes (one builds the cache, the other waits on the lock), then loads its shard;
-    the ranks' micro-batches are gathered to rank order as dp=1 would see them."""
-    tok = load_tokenizer(tokenizer_dir)
+def _rank_builds_and_loads(rank, world_size, cache_dir, steps):
+    """Each rank asks for the default tokenizer and the packed corpus at the same time (one builds
+    each cache, the other waits on its lock), then loads its shard; the ranks' micro-batches are
+    gathered to rank order as dp=1 would see them."""
+    tok = default_tokenizer(512, cache_dir, sample_bytes=300_000)
     ds = PackedDataset.from_embedded(tok, "heldout", 64, cache_dir)
     loader = PackedLoader(ds, global_batch=4, micro_batch=1, dp_rank=rank, dp_size=world_size, seed=7)
     mine = torch.stack([cat_step(loader.next_step())["input_ids"] for _ in range(steps)])
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine)  # [steps, per_rank, T] from each rank
     # numpy, not a tensor: torch's queue shares tensor storage through fds that vanish with the rank
-    return torch.cat(gathered, dim=1).numpy(), ds.tokens.fingerprint  # [steps, global_batch, T]
+    return torch.cat(gathered, dim=1).numpy(), ds.tokens.fingerprint, tok.fingerprint()
 
 
 def test_embedded_heldout_two_real_ranks_match_one(small_tokenizer, tmp_path):
-    small_tokenizer.save(tmp_path / "tok")
-    results = run_local(_rank_builds_and_loads, 2, str(tmp_path / "tok"), str(tmp_path / "cache"), 3)
-    assert results[0][1] == results[1][1]  # one cache, shared
+    results = run_local(_rank_builds_and_loads, 2, str(tmp_path / "cache"), 3)
+    assert results[0][1:] == results[1][1:]  # one token cache and one tokenizer, shared
+    assert results[0][2] == small_tokenizer.fingerprint()  # the same BPE as trained elsewhere
+    assert len(list((tmp_path / "cache").glob("tokenizer-*"))) == 1
     assert np.array_equal(results[0][0], results[1][0])
     ds = PackedDataset.from_embedded(small_tokenizer, "heldout", 64, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.meta.json"))) == 1
