@@ -88,11 +88,23 @@ def append_irecv_backward(ops: list, src: int, group: dist.ProcessGroup) -> list
 
 def append_isend(ops: list, tensors: Sequence[torch.Tensor | None], dst: int,
                  group: dist.ProcessGroup) -> None:
-    """Queue sends of `tensors` (None entries are skipped, as the receiver skips them too)."""
+    """Queue sends of `tensors` (None entries are skipped, as the receiver skips them too).
+
+    Each tensor must match its declared shape and dtype: the receiver allocates by the declaration, so
+    a mismatch would otherwise be read as garbage.
+    """
     peer = dist.get_global_rank(group, dst)
-    for t in tensors:
-        if t is not None:
-            ops.append(dist.P2POp(dist.isend, t.detach().contiguous(), peer, group))
+    specs = tensor_specs()
+    if len(tensors) != len(specs):
+        raise ValueError(f"stage sends {len(tensors)} tensors but {len(specs)} are declared with "
+                         "set_p2p_tensor_shapes")
+    for i, (t, (shape, dtype)) in enumerate(zip(tensors, specs)):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"pipeline tensor {i} is {tuple(t.shape)} {t.dtype}, declared {shape} "
+                             f"{dtype} (set_p2p_tensor_shapes / set_p2p_tensor_dtype)")
+        ops.append(dist.P2POp(dist.isend, t.detach().contiguous(), peer, group))
 
 
 def commit(ops: list) -> None:

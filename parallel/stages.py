@@ -1,0 +1,126 @@
+"""Partition the DeepSeek-V3 `Transformer` into pipeline stage modules.
+
+Stage s of S holds a contiguous run of blocks; the first stage also the token embedding, the last the
+final norm, the output head and the MTP layers. Stage modules *reference* the model's submodules (no
+copies), so gradients land in the model's own parameters and its optimizer and checkpoints see one
+parameter set.
+
+What travels between stages for one micro-batch (declare it with `set_stage_p2p_shapes`):
+    h [B, T, H] (float, gradients flow back), input_ids [B, T] and position_ids [B, T] (int64)
+The ids ride along because the last stage needs them: MTP embeds the tokens one step ahead.
+
+Shared embedding and head. MTP on the last stage uses the *same* embedding as the first stage and the
+main head's `lm_head`. When both stages sit on one rank (DualPipeV rank 0, one-rank pipelines) they
+hold the same `nn.Embedding` and autograd sums the two uses. When they sit on different ranks, each
+rank's copy gets only its own share of the gradient: as Megatron does for tied embeddings, the copies'
+gradients must be summed over the ranks holding the first and the last stage before the optimizer step,
+and the copies start equal (same seed / same checkpoint). The same holds for DualPipe's two copies of
+every stage (stage s on ranks s and N-1-s). `pipeline_runner.PipelineRunner` keeps one full replica per
+pipeline rank and sums all gradients over the pipeline group (`Grid.pp_group`), which covers the
+embedding pair, DualPipe's stage pairs and everything else with one all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from twinpipe.parallel.p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+
+SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
+
+
+def num_stages(schedule: str, pp: int) -> int:
+    """Stages of the model: 2 per rank for DualPipeV's V, 1 per rank otherwise."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.schedule={schedule!r}: allowed {', '.join(SCHEDULES)}")
+    return 2 * pp if schedule == "dualpipev" else pp
+
+
+def stage_indices(schedule: str, pp: int, pp_rank: int) -> tuple[int, ...]:
+    """The stages pipeline rank `pp_rank` holds, in the order its schedule takes its modules."""
+    if schedule == "dualpipe":
+        if pp % 2:
+            raise ValueError(f"parallel.pp={pp}: DualPipe needs an even number of pipeline ranks")
+        return (pp_rank, pp - 1 - pp_rank)
+    if schedule == "dualpipev":
+        return (pp_rank, 2 * pp - 1 - pp_rank)
+    num_stages(schedule, pp)
+    return (pp_rank,)
+
+
+def split_layers(num_layers: int, stages: int, layer_split: Sequence[int] | None = None) -> list[range]:
+    """Blocks of each stage. Default: as even as possible, the extra blocks on the *first* stages,
+    because the last stage also carries the head and the MTP block(s). `layer_split` gives the counts."""
+    if layer_split is not None:
+        counts = [int(c) for c in layer_split]
+        if len(counts) != stages or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"layer_split={counts}: need {stages} counts >= 1 summing to "
+                             f"num_hidden_layers={num_layers}")
+    else:
+        if num_layers < stages:
+            raise ValueError(f"num_hidden_layers={num_layers} < {stages} pipeline stages: every stage "
+                             "needs at least one block (fewer stages, or more layers)")
+        base, extra = divmod(num_layers, stages)
+        counts = [base + (s < extra) for s in range(stages)]
+    starts = [sum(counts[:s]) for s in range(stages)]
+    return [range(a, a + c) for a, c in zip(starts, counts)]
+
+
+class TransformerStage(nn.Module):
+    """Blocks `layers` of `model`, plus the embedding (first stage) and norm/head/MTP (last stage).
+
+    forward(input_ids, position_ids) on the first stage, forward(h, input_ids, position_ids) on the
+    others; returns (h, input_ids, position_ids) except on the last stage, which returns
+    (logits [B, T, V], *mtp_logits) with mtp_logits[k-1] = [B, T-k, V] as `Transformer.forward_train`.
+    """
+
+    def __init__(self, model: nn.Module, layers: range, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.is_first, self.is_last = is_first, is_last
+        self.layer_ids = layers
+        self.layers = nn.ModuleList(model.layers[i] for i in layers)
+        needs_embedding = is_first or (is_last and len(model.mtp) > 0)
+        self.embed_tokens = model.embed_tokens if needs_embedding else None
+        if is_last:
+            self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
+
+    def forward(self, *inputs: torch.Tensor):
+        if self.is_first:
+            input_ids, position_ids = inputs
+            h = self.embed_tokens(input_ids)  # [B, T, H]
+        else:
+            h, input_ids, position_ids = inputs
+        for layer in self.layers:
+            h = layer(h, position_ids)  # [B, T, H]
+        if not self.is_last:
+            return h, input_ids, position_ids
+        outputs = [self.lm_head(self.norm(h))]  # [B, T, V]
+        T = input_ids.shape[1]
+        if len(self.mtp):
+            emb = self.embed_tokens(input_ids)  # [B, T, H]
+            for k, layer in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                h = layer(h[:, :T - k], emb[:, k:], position_ids[:, :T - k])  # [B, T-k, H]
+                outputs.append(self.lm_head(layer.norm(h)))  # [B, T-k, V]
+        return tuple(outputs)
+
+
+def build_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
+                 layer_split: Sequence[int] | None = None) -> tuple[TransformerStage, ...]:
+    """This rank's stage modules for `schedule`, in the order DualPipe/DualPipeV/OneFOneB take them."""
+    stages = num_stages(schedule, pp)
+    ranges = split_layers(len(model.layers), stages, layer_split)
+    return tuple(TransformerStage(model, ranges[s], s == 0, s == stages - 1)
+                 for s in stage_indices(schedule, pp, pp_rank))
+
+
+def set_stage_p2p_shapes(micro_batch: int, seq_len: int, hidden: int,
+                         dtype: torch.dtype = torch.float32) -> None:
+    """Declare what a transformer stage sends: h, input_ids, position_ids of one micro-batch."""
+    set_p2p_tensor_shapes([(micro_batch, seq_len, hidden), (micro_batch, seq_len),
+                           (micro_batch, seq_len)])
+    set_p2p_tensor_dtype([dtype, torch.int64, torch.int64])
