@@ -108,7 +108,7 @@ def _rebalance_hierarchical(
     if refine:
         group_node, group_rank = refine_packing(group_load, group_node, group_rank, num_nodes)
     if current is not None and num_nodes > 1:
-        group_node = match_group_nodes(group_node, current, group_size)
+        group_node = match_group_nodes(group_node, current, group_size, num_nodes)
     first_mlog = (group_node * groups_per_node + group_rank) * group_size  # [L, groups]
     log2mlog = (first_mlog.unsqueeze(-1) + torch.arange(group_size)).flatten(-2)  # [L, E]
     mlog2log = inverse_permutation(log2mlog)  # [L, E]

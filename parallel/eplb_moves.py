@@ -103,11 +103,12 @@ def check_placement(
     return current
 
 
-def match_group_nodes(group_node: torch.Tensor, current: torch.Tensor, group_size: int) -> torch.Tensor:
+def match_group_nodes(
+    group_node: torch.Tensor, current: torch.Tensor, group_size: int, num_nodes: int
+) -> torch.Tensor:
     """Renumber the nodes of a group packing group_node [L, groups] so each new node is the current
     node holding most of its experts now (current [L, R]); returns the renumbered [L, groups]."""
     num_layers, num_groups = group_node.shape
-    num_nodes = int(group_node.max()) + 1
     num_experts = num_groups * group_size
     expert_node = group_node.repeat_interleave(group_size, dim=-1)  # [L, E]
     new = torch.zeros(num_layers, num_nodes, num_experts)  # [L, N, E] 1 where the expert will live

@@ -241,6 +241,18 @@ def test_invariants_and_better_than_no_replication(config):
         assert torch.allclose(gpu_loads(weight, plan[0], num_gpus).sum(-1), weight.double().sum(-1))
 
 
+def test_metrics_by_hand():
+    weight = torch.tensor([[4.0, 2.0, 2.0]])
+    phy2log = torch.tensor([[0, 0, 1, 2]])  # GPU 0: both replicas of expert 0; GPU 1: experts 1, 2
+    assert gpu_loads(weight, phy2log, 2).tolist() == [[4.0, 4.0]]
+    assert balancedness(weight, phy2log, 2).tolist() == [1.0]
+    assert colocated_replicas(phy2log, 2).tolist() == [1]
+    current = torch.tensor([[0, 1, 0, 2]])
+    # GPU 0 gains a second copy of expert 0, GPU 1 gains expert 1: two copies to transfer.
+    assert moved_experts(current, phy2log, 2).tolist() == [2]
+    assert moved_experts(phy2log, phy2log, 2).tolist() == [0]
+
+
 def test_accepts_any_real_dtype_and_zero_loads():
     weight = torch.zeros(2, 16, dtype=torch.int64)
     plan = rebalance_experts(weight, 24, 4, 2, 8)
