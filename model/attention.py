@@ -11,6 +11,7 @@ Two forms of the same arithmetic:
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,15 +30,27 @@ LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm wit
 
 def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Block-causal mask [B, 1, T, T] (True = attend) when positions restart inside a row (packed
-    documents); None when every row counts up by one, so plain causal attention applies."""
+    documents); None when every row counts up by one, so plain causal attention applies.
+
+    Every layer asks for the same position_ids: the answer for the last tensor seen is kept (by weak
+    reference and version counter), so the check and its host sync happen once per forward."""
+    global _last_mask
+    ref, version, mask = _last_mask
+    if ref() is position_ids and version == position_ids._version:
+        return mask
     breaks = position_ids[:, 1:] != position_ids[:, :-1] + 1                    # [B, T-1]
-    if not bool(breaks.any()):
-        return None
-    doc = F.pad(breaks.long().cumsum(1), (1, 0))                               # [B, T]
-    T = position_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    same_doc = doc[:, :, None] == doc[:, None, :]                              # [B, T, T]
-    return (same_doc & causal).unsqueeze(1)
+    mask = None
+    if bool(breaks.any()):
+        doc = F.pad(breaks.long().cumsum(1), (1, 0))                           # [B, T]
+        T = position_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+        same_doc = doc[:, :, None] == doc[:, None, :]                          # [B, T, T]
+        mask = (same_doc & causal).unsqueeze(1)
+    _last_mask = (weakref.ref(position_ids), position_ids._version, mask)
+    return mask
+
+
+_last_mask: tuple = (lambda: None, -1, None)
 
 
 class MLA(nn.Module):
@@ -92,11 +105,12 @@ class MLA(nn.Module):
         """x [B, T, H] -> [B, T, H]. With a cache, the new latents are stored and attention covers
         every cached slot (absorbed form unless cache.absorb is False)."""
         B, T, _ = x.shape
-        if position_ids is None:
+        given = position_ids is not None
+        if not given:
             position_ids = torch.arange(T, device=x.device).expand(B, T)
         q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids)
         if cache is None:
-            mask = document_causal_mask(position_ids)
+            mask = document_causal_mask(position_ids) if given else None
             out = self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal=mask is None)
         else:
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)                # [B, S, r], [B, S, dr]

@@ -65,3 +65,13 @@ def test_packed_documents_do_not_see_each_other():
         out = model(packed, positions)
         torch.testing.assert_close(out[:, :6], model(a), **TOL)
         torch.testing.assert_close(out[:, 6:], model(b), **TOL)
+
+
+def test_document_mask_follows_in_place_changes():
+    from twinpipe.model.attention import document_causal_mask
+    pos = torch.arange(6)[None].clone()
+    assert document_causal_mask(pos) is None
+    pos[0, 3:] = torch.arange(3)  # now two documents of 3 tokens
+    mask = document_causal_mask(pos)
+    assert mask is not None and mask[0, 0, 4].tolist() == [False, False, False, True, True, False]
+    assert document_causal_mask(pos) is mask  # same tensor, same version: kept
