@@ -29,13 +29,17 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
     return out
 
 
-def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """send_counts[ep * S] (rows for each slot of each rank) -> recv_counts[ep * S] (rows from each
-    source rank for each of my S slots, source-major)."""
+def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None):
+    """Start the count exchange: send_counts[ep * S] (rows for each slot of each rank) ->
+    (recv_counts[ep * S], rows from each source rank for each of my S slots, source-major; work).
+    Finish it with `overlap.wait(work, switch=False)`: the dispatch needs it at once, so it is not a
+    point to hand the CPU to the other micro-batch."""
     ep = dist.get_world_size(group)
-    per_rank = send_counts.numel() // ep
-    splits = [per_rank] * ep
-    return all_to_all(send_counts, splits, splits, group)
+    splits = [send_counts.numel() // ep] * ep
+    recv = torch.empty_like(send_counts)
+    work = dist.all_to_all_single(recv, send_counts.contiguous(), splits, splits, group=group,
+                                  async_op=True)
+    return recv, work
 
 
 class _AllToAll(torch.autograd.Function):

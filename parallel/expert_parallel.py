@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel import ep_comm
+from twinpipe.parallel import ep_comm, overlap
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +146,15 @@ class ExpertParallelExperts(nn.Module):
         order = torch.argsort(slot, stable=True)                                   # [N*K]
         token_of = order // k                                                      # [N*K]
         send_counts = torch.bincount(slot, minlength=self.num_slots)               # [R]
-        recv_counts = ep_comm.exchange_counts(send_counts, self.ep_group).view(ep, s)  # [ep, S]
+        recv_counts, counts_work = ep_comm.exchange_counts(send_counts, self.ep_group)
+        x_send = x[token_of]                                                       # [N*K, H]
+        overlap.wait(counts_work, switch=False)
+        recv_counts = recv_counts.view(ep, s)                                      # [ep, S]
         in_splits = send_counts.view(ep, s).sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
         with torch.no_grad():
             self.slot_load += recv_counts.sum(0)
 
-        x_send = x[token_of]                                                       # [N*K, H]
         if self.fp8_dispatch:
             x_recv = ep_comm.dispatch_fp8(x_send, out_splits, in_splits, self.ep_group,
                                           self.fp8_block_size)                     # [M, H]

@@ -1,16 +1,18 @@
 """Overlapped forward-backward of two micro-batches: one's all-to-alls progress while the other computes.
 
-The forward of micro-batch 0 and the backward of micro-batch 1 run as two coroutines, each on its own
-thread, with a strict hand-off: exactly one of them runs Python/torch work at a time. Whenever one side
-issues an asynchronous collective (the MoE dispatch or combine, forward or backward, see
+The forward of micro-batch 0 (on the calling thread) and the backward of micro-batch 1 (on one
+long-lived helper thread) run as two coroutines with a strict hand-off: exactly one of them runs
+Python/torch work at a time. Whenever one side issues an asynchronous collective (the MoE dispatch or combine, forward or backward, see
 `twinpipe.parallel.ep_comm`), it calls `wait(work)`, which hands the CPU to the other side *before*
 waiting; the collective then progresses in the communication backend's threads while the other side
 computes its next chunk (attention, experts, ...). When the other side reaches its own collective it
 hands back, and the first side waits for what is usually an already finished transfer.
 
-So the chunks interleave as in DeepSeek-V3's overlap (report §3.2.1) without splitting the model's
-modules by hand: forward attention of micro-batch 0 | backward experts of micro-batch 1 while the
-forward dispatch is in flight | forward experts of 0 while the backward dispatch of 1 is in flight, ...
+The backward starts, so the chunks pair up as in DeepSeek-V3's overlap (report §3.2.1): the backward's
+combine is in flight while the forward computes attention and the gate; the forward's dispatch while
+the backward computes the experts; the backward's dispatch while the forward computes the experts;
+the forward's combine while the backward computes attention. The small count exchange before each
+dispatch is waited for without a hand-off (`wait(work, switch=False)`).
 
 The hand-off order is a pure function of the program, so every rank of an expert-parallel group issues
 its collectives in the same order (a requirement of all collectives on one process group), and the
@@ -22,6 +24,8 @@ can plug it in; outside such a region `wait` just waits.
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -91,11 +95,12 @@ LAST_REGION = {"switches": 0}
 """Hand-offs made in the last overlapped region (each one a chunk boundary at a collective)."""
 
 
-def wait(work: Any) -> None:
-    """Wait for an async collective; inside an overlapped region, let the other micro-batch run first."""
+def wait(work: Any, switch: bool = True) -> None:
+    """Wait for an async collective; inside an overlapped region (and with `switch`), let the other
+    micro-batch run its next chunk first. Small exchanges needed at once (counts) pass switch=False."""
     pair = _ACTIVE
     me = threading.get_ident()
-    if pair is not None and pair.owns(me):
+    if switch and pair is not None and pair.owns(me):
         pair.switch(me)
     t0 = time.perf_counter()
     work.wait()
@@ -103,42 +108,72 @@ def wait(work: Any) -> None:
     COMM_STATS.num_waits += 1
 
 
+class _Helper:
+    """One long-lived helper thread per process (re-created after a fork), running submitted calls."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="twinpipe-overlap", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.tasks.get()()
+
+
+_HELPER: _Helper | None = None
+
+
+def _helper() -> _Helper:
+    global _HELPER
+    if _HELPER is None or _HELPER.pid != os.getpid() or not _HELPER.thread.is_alive():
+        _HELPER = _Helper()
+    return _HELPER
+
+
 def _run_pair(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
-    """Run two callables as turn-taking coroutines on two threads; `first` starts."""
+    """Run two callables as turn-taking coroutines: `first` on the calling thread, `second` (which
+    starts) on the helper thread."""
     global _ACTIVE
+    helper = _helper()
     pair = _Pair()
+    me = threading.get_ident()
+    pair.sides = [me, helper.thread.ident]
+    pair.turn = helper.thread.ident
     results: list[Any] = [None, None]
     errors: list[BaseException | None] = [None, None]
-    started = threading.Barrier(3)
+    second_done = threading.Event()
+    num_threads = torch.get_num_threads()
+    grad_enabled = torch.is_grad_enabled()
 
-    def body(idx: int, fn: Callable[[], Any]) -> None:
-        me = threading.get_ident()
-        started.wait()
-        pair.take_turn(me)
+    def run_second() -> None:
+        ident = threading.get_ident()
+        torch.set_num_threads(num_threads)  # OpenMP's thread count is per thread: keep the caller's
         try:
-            results[idx] = fn()
+            pair.take_turn(ident)
+            with torch.set_grad_enabled(grad_enabled):
+                results[1] = second()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
-            errors[idx] = exc
+            errors[1] = exc
         finally:
-            pair.finish(me)
+            pair.finish(ident)
+            second_done.set()
 
-    threads = [threading.Thread(target=body, args=(i, fn), daemon=True)
-               for i, fn in enumerate((first, second))]
     with _ACTIVE_LOCK:
         if _ACTIVE is not None:
             raise RuntimeError("overlapped_forward_backward: regions cannot nest")
         _ACTIVE = pair
     try:
-        for t in threads:
-            t.start()
-        pair.sides = [t.ident for t in threads]
-        with pair.cond:
-            pair.turn = pair.sides[0]
-        started.wait()
-        with pair.cond:
-            pair.cond.notify_all()
-        for t in threads:
-            t.join()
+        helper.tasks.put(run_second)
+        try:
+            pair.take_turn(me)
+            results[0] = first()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the helper is done
+            errors[0] = exc
+        finally:
+            pair.finish(me)
+        second_done.wait()
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE = None
@@ -180,11 +215,8 @@ def overlapped_forward_backward(module0: torch.nn.Module, inputs0: Sequence[Any]
     the backward of micro-batch 1 starts from `loss1` when given, else from `outputs1`/`output_grads1`,
     and leaves its gradients in `.grad` exactly as a plain backward would.
     """
-    grad_enabled = torch.is_grad_enabled()
-
     def forward() -> tuple[Any, torch.Tensor | None]:
-        with torch.set_grad_enabled(grad_enabled):
-            return forward_chunk(module0, inputs0, criterion0, labels0)
+        return forward_chunk(module0, inputs0, criterion0, labels0)
 
     def backward() -> None:
         backward_chunk(loss1, outputs1, output_grads1)
