@@ -14,6 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+# partial products held at once by the emulation ([nbk, rows, N] fp32): 64 MiB
+_EMULATE_CHUNK_ELEMENTS = 1 << 24
 
 
 def b_scales_per_row(b_s: torch.Tensor, n: int, num_k_blocks: int, block_size: int) -> torch.Tensor:
@@ -51,15 +55,24 @@ def emulate_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     """a [..., K] fp8, a_s [..., nbk]; b [N, K] fp8, b_s [ceil(N/bs) or N, nbk] -> a @ b.T [..., N]."""
     nbk = check_gemm_operands(a, a_s, b, b_s, block_size)
     k, n = a.shape[-1], b.shape[0]
+    pad = nbk * block_size - k
     a2 = a.reshape(-1, k)                                              # [M, K]
+    m = a2.shape[0]
     as2 = a_s.reshape(-1, nbk).float()                                 # [M, nbk]
     bs_rows = b_scales_per_row(b_s, n, nbk, block_size)                # [N, nbk]
-    acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)  # [M, N]
-    for j in range(nbk):
-        ks = slice(j * block_size, min(k, (j + 1) * block_size))
-        part = a2[:, ks].float() @ b[:, ks].float().T                  # [M, N], exact products
-        acc += part * as2[:, j:j + 1] * bs_rows[:, j][None, :]
-    return acc.to(out_dtype).reshape(*a.shape[:-1], n)
+    b_blocks = F.pad(b.float(), (0, pad)).view(n, nbk, block_size).permute(1, 2, 0)  # [nbk, bs, N]
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)         # [M, N]
+    rows = max(1, _EMULATE_CHUNK_ELEMENTS // max(1, nbk * n))          # bounds the [nbk, rows, N] partials
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        a_blocks = F.pad(a2[r0:r1].float(), (0, pad)).view(r1 - r0, nbk, block_size).transpose(0, 1)
+        parts = torch.bmm(a_blocks, b_blocks)                          # [nbk, rows, N], exact products
+        parts = parts * as2[r0:r1].T[:, :, None] * bs_rows.T[:, None, :]
+        acc = parts[0].clone()                                         # promotion, one K block at a time
+        for j in range(1, nbk):
+            acc += parts[j]
+        out[r0:r1] = acc.to(out_dtype)
+    return out.reshape(*a.shape[:-1], n)
 
 
 def segment_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
