@@ -3,7 +3,7 @@
 `PackedDataset` = a cached token array + packing spans: `dataset[i]` is one sample
 (`input_ids[T]`, `labels[T]`, `position_ids[T]`). `PackedLoader` walks the *global* sample sequence
 `g = 0, 1, 2, ...`: sample g is `dataset[perm_e[g mod N]]` with `e = g // N` the epoch and `perm_e` a
-permutation seeded by (seed, e). An optimizer step takes `global_batch` consecutive global samples;
+permutation seeded by (seed, e), computed per index (`twinpipe.data.shuffle`, no O(N) table). An optimizer step takes `global_batch` consecutive global samples;
 data-parallel rank r gets the r-th contiguous slice of them, cut into micro-batches. So the ranks'
 micro-batches, concatenated in rank order, are exactly the dp = 1 global batch, and the state is a
 single global sample index: a resume continues at the next sample whatever the new dp size or
@@ -24,13 +24,14 @@ import torch
 from twinpipe.data.corpus import embedded_corpus_files, embedded_corpus_fingerprint
 from twinpipe.data.packing import (EmptySourceError, TokenArray, make_sample, pack_spans,
                                    tokenize_to_cache)
+from twinpipe.data.shuffle import permute
 from twinpipe.data.sources import TextSource, first_invalid_utf8
 from twinpipe.data.tokenizer import PAD_TOKEN, TextTokenizer
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def embedded_documents(split: str) -> Iterator[str]:
@@ -129,7 +130,6 @@ class PackedLoader:
         self.dataset, self._global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
         self.next_sample = 0  # global index of the first sample of the next step
-        self._perms: dict[int, np.ndarray] = {}
 
     @property
     def global_batch(self) -> int:
@@ -149,21 +149,18 @@ class PackedLoader:
     def epoch(self) -> int:
         return self.next_sample // len(self.dataset)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            n = len(self.dataset)
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            else:
-                perm = np.arange(n)
-            self._perms = {epoch: perm}  # keep one epoch: a step spans at most a few
-            return perm
-        return self._perms[epoch]
-
     def sample_indices(self, first: int, count: int) -> list[int]:
         """Dataset indices of global samples `first .. first + count - 1`."""
         n = len(self.dataset)
-        return [int(self._permutation(g // n)[g % n]) for g in range(first, first + count)]
+        g = np.arange(first, first + count, dtype=np.int64)  # [count] global sample indices
+        epochs, positions = g // n, g % n
+        if not self.shuffle:
+            return positions.tolist()
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs).tolist():  # a step spans one epoch, rarely two
+            here = epochs == epoch
+            out[here] = permute(positions[here], n, self.seed, epoch)
+        return out.tolist()
 
     def next_step(self) -> list[Batch]:
         per_rank = self.global_batch // self.dp_size
@@ -185,7 +182,7 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue at `state["next_sample"]`; the data, seed and shuffling must be the same (dp
         size, global and micro-batch size may change)."""
-        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle),
+        for key, mine in (("version", _STATE_VERSION), ("seed", self.seed), ("shuffle", self.shuffle),
                           ("num_samples", len(self.dataset)), ("dataset", self.dataset.fingerprint)):
             if state.get(key) != mine:
                 raise ValueError(f"data loader state: {key}={state.get(key)!r} in the checkpoint "
