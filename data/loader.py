@@ -3,8 +3,9 @@
 `PackedDataset` = a cached token array + packing spans: `dataset[i]` is one sample
 (`input_ids[T]`, `labels[T]`, `position_ids[T]`). `PackedLoader` walks the *global* sample sequence
 `g = 0, 1, 2, ...`: sample g is `dataset[perm_e[g mod N]]` with `e = g // N` the epoch and `perm_e` a
-permutation seeded by (seed, e), computed per index (`twinpipe.data.shuffle`, no O(N) table). An optimizer step takes `global_batch` consecutive global samples;
-data-parallel rank r gets the r-th contiguous slice of them, cut into micro-batches. So the ranks'
+permutation seeded by (seed, e), computed per index (`twinpipe.data.shuffle`, no O(N) table). An
+optimizer step takes `global_batch` consecutive global samples; data-parallel rank r gets the r-th
+contiguous slice of them, cut into micro-batches. So the ranks'
 micro-batches, concatenated in rank order, are exactly the dp = 1 global batch, and the state is a
 single global sample index: a resume continues at the next sample whatever the new dp size or
 micro-batch size.
@@ -182,8 +183,9 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue at `state["next_sample"]`; the data, seed and shuffling must be the same (dp
         size, global and micro-batch size may change)."""
-        for key, mine in (("version", _STATE_VERSION), ("seed", self.seed), ("shuffle", self.shuffle),
-                          ("num_samples", len(self.dataset)), ("dataset", self.dataset.fingerprint)):
+        expected = (("version", _STATE_VERSION), ("seed", self.seed), ("shuffle", self.shuffle),
+                    ("num_samples", len(self.dataset)), ("dataset", self.dataset.fingerprint))
+        for key, mine in expected:
             if state.get(key) != mine:
                 raise ValueError(f"data loader state: {key}={state.get(key)!r} in the checkpoint "
                                  f"but {mine!r} now; resuming would not continue the same sample "

@@ -2,8 +2,9 @@
 
 Token cache (`<dir>/<key>.tokens.bin` + `.docs.npy` + `.meta.json`): every document's tokens followed
 by eos, concatenated (uint16 when the vocabulary fits, else uint32), and the end offset of each
-document. Special-token text inside a document is encoded as plain text: only the pipeline places eos. It is written in chunks (never the whole corpus in memory), read back as a numpy memmap,
-and keyed by the tokenizer's and the source's fingerprints. `.meta.json` is renamed into place last,
+document. Special-token text inside a document is encoded as plain text: only the pipeline places
+eos. It is written in chunks (never the whole corpus in memory), read back as a numpy memmap, and
+keyed by the tokenizer's and the source's fingerprints. `.meta.json` is renamed into place last,
 so a cache without it is incomplete and is rebuilt.
 
 Packing turns the documents into *spans* `[start, end)` of the token array, each at most `seq_len + 1`
