@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from twinpipe.data.corpus import embedded_corpus_files, embedded_corpus_fingerprint
-from twinpipe.data.packing import (EmptySourceError, TokenArray, make_sample, pack_spans,
-                                   tokenize_to_cache)
+from twinpipe.data.packing import EmptySourceError, TokenArray, make_sample, tokenize_to_cache
 from twinpipe.data.shuffle import permute
 from twinpipe.data.sources import TextSource, first_invalid_utf8
 from twinpipe.data.tokenizer import PAD_TOKEN, TextTokenizer
@@ -61,7 +60,7 @@ class PackedDataset:
         self.tokens, self.seq_len = tokens, seq_len
         self.pad_id, self.eos_id = pad_id, eos_id
         self.packing, self.reset_position_ids = packing, reset_position_ids
-        self.spans = pack_spans(tokens.doc_ends, seq_len, packing)  # [num_samples, 2]
+        self.spans = tokens.spans(seq_len, packing)  # [num_samples, 2]
         self.fingerprint = hashlib.sha256(json.dumps(
             [tokens.fingerprint, seq_len, packing, reset_position_ids]).encode()).hexdigest()[:24]
         log.info("%d documents, %d tokens -> %d samples of %d tokens (%s packing)",

@@ -89,6 +89,13 @@ def test_token_cache_round_trip_and_reuse(small_tokenizer, tmp_path):
     assert load_token_cache(prefix).fingerprint in {arr.fingerprint, other.fingerprint}
     with pytest.raises(ValueError, match="no documents"):
         tokenize_to_cache(iter([]), small_tokenizer, "fp-empty", tmp_path)
+    # pad packings are saved beside the tokens and reused
+    spans = arr.spans(4, "pad")
+    assert np.array_equal(spans, pack_spans(arr.doc_ends, 4, "pad"))
+    saved = list(tmp_path.glob("*.spans-pad-4.npy"))
+    assert len(saved) == 1
+    np.save(saved[0], spans[:1])  # a reused file is what comes back
+    assert np.array_equal(again.spans(4, "pad"), spans[:1])
 
 
 def test_special_token_text_in_documents_stays_text(small_tokenizer, tmp_path):
