@@ -144,11 +144,16 @@ def plan_quality(weight: torch.Tensor, num_replicas: int, num_groups: int, num_n
     plans = {"loop_ref": reference}
     for name, options in OPTIONS.items():
         plans[name] = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, **options)[0]
+    # GPUs an expert's replicas can spread over: its node's (hierarchical policy) or all (global).
+    reach = num_gpus // num_nodes if num_groups % num_nodes == 0 else num_gpus
     for name, phy2log in plans.items():
         ratio = balancedness(weight, phy2log, num_gpus)
         shared = colocated_replicas(phy2log, num_gpus)
+        logcnt = torch.zeros(num_layers, num_experts, dtype=torch.int64).scatter_add_(
+            -1, phy2log, torch.ones_like(phy2log))
         out[name] = {"balancedness": ratio.mean().item(), "worst_layer": ratio.max().item(),
-                     "colocated": int(shared.sum()), "layers_with_colocated": int((shared > 0).sum())}
+                     "colocated": int(shared.sum()), "layers_with_colocated": int((shared > 0).sum()),
+                     "colocated_unavoidable": int((logcnt - reach).clamp(min=0).sum())}
     out["ours_equals_loop_ref"] = bool(torch.equal(plans["ours"], reference))
     return out
 
