@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def run(argv: list[str] | None = None) -> dict[str, float]:
+    """The CLI's work: load, score, print one JSON line; returns the result."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.text_file.is_file():
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                            args.batch_size)
     sys.stdout.write(json.dumps(result) + "\n")
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry (returns None: a returned value would become the exit status)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def test_clis_on_an_hf_folder(model, tokenizer, tmp_path, capsys):
     assert "\n".join(lines) == "\n".join(["def add(" + expected[0], "class" + expected[1]])
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT[:300])
-    result = eval_cli.main(["--checkpoint", str(folder), "--text-file", str(text_file), "--seq-len", "32"])
+    assert eval_cli.main(["--checkpoint", str(folder), "--text-file", str(text_file)]) is None
+    capsys.readouterr()
+    result = eval_cli.run(["--checkpoint", str(folder), "--text-file", str(text_file), "--seq-len", "32"])
     assert json.loads(capsys.readouterr().out) == result
     assert result == pytest.approx(eval_cli.evaluate_text(model, tokenizer, TEXT[:300], 32))
     with pytest.raises(SystemExit, match="no such file"):
