@@ -9,6 +9,8 @@ caller with that rank's traceback, and the other ranks are stopped instead of le
 from __future__ import annotations
 
 import os
+import pickle
+import queue as queue_mod
 import socket
 import traceback
 from datetime import timedelta
@@ -36,7 +38,9 @@ def _rank_main(fn, rank, world_size, port, backend, threads, args, queue):
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=300))
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Plain pickle copies tensors by value. The queue's own pickler would share their storage
+        # through file descriptors that vanish when this process exits before the parent reads them.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - the traceback travels to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -65,9 +69,9 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
             if not ok:
                 failure = (rank, value)
                 break
-            results[rank] = value
-    except Exception as exc:  # queue.Empty on timeout
-        failure = (-1, f"timed out after {timeout_s}s waiting for ranks: {exc!r}")
+            results[rank] = pickle.loads(value)
+    except queue_mod.Empty:
+        failure = (-1, f"timed out after {timeout_s}s waiting for ranks")
     finally:
         if failure is not None:
             for p in procs:
