@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
     loader = build_loader(cfg, tokenizer, grid.dp_rank, grid.dp)
     model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg.optim, grid)
+    optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip)
     tracker = ExpertLoadTracker(model)
     loss_fn = PretrainLoss(cfg.loss.mtp_lambda)
     runner = select_runner(cfg, model, loss_fn, grid, device)
@@ -142,6 +142,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics = _mean_over(grid.dp_group, local)
             counts, balance_loss = tracker.take()
             counts = global_counts(counts, grid.dp_group)  # [moe layers, E] of the global batch
+            if grid.pp > 1:  # each pipeline rank ran only its stages' MoE layers
+                counts = global_counts(counts, grid.pp_group)
 
             finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
             if finite:

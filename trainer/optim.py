@@ -28,12 +28,14 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2
 
 
-def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid) -> Any:
+def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: float = 1.0) -> Any:
     moment_dtype = torch.bfloat16 if optim.moment_dtype == "bf16" else torch.float32
     kwargs = dict(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.zero == "deepspeed":
         from twinpipe.trainer.deepspeed_zero import DeepSpeedZero1
 
-        return DeepSpeedZero1(model, grid, no_decay=no_decay, **kwargs)
+        return DeepSpeedZero1(model, grid, no_decay=no_decay, grad_clip=grad_clip, **kwargs)
+    # pp_group=None: the pipeline runner (parallel/pipeline_runner.py) leaves the *whole* model's
+    # gradient on every pipeline rank (one replica per rank), so norms are not summed over pp.
     return ZeroAdamW(model.named_parameters(), no_decay=no_decay, dp_group=grid.dp_group,
-                     dp_mesh=grid.dp_mesh, pp_group=grid.pp_group, moment_dtype=moment_dtype, **kwargs)
+                     dp_mesh=grid.dp_mesh, pp_group=None, moment_dtype=moment_dtype, **kwargs)

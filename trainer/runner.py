@@ -52,5 +52,7 @@ def select_runner(cfg: DictConfig, model: nn.Module, loss_fn: Callable, grid: Gr
     """The step runner for parallel.pp / parallel.schedule."""
     if grid.pp == 1:
         return PlainRunner(model, loss_fn, cfg.train.dtype, device)
-    raise ValueError(f"parallel.pp={grid.pp} (schedule {cfg.parallel.schedule}): no pipeline step "
-                     "runner is wired into the trainer yet; use parallel.pp=1")
+    from twinpipe.parallel.pipeline_runner import PipelineRunner
+
+    return PipelineRunner(model, loss_fn, cfg.parallel.schedule, grid.pp, grid.pp_rank, grid.pp_group,
+                          device, cfg.train.dtype)

@@ -50,3 +50,28 @@ def test_dp_equals_single_process(world, single, data_dir, tmp_path):
     per_rank = [b for b, _ in out]
     assert sum(per_rank) == 12 * numel
     assert max(per_rank) <= 12 * (numel // world + 1)
+
+
+def _deepspeed_rank(rank, world, data_dir, run_dir, steps, resume):
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = make_cfg(data_dir, run_dir, f"parallel.dp={world}", "optim.zero=deepspeed", f"train.steps={steps}",
+                   "checkpoint.every=2", f"resume={resume}")
+    return train(cfg)["optimizer_state_bytes"]
+
+
+def test_deepspeed_zero1_matches_ours_and_resumes(single, data_dir, tmp_path):
+    """DeepSpeed's ZeRO-1 driven like its pipeline engine (dp=2, gloo): same losses as one process
+    (tolerance as above), half the optimizer state per rank, and an exact resume at the same dp."""
+    _, ref = single
+    run_local(_deepspeed_rank, 2, data_dir, tmp_path, 2, "never")
+    out = run_local(_deepspeed_rank, 2, data_dir, tmp_path, STEPS, "auto")  # resumes at step 2
+    got = read_metrics(tmp_path)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
+    numel = single[0]["num_params"]
+    # master + exp_avg + exp_avg_sq of a half (DeepSpeed pads partitions to an alignment)
+    assert all(12 * numel / 2 <= b <= 12 * (numel / 2 + 64) for b in out), (out, numel)
