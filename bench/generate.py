@@ -4,9 +4,12 @@
   greedy decoding of a batch of random prompts; prefill time and decode tokens/s (new tokens over the
   whole batch per second of decoding), for the absorbed (latent) and the naive attention form;
 - KV-cache bytes per token, computed for the `v3_671b` shape (main layers, BF16): the latent cache
-  (c_kv + k_pe, kv_lora_rank + qk_rope_head_dim per layer) against a full per-head K/V cache.
+  (c_kv + k_pe, kv_lora_rank + qk_rope_head_dim per layer) against a full per-head K/V cache;
+- with `--checkpoint` (a trained run dir / checkpoint / HF folder): MTP speculative decoding against
+  plain greedy decoding on prompts from the embedded held-out corpus: acceptance rate, main-model
+  forwards, wall time, and whether the outputs are identical (they must be).
 
-    python bench/generate.py [--presets tiny small] [--threads 1] [--device cpu]
+    python bench/generate.py [--presets tiny small] [--threads 1] [--device cpu] [--checkpoint RUN]
 
 Prints one line per run and writes bench/results/generate_<device>.json.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from twinpipe.model import LatentKVCache, ModelConfig, Transformer
+from twinpipe.model import LatentKVCache, ModelConfig, Transformer, generate, speculative_generate
 from twinpipe.model.generation import last_valid_index, pad_prompts
 
 # batch, prompt length, new tokens, dtype per preset (small stays in BF16 on CPU to save memory)
@@ -68,12 +71,41 @@ def kv_cache_sizes() -> dict[str, float]:
             "naive_GiB_per_128k_tokens": naive * 131072 / 2**30}
 
 
+def speculative(checkpoint: str, device: torch.device, num_prompts: int = 8, prompt_len: int = 32,
+                new_tokens: int = 48) -> dict:
+    """MTP drafts vs plain greedy decoding of held-out prompts with a trained model."""
+    from twinpipe.data.corpus import embedded_corpus_files
+    from twinpipe.trainer.checkpoint import load_model_for_inference
+
+    model, tokenizer = load_model_for_inference(checkpoint, torch.float32)
+    model = model.to(device)
+    ids: list[int] = []
+    for f in embedded_corpus_files("heldout"):
+        ids += tokenizer.encode(f.read_text(encoding="utf-8", errors="ignore")[:2000])
+        if len(ids) >= num_prompts * 4 * prompt_len:
+            break
+    step = len(ids) // num_prompts
+    prompts = [ids[i * step: i * step + prompt_len] for i in range(num_prompts)]
+    start = time.perf_counter()
+    plain = generate(model, prompts, new_tokens)
+    plain_s = time.perf_counter() - start
+    start = time.perf_counter()
+    spec = speculative_generate(model, prompts, new_tokens)
+    spec_s = time.perf_counter() - start
+    return {"checkpoint": str(checkpoint), "prompts": num_prompts, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "acceptance_rate": spec.acceptance_rate, "drafted": spec.drafted,
+            "accepted": spec.accepted, "forwards_speculative": spec.forwards,
+            "forwards_plain": new_tokens, "plain_s": plain_s, "speculative_s": spec_s,
+            "identical_output": plain == spec.tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SETTINGS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", default=None, help="trained model for the speculative-decoding run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -102,6 +134,11 @@ def main() -> None:
                   f"{r['prefill_s']:.3f}s, decode {r['decode_tokens_per_s']:.1f} tok/s "
                   f"({r['decode_ms_per_step']:.1f} ms/step)")
         del model
+    if args.checkpoint:
+        r = results["speculative"] = speculative(args.checkpoint, device)
+        print(f"MTP speculative ({r['checkpoint']}): acceptance {r['acceptance_rate']:.3f}, "
+              f"{r['forwards_speculative']} forwards vs {r['forwards_plain']}, {r['speculative_s']:.2f}s vs "
+              f"{r['plain_s']:.2f}s, identical output: {r['identical_output']}")
     out = Path(__file__).resolve().parent / "results" / f"generate_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
