@@ -57,7 +57,8 @@ def _loop_pack(weights: list, num_packs: int) -> tuple[list, list]:
     return pack, rank
 
 
-def loop_reference(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
+def loop_reference(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
+                   num_gpus: int) -> torch.Tensor:
     """phy2log [L, R] by DeepSeek's hierarchical / global policy, one layer and one item at a time
     (fp32 scalar arithmetic, as the reference does on fp32 tensors)."""
     num_layers, num_experts = weight.shape
@@ -72,7 +73,8 @@ def loop_reference(weight: torch.Tensor, num_replicas: int, num_groups: int, num
         w = list(weights[layer])
         group_node, group_rank = _loop_pack(list(group_loads[layer]), num_nodes)
         for node in range(num_nodes):
-            groups = sorted((g for g in range(num_groups) if group_node[g] == node), key=group_rank.__getitem__)
+            groups = sorted((g for g in range(num_groups) if group_node[g] == node),
+                            key=group_rank.__getitem__)
             experts = [g * group_size + i for g in groups for i in range(group_size)]
             count = [np.float32(1)] * len(experts)
             local = list(range(len(experts)))
@@ -134,7 +136,8 @@ def route_counts(preset: str, num_tokens: int, seed: int) -> tuple[torch.Tensor,
 # ----------------------------------------------------------------------------- measurements
 
 
-def plan_quality(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> dict:
+def plan_quality(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
+                 num_gpus: int) -> dict:
     num_layers, num_experts = weight.shape
     out = {}
     if num_experts % num_gpus == 0:
@@ -143,7 +146,8 @@ def plan_quality(weight: torch.Tensor, num_replicas: int, num_groups: int, num_n
     reference = loop_reference(weight, num_replicas, num_groups, num_nodes, num_gpus)
     plans = {"loop_ref": reference}
     for name, options in OPTIONS.items():
-        plans[name] = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, **options)[0]
+        plans[name] = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus,
+                                        **options)[0]
     # GPUs an expert's replicas can spread over: its node's (hierarchical policy) or all (global).
     reach = num_gpus // num_nodes if num_groups % num_nodes == 0 else num_gpus
     for name, phy2log in plans.items():
@@ -174,7 +178,8 @@ DRIFT_MODES = {"fresh": {}, "keep": {"keep_tolerance": None}, "keep_tol0.02": {"
                "keep_tol0.05": {"keep_tolerance": 0.05}}
 
 
-def drift(weight: torch.Tensor, layout: tuple, steps: int, sigma: float, seed: int, options: dict) -> dict:
+def drift(weight: torch.Tensor, layout: tuple, steps: int, sigma: float, seed: int,
+          options: dict) -> dict:
     """Re-plan `steps` times while loads drift (multiplicative log-normal noise, the same draws for
     every mode): from scratch (`fresh`), relabelled to the current placement (`keep`), and with
     replicas kept in place within a load tolerance (`keep_tol*`). Moved = replicas landing on a GPU
@@ -214,7 +219,8 @@ def main() -> None:
     parser.add_argument("--counts-layout", type=int, nargs=4, default=[12, 4, 2, 4],
                         metavar=("REPLICAS", "GROUPS", "NODES", "GPUS"),
                         help="EP layout for the real counts (default: 8 experts -> 4 GPUs, 3 slots each)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "eplb.json")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "eplb.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -241,7 +247,8 @@ def main() -> None:
             report["synthetic"][f"zipf{exponent}_{name}"] = summary
             cells = "  ".join(f"{k} {v['balancedness']:.4f}/{v.get('colocated', 0):.0f}"
                               for k, v in summary.items() if isinstance(v, dict))
-            print(f"zipf {exponent} {name:18s} {cells}  (balancedness/colocated; equal={summary['ours_equals_loop_ref']})")
+            print(f"zipf {exponent} {name:18s} {cells}  "
+                  f"(balancedness/colocated; equal={summary['ours_equals_loop_ref']})")
 
     weight = zipf_loads(args.layers, args.experts, 1.0, 0)
     for name, *layout in layouts[:3]:
@@ -249,14 +256,16 @@ def main() -> None:
         for option, kwargs in OPTIONS.items():
             times[option] = timed(lambda: rebalance_experts(weight, *layout, **kwargs), args.repeats)
         current = rebalance_experts(weight * 1.1, *layout)[0]
-        times["ours+keep"] = timed(lambda: rebalance_experts(weight, *layout, current_phy2log=current), args.repeats)
+        times["ours+keep"] = timed(
+            lambda: rebalance_experts(weight, *layout, current_phy2log=current), args.repeats)
         times["ours+refine+keep_tol0.05"] = timed(lambda: rebalance_experts(
             weight, *layout, refine=True, current_phy2log=current, keep_tolerance=0.05), args.repeats)
         report["timing_ms"][name] = times
-        print(f"plan time {name:18s} " + "  ".join(f"{k} {v['wall']:.1f}/{v['cpu']:.1f}" for k, v in times.items())
-              + "  (ms wall/cpu, best of repeats)")
+        cells = "  ".join(f"{k} {v['wall']:.1f}/{v['cpu']:.1f}" for k, v in times.items())
+        print(f"plan time {name:18s} {cells}  (ms wall/cpu, best of repeats)")
 
-    print(f"drift: {args.drift_steps} re-plans, loads x exp(0.2 N(0,1)) between them; moved replicas per layer")
+    print(f"drift: {args.drift_steps} re-plans, loads x exp(0.2 N(0,1)) between them; "
+          "moved replicas per layer")
     for name, *layout in (layouts[0], layouts[2], layouts[4]):
         for option in ("ours", "ours+refine"):
             start = zipf_loads(args.layers, args.experts, 1.0, 1)
@@ -275,7 +284,8 @@ def main() -> None:
     for source, counts, info in real:
         layout = args.counts_layout
         quality = plan_quality(counts, *layout)
-        report.setdefault("real_counts", {})[source] = {"layout": layout, "shape": list(counts.shape), **info, **quality}
+        report.setdefault("real_counts", {})[source] = {
+            "layout": layout, "shape": list(counts.shape), **info, **quality}
         print(f"real counts {source} {list(counts.shape)} layout {layout}: " + "  ".join(
             f"{k} {v['balancedness']:.4f}" for k, v in quality.items() if isinstance(v, dict)))
 

@@ -67,7 +67,8 @@ def _check_arguments(
         )
     if num_replicas % num_gpus != 0:
         raise ValueError(
-            f"num_replicas={num_replicas}: must be divisible by num_gpus={num_gpus} (equal slots per GPU)"
+            f"num_replicas={num_replicas}: must be divisible by num_gpus={num_gpus} "
+            "(every GPU gets the same number of slots)"
         )
     if num_gpus % num_nodes != 0:
         raise ValueError(f"num_gpus={num_gpus}: must be divisible by num_nodes={num_nodes}")
@@ -124,7 +125,8 @@ def _rebalance_hierarchical(
         home = home_counts(current, log2mlog, num_nodes, num_gpus)  # [L*N, GPUs/N, R/N]
         home_cap = (1 + keep_tolerance) * node_load.sum(-1) / (num_gpus // num_nodes)  # [L*N]
     gpu, rank_in_gpu = balanced_packing(  # [L*N, R/N] each
-        replica_load, num_gpus // num_nodes, phy2mlog, separate=avoid_colocation, home=home, home_cap=home_cap
+        replica_load, num_gpus // num_nodes, phy2mlog,
+        separate=avoid_colocation, home=home, home_cap=home_cap,
     )
     if refine:
         labels = phy2mlog if avoid_colocation else None
@@ -178,9 +180,12 @@ def rebalance_experts(
     elif keep_tolerance is not None:
         raise ValueError("keep_tolerance: needs current_phy2log (the placement to keep)")
     if keep_tolerance is not None and not keep_tolerance >= 0:
-        raise ValueError(f"keep_tolerance={keep_tolerance}: must be >= 0 (a fraction of the mean GPU load)")
+        raise ValueError(
+            f"keep_tolerance={keep_tolerance}: must be >= 0 (a fraction of the mean GPU load)"
+        )
     phy2log, rank, logcnt = _rebalance_hierarchical(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_colocation, refine, current, keep_tolerance
+        weight, num_replicas, num_groups, num_nodes, num_gpus,
+        avoid_colocation, refine, current, keep_tolerance,
     )
     if current is not None:
         phy2log = keep_placement(phy2log, current, num_experts, num_nodes, num_gpus)

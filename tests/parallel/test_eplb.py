@@ -67,7 +67,9 @@ def _swap_apart(weights, labels, pack, rank, num_packs, per_pack):
             options = [
                 (abs(weights[i] - weights[dup]), pack[i], rank[i], i)
                 for i in range(len(pack))
-                if pack[i] != p and labels[i] not in labels_in(p) and labels[dup] not in labels_in(pack[i])
+                if pack[i] != p
+                and labels[i] not in labels_in(p)
+                and labels[dup] not in labels_in(pack[i])
             ]
             if options:
                 other = min(options)[3]
@@ -106,10 +108,13 @@ def slow_rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_
     logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
     for layer in range(num_layers):
         w = [int(x) for x in weight[layer].tolist()]
-        group_load = [np.float32(sum(w[g * group_size : (g + 1) * group_size])) for g in range(num_groups)]
+        group_load = [
+            np.float32(sum(w[g * group_size : (g + 1) * group_size])) for g in range(num_groups)
+        ]
         group_node, group_rank = _pack(group_load, num_nodes)
         for node in range(num_nodes):
-            groups = sorted((g for g in range(num_groups) if group_node[g] == node), key=lambda g: group_rank[g])
+            groups = [g for g in range(num_groups) if group_node[g] == node]
+            groups.sort(key=lambda g: group_rank[g])
             experts = [g * group_size + i for g in groups for i in range(group_size)]
             loads = [np.float32(w[e]) for e in experts]
             local, rank, count = _replicate(loads, slots_per_node)
@@ -185,7 +190,10 @@ def test_published_example():
         [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
         [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
     ]
-    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+    assert logcnt.tolist() == [
+        [1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
+        [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1],
+    ]
     _check_plan(weight, phy2log, log2phy, logcnt, 16, 8)
     expected = slow_rebalance(weight, 16, 4, 2, 8)
     assert all(torch.equal(a, b) for a, b in zip((phy2log, log2phy, logcnt), expected))
@@ -197,7 +205,8 @@ def test_published_example():
 def test_matches_slow_reference(config, kind, avoid):
     num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus = config
     weight = _loads(kind, (num_layers, num_experts), seed=10 * CONFIGS.index(config) + len(kind))
-    got = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, avoid_colocation=avoid)
+    layout = (num_replicas, num_groups, num_nodes, num_gpus)
+    got = rebalance_experts(weight, *layout, avoid_colocation=avoid)
     expected = slow_rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, avoid)
     for name, a, b in zip(("phy2log", "log2phy", "logcnt"), got, expected):
         assert torch.equal(a, b), f"{name} differs from the slow reference for {config}, {kind}"
@@ -296,7 +305,8 @@ def _node_max_load(weight, phy2log, num_nodes):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_refine_never_worse_and_keeps_colocation_bound(config):
     num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus = config
-    weight = _loads("zipf", (8, num_experts), seed=7) * torch.rand(num_experts, generator=torch.Generator().manual_seed(7))
+    scale = torch.rand(num_experts, generator=torch.Generator().manual_seed(7))
+    weight = _loads("zipf", (8, num_experts), seed=7) * scale
     greedy = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
     refined = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, refine=True)
     _check_plan(weight, *refined, num_replicas, num_gpus)
@@ -311,7 +321,8 @@ def test_refine_never_worse_and_keeps_colocation_bound(config):
         assert (_node_max_load(weight, refined[0], num_nodes) <= greedy_nodes * (1 + tol)).all()
     else:
         assert torch.equal(refined[2], greedy[2]), "refining GPUs moves replicas, it adds none"
-        assert (balancedness(weight, refined[0], num_gpus) <= balancedness(weight, greedy[0], num_gpus) + tol).all()
+        greedy_ratio = balancedness(weight, greedy[0], num_gpus)
+        assert (balancedness(weight, refined[0], num_gpus) <= greedy_ratio + tol).all()
     both = rebalance_experts(
         weight, num_replicas, num_groups, num_nodes, num_gpus, refine=True, avoid_colocation=True
     )
@@ -323,7 +334,8 @@ def test_refine_never_worse_and_keeps_colocation_bound(config):
 def test_refine_improves_random_loads():
     # 48 experts, 64 replicas on 16 GPUs (4 slots each), global policy: with few items per GPU the
     # greedy's last placements leave the heaviest GPU well above the mean; swaps take most of that back.
-    weight = _loads("uniform", (8, 48), seed=11) * (torch.rand(48, generator=torch.Generator().manual_seed(1)) + 0.5)
+    scale = torch.rand(48, generator=torch.Generator().manual_seed(1)) + 0.5
+    weight = _loads("uniform", (8, 48), seed=11) * scale
     greedy = balancedness(weight, rebalance_experts(weight, 64, 3, 2, 16)[0], 16)
     refined = balancedness(weight, rebalance_experts(weight, 64, 3, 2, 16, refine=True)[0], 16)
     assert refined.mean() - 1 < 0.5 * (greedy.mean() - 1)
@@ -333,10 +345,12 @@ def test_refine_improves_random_loads():
 def test_keep_placement_same_balance_fewer_moves(groups):
     num_layers, num_experts, num_replicas, num_nodes, num_gpus = 6, 48, 64, 4, 16
     old_weight = _loads("zipf", (num_layers, num_experts), seed=1)
-    new_weight = old_weight * (1 + 0.5 * torch.rand(num_layers, num_experts, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(2)
+    new_weight = old_weight * (1 + 0.5 * torch.rand(num_layers, num_experts, generator=g))
     current = rebalance_experts(old_weight, num_replicas, groups, num_nodes, num_gpus)[0]
     fresh = rebalance_experts(new_weight, num_replicas, groups, num_nodes, num_gpus)
-    kept = rebalance_experts(new_weight, num_replicas, groups, num_nodes, num_gpus, current_phy2log=current)
+    layout = (num_replicas, groups, num_nodes, num_gpus)
+    kept = rebalance_experts(new_weight, *layout, current_phy2log=current)
     _check_plan(new_weight, *kept, num_replicas, num_gpus)
     assert torch.equal(kept[2], fresh[2]), "relabelling must not change replica counts"
     # Same GPU loads up to a relabelling of GPUs: equal sorted per-layer load vectors.
@@ -382,7 +396,8 @@ def test_keep_tolerance_trades_balance_for_moves(groups):
     assert moved[2] < moved[1] < moved[0]
     # The bound is on GPU loads against their node's mean; across nodes the plan is as balanced as the
     # fresh one. Measured over layers: within the tolerance of the fresh plan's balance.
-    assert balancedness(new_weight, sticky, 16).mean() <= balancedness(new_weight, fresh, 16).mean() + tol
+    fresh_ratio = balancedness(new_weight, fresh, 16).mean()
+    assert balancedness(new_weight, sticky, 16).mean() <= fresh_ratio + tol
 
 
 def test_keep_tolerance_keeps_a_plan_that_is_good_enough():
