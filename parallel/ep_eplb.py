@@ -14,13 +14,15 @@ the model computes the same function after a move: a re-plan changes only which 
 
 Call it between steps (after `optimizer.step()` and `zero_grad()`): expert gradients are dropped.
 ZeRO-1 partitions optimizer state across DP ranks in flat buffers, so a rank cannot move one slot's
-moments; keep the expert parameters in a local (non-ZeRO) optimizer — they are already sharded by EP —
-and pass that optimizer here.
+moments from its shard alone: keep the expert parameters' state unpartitioned (they are already
+sharded by EP) — a plain torch optimizer passed as `optimizer`, or an own optimizer whose per-slot
+master/moment views `slot_state(param)` returns.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,13 +35,27 @@ from twinpipe.parallel.expert_parallel import ExpertParallelExperts, expert_para
 logger = logging.getLogger(__name__)
 
 
-def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    """The per-slot tensors that move with a parameter: itself, then its optimizer state of its shape."""
+SlotState = Callable[[nn.Parameter], list[torch.Tensor]]
+"""Extra per-slot tensors ([S, ...], written in place) that move with an expert parameter — e.g.
+views into an optimizer's own flat master/moment buffers when it is not a torch optimizer."""
+
+
+def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None,
+                slot_state: SlotState | None) -> list[torch.Tensor]:
+    """The per-slot tensors that move with a parameter: itself, its torch-optimizer state of its
+    shape (AdamW: exp_avg, exp_avg_sq), then `slot_state(param)`."""
     rows = [param.data]
     if optimizer is not None:
         state = optimizer.state.get(param, {})
         rows += [state[k] for k in sorted(state)
                  if torch.is_tensor(state[k]) and state[k].shape == param.shape]
+    if slot_state is not None:
+        extra = slot_state(param)
+        for t in extra:
+            if t.shape[0] != param.shape[0]:
+                raise ValueError(f"slot_state gave a tensor of shape {tuple(t.shape)} for a parameter of "
+                                 f"shape {tuple(param.shape)}: the first dimension must be the slots")
+        rows += extra
     return rows
 
 
@@ -64,7 +80,7 @@ def _unpack_into(tensors: list[torch.Tensor], packed: torch.Tensor, slots: list[
 
 @torch.no_grad()
 def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
-               optimizer: torch.optim.Optimizer | None = None) -> int:
+               optimizer: torch.optim.Optimizer | None = None, slot_state: SlotState | None = None) -> int:
     """Move one layer to the placement `new_phy2log[R]`; returns the number of slots received from
     other ranks (rows that crossed the network)."""
     old = layer.phy2log.clone()
@@ -79,7 +95,7 @@ def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
         src = on_dest[0] if on_dest else holders[0]
         sources.append((src // s, src % s))
 
-    tensors = [t for p in layer.local.parameters() for t in _state_rows(p, optimizer)]
+    tensors = [t for p in layer.local.parameters() for t in _state_rows(p, optimizer, slot_state)]
     send_slots = [[] for _ in range(ep)]                 # my local slots to send, per destination
     recv_slots = [[] for _ in range(ep)]                 # my new local slots to fill, per source
     local_moves: list[tuple[int, int]] = []              # (old local slot, new local slot) on me
@@ -132,8 +148,8 @@ class ExpertRebalancer:
                                           self.ep_size, current_phy2log=current)
         return phy2log.to(torch.int64)
 
-    def replan(self, global_loads_window: torch.Tensor,
-               optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    def replan(self, global_loads_window: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+               slot_state: SlotState | None = None) -> dict[str, float]:
         """Re-plan from the all-reduced loads of a window of steps ([L, E], identical on every rank),
         move weights and optimizer state, and return load metrics before/after (max/mean over ranks,
         the worst layer, and the mean over layers) and the number of slots moved across ranks."""
@@ -142,7 +158,7 @@ class ExpertRebalancer:
         before = balancedness(loads, torch.stack([layer.phy2log for layer in self.layers]), self.ep_size)
         moved = 0
         for i, layer in enumerate(self.layers):
-            moved += move_slots(layer, new_tables[i], optimizer)
+            moved += move_slots(layer, new_tables[i], optimizer, slot_state)
         after = balancedness(loads, new_tables, self.ep_size)                      # [L]
         metrics = {
             "eplb/load_max_over_mean_before": float(before.max()),

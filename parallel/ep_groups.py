@@ -1,10 +1,8 @@
-"""Process groups of expert parallelism and the gradient reduction of expert parameters.
+"""Expert parameters: which they are, and the reduction of their gradients.
 
-Inside one data-parallel (DP) group of `dp` ranks (global ranks d_0 .. d_{dp-1}):
-  - EP groups: consecutive blocks of `ep` ranks, [d_0 .. d_{ep-1}], [d_ep .. d_{2ep-1}], ...;
-    they shard the experts and exchange tokens;
-  - expert-data-parallel (EDP) groups: ranks at the same position of every EP group,
-    [d_i, d_{i+ep}, d_{i+2ep}, ...]; they hold the same slots and average their gradients.
+The groups come from the process grid (`twinpipe.parallel.grid.build_grid`): inside a data-parallel
+(DP) group, an EP group is `ep` consecutive DP ranks (they shard the experts and exchange tokens) and
+an expert-data-parallel (EDP) group is the DP ranks at the same EP position (they hold the same slots).
 
 Gradient convention (the same as DeepSpeed's data-parallel average): every DP rank back-propagates its
 own loss; dense gradients are averaged over DP; an expert slot's gradient already holds the
@@ -22,49 +20,11 @@ cases call `reduce_expert_grads` after the backward and before the optimizer ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from twinpipe.parallel.expert_parallel import expert_parallel_layers, is_expert_param
-
-
-@dataclass
-class ExpertGroups:
-    """This rank's EP and EDP groups, with their global ranks."""
-    ep_group: dist.ProcessGroup
-    edp_group: dist.ProcessGroup
-    ep_ranks: list[int]
-    edp_ranks: list[int]
-
-
-def expert_group_ranks(dp_ranks: list[int], ep: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The EP groups and EDP groups (global ranks) of one DP group."""
-    dp = len(dp_ranks)
-    if ep < 1 or dp % ep:
-        raise ValueError(f"parallel.ep={ep} must divide the data-parallel size dp={dp}")
-    ep_groups = [dp_ranks[i:i + ep] for i in range(0, dp, ep)]
-    edp_groups = [dp_ranks[i::ep] for i in range(ep)]
-    return ep_groups, edp_groups
-
-
-def new_expert_groups(dp_groups: list[list[int]], ep: int) -> ExpertGroups:
-    """Create (collectively, on every rank of the world) the EP and EDP groups of all DP groups and
-    return this rank's. `dp_groups`: the global ranks of every DP group (one per pipeline stage)."""
-    me = dist.get_rank()
-    mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
-    for dp_ranks in dp_groups:
-        ep_groups, edp_groups = expert_group_ranks(list(dp_ranks), ep)
-        for kind, groups in (("ep", ep_groups), ("edp", edp_groups)):
-            for ranks in groups:
-                group = dist.new_group(ranks)
-                if me in ranks:
-                    mine[kind] = (group, ranks)
-    if set(mine) != {"ep", "edp"}:
-        raise ValueError(f"rank {me} is in none of the data-parallel groups {dp_groups}")
-    return ExpertGroups(mine["ep"][0], mine["edp"][0], mine["ep"][1], mine["edp"][1])
 
 
 def expert_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

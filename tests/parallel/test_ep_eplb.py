@@ -8,7 +8,8 @@ experts of the tiny model. Checked:
     routing, replica choice, dispatch/combine and summation order do not depend on the placement);
     with the real grouped GEMM, whose rounding depends on how many rows share an expert's segment
     (fp32 kernels block by rows), equal to rtol 1e-5 / atol 1e-6 (measured: a few ulps of O(1) values);
-  - every new slot holds its expert's weights *and* AdamW exp_avg / exp_avg_sq;
+  - every new slot holds its expert's weights *and* AdamW exp_avg / exp_avg_sq (and any extra
+    per-slot state given through `slot_state`);
   - training continues after the move with replicas still identical.
 """
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 
 from twinpipe.model import ModelConfig, Transformer
 from twinpipe.parallel.ep_eplb import ExpertRebalancer
-from twinpipe.parallel.ep_groups import expert_param_groups, new_expert_groups, reduce_expert_grads
+from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
+from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import apply_expert_parallel, expert_parallel_layers
 from twinpipe.parallel.local import run_local
 
@@ -35,7 +37,7 @@ def _tokens(seed: int, config: ModelConfig) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def _train_step(model, optimizer, tokens, groups) -> None:
+def _train_step(model, optimizer, tokens, grid) -> None:
     out = model.forward_train(tokens[:, :-1])
     labels = tokens[:, 1:]
     loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
@@ -45,7 +47,7 @@ def _train_step(model, optimizer, tokens, groups) -> None:
     for p in dense:
         dist.all_reduce(p.grad)
         p.grad.div_(WORLD)
-    reduce_expert_grads(model, groups.edp_group, dist.group.WORLD, WORLD)
+    reduce_expert_grads(model, grid.edp_group, grid.dp_group, WORLD)
 
 
 def _logical(layer, tensor: torch.Tensor) -> torch.Tensor:
@@ -100,12 +102,12 @@ def _eplb(rank: int, world: int) -> dict[str, float]:
     config = _config()
     model = Transformer(config)
     model.init_weights(0.05)
-    groups = new_expert_groups([list(range(world))], EP)
-    apply_expert_parallel(model, groups.ep_group, num_replicas=SLOTS)
+    grid = build_grid(pp=1, dp=world, ep=EP)
+    apply_expert_parallel(model, grid.ep_group, num_replicas=SLOTS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     layers = list(expert_parallel_layers(model))
 
-    _train_step(model, optimizer, _tokens(rank, config), groups)
+    _train_step(model, optimizer, _tokens(rank, config), grid)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tables = _state_tables(model, optimizer)                                    # asserts replicas equal
@@ -118,7 +120,9 @@ def _eplb(rank: int, world: int) -> dict[str, float]:
     loads = torch.stack([(torch.arange(config.n_routed_experts) + 1 + i).float() ** 2
                          for i in range(len(layers))])
     old_tables = [layer.phy2log.clone() for layer in layers]
-    metrics = ExpertRebalancer(model).replan(loads, optimizer)
+    # An optimizer's own per-slot state (e.g. fp32 master copies) moves through `slot_state`.
+    masters = {p: 2 * p.data for layer in layers for p in layer.local.parameters()}
+    metrics = ExpertRebalancer(model).replan(loads, optimizer, slot_state=lambda p: [masters[p]])
     with torch.no_grad():
         after = model(probe)
         after_exact = _with_rowwise_experts(model, probe)
@@ -133,9 +137,10 @@ def _eplb(rank: int, world: int) -> dict[str, float]:
             assert torch.equal(p.data, table[name][ids])
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(optimizer.state[p][key], table[f"{name}.{key}"][ids]), (name, key)
+            assert torch.equal(masters[p], 2 * p.data)
 
     # Training goes on after the move; the replicas stay identical (checked by _state_tables).
-    _train_step(model, optimizer, _tokens(200 + rank, config), groups)
+    _train_step(model, optimizer, _tokens(200 + rank, config), grid)
     for layer in layers:
         for p in layer.local.parameters():
             _logical(layer, p.grad)

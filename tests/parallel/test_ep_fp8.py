@@ -7,7 +7,7 @@ not matter whether it happens before or after the rows are sorted), with a strai
 — the dispatch's backward sends the gradient back unquantized. The reference runs the
 global batch in one call, so every expert sees its tokens in the same order as after EP's dispatch
 (rank 0's, then rank 1's) and the FP8 weight-gradient GEMM, which quantizes along tokens in 128-token
-tiles, groups the same tokens (with the slices accumulated one after the other instead, the tiles
+tiles, grid the same tokens (with the slices accumulated one after the other instead, the tiles
 differ and expert gradients move by ~3% relative: FP8 noise, not an EP error). Tolerance as in
 test_expert_parallel.py (rtol 1e-5 / atol 1e-6 on outputs, 1e-8 on gradients): the FP8 arithmetic
 is the same on both sides; only fp32 summation orders differ.
@@ -24,7 +24,8 @@ from twinpipe.fp8 import act_dequant, act_quant
 from twinpipe.fp8.experts import FP8Experts
 from twinpipe.model import ModelConfig
 from twinpipe.model.moe import MoE
-from twinpipe.parallel.ep_groups import expert_param_groups, new_expert_groups, reduce_expert_grads
+from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
+from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import ExpertParallelExperts
 from twinpipe.parallel.local import run_local
 
@@ -65,8 +66,8 @@ def _fp8_ep(rank: int, world: int) -> None:
     ref_out.square().mean().backward()
     ref_outs = ref_out.detach().chunk(world)
 
-    groups = new_expert_groups([list(range(world))], world)
-    moe.experts = ExpertParallelExperts(moe.experts, groups.ep_group, fp8_dispatch=True)
+    grid = build_grid(pp=1, dp=world, ep=world)
+    moe.experts = ExpertParallelExperts(moe.experts, grid.ep_group, fp8_dispatch=True)
     assert isinstance(moe.experts.local, FP8Experts)
     out = moe(_batch(rank, config.hidden_size))
     # The rank's share of the global mean (not its own mean): the output gradient is then the same
@@ -81,7 +82,7 @@ def _fp8_ep(rank: int, world: int) -> None:
     dense, _ = expert_param_groups(moe)
     for p in dense:
         dist.all_reduce(p.grad)
-    reduce_expert_grads(moe, groups.edp_group, None, 1)
+    reduce_expert_grads(moe, grid.edp_group, None, 1)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for name, p in moe.named_parameters():
         if name.startswith("experts.local."):

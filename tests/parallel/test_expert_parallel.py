@@ -28,7 +28,8 @@ from torch import nn
 
 from twinpipe.model.config import ModelConfig
 from twinpipe.model.moe import MoE
-from twinpipe.parallel.ep_groups import expert_param_groups, new_expert_groups, reduce_expert_grads
+from twinpipe.parallel.ep_groups import deepspeed_param_groups, expert_param_groups, reduce_expert_grads
+from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import (
     ExpertParallelExperts, apply_expert_parallel, group_to_nodes)
 from twinpipe.parallel.local import run_local
@@ -93,12 +94,16 @@ def _ep_vs_single(rank: int, world: int, ep: int, num_replicas: int | None) -> N
     model = MoEStack(config)
     ref_outs, ref_grads = reference(copy.deepcopy(model), world, config)
 
-    groups = new_expert_groups([list(range(world))], ep)
-    apply_expert_parallel(model, groups.ep_group, num_replicas=num_replicas)
+    grid = build_grid(pp=1, dp=world, ep=ep)
+    apply_expert_parallel(model, grid.ep_group, num_replicas=num_replicas)
     out = model(make_batch(rank, config))
     loss_of(out).backward()
+    dense, expert = expert_param_groups(model)
+    assert len(expert) == 3 * len(model.layers) and all(p.allreduce is False for p in expert)
+    ds_groups = deepspeed_param_groups(model, weight_decay=0.1)
+    assert [len(g["params"]) for g in ds_groups] == [len(dense), len(expert)] and ds_groups[1]["moe"]
     allreduce_dense(model, world)
-    reduce_expert_grads(model, groups.edp_group, None, world)
+    reduce_expert_grads(model, grid.edp_group, grid.dp_group, world)
 
     torch.testing.assert_close(out, ref_outs[rank], rtol=RTOL, atol=1e-6)
     for name, p in model.named_parameters():
