@@ -51,6 +51,26 @@ def _greedy_matching(score: torch.Tensor) -> torch.Tensor:
     return perm
 
 
+def _improve_matching(score: torch.Tensor, perm: torch.Tensor, max_rounds: int = 64) -> torch.Tensor:
+    """2-opt on a matching: while exchanging the targets of two bins raises the total score, make the
+    best such exchange (per row, vectorized). score [X, K, K], perm [X, K] -> improved perm."""
+    num_rows, k, _ = score.shape
+    perm = perm.clone()
+    rows = torch.arange(num_rows)
+    for _ in range(max_rounds):
+        own = score.gather(-1, perm.unsqueeze(-1)).squeeze(-1)  # [X, K] score[a, perm[a]]
+        cross = score.gather(-1, perm.unsqueeze(1).expand(-1, k, -1))  # [X, K, K] score[a, perm[b]]
+        gain = cross + cross.transpose(1, 2) - own[:, :, None] - own[:, None, :]  # [X, a, b]
+        best = gain.view(num_rows, -1).argmax(-1)  # [X]
+        better = gain.view(num_rows, -1)[rows, best] > 0.5  # scores are integers
+        if not better.any():
+            break
+        r, a, b = rows[better], best[better] // k, best[better] % k
+        pa, pb = perm[r, a].clone(), perm[r, b].clone()
+        perm[r, a], perm[r, b] = pb, pa
+    return perm
+
+
 def _move_bins(phy2log: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Move slot range a of each row to position perm[a]: [X, R], [X, K] -> [X, R]."""
     num_rows, num_bins = perm.shape
@@ -60,9 +80,8 @@ def _move_bins(phy2log: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _match_bins(new: torch.Tensor, old: torch.Tensor, num_bins: int, num_experts: int) -> torch.Tensor:
-    perm = _greedy_matching(
-        _overlap(_histogram(new, num_bins, num_experts), _histogram(old, num_bins, num_experts))
-    )
+    score = _overlap(_histogram(new, num_bins, num_experts), _histogram(old, num_bins, num_experts))
+    perm = _improve_matching(score, _greedy_matching(score))
     return _move_bins(new, perm)
 
 

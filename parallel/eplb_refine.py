@@ -2,7 +2,7 @@
 
 The greedy packing of EPLB places each item once and never revisits it, so the heaviest pack often
 ends up one item's weight above what a swap could give. Each round, for every row at once, this looks
-at all swaps between an item of the heaviest pack and an item of one of the 8 lightest packs, and makes
+at all swaps between an item of the heaviest pack and an item of one of the 16 lightest packs, and makes
 the one that lowers the larger of the two packs' new loads the most, provided that is below the
 heaviest load. A row stops when no swap helps; every accepted swap lowers the heaviest pack's load,
 so the row's maximum never rises. With labels, a swap may not put two items with the same label into
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 # Swap partners of the heaviest pack: its lightest packs (a swap with a heavier pack rarely helps more).
-PARTNERS = 8
+PARTNERS = 16
 
 
 def refine_packing(
@@ -69,9 +69,9 @@ def refine_packing(
             all_l = held_l[active]  # [A, P, S]
             top_l = all_l[local, top]  # [A, S]
             partner_l = all_l.gather(1, partner[..., None].expand(-1, -1, per_pack))  # [A, K, S]
+            same = top_l[:, None, :, None] == partner_l[:, :, None, :]  # [A, K, S_top, S_other]
             # top item's label already in the partner / partner item's label already in the top pack
-            useless |= (top_l[:, None, :, None] == partner_l[:, :, None, :]).any(-1, keepdim=True)
-            useless |= (partner_l[:, :, :, None] == top_l[:, None, None, :]).any(-1)[:, :, None, :]
+            useless |= same.any(-1, keepdim=True) | same.any(-2, keepdim=True)
         pair_max = pair_max.masked_fill(useless, float("inf")).flatten(1)  # [A, K*S*S]
         best = pair_max.argmin(-1)  # [A]
         helps = torch.isfinite(pair_max[local, best])
