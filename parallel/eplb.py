@@ -23,8 +23,8 @@ Options beyond the reference (all off by default, and then the output equals the
   GPUs and slots are relabelled to keep as many experts where they already are, so fewer expert
   weights (and optimizer states, during training) move. Balancedness is unchanged by construction.
 - `keep_tolerance=t` (with `current_phy2log`): a replica stays on a GPU that holds its expert now
-  unless that GPU's load would pass (1 + t) x the mean; trades a little balance for fewer moves. With
-  `refine`, only GPUs above that bound are refined.
+  unless that GPU's load would pass (1 + t) x the mean; trades a little balance for fewer moves. Best
+  with `refine`, which then works only on GPUs above that bound (bench/eplb.py, "drift", has figures).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A plan's balance depends only on which experts share a GPU, not on which GPU that is. So the nodes
 (hierarchical policy, right after groups are packed), then the GPUs within each node, are matched to
-the current ones by the experts they already hold (a greedy maximum-overlap matching, vectorized over
-layers), and within each GPU an expert that stays keeps its old slot. `home_counts` feeds the optional
+the current ones by the experts they already hold (a greedy maximum-overlap matching improved by
+pairwise exchanges, vectorized over layers), and within each GPU an expert that stays keeps its old slot. `home_counts` feeds the optional
 stickier packing (`keep_tolerance`), which also changes which replicas share a GPU. Every replica
 that lands on a GPU which did not hold that expert before is a "moved" expert: its weights (and during
 training its optimizer state) must be copied in.
@@ -133,7 +133,8 @@ def match_group_nodes(
     new = torch.zeros(num_layers, num_nodes, num_experts)  # [L, N, E] 1 where the expert will live
     new.scatter_(1, expert_node.unsqueeze(1), 1.0)
     old = (_histogram(current, num_nodes, num_experts) > 0).float()  # [L, N, E]
-    perm = _greedy_matching(torch.bmm(new, old.transpose(1, 2)))  # [L, N]
+    score = torch.bmm(new, old.transpose(1, 2))  # [L, N, N]
+    perm = _improve_matching(score, _greedy_matching(score))  # [L, N]
     return perm.gather(-1, group_node)
 
 
