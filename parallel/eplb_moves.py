@@ -3,10 +3,10 @@
 A plan's balance depends only on which experts share a GPU, not on which GPU that is. So the nodes
 (hierarchical policy, right after groups are packed), then the GPUs within each node, are matched to
 the current ones by the experts they already hold (a greedy maximum-overlap matching improved by
-pairwise exchanges, vectorized over layers), and within each GPU an expert that stays keeps its old slot. `home_counts` feeds the optional
-stickier packing (`keep_tolerance`), which also changes which replicas share a GPU. Every replica
-that lands on a GPU which did not hold that expert before is a "moved" expert: its weights (and during
-training its optimizer state) must be copied in.
+pairwise exchanges, vectorized over layers), and within each GPU an expert that stays keeps its old
+slot. `home_counts` feeds the optional stickier packing (`keep_tolerance`), which also changes which
+replicas share a GPU. Every replica that lands on a GPU which did not hold that expert before is a
+"moved" expert: its weights (and during training its optimizer state) must be copied in.
 """
 
 from __future__ import annotations
