@@ -78,3 +78,23 @@ def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_
                 assert b[key] == pytest.approx(a[key], rel=2e-4), (key, a["step"])
             assert b["expert_load"] == a["expert_load"], a["step"]
     assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it learns, so the curves say something
+
+
+def test_torchrun_script_starts_a_pipeline_recipe(data_dir, tmp_path):
+    """launch/torchrun.sh N <overrides>: two gloo ranks, DualPipeV over pp=2, metrics of every step."""
+    import os
+    import subprocess
+
+    from trainer_recipe import TINY
+
+    from twinpipe.trainer.metrics import read_metrics
+
+    root = Path(__file__).resolve().parents[2]
+    overrides = [*TINY, *COMMON, "train.steps=2", f"data.tokenizer={data_dir / 'tok'}",
+                 f"data.cache_dir={data_dir / 'cache'}", f"run.dir={tmp_path}", "parallel.pp=2",
+                 "parallel.schedule=dualpipev"]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "launch" / "torchrun.sh"), "2", *overrides], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
