@@ -60,19 +60,29 @@ def emulate_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     m = a2.shape[0]
     as2 = a_s.reshape(-1, nbk).float()                                 # [M, nbk]
     bs_rows = b_scales_per_row(b_s, n, nbk, block_size)                # [N, nbk]
-    b_blocks = F.pad(b.float(), (0, pad)).view(n, nbk, block_size).permute(1, 2, 0)  # [nbk, bs, N]
+    b_blocks = _pad_k(b.float(), pad).view(n, nbk, block_size).permute(1, 2, 0)  # [nbk, bs, N]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)         # [M, N]
     rows = max(1, _EMULATE_CHUNK_ELEMENTS // max(1, nbk * n))          # bounds the [nbk, rows, N] partials
+    with torch.autocast(a.device.type, enabled=False):                 # FP32 products, even under autocast
+        _emulate_rows(a2, as2, b_blocks, bs_rows, out, rows, nbk, pad, block_size)
+    return out.reshape(*a.shape[:-1], n)
+
+
+def _pad_k(t: torch.Tensor, pad: int) -> torch.Tensor:
+    return F.pad(t, (0, pad)) if pad else t
+
+
+def _emulate_rows(a2, as2, b_blocks, bs_rows, out, rows, nbk, pad, block_size):
+    m = a2.shape[0]
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
-        a_blocks = F.pad(a2[r0:r1].float(), (0, pad)).view(r1 - r0, nbk, block_size).transpose(0, 1)
-        parts = torch.bmm(a_blocks, b_blocks)                          # [nbk, rows, N], exact products
+        a_blocks = _pad_k(a2[r0:r1].float(), pad).view(r1 - r0, nbk, block_size).transpose(0, 1)
+        parts = torch.bmm(a_blocks, b_blocks)                          # [nbk, rows, N]: exact products, FP32 sums
         parts = parts * as2[r0:r1].T[:, :, None] * bs_rows.T[:, None, :]
         acc = parts[0].clone()                                         # promotion, one K block at a time
         for j in range(1, nbk):
             acc += parts[j]
-        out[r0:r1] = acc.to(out_dtype)
-    return out.reshape(*a.shape[:-1], n)
+        out[r0:r1] = acc.to(out.dtype)
 
 
 def segment_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:

@@ -64,7 +64,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False
     k = x.shape[-1]
     num_blocks = math.ceil(k / block_size)
     pad = num_blocks * block_size - k
-    xf = F.pad(x.float(), (0, pad))                                   # [..., nb * bs]
+    xf = F.pad(x.float(), (0, pad)) if pad else x.float()            # [..., nb * bs]
     tiles = xf.unflatten(-1, (num_blocks, block_size))               # [..., nb, bs]
     s = scale_from_amax(tiles.abs().amax(dim=-1), pow2)              # [..., nb]
     q = _to_e4m3(tiles / s.unsqueeze(-1))                            # [..., nb, bs]

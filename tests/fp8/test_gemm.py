@@ -127,3 +127,11 @@ def test_triton_grouped_gemm_equals_emulate_with_empty_and_tiny_groups():
     bound = torch.cat([_reorder_bound(a[lo:hi], a_s[lo:hi], w[e], w_s[e])
                        for e, (lo, hi) in enumerate([(0, 0), (0, 1), (1, 34), (34, 45)])])
     assert torch.all((out - ref).abs() <= bound)
+
+
+def test_emulation_ignores_autocast():
+    a, a_s, b, b_s = _operands(32, 256, 384, seed=6)
+    plain = emulate_gemm(a, a_s, b, b_s, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = emulate_gemm(a, a_s, b, b_s, torch.float32)
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)

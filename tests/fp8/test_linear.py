@@ -84,6 +84,17 @@ def test_weight_quantized_once_per_optimizer_step():
     assert cache.num_quantizations == 2
 
 
+def test_in_place_copy_into_the_parameter_requantizes():
+    """The trainer's ZeRO-1 publishes updated weights with `param.copy_` under no_grad: a version bump."""
+    _, fp8 = _pair(bias=False)
+    x = torch.randn(4, 300)
+    y0 = fp8(x)
+    with torch.no_grad():
+        fp8.weight.copy_(fp8.weight * 2)
+    torch.testing.assert_close(fp8(x), 2 * y0, rtol=2 ** -6, atol=1e-6)
+    assert fp8.fp8_weight_caches["weight"].num_quantizations == 2
+
+
 def test_writes_through_data_need_the_hook_and_get_it():
     _, fp8 = _pair(bias=False)
     x = torch.randn(4, 300)
