@@ -2,7 +2,8 @@
 
 - throughput: `tiny` and `small` presets, freshly initialised (speed does not depend on training),
   greedy decoding of a batch of random prompts; prefill time and decode tokens/s (new tokens over the
-  whole batch per second of decoding), for the absorbed (latent) and the naive attention form;
+  whole batch per second of decoding), for the absorbed (latent) and the naive attention form, and
+  `auto` (each step takes the form with fewer FLOPs: naive prefill, absorbed decoding at small/V3);
 - KV-cache bytes per token, computed for the `v3_671b` shape (main layers, BF16): the latent cache
   (c_kv + k_pe, kv_lora_rank + qk_rope_head_dim per layer) against a full per-head K/V cache;
 - with `--checkpoint` (a trained run dir / checkpoint / HF folder): MTP speculative decoding against
@@ -36,7 +37,7 @@ SETTINGS = {
 
 
 @torch.no_grad()
-def time_decode(model, prompts: list[list[int]], new_tokens: int, absorb: bool) -> dict[str, float]:
+def time_decode(model, prompts: list[list[int]], new_tokens: int, absorb: bool | None) -> dict[str, float]:
     """Greedy decoding with the latent cache, timed as prefill and per-token decode."""
     device = model.embed_tokens.weight.device
     tokens, valid = pad_prompts(prompts, "left")
@@ -124,9 +125,9 @@ def main() -> None:
         gen = torch.Generator().manual_seed(args.seed)
         prompts = torch.randint(3, cfg.vocab_size, (s["batch"], s["prompt_len"]), generator=gen).tolist()
         time_decode(model, prompts, 2, absorb=True)  # warm-up
-        for absorb in (True, False):
+        for absorb in (True, False, None):
             r = time_decode(model, prompts, s["new_tokens"], absorb)
-            r.update(preset=name, form="absorbed" if absorb else "naive", batch=s["batch"],
+            r.update(preset=name, form={True: "absorbed", False: "naive", None: "auto"}[absorb], batch=s["batch"],
                      prompt_len=s["prompt_len"], new_tokens=s["new_tokens"], dtype=str(s["dtype"]),
                      params=cfg.num_parameters())
             results["runs"].append(r)

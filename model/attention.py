@@ -103,7 +103,7 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: "LatentKVCache | None" = None) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]. With a cache, the new latents are stored and attention covers
-        every cached slot (absorbed form unless cache.absorb is False)."""
+        every cached slot, in the form `cache.absorb` asks for (None: the cheaper, see use_absorbed)."""
         B, T, _ = x.shape
         given = position_ids is not None
         if not given:
@@ -114,11 +114,22 @@ class MLA(nn.Module):
             out = self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal=mask is None)
         else:
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)                # [B, S, r], [B, S, dr]
-            if cache.absorb:
+            absorb = self.use_absorbed(T) if cache.absorb is None else cache.absorb
+            if absorb:
                 out = self.absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask)
             else:
                 out = self.naive(q_nope, q_pe, c_kv, k_pe, cache.mask, causal=False)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
+
+    def use_absorbed(self, num_queries: int) -> bool:
+        """Whether the absorbed form needs fewer FLOPs for `num_queries` new tokens over a long cache.
+
+        Per cached key, naive expands the latent once (r * (dn + dv)) and then attends per query over
+        dn + dr + dv; absorbed attends per query over 2r + dr but expands nothing, so it wins while
+        num_queries * (2r - dn - dv) < r * (dn + dv): decoding, not long prefills (DeepSeek-V3: < 171).
+        """
+        r, dn, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        return num_queries * (2 * r - dn - dv) < r * (dn + dv)
 
     def naive(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool) -> torch.Tensor:
         """Expand the latent into full keys/values; returns [B, T, nh, dv]."""

@@ -51,10 +51,11 @@ def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, seed: int = 0, padding_side: str = "left",
-             absorb: bool = True) -> list[list[int]]:
+             absorb: bool | None = None) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (eos included when reached).
 
-    `absorb` picks MLA's absorbed (latent) attention or the naive form over the same cache.
+    `absorb` forces MLA's absorbed (latent) attention (True) or the naive form (False) over the same
+    cache; None picks the cheaper per step (see `LatentKVCache`).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")

@@ -19,11 +19,13 @@ class LatentKVCache:
 
     A step: `positions = cache.begin(T, valid)`; every layer calls `cache.update(layer, c_kv, k_pe)`
     and reads `cache.mask` [B, 1, T, S] (True = attend); then `cache.commit()`.
-    `absorb` picks MLA's absorbed form (attention on the latent) or the naive reference form.
+    `absorb` forces MLA's absorbed form (True: attention on the latent) or the naive reference form
+    (False); None lets each step take the one with fewer FLOPs (absorbed for decoding, naive for long
+    prefills; `MLA.use_absorbed`).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", absorb: bool = True):
+                 device: torch.device | str = "cpu", absorb: bool | None = None):
         num_layers = config.num_hidden_layers + config.num_nextn_predict_layers
         self.max_len = max_len
         self.absorb = absorb
@@ -37,7 +39,8 @@ class LatentKVCache:
         self._step = 0
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int, absorb: bool = True) -> "LatentKVCache":
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int,
+                  absorb: bool | None = None) -> "LatentKVCache":
         weight = model.embed_tokens.weight
         return cls(model.config, batch_size, max_len, weight.dtype, weight.device, absorb)
 

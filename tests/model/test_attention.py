@@ -75,3 +75,14 @@ def test_document_mask_follows_in_place_changes():
     mask = document_causal_mask(pos)
     assert mask is not None and mask[0, 0, 4].tolist() == [False, False, False, True, True, False]
     assert document_causal_mask(pos) is mask  # same tensor, same version: kept
+
+
+def test_auto_form_picks_absorbed_for_decoding_only():
+    # DeepSeek-V3: absorbed while T * (2*512 - 128 - 128) < 512 * (128 + 128), i.e. T <= 170.
+    with torch.device("meta"):
+        mla = MLA(ModelConfig.preset("v3_671b"), layer_idx=0)
+    assert mla.use_absorbed(1) and mla.use_absorbed(170) and not mla.use_absorbed(171)
+    cfg, mla = tiny_mla(kv_lora_rank=64)  # tiny with r = 64: absorbed while T * 64 < 4096
+    assert mla.use_absorbed(63) and not mla.use_absorbed(64)
+    x = torch.randn(2, 70, cfg.hidden_size)
+    torch.testing.assert_close(run_cached(cfg, mla, x, [66, 1, 3], absorb=None), mla(x), **TOL)

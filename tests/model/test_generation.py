@@ -26,7 +26,8 @@ def recompute_greedy(model, prompt, n, eos_id=None):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("padding_side, absorb", [("left", True), ("right", True), ("left", False)])
+@pytest.mark.parametrize("padding_side, absorb", [("left", True), ("right", True), ("left", False),
+                                                  ("right", None)])
 def test_cached_generation_equals_recomputation(model, padding_side, absorb):
     expected = [recompute_greedy(model, p, 6) for p in PROMPTS]
     assert generate(model, PROMPTS, 6, padding_side=padding_side, absorb=absorb) == expected
