@@ -17,13 +17,15 @@ needs no state of its own: the LR, λ and γ are functions of (step, tokens) fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,6 +73,14 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
     return path
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's 'assuming the intent is to save in a single process' (that is our intent)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -93,7 +103,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
     _maybe_fault("save", step)
     _barrier()
@@ -130,7 +141,8 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], 
 
     The per-rank state comes from rank_<rank>.pt when the checkpoint had this rank, else rank 0's
     (a resume with more ranks than were saved; the data loader re-splits its position itself)."""
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     meta = json.loads((path / "meta.json").read_text())
     rank = dist.get_rank() if dist.is_initialized() else 0
     own = path / f"rank_{rank}.pt"
@@ -188,6 +200,7 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     cfg = OmegaConf.load(ckpt / "config.yaml")
     model = Transformer(model_config(cfg.model))
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     model.load_state_dict(state["model"])
     return model.to(dtype).eval(), load_tokenizer(ckpt / "tokenizer.json")

@@ -70,3 +70,27 @@ def test_resume_path_errors_and_inference_load(data_dir, tmp_path):
 
     tokens = torch.tensor([tok.encode("def f(x):\n    return x")])
     assert model(tokens).shape == (1, tokens.shape[1], 512)
+
+
+def test_sigterm_checkpoints_after_the_step_and_exits_zero(data_dir, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "preempted"
+
+    def child():
+        train(make_cfg(data_dir, run, "train.steps=500", "checkpoint.every=0"))
+        os._exit(0)
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(timeout=240)
+    assert proc.exitcode == 0
+    last = read_metrics(run)[-1]["step"]
+    assert 1 <= last < 500
+    assert [s for s, _ in ckpt.complete_checkpoints(run)] == [last]
