@@ -56,8 +56,10 @@ def _check_arguments(
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
-    if num_experts < 1:
-        raise ValueError("weight: needs at least one expert (got 0 columns)")
+    if weight.size(0) < 1 or num_experts < 1:
+        raise ValueError(
+            f"weight: needs at least one layer and one expert, got shape {tuple(weight.shape)}"
+        )
     if not torch.isfinite(weight).all() or (weight < 0).any():
         raise ValueError("weight: loads must be finite and non-negative")
     if num_replicas < num_experts:

@@ -426,6 +426,7 @@ def test_keep_tolerance_keeps_a_plan_that_is_good_enough():
         ((torch.ones(2, 16), 8, 4, 2, 8), "fewer replicas than experts"),
         ((torch.ones(2, 15), 24, 4, 2, 8), "divide the number of experts"),
         ((torch.ones(16), 24, 4, 2, 8), "num_layers, num_experts"),
+        ((torch.ones(0, 16), 24, 4, 2, 8), "at least one layer and one expert"),
         ((torch.ones(2, 16), 24, 0, 2, 8), "num_groups=0"),
         ((torch.full((2, 16), -1.0), 24, 4, 2, 8), "non-negative"),
         ((torch.full((2, 16), float("nan")), 24, 4, 2, 8), "finite"),
