@@ -1,4 +1,15 @@
-"""twinpipe.model: the DeepSeek-V3 architecture (config, MLA, MoE, MTP, transformer, KV cache)."""
+"""twinpipe.model: the DeepSeek-V3 architecture (config, MLA, MoE, MTP, transformer, KV cache).
+
+    cfg = ModelConfig.preset("tiny")                 # or "small", "v3_671b", with field overrides
+    model = Transformer(cfg)                         # build under torch.device("meta") for big ones
+    logits = model(tokens)                           # [B, T] -> [B, T, V], main head
+    out = model.forward_train(tokens)                # + MTP logits, expert counts, balance loss
+    new = generate(model, [[1, 2, 3], [4]], 16)      # batched, latent KV cache, greedy / top-p
+    spec = speculative_generate(model, prompts, 16)  # greedy with MTP drafts, spec.acceptance_rate
+
+Files in data-flow order: config, norm, rope, attention (MLA), mlp, gate, experts, moe, block, mtp,
+transformer; kv_cache, generation, speculative; hf (+ safetensors_io) for HF checkpoint folders.
+"""
 
 from .attention import MLA
 from .block import Block
