@@ -20,21 +20,25 @@ import torch.nn.functional as F
 _EMULATE_CHUNK_ELEMENTS = 1 << 24
 
 
-def b_scales_per_row(b_s: torch.Tensor, n: int, num_k_blocks: int, block_size: int) -> torch.Tensor:
-    """Scales of b [N, K] as one row per output column: [N, nbk].
-
-    b_s is either per 128×128 block ([ceil(N/bs), nbk], weights) or per 1×128 tile ([N, nbk],
-    activations, as in Wgrad). Both describe the same thing when N == 1.
-    """
+def b_scales_are_per_row(b_s: torch.Tensor, n: int, num_k_blocks: int, block_size: int) -> bool:
+    """Whether the scales of b [N, K] are per 1×128 tile ([N, nbk], activations as in Wgrad) rather
+    than per 128×128 block ([ceil(N/bs), nbk], weights); both describe the same thing when N == 1."""
     if b_s.dim() != 2 or b_s.shape[1] != num_k_blocks:
         raise ValueError(f"b_s shape {tuple(b_s.shape)}: expected [ceil(N/{block_size}), {num_k_blocks}] "
                          f"or [N={n}, {num_k_blocks}]")
     if b_s.shape[0] == n:
-        return b_s.float()
+        return True
     if b_s.shape[0] == math.ceil(n / block_size):
-        return b_s.float().repeat_interleave(block_size, dim=0)[:n]
+        return False
     raise ValueError(f"b_s shape {tuple(b_s.shape)}: first dim must be N={n} (1x{block_size} tiles) or "
                      f"ceil(N/{block_size})={math.ceil(n / block_size)} ({block_size}x{block_size} blocks)")
+
+
+def b_scales_per_row(b_s: torch.Tensor, n: int, num_k_blocks: int, block_size: int) -> torch.Tensor:
+    """Scales of b [N, K] as one row per output column: [N, nbk]."""
+    if b_scales_are_per_row(b_s, n, num_k_blocks, block_size):
+        return b_s.float()
+    return b_s.float().repeat_interleave(block_size, dim=0)[:n]
 
 
 def check_gemm_operands(a, a_s, b, b_s, block_size):
@@ -107,10 +111,36 @@ def check_grouped_operands(a, b, b_s, offsets, block_size):
 def emulate_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
                          offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
                          ) -> torch.Tensor:
-    """Rows offsets[e]:offsets[e+1] of a [M, K] times b[e].T: out [M, N] (contiguous expert segments)."""
+    """Rows offsets[e]:offsets[e+1] of a [M, K] times b[e].T: out [M, N] (contiguous expert segments).
+
+    All experts in one batched product over segments padded to the longest one (the padding rows are
+    zeros and are dropped); a per-expert loop when that padded product would be too large.
+    """
     check_grouped_operands(a, b, b_s, offsets, block_size)
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)  # [M, N]
-    for e, (lo, hi) in enumerate(segment_bounds(offsets)):
-        if hi > lo:
-            out[lo:hi] = emulate_gemm(a[lo:hi], a_s[lo:hi], b[e], b_s[e], out_dtype, block_size)
-    return out
+    e, n, k = b.shape
+    m, nbk = a.shape[0], math.ceil(k / block_size)
+    offsets = offsets.to(device=a.device, dtype=torch.long)
+    counts = offsets.diff()                                                     # [E]
+    c_max = int(counts.max()) if m else 0
+    if m == 0 or e * nbk * c_max * n > 4 * _EMULATE_CHUNK_ELEMENTS:
+        out = torch.zeros(m, n, dtype=out_dtype, device=a.device)               # [M, N]
+        for g, (lo, hi) in enumerate(segment_bounds(offsets)):
+            if hi > lo:
+                out[lo:hi] = emulate_gemm(a[lo:hi], a_s[lo:hi], b[g], b_s[g], out_dtype, block_size)
+        return out
+    expert = torch.repeat_interleave(torch.arange(e, device=a.device), counts)  # [M]
+    row = torch.arange(m, device=a.device) - offsets[:-1][expert]               # [M]
+    a_pad = torch.zeros(e, c_max, nbk * block_size, device=a.device)            # [E, C, nbk*bs]
+    a_pad[expert, row, :k] = a.float()
+    s_pad = torch.zeros(e, c_max, nbk, device=a.device)                         # [E, C, nbk]
+    s_pad[expert, row] = a_s.float()
+    bs_rows = b_s.float().repeat_interleave(block_size, dim=1)[:, :n]           # [E, N, nbk]
+    with torch.autocast(a.device.type, enabled=False):
+        a_blocks = a_pad.view(e, c_max, nbk, block_size).transpose(1, 2)        # [E, nbk, C, bs]
+        b_blocks = _pad_k(b.float(), nbk * block_size - k).view(e, n, nbk, block_size).permute(0, 2, 3, 1)
+        parts = torch.matmul(a_blocks, b_blocks)                                # [E, nbk, C, N]
+        parts = parts * s_pad.transpose(1, 2)[..., None] * bs_rows.transpose(1, 2)[:, :, None, :]
+        acc = parts[:, 0].clone()                                               # [E, C, N]
+        for j in range(1, nbk):
+            acc += parts[:, j]
+    return acc[expert, row].to(out_dtype)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from twinpipe.fp8.emulate import b_scales_per_row, check_gemm_operands, check_grouped_operands
+from twinpipe.fp8.emulate import b_scales_are_per_row, check_gemm_operands, check_grouped_operands
 from twinpipe.fp8.triton_quant import interpreting
 
 _CONFIGS = [
@@ -168,8 +168,7 @@ def triton_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     """a [..., K] fp8, a_s [..., nbk]; b [N, K] fp8, b_s [ceil(N/128) or N, nbk] -> [..., N]."""
     nbk = check_gemm_operands(a, a_s, b, b_s, block_size)
     k, n = a.shape[-1], b.shape[0]
-    b_scales_per_row(b_s, n, nbk, block_size)                 # validates the layout
-    b_per_row = b_s.shape[0] == n
+    b_per_row = b_scales_are_per_row(b_s, n, nbk, block_size)
     a2 = _rows_contiguous(a.reshape(-1, k))                  # [M, K]
     as2 = _rows_contiguous(a_s.reshape(-1, nbk).float())     # [M, nbk]
     b = _rows_contiguous(b)
