@@ -89,7 +89,8 @@ def _rank(rank: int, world: int, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2, help="MoE blocks in the stage")
     parser.add_argument("--hidden", type=int, default=512)

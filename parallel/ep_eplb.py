@@ -61,7 +61,7 @@ def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None,
 
 def _pack(tensors: list[torch.Tensor], slots: list[int]) -> torch.Tensor:
     """Rows `slots` of each [S, ...] tensor, as bytes: [len(slots), row_bytes] uint8."""
-    idx = torch.tensor(slots, dtype=torch.int64)
+    idx = torch.tensor(slots, dtype=torch.int64, device=tensors[0].device)
     parts = [t.index_select(0, idx).reshape(len(slots), -1).contiguous().view(torch.uint8) for t in tensors]
     return torch.cat(parts, dim=1)
 
@@ -69,7 +69,7 @@ def _pack(tensors: list[torch.Tensor], slots: list[int]) -> torch.Tensor:
 def _unpack_into(tensors: list[torch.Tensor], packed: torch.Tensor, slots: list[int]) -> None:
     """Write packed rows into rows `slots` of each tensor (inverse of `_pack`)."""
     offset = 0
-    idx = torch.tensor(slots, dtype=torch.int64)
+    idx = torch.tensor(slots, dtype=torch.int64, device=tensors[0].device)
     for t in tensors:
         row_elems = t[0].numel()
         nbytes = row_elems * t.element_size()
@@ -110,7 +110,8 @@ def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
 
     row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
     flat_send = [q for d in range(ep) for q in send_slots[d]]
-    send = _pack(tensors, flat_send) if flat_send else torch.empty(0, row_bytes, dtype=torch.uint8)
+    send = (_pack(tensors, flat_send) if flat_send
+            else torch.empty(0, row_bytes, dtype=torch.uint8, device=tensors[0].device))
     received = ep_comm.all_to_all(send, [len(r) for r in recv_slots], [len(q) for q in send_slots],
                                   layer.ep_group)                               # [num_recv, row_bytes]
     if local_moves:
@@ -131,7 +132,8 @@ class ExpertRebalancer:
     def __init__(self, model: nn.Module, num_nodes: int = 1, num_groups: int | None = None) -> None:
         self.layers = list(expert_parallel_layers(model))
         if not self.layers:
-            raise ValueError("ExpertRebalancer: the model has no ExpertParallelExperts (apply_expert_parallel first)")
+            raise ValueError("ExpertRebalancer: the model has no ExpertParallelExperts "
+                             "(call apply_expert_parallel first)")
         first = self.layers[0]
         self.num_experts, self.num_slots, self.ep_size = first.num_experts, first.num_slots, first.ep_size
         config = getattr(model, "config", None)
@@ -168,6 +170,7 @@ class ExpertRebalancer:
             "eplb/slots_received": float(moved),
         }
         logger.info("EPLB re-plan: max/mean rank load %.3f -> %.3f (worst layer), %d slots received",
-                    metrics["eplb/load_max_over_mean_before"], metrics["eplb/load_max_over_mean_after"], moved)
+                    metrics["eplb/load_max_over_mean_before"], metrics["eplb/load_max_over_mean_after"],
+                    moved)
         return metrics
 

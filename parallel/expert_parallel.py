@@ -64,8 +64,8 @@ def placement_tables(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     maxcnt = int(logcnt.max())
     order = torch.argsort(phy2log, stable=True)                                   # [R] slots by expert
     start = torch.cumsum(logcnt, 0) - logcnt                                      # [E]
-    rank_in_expert = torch.arange(phy2log.numel()) - start[phy2log[order]]        # [R]
-    log2phy = torch.full((num_experts, maxcnt), -1, dtype=torch.int64)
+    rank_in_expert = torch.arange(phy2log.numel(), device=phy2log.device) - start[phy2log[order]]  # [R]
+    log2phy = torch.full((num_experts, maxcnt), -1, dtype=torch.int64, device=phy2log.device)
     log2phy[phy2log[order], rank_in_expert] = order
     return log2phy, logcnt
 
@@ -80,7 +80,7 @@ def _slot_major_permutation(recv_counts: torch.Tensor) -> torch.Tensor:
     total = int(flat.sum())
     seg_start = torch.repeat_interleave(start_t, counts_t)                        # [M]
     seg_offset = torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t)
-    return seg_start + (torch.arange(total) - seg_offset)                         # [M]
+    return seg_start + (torch.arange(total, device=recv_counts.device) - seg_offset)  # [M]
 
 
 class ExpertParallelExperts(nn.Module):
@@ -101,7 +101,7 @@ class ExpertParallelExperts(nn.Module):
         self.ep_rank = dist.get_rank(ep_group)
         if phy2log is None:
             phy2log = torch.arange(self.num_experts)
-        phy2log = phy2log.to(torch.int64).flatten()
+        phy2log = phy2log.to(device=experts.gate_proj.device, dtype=torch.int64).flatten()
         if phy2log.numel() % self.ep_size:
             raise ValueError(f"num physical slots R={phy2log.numel()} is not a multiple of ep={self.ep_size}")
         self.num_slots = phy2log.numel()
@@ -120,6 +120,12 @@ class ExpertParallelExperts(nn.Module):
     def _refresh_tables(self) -> None:
         self.log2phy, self.logcnt = placement_tables(self.phy2log, self.num_experts)
 
+    def _apply(self, fn, recurse=True):
+        # log2phy/logcnt are derived from the phy2log buffer: follow it to its new device.
+        super()._apply(fn, recurse)
+        self._refresh_tables()
+        return self
+
     def local_logical_ids(self) -> torch.Tensor:
         """[S] logical expert of each of this rank's slots."""
         s = self.slots_per_rank
@@ -135,7 +141,7 @@ class ExpertParallelExperts(nn.Module):
     def route_to_slots(self, topk_idx: torch.Tensor) -> torch.Tensor:
         """topk_idx[N, K] logical experts -> [N*K] physical slot of each pair (replica by pair index)."""
         flat = topk_idx.reshape(-1)                                                # [N*K]
-        pair = torch.arange(flat.numel())
+        pair = torch.arange(flat.numel(), device=flat.device)
         replica = pair % self.logcnt[flat]                                         # [N*K]
         return self.log2phy[flat, replica]                                         # [N*K]
 
@@ -168,7 +174,8 @@ class ExpertParallelExperts(nn.Module):
         # Sum each token's K picks in logical-expert order (as `Experts.forward` does), whatever the
         # placement: outputs do not change when EPLB moves or replicates experts.
         by_expert = torch.argsort(topk_idx.reshape(-1), stable=True)               # [N*K]
-        position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel()))
+        pair_index = torch.arange(order.numel(), device=order.device)
+        position = torch.empty_like(order).index_copy_(0, order, pair_index)        # [N*K]
         y_pairs = y_send[position[by_expert]]                                      # [N*K, H]
         y_pairs = (y_pairs * topk_weight.reshape(-1)[by_expert].unsqueeze(-1)).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, by_expert // k, y_pairs)          # [N, H]

@@ -2,11 +2,12 @@
 
 The forward of micro-batch 0 (on the calling thread) and the backward of micro-batch 1 (on one
 long-lived helper thread) run as two coroutines with a strict hand-off: exactly one of them runs
-Python/torch work at a time. Whenever one side issues an asynchronous collective (the MoE dispatch or combine, forward or backward, see
-`twinpipe.parallel.ep_comm`), it calls `wait(work)`, which hands the CPU to the other side *before*
-waiting; the collective then progresses in the communication backend's threads while the other side
-computes its next chunk (attention, experts, ...). When the other side reaches its own collective it
-hands back, and the first side waits for what is usually an already finished transfer.
+Python/torch work at a time. Whenever one side issues an asynchronous collective (the MoE dispatch or
+combine, forward or backward, see `twinpipe.parallel.ep_comm`), it calls `wait(work)`, which hands
+the CPU to the other side *before* waiting; the collective then progresses in the communication
+backend's threads while the other side computes its next chunk (attention, experts, ...). When the
+other side reaches its own collective it hands back, and the first side waits for what is usually an
+already finished transfer.
 
 The backward starts, so the chunks pair up as in DeepSeek-V3's overlap (report §3.2.1): the backward's
 combine is in flight while the forward computes attention and the gate; the forward's dispatch while

@@ -86,7 +86,8 @@ def _fp8_ep(rank: int, world: int) -> None:
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for name, p in moe.named_parameters():
         if name.startswith("experts.local."):
-            want = ref_grads[name.replace("experts.local.", "experts.inner.")][moe.experts.local_logical_ids()]
+            ids = moe.experts.local_logical_ids()
+            want = ref_grads[name.replace("experts.local.", "experts.inner.")][ids]
         else:
             want = ref_grads[name]
         torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
