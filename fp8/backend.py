@@ -1,8 +1,8 @@
 """FP8 kernel backends behind one interface: emulate (torch), triton, cublas, auto.
 
 A backend bundles the two quantizers and the two GEMMs. `auto` resolves once per device type to the
-fastest one available (cuBLAS blockwise on Hopper, else our Triton kernels on a GPU, else emulation)
-and logs its choice in one line.
+fastest available (on Hopper: cuBLAS blockwise for dense GEMMs, our Triton kernels for grouped GEMMs
+and quantization; on other GPUs Triton; on CPU emulation) and logs its choice in one line.
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ def _cublas() -> Backend:
 def _auto(device_type: str) -> Backend:
     if device_type == "cuda":
         from twinpipe.fp8.cublas import cublas_unavailable_reason
+        triton = _triton()
         reason = cublas_unavailable_reason(torch.cuda.current_device())
         if reason is None:
-            log.info("fp8 backend auto -> cublas (torch._scaled_mm blockwise)")
-            return _cublas()
+            # cuBLAS for dense GEMMs; cuBLAS has no blockwise grouped GEMM, so experts stay on Triton
+            log.info("fp8 backend auto -> cublas dense GEMMs, triton grouped GEMMs and quantization")
+            return Backend("auto:cublas+triton", triton.act_quant, triton.weight_quant, _cublas().gemm,
+                           triton.grouped_gemm)
         log.info("fp8 backend auto -> triton (cublas unavailable: %s)", reason)
-        return _triton()
+        return triton
     log.info("fp8 backend auto -> emulate (tensors on %s; the FP8 kernels need a CUDA GPU)", device_type)
     return _emulate()
 
