@@ -12,17 +12,24 @@ import torch
 from .kv_cache import LatentKVCache
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits [..., V] -> the distribution sampled from: softmax(logits / temperature), cut to the
+    smallest set of top tokens whose mass reaches top_p (not renormalized; multinomial does that)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)                     # [..., V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs                             # mass ranked above
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)               # keeps the top token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]: argmax when temperature == 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)                     # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs                             # mass ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)               # keeps the top token
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    probs = sampling_probs(logits, temperature, top_p)                              # [B, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

@@ -1,11 +1,15 @@
-"""Greedy speculative decoding with the MTP layer as the drafter (DeepSeek-V3 section 5.4.3).
+"""Speculative decoding with the MTP layer as the drafter (DeepSeek-V3 section 5.4.3).
 
-Each step feeds the main model two tokens per sequence: x (the last accepted token) and d (the MTP
-draft for the token after x). The main model's argmax after x is always kept; if it equals d, the
-draft is accepted and the argmax after d is kept too (two tokens for one forward). A rejected draft's
-cache slot is marked invalid for that sequence only, so sequences accept independently in one batch.
-The MTP layer then runs on the new positions (main hidden state + embedding of the next token) and
-drafts the next d. The output equals plain greedy decoding; only the number of forwards changes.
+Each step feeds the main model two tokens per sequence: x (the last emitted token) and d (the MTP
+draft for the token after x). Greedy: the main model's argmax after x is emitted; if it equals d, the
+draft is accepted and the argmax after d is emitted too (two tokens for one forward). Sampling
+(temperature > 0): d is accepted with probability min(1, p(d) / q(d)) (p: main model, q: MTP, both
+with the same temperature and top-p); on rejection the token comes from norm(max(p - q, 0)), so every
+emitted token follows the main model's distribution exactly (Leviathan et al. 2023).
+
+A rejected draft's cache slot is marked invalid for that sequence only, so sequences accept
+independently in one batch. The MTP layer then runs on the new positions (main hidden state +
+embedding of the next token) and drafts the next d.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import pad_prompts
+from .generation import pad_prompts, sampling_probs
 from .kv_cache import LatentKVCache
 
 
@@ -22,7 +26,7 @@ from .kv_cache import LatentKVCache
 class SpeculativeResult:
     tokens: list[list[int]]   # new tokens per prompt (eos included when reached)
     drafted: int              # drafts checked (one per running sequence per step)
-    accepted: int             # drafts the main model agreed with
+    accepted: int             # drafts the main model accepted
     forwards: int             # main-model forwards, prefill included
 
     @property
@@ -30,65 +34,94 @@ class SpeculativeResult:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def _mtp_draft(model, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-               cache: LatentKVCache) -> torch.Tensor:
-    """MTP depth 1 on the open cache step: h [B, T, H], next_tokens [B, T] -> draft ids [B, T]."""
+class _Sampler:
+    """Token choice from logits: argmax (temperature 0) or seeded sampling from sampling_probs."""
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.greedy = temperature <= 0
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., V] -> normalized distribution (one-hot at the argmax when greedy)."""
+        if self.greedy:
+            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = sampling_probs(logits, self.temperature, self.top_p)
+        return probs / probs.sum(-1, keepdim=True)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [B, V] -> ids [B]."""
+        if self.greedy:
+            return probs.argmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def uniform(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=device)
+
+
+def _mtp_logits(model, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                cache: LatentKVCache) -> torch.Tensor:
+    """MTP depth 1 on the open cache step: h [B, T, H], next_tokens [B, T] -> logits [B, T, V]."""
     h_mtp = model.mtp[0](h, model.embed(next_tokens), positions, cache)
-    return model.mtp_head(1, h_mtp).argmax(-1)
+    return model.mtp_head(1, h_mtp)
 
 
 @torch.no_grad()
-def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int,
-                         eos_id: int | None = None) -> SpeculativeResult:
-    """Greedy decoding of left-padded prompts with MTP drafts; see the module docstring."""
+def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                         top_p: float = 1.0, eos_id: int | None = None, seed: int = 0) -> SpeculativeResult:
+    """Decode left-padded prompts with MTP drafts; see the module docstring."""
     if not len(model.mtp):
         raise ValueError("speculative decoding needs an MTP layer (num_nextn_predict_layers >= 1)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
     device = model.embed_tokens.weight.device
+    sampler = _Sampler(temperature, top_p, torch.Generator(device=device).manual_seed(seed))
     tokens, valid = pad_prompts(prompts, "left")
     tokens, valid = tokens.to(device), valid.to(device)
     B, P = tokens.shape
+    rows = torch.arange(B, device=device)
     cache = LatentKVCache.for_model(model, B, P + 2 * max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
+    running = torch.ones(B, dtype=torch.bool, device=device)
 
-    # Prefill: the main model over the prompt, then MTP over it (next token of the last one = x).
+    def emit(mask: torch.Tensor, ids: torch.Tensor) -> None:
+        for b in mask.nonzero().flatten().tolist():
+            out[b].append(int(ids[b]))
+            if (eos_id is not None and out[b][-1] == eos_id) or len(out[b]) == max_new_tokens:
+                running[b] = False
+
+    # Prefill: the main model over the prompt, then MTP over it (the next token of the last one is x).
     positions = cache.begin(P, valid)
     h = model.hidden(tokens, positions, cache)                                      # [B, P, H]
-    x = model.head(h[:, -1]).argmax(-1)                                             # [B]
-    draft = _mtp_draft(model, h, torch.cat([tokens[:, 1:], x[:, None]], 1), positions, cache)[:, -1]
+    x = sampler.draw(sampler.probs(model.head(h[:, -1])))                           # [B]
+    q = sampler.probs(_mtp_logits(model, h, torch.cat([tokens[:, 1:], x[:, None]], 1), positions,
+                                  cache)[:, -1])                                    # [B, V] draft dist
+    draft = sampler.draw(q)
     cache.commit()
-    running = torch.ones(B, dtype=torch.bool, device=device)
     drafted = accepted = 0
     forwards = 1
-
-    def emit(b_mask: torch.Tensor, ids: torch.Tensor) -> None:
-        for b in b_mask.nonzero().flatten().tolist():
-            if len(out[b]) < max_new_tokens:
-                out[b].append(int(ids[b]))
-                if (eos_id is not None and out[b][-1] == eos_id) or len(out[b]) == max_new_tokens:
-                    running[b] = False
-
     emit(running.clone(), x)
     while bool(running.any()):
-        step_tokens = torch.stack([x, draft], 1)                                    # [B, 2]
-        step_valid = running[:, None].expand(B, 2)
         start = cache.length
-        positions = cache.begin(2, step_valid)
-        h = model.hidden(step_tokens, positions, cache)                             # [B, 2, H]
-        y = model.head(h).argmax(-1)                                                # [B, 2]
+        positions = cache.begin(2, running[:, None].expand(B, 2))
+        h = model.hidden(torch.stack([x, draft], 1), positions, cache)              # [B, 2, H]
+        p = sampler.probs(model.head(h))                                            # [B, 2, V]
         forwards += 1
-        ok = (y[:, 0] == draft) & running                                           # [B]
+        p_draft, q_draft = p[rows, 0, draft], q[rows, draft]                        # [B]
+        ok = running & (sampler.uniform(B, device) * q_draft < p_draft)             # u < p/q
+        residual = (p[:, 0] - q).clamp(min=0)                                       # [B, V]
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, 0])
+        y0 = torch.where(ok, draft, sampler.draw(residual))                         # token after x
+        y1 = sampler.draw(p[:, 1])                                                  # after the draft
         drafted += int(running.sum())
         accepted += int(ok.sum())
-        # next token after each slot: y[:, 0] after x; y[:, 1] after the draft (if accepted)
-        next_draft = _mtp_draft(model, h, y, positions, cache)                      # [B, 2]
-        reject = running & ~ok
-        cache.valid[reject, start + 1] = False                                      # drop the draft slot
+        q_next = sampler.probs(_mtp_logits(model, h, torch.stack([y0, y1], 1), positions, cache))
+        cache.valid[running & ~ok, start + 1] = False                               # drop rejected drafts
         cache.commit()
-        was_running = running.clone()
-        emit(was_running, y[:, 0])
-        emit(ok & running, y[:, 1])
-        x = torch.where(ok, y[:, 1], y[:, 0])
-        draft = torch.where(ok, next_draft[:, 1], next_draft[:, 0])
+        emit(running.clone(), y0)
+        emit(ok & running, y1)
+        x = torch.where(ok, y1, y0)
+        q = torch.where(ok[:, None], q_next[:, 1], q_next[:, 0])
+        draft = sampler.draw(q)
     return SpeculativeResult(out, drafted, accepted, forwards)

@@ -48,6 +48,8 @@ def test_generate_text_decodes_the_continuation(model, tokenizer):
     texts = gen_cli.generate_text(model, tokenizer, ["def add(", "class"], 5, stop_at_eos=False)
     ids = generate(model, [tokenizer.encode("def add("), tokenizer.encode("class")], 5)
     assert texts == [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+    assert gen_cli.generate_text(model, tokenizer, ["def add(", "class"], 5, stop_at_eos=False,
+                                 speculative=True) == texts  # greedy: MTP drafts change nothing
 
 
 def test_clis_on_an_hf_folder(model, tokenizer, tmp_path, capsys):
