@@ -107,10 +107,17 @@ def append_isend(ops: list, tensors: Sequence[torch.Tensor | None], dst: int,
         ops.append(dist.P2POp(dist.isend, t.detach().contiguous(), peer, group))
 
 
+def post(ops: list) -> list:
+    """Launch the queued operations together; return their requests (wait on them before reading
+    the received buffers or reusing the sent ones). Empties `ops`."""
+    if not ops:
+        return []
+    reqs = dist.batch_isend_irecv(ops)
+    ops.clear()
+    return reqs
+
+
 def commit(ops: list) -> None:
     """Launch the queued operations together and wait for all of them; empties `ops`."""
-    if not ops:
-        return
-    for req in dist.batch_isend_irecv(ops):
+    for req in post(ops):
         req.wait()
-    ops.clear()

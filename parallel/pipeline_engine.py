@@ -13,7 +13,9 @@ its diagram:
     _forward_backward_chunk(p0, p1)       F of one chunk beside B of another (the overlap hook)
     _weight_chunk()                       W: one deferred weight-gradient chunk (zero bubble)
 
-Sends and receives are queued and committed together at the next compute (`p2p.commit`).
+Sends and receives are queued and launched together at the next compute, which waits for them
+(`_commit`). A W chunk launches them but waits only after its weight gradients: W needs no received
+tensor, so it fills the time the transfers take (on gloo the host would otherwise sit in `wait`).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class PipelineEngine(nn.Module):
     def _reset(self, criterion=None, return_outputs: bool = False) -> None:
         WeightGradStore.clear()
         self.phases = [_Phase() for _ in self.placement.module_index]
-        self.ops: list = []
+        self.ops: list = []  # queued P2P operations
+        self.inflight: list = []  # launched, not yet waited for
         self.criterion = criterion
         self.return_outputs = return_outputs
         self.forward_only = not torch.is_grad_enabled()
@@ -283,7 +286,9 @@ class PipelineEngine(nn.Module):
             p2p.append_isend(self.ops, grads, self._peer(src), self.group)
 
     def _commit(self) -> None:
-        p2p.commit(self.ops)
+        for req in self.inflight + p2p.post(self.ops):
+            req.wait()
+        self.inflight = []
 
     # ---- chunks: what the schedules are written in ------------------------------------------------
     def _forward_chunk(self, phase: int, recv: bool = True, send: bool = True) -> None:
@@ -315,5 +320,5 @@ class PipelineEngine(nn.Module):
     def _weight_chunk(self) -> None:
         if self.forward_only:
             return
-        self._commit()
+        self.inflight += p2p.post(self.ops)
         WeightGradStore.pop()

@@ -1,0 +1,280 @@
+"""Pipeline schedules on CPU ranks (gloo) with stages of controlled cost: timelines, bubbles, memory.
+
+    .venv/bin/python bench/pipeline.py                      # PP=4 and PP=8, all schedules
+    .venv/bin/python bench/pipeline.py --pp 4 --f-ms 50 --b-ms 100 --w-ms 40 --schedules dualpipe 1f1b
+
+Ours (DualPipe, DualPipeV, 1F1B from twinpipe.parallel) and torch.distributed.pipelining's
+(Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV) run the same model:
+each rank's share of it costs F to run forward, B for the full backward, of which W is the weight-gradient
+part, per micro-batch. Costs are *sleeps* (the machine is shared; a sleeping rank leaves the cores to
+the others, so the timeline is the schedule's, not the load's). Schedules with one stage per rank
+(1F1B, DualPipe -- whose two stages are each a full 1/PP of the layers) give each stage F, B, W;
+schedules with two stages per rank (V shapes, interleaved) give each stage F/2, B/2, W/2. Weight
+gradients are split off B where a schedule defers them (our WeightGradStore; torch's `dw_builder`).
+
+Per rank: busy = time inside F/B/W spans; bubble = step span (first start to last end over all ranks)
+- busy. Formula (REFERENCE.md section 4, chunk costs of the schedule's stage, F&B = F + B since the
+default overlap hook runs them one after the other): 1F1B (PP-1)(F+B); ZB1P (PP-1)(F+B-2W); DualPipe
+and DualPipeV (PP/2-1)(F&B+B-3W). Peak activation memory: the most micro-batch activations alive at
+once on a rank, in units of one rank-share activation (a half-size stage counts 1/2).
+Writes bench/results/pipeline.json and one PNG timeline per schedule and PP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F_
+from torch import nn
+
+from twinpipe.parallel.dualpipe import DualPipe, DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from twinpipe.parallel.local import run_local
+from twinpipe.parallel.schedule_1f1b import OneFOneB
+from twinpipe.parallel.weight_grad_store import WeightGradStore
+
+log = logging.getLogger("bench.pipeline")
+RESULTS = Path(__file__).resolve().parent / "results"
+HIDDEN, MICRO = 16, 2
+OURS = ("dualpipe", "dualpipev", "1f1b")
+TORCH = ("torch_1f1b", "torch_interleaved_1f1b", "torch_zbv", "torch_dualpipev")
+
+
+class Recorder:
+    """Spans of compute (kind, stage, start, end) and live activations of this process."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, float, float]] = []
+        self.live = 0.0
+        self.peak = 0.0
+
+    def span(self, kind: str, stage: int, seconds: float) -> None:
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        self.events.append((kind, stage, t0, time.perf_counter()))
+
+    def activation(self, delta: float) -> None:
+        self.live += delta
+        self.peak = max(self.peak, self.live)
+
+
+REC = Recorder()
+
+
+class _StoreOp(torch.autograd.Function):
+    """y = x * w; backward splits into B (input grad) and W, deferred to WeightGradStore if enabled."""
+
+    @staticmethod
+    def forward(ctx, x, w, stage):
+        REC.span("F", stage.index, stage.f)
+        REC.activation(stage.size)
+        ctx.save_for_backward(x, w)
+        ctx.stage = stage
+        return x * w  # [micro, hidden]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        stage = ctx.stage
+        REC.span("B", stage.index, stage.b - stage.w)
+        REC.activation(-stage.size)
+
+        def weight_grad():
+            REC.span("W", stage.index, stage.w)
+            gw = (g * x).sum(0)
+            stage.weight.grad = gw if stage.weight.grad is None else stage.weight.grad + gw
+
+        if stage.torch_split:  # torch's schedules run it through the stage's dw_builder
+            stage.deferred.append(weight_grad)
+        elif WeightGradStore.enabled:
+            WeightGradStore.put(weight_grad)
+        else:
+            weight_grad()
+        return g * w, None, None
+
+
+class TimedStage(nn.Module):
+    def __init__(self, index: int, f: float, b: float, w: float, size: float, torch_split: bool):
+        super().__init__()
+        self.index, self.f, self.b, self.w, self.size = index, f, b, w, size
+        self.torch_split = torch_split
+        self.deferred: list = []  # weight-gradient closures of backwards run so far (torch_split)
+        self.weight = nn.Parameter(torch.ones(HIDDEN))
+
+    def forward(self, x):  # x: [micro, hidden]
+        return _StoreOp.apply(x, self.weight, self)
+
+    def dw_builder(self):
+        """torch's PipelineStage hook, called right after a backward: the W of that backward."""
+        return self.deferred.pop()
+
+
+def placement(schedule: str, pp: int, rank: int) -> tuple[int, list[int]]:
+    """(number of stages, this rank's stage indices in the order the schedule takes them)."""
+    if schedule in ("1f1b", "torch_1f1b"):
+        return pp, [rank]
+    if schedule == "dualpipe":
+        return pp, [rank, pp - 1 - rank]
+    if schedule == "torch_interleaved_1f1b":
+        return 2 * pp, [rank, rank + pp]
+    return 2 * pp, [rank, 2 * pp - 1 - rank]  # V shapes
+
+
+def mse(out, target):
+    return F_.mse_loss(out, target)
+
+
+def _run(rank: int, world: int, schedule: str, costs: dict, num_chunks: int, reps: int) -> dict:
+    n_stages, ids = placement(schedule, world, rank)
+    scale = world / n_stages  # a stage is 1/PP or 1/(2PP) of the model
+    stages = [TimedStage(i, costs["f"] * scale, costs["b"] * scale, costs["w"] * scale, scale,
+                         schedule.startswith("torch")) for i in ids]
+    x = torch.randn(num_chunks * MICRO, HIDDEN)
+    target = torch.randn(num_chunks * MICRO, HIDDEN)
+    step = _builder(schedule, stages, ids, n_stages, world, rank, num_chunks, x, target)
+    timings = []
+    for _ in range(reps):
+        dist.barrier()
+        REC.__init__()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        for s in stages:
+            s.weight.grad = None
+        timings.append((t0, t1, list(REC.events), REC.peak))
+    t0, t1, events, peak = timings[-1]  # the last repetition (the first warms up shapes and groups)
+    return {"t0": t0, "t1": t1, "events": events, "peak_activations": peak}
+
+
+def _builder(schedule, stages, ids, n_stages, world, rank, num_chunks, x, target):
+    if schedule in OURS:
+        set_p2p_tensor_shapes([(MICRO, HIDDEN)])
+        set_p2p_tensor_dtype(torch.float32)
+        if schedule == "1f1b":
+            pipe = OneFOneB(stages[0])
+            feed = ([x] if rank == 0 else [], [target] if rank == world - 1 else [])
+        elif schedule == "dualpipe":
+            pipe = DualPipe(tuple(stages))
+            hx, ht = x.chunk(2), target.chunk(2)
+            feed = ([hx[0]], [ht[1]]) if rank == 0 else ([hx[1]], [ht[0]]) if rank == world - 1 \
+                else ([], [])
+        else:
+            pipe = DualPipeV(tuple(stages))
+            feed = ([x], [target]) if rank == 0 else ([], [])
+        return lambda: pipe.step(*feed[0], num_chunks=num_chunks, criterion=mse, labels=feed[1])
+
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    pstages = [PipelineStage(s, i, n_stages, torch.device("cpu"), dw_builder=s.dw_builder)
+               for s, i in zip(stages, ids)]
+    cls = {"torch_1f1b": schedules.Schedule1F1B, "torch_interleaved_1f1b": schedules.ScheduleInterleaved1F1B,
+           "torch_zbv": schedules.ScheduleZBVZeroBubble, "torch_dualpipev": schedules.ScheduleDualPipeV}[schedule]
+    sched = cls(pstages[0] if schedule == "torch_1f1b" else pstages, num_chunks, loss_fn=mse, scale_grads=False)
+    first, last = 0 in ids, (n_stages - 1) in ids
+
+    def step():
+        kwargs = {"target": target, "losses": []} if last else {}
+        sched.step(*([x] if first else []), **kwargs)
+    return step
+
+
+def bubble_formula(schedule: str, pp: int, f: float, b: float, w: float) -> float | None:
+    """REFERENCE.md section 4, with the schedule's own chunk costs."""
+    if schedule in ("1f1b", "torch_1f1b"):
+        return (pp - 1) * (f + b)
+    if schedule in ("dualpipe", "dualpipev", "torch_dualpipev"):
+        return (pp / 2 - 1) * ((f + b) + b - 3 * w)
+    return None
+
+
+def analyse(schedule: str, pp: int, costs: dict, num_chunks: int, results: list[dict]) -> dict:
+    start = min(r["t0"] for r in results)
+    end = max(max((e[3] for e in r["events"]), default=r["t1"]) for r in results)
+    span = end - start
+    busy = [sum(e[3] - e[2] for e in r["events"]) for r in results]
+    bubbles = [span - b for b in busy]
+    n_stages, _ = placement(schedule, pp, 0)
+    scale = pp / n_stages
+    f, b, w = costs["f"] * scale, costs["b"] * scale, costs["w"] * scale
+    formula = bubble_formula(schedule, pp, f, b, w)
+    return {"schedule": schedule, "pp": pp, "num_chunks": num_chunks, "stages": n_stages,
+            "stage_costs_ms": {"F": f * 1e3, "B": b * 1e3, "W": w * 1e3},
+            "step_ms": span * 1e3, "ideal_busy_ms": num_chunks * (costs["f"] + costs["b"]) * 1e3,
+            "busy_ms_per_rank": [x * 1e3 for x in busy],
+            "bubble_ms_per_rank": [x * 1e3 for x in bubbles],
+            "bubble_ms_mean": sum(bubbles) / len(bubbles) * 1e3, "bubble_ms_max": max(bubbles) * 1e3,
+            "bubble_formula_ms": formula * 1e3 if formula is not None else None,
+            "peak_activations_per_rank": [r["peak_activations"] for r in results],
+            "timeline": [[(k, s, (t0 - start) * 1e3, (t1 - start) * 1e3) for k, s, t0, t1 in r["events"]]
+                         for r in results]}
+
+
+def plot(entry: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868"}
+    pp = entry["pp"]
+    fig, ax = plt.subplots(figsize=(12, 0.45 * pp + 1.2))
+    for rank, events in enumerate(entry["timeline"]):
+        for kind, stage, t0, t1 in events:
+            ax.broken_barh([(t0, t1 - t0)], (pp - 1 - rank - 0.4, 0.8), facecolors=colors[kind],
+                           edgecolor="white", linewidth=0.3)
+    ax.set_yticks(range(pp), [f"rank {pp - 1 - r}" for r in range(pp)])
+    ax.set_xlabel("ms")
+    formula = entry["bubble_formula_ms"]
+    ax.set_title(f"{entry['schedule']} PP={pp}, {entry['num_chunks']} micro-batches: step "
+                 f"{entry['step_ms']:.0f} ms, bubble mean {entry['bubble_ms_mean']:.0f} ms"
+                 + (f" (formula {formula:.0f})" if formula is not None else ""))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, list(colors), loc="upper right", ncols=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pp", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--schedules", nargs="+", default=[*OURS, *TORCH])
+    parser.add_argument("--f-ms", type=float, default=200.0)
+    parser.add_argument("--b-ms", type=float, default=400.0)
+    parser.add_argument("--w-ms", type=float, default=160.0)
+    parser.add_argument("--chunks-per-rank", type=int, default=2, help="num_chunks = this x PP")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    costs = {"f": args.f_ms / 1e3, "b": args.b_ms / 1e3, "w": args.w_ms / 1e3}
+    entries = []
+    for pp in args.pp:
+        num_chunks = args.chunks_per_rank * pp
+        for schedule in args.schedules:
+            results = run_local(_run, pp, schedule, costs, num_chunks, args.reps, timeout_s=300)
+            entry = analyse(schedule, pp, costs, num_chunks, results)
+            plot(entry, args.out.parent / f"pipeline_{schedule}_pp{pp}.png")
+            formula = entry["bubble_formula_ms"]
+            print(f"PP={pp} {schedule:24s} step {entry['step_ms']:7.1f} ms  bubble mean "
+                  f"{entry['bubble_ms_mean']:6.1f} max {entry['bubble_ms_max']:6.1f} ms  formula "
+                  f"{formula if formula is None else round(formula, 1)}  peak act "
+                  f"{max(entry['peak_activations_per_rank']):.1f}", flush=True)
+            entries.append(entry)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"costs_ms": {"F": args.f_ms, "B": args.b_ms, "W": args.w_ms}, "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "note": "sleep-based stage costs on gloo CPU ranks"}
+    args.out.write_text(json.dumps({"meta": meta, "runs": entries}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
