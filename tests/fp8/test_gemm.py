@@ -150,3 +150,16 @@ def test_grouped_emulate_per_expert_fallback_agrees(monkeypatch):
     bound = torch.cat([_reorder_bound(a[lo:hi], a_s[lo:hi], w[e], w_s[e])
                        for e, (lo, hi) in enumerate([(0, 20), (20, 20), (20, 50)])])
     assert torch.all((batched - looped).abs() <= bound)
+
+
+@pytest.mark.parametrize("m,n,k,per_row", [(256, 384, 512, False), (100, 256, 384, False), (256, 384, 512, True)])
+def test_cublas_operands_pass_torch_scaled_mm_layout_checks(m, n, k, per_row):
+    """Without a GPU, torch's meta kernel still checks the operand/scale shapes and majorness that the
+    blockwise cuBLAS path requires (1×128 × 128×128 for Fprop/Dgrad, 1×128 × 1×128 for Wgrad)."""
+    from twinpipe.fp8.cublas import _scaled
+    f8 = torch.float8_e4m3fn
+    a, b = torch.empty(m, k, dtype=f8, device="meta"), torch.empty(n, k, dtype=f8, device="meta")
+    a_s = torch.empty(m, -(-k // 128), device="meta")
+    b_s = torch.empty(n if per_row else -(-n // 128), -(-k // 128), device="meta")
+    out = _scaled(a, a_s, b, b_s, torch.bfloat16)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
