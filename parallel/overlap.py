@@ -80,15 +80,24 @@ class _Pair:
 
 
 class CommStats:
-    """Time spent blocked on collectives issued through `wait` (exposed communication)."""
+    """Time spent blocked on collectives issued through `wait` (exposed communication), in total and
+    per wait in issue order (the order is the same on every rank of a group, so benches can line the
+    ranks' waits up)."""
 
     def __init__(self) -> None:
         self.wait_s = 0.0
         self.num_waits = 0
+        self.waits: list[float] = []
 
     def reset(self) -> None:
         self.wait_s = 0.0
         self.num_waits = 0
+        self.waits = []
+
+    def record(self, seconds: float) -> None:
+        self.wait_s += seconds
+        self.num_waits += 1
+        self.waits.append(seconds)
 
 
 COMM_STATS = CommStats()
@@ -105,8 +114,7 @@ def wait(work: Any, switch: bool = True) -> None:
         pair.switch(me)
     t0 = time.perf_counter()
     work.wait()
-    COMM_STATS.wait_s += time.perf_counter() - t0
-    COMM_STATS.num_waits += 1
+    COMM_STATS.record(time.perf_counter() - t0)
 
 
 class _Helper:
