@@ -85,3 +85,21 @@ def reduce_expert_grads(model: nn.Module, edp_group: dist.ProcessGroup | None,
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
             g.copy_(b[ids])
+
+
+@torch.no_grad()
+def expert_grad_norm_sq(model: nn.Module) -> torch.Tensor:
+    """Squared L2 norm (fp64) of the expert gradients after `reduce_expert_grads`, each logical expert
+    counted once however many replicas it has: the expert part of the global norm for clipping
+    (collective over each EP group; add the dense part, and sum over pipeline stages)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for layer in expert_parallel_layers(model):
+        per_slot = torch.zeros(layer.slots_per_rank, dtype=torch.float64)    # [S]
+        for p in layer.local.parameters():
+            if p.grad is not None:
+                per_slot += p.grad.double().pow(2).flatten(1).sum(1).cpu()
+        copies = layer.logcnt[layer.local_logical_ids()].to(torch.float64).cpu()  # [S]
+        sq = (per_slot / copies).sum()
+        dist.all_reduce(sq, group=layer.ep_group)
+        total += sq
+    return total

@@ -28,7 +28,8 @@ from torch import nn
 
 from twinpipe.model.config import ModelConfig
 from twinpipe.model.moe import MoE
-from twinpipe.parallel.ep_groups import deepspeed_param_groups, expert_param_groups, reduce_expert_grads
+from twinpipe.parallel.ep_groups import (
+    deepspeed_param_groups, expert_grad_norm_sq, expert_param_groups, reduce_expert_grads)
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import (
     ExpertParallelExperts, apply_expert_parallel, group_to_nodes)
@@ -106,6 +107,8 @@ def _ep_vs_single(rank: int, world: int, ep: int, num_replicas: int | None) -> N
     reduce_expert_grads(model, grid.edp_group, grid.dp_group, world)
 
     torch.testing.assert_close(out, ref_outs[rank], rtol=RTOL, atol=1e-6)
+    want_sq = sum(float(g.double().pow(2).sum()) for n, g in ref_grads.items() if ".experts." in n)
+    assert abs(float(expert_grad_norm_sq(model)) - want_sq) <= 1e-6 * want_sq
     for name, p in model.named_parameters():
         if ".local." in name:
             layer_name = name.split(".experts.")[0]
