@@ -11,11 +11,14 @@ expert and divided by `dp`. With redundant EPLB replicas the copies of one logic
 different slots (and ranks), so their gradients are summed per logical expert over the whole DP group
 and written back to every copy, which keeps the replicas identical.
 
-DeepSpeed ZeRO-1: the expert parameters carry `allreduce = False` (DeepSpeed's `is_moe_param`), so give
-the optimizer `expert_param_groups(model)` — dense params in one group, expert params in another with
-`moe=True` — or keep the expert params out of the ZeRO optimizer entirely (a plain torch AdamW over
-them): their optimizer state is then local, which EPLB needs to move it (see `ep_eplb`). In both
-cases call `reduce_expert_grads` after the backward and before the optimizer step.
+Composition with ZeRO-1 (DeepSpeed's or the trainer's): the expert parameters carry `allreduce =
+False` (DeepSpeed's `is_moe_param` marker); `expert_param_groups(model)` splits them off. Give the
+ZeRO optimizer the dense parameters only, and the expert parameters a local torch AdamW — they are
+already sharded by EP, and a local state is what EPLB can move (`ep_eplb`). Per step: backward, ZeRO's
+dense reduction, `reduce_expert_grads(model, grid.edp_group, grid.dp_group, grid.dp)`, global norm² =
+dense part + `expert_grad_norm_sq(model)` (+ sum over pipeline stages), clip, both steps.
+(`deepspeed_param_groups` gives DeepSpeed's own MoE grouping, `moe=True`, for engines that create
+DeepSpeed's expert groups themselves.)
 """
 
 from __future__ import annotations
