@@ -28,23 +28,24 @@ class Backend:
     weight_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]   # (w, block_size, pow2)
     gemm: Callable[..., torch.Tensor]            # (a, a_s, b, b_s, out_dtype, block_size)
     grouped_gemm: Callable[..., torch.Tensor]    # (a, a_s, b, b_s, offsets, out_dtype, block_size)
+    k_grouped_gemm: Callable[..., torch.Tensor]  # (a, a_s, b, b_s, offsets, out_dtype, block_size)
 
 
 def _emulate() -> Backend:
     return Backend("emulate", quant.act_quant, quant.weight_quant, emulate.emulate_gemm,
-                   emulate.emulate_grouped_gemm)
+                   emulate.emulate_grouped_gemm, emulate.emulate_k_grouped_gemm)
 
 
 def _triton() -> Backend:
     from twinpipe.fp8 import triton_gemm, triton_quant
     return Backend("triton", triton_quant.triton_act_quant, triton_quant.triton_weight_quant,
-                   triton_gemm.triton_gemm, triton_gemm.triton_grouped_gemm)
+                   triton_gemm.triton_gemm, triton_gemm.triton_grouped_gemm, triton_gemm.triton_k_grouped_gemm)
 
 
 def _cublas() -> Backend:
     from twinpipe.fp8 import cublas
     return Backend("cublas", quant.act_quant, quant.weight_quant, cublas.cublas_gemm,
-                   cublas.cublas_grouped_gemm)
+                   cublas.cublas_grouped_gemm, cublas.cublas_k_grouped_gemm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +58,7 @@ def _auto(device_type: str) -> Backend:
             # cuBLAS for dense GEMMs; cuBLAS has no blockwise grouped GEMM, so experts stay on Triton
             log.info("fp8 backend auto -> cublas dense GEMMs, triton grouped GEMMs and quantization")
             return Backend("auto:cublas+triton", triton.act_quant, triton.weight_quant, _cublas().gemm,
-                           triton.grouped_gemm)
+                           triton.grouped_gemm, triton.k_grouped_gemm)
         log.info("fp8 backend auto -> triton (cublas unavailable: %s)", reason)
         return triton
     log.info("fp8 backend auto -> emulate (tensors on %s; the FP8 kernels need a CUDA GPU)", device_type)

@@ -4,7 +4,7 @@
 scale_a [M, ceil(K/128)] (1×128) with scale_b [ceil(K/128), ceil(N/128)] (128×128) or
 [ceil(K/128), N] (1×128, for Wgrad). cuBLAS wants the 1×128 scales M-major ("outer-dim major"),
 so they are passed as the transpose of a contiguous [nbk, M] tensor. There is no blockwise grouped
-GEMM in cuBLAS for Hopper, so the grouped form loops over the expert segments.
+GEMM in cuBLAS for Hopper, so the grouped forms loop over the expert segments.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import functools
 
 import torch
 
-from twinpipe.fp8.emulate import check_gemm_operands, check_grouped_operands, segment_bounds
+from twinpipe.fp8.emulate import (check_gemm_operands, check_grouped_operands, check_k_grouped_operands,
+                                  segment_bounds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,4 +73,18 @@ def cublas_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s
     for e, (lo, hi) in enumerate(segment_bounds(offsets)):
         if hi > lo:
             out[lo:hi] = cublas_gemm(a[lo:hi], a_s[lo:hi], b[e], b_s[e], out_dtype, block_size)
+    return out
+
+
+def cublas_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                          offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
+                          ) -> torch.Tensor:
+    """out[g] = a[:, seg g] @ b[:, seg g].T over 128-aligned segments (expert Wgrad), one call each."""
+    check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size)
+    bounds = segment_bounds(offsets)
+    out = torch.zeros(len(bounds), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)  # [G, M, N]
+    for g, (lo, hi) in enumerate(bounds):
+        if hi > lo:
+            blocks = slice(lo // block_size, -(-hi // block_size))
+            out[g] = cublas_gemm(a[:, lo:hi], a_s[:, blocks], b[:, lo:hi], b_s[:, blocks], out_dtype, block_size)
     return out

@@ -144,3 +144,32 @@ def emulate_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_
         for j in range(1, nbk):
             acc += parts[:, j]
     return acc[expert, row].to(out_dtype)
+
+
+def check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size):
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_k_grouped_gemm: a [M, L] and b [N, L] must share L, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    nbl = math.ceil(a.shape[1] / block_size)
+    if tuple(a_s.shape) != (a.shape[0], nbl) or tuple(b_s.shape) != (b.shape[0], nbl):
+        raise ValueError(f"fp8_k_grouped_gemm: scales {tuple(a_s.shape)}, {tuple(b_s.shape)}; expected "
+                         f"{(a.shape[0], nbl)} and {(b.shape[0], nbl)} (1x{block_size} along L)")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"fp8_k_grouped_gemm: offsets must be [G + 1], got shape {tuple(offsets.shape)}")
+
+
+def emulate_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                           offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
+                           ) -> torch.Tensor:
+    """out[g] = a[:, seg g] @ b[:, seg g].T over 128-aligned segments of L: [G, M, N] (expert Wgrad)."""
+    check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size)
+    bounds = segment_bounds(offsets)
+    out = torch.zeros(len(bounds), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)  # [G, M, N]
+    for g, (lo, hi) in enumerate(bounds):
+        if lo % block_size or (hi % block_size and hi != a.shape[1]):
+            raise ValueError(f"fp8_k_grouped_gemm: segment {g} = [{lo}, {hi}) is not {block_size}-aligned")
+        if hi > lo:
+            blocks = slice(lo // block_size, math.ceil(hi / block_size))
+            out[g] = emulate_gemm(a[:, lo:hi], a_s[:, blocks], b[:, lo:hi], b_s[:, blocks], out_dtype,
+                                  block_size)
+    return out

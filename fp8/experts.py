@@ -3,8 +3,8 @@
 Forward, per segment e (tokens sorted by expert):  g = x·Wgᵀ, u = x·Wuᵀ, h = silu(g)·u, y = h·Wdᵀ,
 every GEMM in E4M3 with 1×128 activation tiles and 128×128 weight blocks. Saved for backward, all in
 FP8: the expert input x and the SwiGLU input (g, u); SwiGLU is recomputed in backward (DeepSeek-V3
-§3.3). Dgrad runs as grouped GEMMs on the transposed weight blocks; Wgrad per expert as dense FP8 GEMMs
-with both operands tiled 1×128 along that expert's tokens.
+§3.3). Dgrad runs as grouped GEMMs on the transposed weight blocks; Wgrad as one k-grouped FP8 GEMM
+with both operands tiled 1×128 along each expert's own tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
-from twinpipe.fp8.emulate import segment_bounds
-from twinpipe.fp8.linear import wgrad
 from twinpipe.fp8.quant import act_dequant
 from twinpipe.fp8.weight_cache import WeightCache
 from twinpipe.model.experts import Experts
@@ -22,15 +20,40 @@ from twinpipe.model.experts import Experts
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _aligned_layout(offsets: torch.Tensor, num_tokens: int, block_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token positions when every expert segment starts on a block_size boundary.
+
+    offsets [E+1] -> (position of each sorted token [M], aligned offsets [E+1], padded length). The
+    length is an upper bound known without reading the counts on the host (no GPU sync).
+    """
+    counts = offsets.diff()                                                     # [E]
+    num_experts = counts.numel()
+    aligned = F.pad(((counts + block_size - 1) // block_size * block_size).cumsum(0), (1, 0))  # [E+1]
+    expert = torch.repeat_interleave(torch.arange(num_experts, device=offsets.device), counts,
+                                     output_size=num_tokens)                    # [M]
+    pos = torch.arange(num_tokens, device=offsets.device) - offsets[:-1][expert] + aligned[:-1][expert]
+    length = (num_tokens + block_size - 1) // block_size * block_size + block_size * num_experts
+    return pos, aligned, length
+
+
 def _grouped_wgrad(backend: Backend, grad: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor,
-                   bounds: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
-    """out[e] = grad_segᵀ · x_seg per expert segment: grad [M, N], x [M, K] -> out [E, N, K]."""
-    for e, (lo, hi) in enumerate(bounds):
-        if hi > lo:
-            out[e] = wgrad(backend, grad[lo:hi], x_q[lo:hi], x_s[lo:hi])
-        else:
-            out[e] = 0
-    return out
+                   offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128) -> torch.Tensor:
+    """dW[e] = grad_segᵀ · x_seg for every expert: grad [M, N], x (q, s) [M, K] -> [E, N, K].
+
+    Both operands are requantized 1×128 along the tokens with tiles that never cross an expert: each
+    segment is moved to a block-aligned start of a zero-padded buffer, quantized in one call, and one
+    k-grouped GEMM reduces every expert's own segment.
+    """
+    pos, aligned, length = _aligned_layout(offsets, grad.shape[0], block_size)
+    n, k = grad.shape[1], x_q.shape[1]
+    grad_t = grad.new_zeros(n, length, dtype=torch.float32)                     # [N, L]
+    grad_t[:, pos] = grad.float().t()
+    x_t = grad.new_zeros(k, length, dtype=torch.float32)                        # [K, L]
+    x_t[:, pos] = act_dequant(x_q, x_s).t()
+    g_q, g_s = backend.act_quant(grad_t)                                        # [N, L], [N, L/128]
+    xt_q, xt_s = backend.act_quant(x_t)                                         # [K, L], [K, L/128]
+    return backend.k_grouped_gemm(g_q, g_s, xt_q, xt_s, aligned, out_dtype, block_size)   # [E, N, K]
 
 
 class FP8GroupedSwiGLU(torch.autograd.Function):
@@ -54,7 +77,6 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets = ctx.saved_tensors
         backend: Backend = ctx.backend
         caches = ctx.caches
-        bounds = segment_bounds(offsets)
         gate, up = act_dequant(g_q, g_s), act_dequant(u_q, u_s)            # [M, I] fp32 each
         sig = torch.sigmoid(gate)
         silu = gate * sig                                                   # recomputed SwiGLU
@@ -76,12 +98,12 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
                       + backend.grouped_gemm(du_q, du_s, wu_t.q, wu_t.s, offsets, torch.float32)
                       ).to(ctx.x_dtype)                                     # [M, H]
         if ctx.needs_input_grad[1]:
-            grad_gate = _grouped_wgrad(backend, d_gate, x_q, x_s, bounds, torch.empty_like(w_gate))
+            grad_gate = _grouped_wgrad(backend, d_gate, x_q, x_s, offsets, w_gate.dtype)
         if ctx.needs_input_grad[2]:
-            grad_up = _grouped_wgrad(backend, d_up, x_q, x_s, bounds, torch.empty_like(w_up))
+            grad_up = _grouped_wgrad(backend, d_up, x_q, x_s, offsets, w_up.dtype)
         if ctx.needs_input_grad[3]:
             h_q, h_s = backend.act_quant(h)
-            grad_down = _grouped_wgrad(backend, grad_y, h_q, h_s, bounds, torch.empty_like(w_down))
+            grad_down = _grouped_wgrad(backend, grad_y, h_q, h_s, offsets, w_down.dtype)
         return grad_x, grad_gate, grad_up, grad_down, None, None, None
 
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from twinpipe.fp8.emulate import b_scales_are_per_row, check_gemm_operands, check_grouped_operands
+from twinpipe.fp8.emulate import (b_scales_are_per_row, check_gemm_operands, check_grouped_operands,
+                                  check_k_grouped_operands)
 from twinpipe.fp8.triton_quant import interpreting
 
 _CONFIGS = [
@@ -143,8 +144,35 @@ def _fp8_grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, N
         tiles_before += group_tiles
 
 
+@triton.jit
+def _fp8_k_grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, NUM_GROUPS, M, N,
+                               stride_am, stride_asm, stride_bn, stride_bsn, stride_ce, stride_cm,
+                               NUM_PROGRAMS, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[g] [M, N] = A[:, seg g] · B[:, seg g]ᵀ, the reduction running over group g's (128-aligned)
+    column segment offsets[g]:offsets[g+1]; both operands scaled 1×128 along it (Wgrad of experts)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_tiles = num_pid_m * num_pid_n
+    for tile_id in tl.range(tl.program_id(0), NUM_GROUPS * group_tiles, NUM_PROGRAMS):
+        g = tile_id // group_tiles
+        pid_m, pid_n = _tile_coords(tile_id % group_tiles, num_pid_m, num_pid_n, GROUP_M)
+        start = tl.load(offsets_ptr + g)
+        end = tl.load(offsets_ptr + g + 1)
+        kb0 = start // BLOCK_K
+        acc = _scaled_tile(a_ptr + start, as_ptr + kb0, b_ptr + start, bs_ptr + kb0, None, None,
+                           pid_m * BLOCK_M, M, pid_n * BLOCK_N, N, end - start,
+                           stride_am, stride_asm, stride_bn, stride_bsn, True, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_ptr + g * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 _fp8_gemm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "B_PER_ROW", "USE_TMA"])(_fp8_gemm_kernel)
 _fp8_grouped_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K"])(_fp8_grouped_gemm_kernel)
+_fp8_k_grouped_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N"])(_fp8_k_grouped_gemm_kernel)
 
 
 def _launch(kernel_plain, kernel_tuned, num_tiles_fn, device, *args, **kwargs):
@@ -209,4 +237,24 @@ def triton_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s
                 a.device, a, a_s, b, b_s, out, offsets, e, n, k, a.stride(0), a_s.stride(0),
                 b.stride(0), b.stride(1), b_s.stride(0), b_s.stride(1), out.stride(0),
                 BLOCK_K=block_size)
+    return out
+
+
+def triton_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                          offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
+                          ) -> torch.Tensor:
+    """out[g] = a[:, seg g] @ b[:, seg g].T: a [M, L], b [N, L] fp8 with 1×128 scales along L
+    ([M, L/128], [N, L/128]); offsets [G+1] multiples of block_size -> out [G, M, N]."""
+    check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size)
+    m, n = a.shape[0], b.shape[0]
+    num_groups = offsets.numel() - 1
+    a, b = _rows_contiguous(a), _rows_contiguous(b)
+    a_s, b_s = _rows_contiguous(a_s.float()), _rows_contiguous(b_s.float())
+    offsets = offsets.to(device=a.device, dtype=torch.int32)
+    out = torch.empty(num_groups, m, n, dtype=out_dtype, device=a.device)   # [G, M, N]
+    if num_groups > 0 and m > 0 and n > 0:
+        _launch(_fp8_k_grouped_gemm_kernel, _fp8_k_grouped_tuned,
+                lambda meta: num_groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+                a.device, a, a_s, b, b_s, out, offsets, num_groups, m, n, a.stride(0), a_s.stride(0),
+                b.stride(0), b_s.stride(0), out.stride(0), out.stride(1), BLOCK_K=block_size)
     return out
