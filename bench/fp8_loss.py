@@ -62,7 +62,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
     rel = [(s, (v - common[s]) / common[s] * 100) for s, v in fp8 if s in common]
     ax_rel.plot([s for s, _ in rel], [r for _, r in rel], linewidth=0.8, color="gray")
     ax_rel.axhline(0, color="black", linewidth=0.5)
-    ax_rel.set_ylabel(f"({fp8_name} - {base_name}) / {base_name}, %")
+    ax_rel.set_ylabel("fp8 vs baseline, %")
     ax_rel.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
