@@ -1,23 +1,28 @@
-"""The overlapped forward-backward plugged into DualPipe, with expert parallelism, on 4 gloo ranks.
+"""The overlapped forward-backward plugged into DualPipe, with expert parallelism, on gloo ranks.
 
-Grid pp = 2 × dp = 2, ep = 2: each pipeline rank holds two stages (DualPipe's pair), each stage one
-DeepSeek-V3 block whose MoE is expert-parallel over the two data-parallel ranks of that pipeline rank.
-The same step runs with DualPipe's default hook (forward, then backward) and with
-`overlapped_forward_backward` (the two interleaved at every all-to-all): the schedule, the P2P
-traffic and every arithmetic operation are the same, so losses and gradients must be equal bit for
-bit, and nothing may deadlock (every EP collective pairs up across the data-parallel ranks). The
-per-micro-batch losses also match the unpartitioned blocks run in one process, to rtol 1e-6 (the
-expert GEMMs see other segment lengths, see test_expert_parallel.py).
+Grid pp = 2 × dp, ep = dp (dp = 2 in fp32; dp = 4 with FP8: FP8 Linear/experts by emulation and the
+FP8 dispatch): each pipeline rank holds two stages (DualPipe's pair), each stage one DeepSeek-V3 block
+whose MoE is expert-parallel over the data-parallel ranks of that pipeline rank. The same step runs
+with DualPipe's default hook (forward, then backward) and with `overlapped_forward_backward` (the two
+interleaved at every all-to-all): the schedule, the P2P traffic and every arithmetic operation are
+the same, so losses and gradients must be equal bit for bit, and nothing may deadlock (every EP
+collective pairs up across the data-parallel ranks). The per-micro-batch losses also match the
+unpartitioned blocks run in one process (with FP8: the same FP8 modules, their expert input passed
+through the dispatch's quantize-dequantize), to rtol 1e-6: FP8 quantization is per row and per
+weight block, so only the expert GEMMs' segment lengths differ (see test_expert_parallel.py).
 """
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twinpipe.fp8 import act_dequant, act_quant
+from twinpipe.fp8.convert import convert_model
 from twinpipe.model import ModelConfig, Transformer
 from twinpipe.parallel.dualpipe import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from twinpipe.parallel.expert_parallel import apply_expert_parallel
@@ -42,14 +47,31 @@ def _criterion(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target)
 
 
-def _step(rank: int, world: int, overlapped: bool):
-    grid = build_grid(pp=2, dp=2, ep=2)
+class _QuantizedDispatchReference(nn.Module):
+    """Unsharded experts fed the FP8 dispatch's quantize-dequantize of their input (row-wise)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.inner = experts
+
+    def forward(self, x, topk_idx, topk_weight):
+        q, s = act_quant(x, 128, pow2=True)
+        return self.inner(act_dequant(q, s, 128, x.dtype), topk_idx, topk_weight)
+
+
+def _step(rank: int, world: int, overlapped: bool, dp: int, fp8: bool):
+    grid = build_grid(pp=2, dp=dp, ep=dp)
     config = ModelConfig.preset("tiny", num_hidden_layers=3, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     model = Transformer(config)
     model.init_weights(0.05)
+    if fp8:
+        convert_model(model, "emulate")
     plain = copy.deepcopy(model)
-    apply_expert_parallel(model, grid.ep_group)
+    if fp8:
+        for moe in (plain.layers[1].mlp, plain.layers[2].mlp):
+            moe.experts = _QuantizedDispatchReference(moe.experts)
+    apply_expert_parallel(model, grid.ep_group, fp8_dispatch=fp8)
     stages = [BlockStage(model.layers[1]), BlockStage(model.layers[2])]
     pair = (stages[grid.pp_rank], stages[1 - grid.pp_rank])
     set_p2p_tensor_shapes([(MICRO, SEQ, config.hidden_size)])
@@ -76,9 +98,9 @@ def _step(rank: int, world: int, overlapped: bool):
     return loss, grads, switches
 
 
-def _compare(rank: int, world: int) -> int:
-    seq_loss, seq_grads, _ = _step(rank, world, overlapped=False)
-    ovl_loss, ovl_grads, switches = _step(rank, world, overlapped=True)
+def _compare(rank: int, world: int, dp: int, fp8: bool) -> int:
+    seq_loss, seq_grads, _ = _step(rank, world, False, dp, fp8)
+    ovl_loss, ovl_grads, switches = _step(rank, world, True, dp, fp8)
     assert switches > 0, "DualPipe never ran an overlapped forward-backward pair"
     assert torch.equal(seq_loss, ovl_loss)
     assert seq_grads.keys() == ovl_grads.keys() and len(seq_grads) > 0
@@ -87,6 +109,7 @@ def _compare(rank: int, world: int) -> int:
     return len(seq_grads)
 
 
-def test_dualpipe_with_overlapped_expert_parallel_blocks():
-    counts = run_local(_compare, 4, timeout_s=300)
+@pytest.mark.parametrize("dp,fp8", [(2, False), (4, True)])
+def test_dualpipe_with_overlapped_expert_parallel_blocks(dp, fp8):
+    counts = run_local(_compare, 2 * dp, dp, fp8, timeout_s=300)
     assert all(c > 0 for c in counts)
