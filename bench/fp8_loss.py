@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"fp8_loss_{args.backend}_{args.dtype}_{args.steps}steps_s{args.seed}"
-    names = {f"{args.dtype} (fp8=off)": base, f"fp8={args.backend}": fp8}
+    names = {f"fp8=off, train.dtype={args.dtype}": base, f"fp8={args.backend}, train.dtype={args.dtype}": fp8}
     plot(names, out / f"{stem}.png",
          f"tiny model, {args.steps} steps: rel. error of last-{last} mean = {rel:.3%}")
     result = {
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "seed": args.seed, "backend": args.backend, "dtype": args.dtype,
         "overrides": extra, "last": last, "baseline_mean_loss": base_mean, "fp8_mean_loss": fp8_mean,
         "relative_error": rel, "report_bound": REPORT_BOUND, "within_report_bound": rel < REPORT_BOUND,
+        "note": "train.dtype=bf16 autocasts only on CUDA: on CPU both runs compute in FP32 outside the FP8 GEMMs",
         "seconds": seconds, "baseline_losses": base, "fp8_losses": fp8,
     }
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))

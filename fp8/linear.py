@@ -35,7 +35,10 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)                             # [T, K]
         x_q, x_s = backend.act_quant(x2)                            # [T, K] fp8, [T, nbk]
         w = cache.get(weight, backend)                              # [N, K] fp8, [nbn, nbk]
-        y = backend.gemm(x_q, x_s, w.q, w.s, x.dtype)              # [T, N]
+        device_type = x.device.type
+        out_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else x.dtype)                                  # what nn.Linear would return
+        y = backend.gemm(x_q, x_s, w.q, w.s, out_dtype)            # [T, N]
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(x_q, x_s, weight)

@@ -156,3 +156,13 @@ def test_from_linear_keeps_parameters():
     assert isinstance(lin, FP8Linear) and lin.weight is w and list(lin.state_dict()) == ["weight", "bias"]
     with pytest.raises(ValueError, match="allowed values"):
         FP8Linear(4, 4, backend="fast")
+
+
+def test_output_dtype_follows_autocast_like_nn_linear():
+    ref, fp8 = _pair(bias=False)
+    x = torch.randn(8, 300, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x), fp8(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and fp8.weight.grad.dtype == torch.float32
