@@ -109,6 +109,7 @@ class ExpertParallelExperts(nn.Module):
         self.fp8_dispatch = fp8_dispatch
         self.fp8_block_size = fp8_block_size
         self.register_buffer("phy2log", phy2log.clone(), persistent=True)
+        # tokens served by each local slot since the last placement change (measured load)
         self.register_buffer("slot_load", torch.zeros(self.slots_per_rank, dtype=torch.int64),
                              persistent=False)
         self._refresh_tables()
@@ -137,6 +138,7 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"new placement has {phy2log.numel()} slots, this layer has {self.num_slots}")
         self.phy2log.copy_(phy2log.to(torch.int64).flatten())
         self._refresh_tables()
+        self.slot_load.zero_()  # counted for the old slots
 
     def route_to_slots(self, topk_idx: torch.Tensor) -> torch.Tensor:
         """topk_idx[N, K] logical experts -> [N*K] physical slot of each pair (replica by pair index)."""

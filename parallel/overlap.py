@@ -21,6 +21,11 @@ arithmetic is exactly that of running the forward and then the backward: results
 
 `overlapped_forward_backward` has DualPipe's hook signature (see REFERENCE.md §4), so the pipeline engine
 can plug it in; outside such a region `wait` just waits.
+
+Scope: this is the CPU/gloo form, where autograd runs a backward on the thread that calls it. On CUDA
+the engine runs backward nodes on its own device thread, where `wait` does not hand off: the result is
+still correct but the backward's collectives are not overlapped; a GPU overlap wants the all-to-alls
+on a side CUDA stream (DeepEP-style) instead, which is not built here.
 """
 
 from __future__ import annotations
