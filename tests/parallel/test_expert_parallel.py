@@ -30,9 +30,9 @@ from twinpipe.model.config import ModelConfig
 from twinpipe.model.moe import MoE
 from twinpipe.parallel.ep_groups import (
     deepspeed_param_groups, expert_grad_norm_sq, expert_param_groups, reduce_expert_grads)
-from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import (
     ExpertParallelExperts, apply_expert_parallel, group_to_nodes)
+from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.local import run_local
 
 RTOL, ATOL = 1e-5, 1e-8
@@ -130,14 +130,16 @@ def test_ep_with_redundant_replicas_matches_single_process():
 
 
 def _routing_and_dispatch_exact(rank: int, world: int) -> None:
-    """With the expert GEMM replaced by an exact per-row function, EP equals the reference bit for bit:
-    dispatch and combine only move rows, and every token's K picks are summed in the same order."""
+    """With the expert GEMM replaced by an exact per-row function, EP equals the reference bit for bit,
+    forward and input gradient: dispatch and combine (and their backwards) only move rows, and every
+    token's K picks are summed in the same order."""
     torch.manual_seed(0)
     config = tiny_config()
     moe = MoE(config)
     moe.reset_parameters(0.05)
     x = make_batch(rank, config).view(-1, config.hidden_size)                 # [N, H]
     topk_weight, topk_idx, _ = moe.gate(x)
+    topk_weight = topk_weight.detach()
     expected = moe.experts.__class__.forward
 
     def rowwise(self, x_sorted, counts):                                     # exact per row
@@ -146,11 +148,17 @@ def _routing_and_dispatch_exact(rank: int, world: int) -> None:
 
     experts = moe.experts
     experts.grouped_swiglu = rowwise.__get__(experts)
-    want = expected(experts, x, topk_idx, topk_weight)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    x_ref = x.detach().requires_grad_()
+    want = expected(experts, x_ref, topk_idx, topk_weight)
+    (want * probe).sum().backward()
     ep_experts = ExpertParallelExperts(experts, dist.group.WORLD)
     ep_experts.local.grouped_swiglu = rowwise.__get__(ep_experts.local)
-    got = ep_experts(x, topk_idx, topk_weight)
+    x_ep = x.detach().requires_grad_()
+    got = ep_experts(x_ep, topk_idx, topk_weight)
+    (got * probe).sum().backward()                  # combine's backward dispatches the gradients
     assert torch.equal(got, want)
+    assert torch.equal(x_ep.grad, x_ref.grad)
     recv = ep_experts.slot_load                                               # tokens this rank served
     counts = torch.bincount(topk_idx.flatten(), minlength=config.n_routed_experts)
     dist.all_reduce(counts)
