@@ -114,7 +114,8 @@ class BalanceSchema:
 
 @dataclass
 class EPLBSchema:
-    every: int = 0  # steps between expert re-placements; 0 = off
+    every: int = 0  # steps between expert re-placements; 0 = off (needs parallel.ep > 1)
+    replicas: int = 0  # physical expert slots per MoE layer under expert parallelism; 0 = one per expert
 
 
 @dataclass
@@ -186,7 +187,7 @@ POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq
             "parallel.pp", "parallel.dp", "parallel.ep", "checkpoint.keep", "logging.every")
 NON_NEGATIVE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.constant",
                 "optim.decay", "optim.min_lr", "train.grad_clip", "train.threads", "balance.gamma",
-                "loss.mtp_lambda", "loss.mtp_lambda_late", "checkpoint.every", "eplb.every",
+                "loss.mtp_lambda", "loss.mtp_lambda_late", "checkpoint.every", "eplb.every", "eplb.replicas",
                 "optim.ramp_start", "optim.ramp_tokens")
 
 
@@ -228,6 +229,12 @@ def validate(cfg: DictConfig) -> None:
                          " inside the data-parallel group)")
     if p.pp > 1 and p.schedule == "dualpipe" and p.pp % 2:
         raise ValueError(f"parallel.pp={p.pp}: DualPipe needs an even number of pipeline ranks")
+    if cfg.eplb.every and p.ep == 1:
+        raise ValueError(f"eplb.every={cfg.eplb.every}: EPLB re-places experts over the expert-parallel "
+                         "group; it needs parallel.ep > 1 (or eplb.every=0)")
+    if p.ep > 1 and cfg.optim.zero == "deepspeed":
+        raise ValueError(f"optim.zero=deepspeed with parallel.ep={p.ep}: expert parallelism runs with "
+                         "optim.zero=ours (expert weights keep a local optimizer EPLB can move)")
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")

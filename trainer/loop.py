@@ -74,6 +74,19 @@ def _mean_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The model's state for checkpoints: under expert parallelism each ep rank's expert slots go
+    under a key of their own (the ranks hold different experts under the same names)."""
+    state = model.state_dict()
+    if grid.ep == 1:
+        return {"model": state}
+    from twinpipe.parallel.expert_parallel import is_expert_param
+
+    expert = {n for n, p in model.named_parameters() if is_expert_param(p)}
+    return {"model": {k: v for k, v in state.items() if k not in expert},
+            f"model_experts_ep{grid.ep_rank}_of{grid.ep}": {k: v for k, v in state.items() if k in expert}}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
     optimizer-state bytes, parameter count)."""
@@ -88,17 +101,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
     loader = build_loader(cfg, tokenizer, grid.dp_rank, grid.dp)
     model = build_model(cfg, device)
+    rebalancer = None
+    if grid.ep > 1:
+        from twinpipe.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, grid.ep_group, num_replicas=cfg.eplb.replicas or None)
     optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip)
     tracker = ExpertLoadTracker(model)
     loss_fn = PretrainLoss(cfg.loss.mtp_lambda)
     runner = select_runner(cfg, model, loss_fn, grid, device)
+    if cfg.eplb.every:
+        from twinpipe.parallel.ep_eplb import ExpertRebalancer
+
+        rebalancer = ExpertRebalancer(model)
+        eplb_window = torch.zeros(len(tracker.layers), rebalancer.num_experts, dtype=torch.float64)
 
     step, tokens = 0, 0.0
     start = ckpt.resolve_resume(cfg.resume, run_dir)
     if start is not None:
-        state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        state = {**_model_state(model, grid), "optim": optimizer.state_dict()}
         meta, rank_state = ckpt.load_checkpoint(start, state)
-        model.load_state_dict(state["model"])
+        model.load_state_dict({k: v for key, part in state.items() if key != "optim" for k, v in part.items()})
         optimizer.load_state_dict(state["optim"])
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
@@ -122,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     def save() -> None:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state()}
         meta = {"step": step, "tokens": tokens, "pp": grid.pp, "dp": grid.dp, "ep": grid.ep}
-        ckpt.save_checkpoint(run_dir, step, {"model": model.state_dict(), "optim": optimizer.state_dict()},
+        ckpt.save_checkpoint(run_dir, step, {**_model_state(model, grid), "optim": optimizer.state_dict()},
                              rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
                              cfg.checkpoint.keep)
 
@@ -158,6 +181,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else:
                 log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (weights unchanged)",
                             step + 1, metrics["loss"], grad_norm)
+            eplb_metrics = {}
+            if rebalancer is not None:
+                eplb_window += counts
+                if (step + 1) % cfg.eplb.every == 0:  # re-place experts, moving weights + AdamW state
+                    eplb_metrics = rebalancer.replan(eplb_window, optimizer.expert_opt)
+                    eplb_window.zero_()
             step += 1
             tokens += batch * cfg.train.seq_len
             elapsed = time.perf_counter() - t0
@@ -167,7 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens,
                     "global_batch": batch, "skipped": not finite,
                     "expert_load_max_over_mean": load_max_over_mean(counts),
-                    "expert_load": counts.tolist()}
+                    "expert_load": counts.tolist(), **eplb_metrics}
             if peak:
                 last["mfu"] = tokens_per_s * fpt / (peak * grid.world_size)
             if step % cfg.logging.every == 0 or step == cfg.train.steps:

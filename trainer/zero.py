@@ -9,11 +9,12 @@ any step runner: the runner leaves gradients in `p.grad`; then
                                   # then the shards are all-gathered back into the model's parameters
     opt.zero_grad()
 
-Parameters live in *buckets*: one flat FP32 vector per bucket, split into `group size` contiguous
-shards with torch.chunk's rule (shard size ceil(N / n), the last ones shorter), so the state a rank
-holds is 3 x 4 x N / n bytes (master, exp_avg, exp_avg_sq). Replicated parameters form the bucket of
-the dp group; expert weights that expert parallelism split over the ep group (`expert_param`) form a
-bucket reduced over the ranks holding the same experts (`edp_group`). The arithmetic is
+Replicated parameters form one flat FP32 vector (a *bucket*), split into dp contiguous shards with
+torch.chunk's rule (shard size ceil(N / dp), the last ones shorter), so a rank holds 3 x 4 x N / dp
+bytes of state (master, exp_avg, exp_avg_sq). Expert weights that expert parallelism already split
+over the ep group (`expert_param`) are not partitioned again: they get a local torch AdamW whose state
+EPLB can move with the weights (twinpipe.parallel.ep_eplb), and their gradients are reduced by the
+`reduce_experts` callback (twinpipe.parallel.ep_groups.reduce_expert_grads). The arithmetic is
 torch.optim.AdamW's, operation for operation, so one rank reproduces it exactly.
 
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -146,34 +147,54 @@ class ZeroAdamW:
                  no_decay: Callable[[str, nn.Parameter], bool] = lambda n, p: p.ndim < 2,
                  dp_group: Any = None, dp_mesh: Any = None,
                  expert_param: Callable[[str, nn.Parameter], bool] = lambda n, p: False,
-                 edp_group: Any = None, edp_mesh: Any = None, ep_group: Any = None, ep_rank: int = 0,
-                 pp_group: Any = None, moment_dtype: torch.dtype = torch.float32):
+                 reduce_experts: Optional[Callable[[], None]] = None,
+                 expert_grad_sq: Optional[Callable[[], torch.Tensor]] = None, ep_group: Any = None,
+                 ep_rank: int = 0, pp_group: Any = None, moment_dtype: torch.dtype = torch.float32):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         dense = [(n, p) for n, p in named if not expert_param(n, p)]
         experts = [(n, p) for n, p in named if expert_param(n, p)]
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
-        self.ep_group, self.pp_group = ep_group, pp_group
+        self.ep_group, self.pp_group, self.reduce_experts = ep_group, pp_group, reduce_experts
+        self.expert_grad_sq = expert_grad_sq  # this rank's share of the experts' squared grad norm
         self.buckets = [_Bucket("dense", dense, no_decay, dp_group, dp_mesh, moment_dtype)]
+        self.expert_names = {p: n for n, p in experts}
+        self.expert_key = f"experts_ep{ep_rank}"
+        self.expert_opt = None
         if experts:
-            self.buckets.append(_Bucket(f"experts_ep{ep_rank}", experts, no_decay, edp_group, edp_mesh,
-                                        moment_dtype))
+            groups = [{"params": [p for n, p in experts if not no_decay(n, p)], "weight_decay": weight_decay},
+                      {"params": [p for n, p in experts if no_decay(n, p)], "weight_decay": 0.0}]
+            self.expert_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=self.betas,
+                                                eps=eps, foreach=False)
+            for _, p in experts:  # state exists before the first step, so a resume can load into it
+                self.expert_opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                                            "exp_avg_sq": torch.zeros_like(p)}
         self.step_count = 0
 
     def zero_grad(self) -> None:
         for b in self.buckets:
             for s in b.segments:
                 s.param.grad = None
+        for p in self.expert_names:
+            p.grad = None
 
     def reduce_gradients(self) -> None:
         for b in self.buckets:
             b.reduce()
+        if self.expert_opt is not None and self.reduce_experts is not None:
+            self.reduce_experts()
 
     def grad_norm(self) -> float:
         """L2 norm of the whole model's (reduced) gradient, identical on every rank."""
         total = torch.zeros((), dtype=torch.float64)
         for b in self.buckets:
-            sq = b.grad.double().pow(2).sum().cpu()
-            if b.key != "dense" and self.ep_group is not None:
+            total += b.grad.double().pow(2).sum().cpu()
+        if self.expert_names:
+            if self.expert_grad_sq is not None:
+                sq = self.expert_grad_sq()
+            else:
+                sq = sum(p.grad.double().pow(2).sum().cpu() for p in self.expert_names if p.grad is not None)
+            sq = torch.as_tensor(sq, dtype=torch.float64).cpu()
+            if self.ep_group is not None:
                 dist.all_reduce(sq, group=self.ep_group)  # each ep rank holds other experts
             total += sq
         if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
@@ -185,15 +206,29 @@ class ZeroAdamW:
         for b in self.buckets:
             b.adamw(lr, self.betas, self.eps, self.weight_decay, self.step_count, clip_coef)
             b.publish()
+        if self.expert_opt is not None:
+            for p in self.expert_names:
+                if p.grad is not None and clip_coef != 1.0:
+                    p.grad.mul_(clip_coef)
+            for group in self.expert_opt.param_groups:
+                group["lr"] = lr
+            self.expert_opt.step()
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state on this rank (FP32 master shard + both moments)."""
-        return sum(b.state_bytes() for b in self.buckets)
+        """Bytes of optimizer state on this rank (FP32 master shard + both moments; local experts'
+        moments)."""
+        total = sum(b.state_bytes() for b in self.buckets)
+        if self.expert_opt is not None:
+            total += sum(t.numel() * t.element_size() for st in self.expert_opt.state.values()
+                         for t in st.values() if torch.is_tensor(t) and t.dim())
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step_count}
         for b in self.buckets:
             out[b.key] = b.state_dict()
+        if self.expert_opt is not None:  # a key per ep rank: the ranks hold different experts
+            out[self.expert_key] = {self.expert_names[p]: dict(st) for p, st in self.expert_opt.state.items()}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,3 +236,7 @@ class ZeroAdamW:
         self.step_count = int(state["step"])
         for b in self.buckets:
             b.publish()  # master shards were loaded in place; make the parameters agree
+        if self.expert_opt is not None:
+            by_name = {n: p for p, n in self.expert_names.items()}
+            for name, st in state[self.expert_key].items():
+                self.expert_opt.state[by_name[name]].update(st)

@@ -75,3 +75,25 @@ def test_deepspeed_zero1_matches_ours_and_resumes(single, data_dir, tmp_path):
     numel = single[0]["num_params"]
     # master + exp_avg + exp_avg_sq of a half (DeepSpeed pads partitions to an alignment)
     assert all(12 * numel / 2 <= b <= 12 * (numel / 2 + 64) for b in out), (out, numel)
+
+
+def _ep_rank(rank, world, data_dir, run_dir, steps, resume):
+    cfg = make_cfg(data_dir, run_dir, f"parallel.dp={world}", "parallel.ep=2", "eplb.every=2",
+                   "eplb.replicas=12", f"train.steps={steps}", "checkpoint.every=2", f"resume={resume}")
+    return train(cfg)["last"]
+
+
+def test_expert_parallel_with_eplb_matches_and_resumes(single, data_dir, tmp_path):
+    """dp=2 with the experts split over ep=2 (12 slots for 8 experts, an EPLB re-plan after step 2
+    that moves weights and AdamW state), stopped at step 2 and resumed: the same losses and exactly
+    the same expert counts as one process without expert parallelism (tolerance as above)."""
+    _, ref = single
+    last = run_local(_ep_rank, 2, data_dir, tmp_path, 2, "never")
+    assert "eplb/slots_received" in last[0]
+    run_local(_ep_rank, 2, data_dir, tmp_path, STEPS, "auto")
+    got = read_metrics(tmp_path)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
+        assert b["expert_load"] == a["expert_load"]
