@@ -12,10 +12,12 @@ the others, so the timeline is the schedule's, not the load's). Schedules with o
 schedules with two stages per rank (V shapes, interleaved) give each stage F/2, B/2, W/2. Weight
 gradients are split off B where a schedule defers them (our WeightGradStore; torch's `dw_builder`).
 
-Per rank: busy = time inside F/B/W spans; bubble = step span (first start to last end over all ranks)
-- busy. Formula (REFERENCE.md section 4, chunk costs of the schedule's stage, F&B = F + B since the
-default overlap hook runs them one after the other): 1F1B (PP-1)(F+B); ZB1P (PP-1)(F+B-2W); DualPipe
-and DualPipeV (PP/2-1)(F&B+B-3W). Peak activation memory: the most micro-batch activations alive at
+`dualpipe_overlap` / `dualpipev_overlap` run ours with an overlap hook that runs the paired backward on
+a second thread during the forward (F&B = max(F, B)): the case DualPipe is designed for, where one
+chunk's communication hides behind the other's compute. Per rank: busy = time inside F/B/W spans; bubble = step span (first start to last end over all ranks)
+- busy. Formula (REFERENCE.md section 4, with the chunk costs of the schedule's stage, PP = its
+number of stages, and F&B = F + B since the default overlap hook runs them one after the other):
+1F1B (PP-1)(F+B); DualPipe and DualPipeV (PP/2-1)(F&B+B-3W). Peak activation memory: the most micro-batch activations alive at
 once on a rank, in units of one rank-share activation (a half-size stage counts 1/2).
 Writes bench/results/pipeline.json and one PNG timeline per schedule and PP.
 """
@@ -26,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +46,7 @@ log = logging.getLogger("bench.pipeline")
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, MICRO = 16, 2
 OURS = ("dualpipe", "dualpipev", "1f1b")
+OVERLAPPED = ("dualpipe_overlap", "dualpipev_overlap")
 TORCH = ("torch_1f1b", "torch_interleaved_1f1b", "torch_zbv", "torch_dualpipev")
 
 
@@ -60,11 +64,33 @@ class Recorder:
         self.events.append((kind, stage, t0, time.perf_counter()))
 
     def activation(self, delta: float) -> None:
-        self.live += delta
-        self.peak = max(self.peak, self.live)
+        with LOCK:  # the overlap variants run a backward on a second thread
+            self.live += delta
+            self.peak = max(self.peak, self.live)
 
 
+LOCK = threading.Lock()
 REC = Recorder()
+
+
+def threaded_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                              output_grads1):
+    """An `overlapped_forward_backward` hook that runs the backward on a second thread *during* the
+    forward. With sleep costs this models perfect overlap (F&B = max(F, B)), the situation DualPipe is
+    built for: one chunk's all-to-all hidden behind the other's compute on a GPU."""
+    def backward():
+        if loss1 is not None:
+            loss1.backward()
+        elif outputs1:
+            torch.autograd.backward(outputs1, grad_tensors=output_grads1)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    outputs0 = module0(*inputs0)
+    outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else list(outputs0)
+    loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+    worker.join()
+    return outputs0, loss0
 
 
 class _StoreOp(torch.autograd.Function):
@@ -119,7 +145,7 @@ def placement(schedule: str, pp: int, rank: int) -> tuple[int, list[int]]:
     """(number of stages, this rank's stage indices in the order the schedule takes them)."""
     if schedule in ("1f1b", "torch_1f1b"):
         return pp, [rank]
-    if schedule == "dualpipe":
+    if schedule in ("dualpipe", "dualpipe_overlap"):
         return pp, [rank, pp - 1 - rank]
     if schedule == "torch_interleaved_1f1b":
         return 2 * pp, [rank, rank + pp]
@@ -153,19 +179,20 @@ def _run(rank: int, world: int, schedule: str, costs: dict, num_chunks: int, rep
 
 
 def _builder(schedule, stages, ids, n_stages, world, rank, num_chunks, x, target):
-    if schedule in OURS:
+    if schedule in OURS + OVERLAPPED:
+        hook = threaded_forward_backward if schedule in OVERLAPPED else None
         set_p2p_tensor_shapes([(MICRO, HIDDEN)])
         set_p2p_tensor_dtype(torch.float32)
         if schedule == "1f1b":
             pipe = OneFOneB(stages[0])
             feed = ([x] if rank == 0 else [], [target] if rank == world - 1 else [])
-        elif schedule == "dualpipe":
-            pipe = DualPipe(tuple(stages))
+        elif schedule in ("dualpipe", "dualpipe_overlap"):
+            pipe = DualPipe(tuple(stages), overlapped_forward_backward=hook)
             hx, ht = x.chunk(2), target.chunk(2)
             feed = ([hx[0]], [ht[1]]) if rank == 0 else ([hx[1]], [ht[0]]) if rank == world - 1 \
                 else ([], [])
         else:
-            pipe = DualPipeV(tuple(stages))
+            pipe = DualPipeV(tuple(stages), overlapped_forward_backward=hook)
             feed = ([x], [target]) if rank == 0 else ([], [])
         return lambda: pipe.step(*feed[0], num_chunks=num_chunks, criterion=mse, labels=feed[1])
 
@@ -184,25 +211,39 @@ def _builder(schedule, stages, ids, n_stages, world, rank, num_chunks, x, target
     return step
 
 
-def bubble_formula(schedule: str, pp: int, f: float, b: float, w: float) -> float | None:
-    """REFERENCE.md section 4, with the schedule's own chunk costs."""
+def bubble_formula(schedule: str, stages: int, f: float, b: float, w: float) -> float | None:
+    """REFERENCE.md section 4 with the schedule's own chunk costs and PP = its number of stages
+    (the table compares schedules at the same stage count): DualPipeV's 2N stages on N ranks use
+    PP = 2N."""
     if schedule in ("1f1b", "torch_1f1b"):
-        return (pp - 1) * (f + b)
+        return (stages - 1) * (f + b)
     if schedule in ("dualpipe", "dualpipev", "torch_dualpipev"):
-        return (pp / 2 - 1) * ((f + b) + b - 3 * w)
+        return (stages / 2 - 1) * ((f + b) + b - 3 * w)
+    if schedule in OVERLAPPED:  # F&B = max(F, B) under perfect overlap
+        return (stages / 2 - 1) * (max(f, b) + b - 3 * w)
     return None
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Time covered by the spans (overlapping F and B of the overlap variants count once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def analyse(schedule: str, pp: int, costs: dict, num_chunks: int, results: list[dict]) -> dict:
     start = min(r["t0"] for r in results)
     end = max(max((e[3] for e in r["events"]), default=r["t1"]) for r in results)
     span = end - start
-    busy = [sum(e[3] - e[2] for e in r["events"]) for r in results]
+    busy = [union_length([(e[2], e[3]) for e in r["events"]]) for r in results]
     bubbles = [span - b for b in busy]
     n_stages, _ = placement(schedule, pp, 0)
     scale = pp / n_stages
     f, b, w = costs["f"] * scale, costs["b"] * scale, costs["w"] * scale
-    formula = bubble_formula(schedule, pp, f, b, w)
+    formula = bubble_formula(schedule, n_stages, f, b, w)
     return {"schedule": schedule, "pp": pp, "num_chunks": num_chunks, "stages": n_stages,
             "stage_costs_ms": {"F": f * 1e3, "B": b * 1e3, "W": w * 1e3},
             "step_ms": span * 1e3, "ideal_busy_ms": num_chunks * (costs["f"] + costs["b"]) * 1e3,
@@ -244,7 +285,7 @@ def plot(entry: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pp", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--schedules", nargs="+", default=[*OURS, *TORCH])
+    parser.add_argument("--schedules", nargs="+", default=[*OURS, *OVERLAPPED, *TORCH])
     parser.add_argument("--f-ms", type=float, default=200.0)
     parser.add_argument("--b-ms", type=float, default=400.0)
     parser.add_argument("--w-ms", type=float, default=160.0)
