@@ -97,3 +97,21 @@ def test_expert_parallel_with_eplb_matches_and_resumes(single, data_dir, tmp_pat
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
         assert b["expert_load"] == a["expert_load"]
+
+
+def _resharded_rank(rank, world, data_dir, run_dir, steps, resume):
+    cfg = make_cfg(data_dir, run_dir, f"parallel.dp={world}", f"train.steps={steps}", "checkpoint.every=2",
+                   f"resume={resume}")
+    return train(cfg)["step"]
+
+
+def test_resume_with_another_dp_size(single, data_dir, tmp_path):
+    """Saved at step 2 by 2 ranks, resumed by 4: ZeRO shards re-split by torch.distributed.checkpoint,
+    the loader continues at the next global sample; losses as one process (tolerance as above)."""
+    _, ref = single
+    run_local(_resharded_rank, 2, data_dir, tmp_path, 2, "never")
+    assert run_local(_resharded_rank, 4, data_dir, tmp_path, STEPS, "auto") == [STEPS] * 4
+    got = read_metrics(tmp_path)
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+        assert b["expert_load"] == a["expert_load"]
