@@ -35,3 +35,17 @@ def test_v3_schedule_in_tokens():
     assert batch_size_at(o, 15360, 0, 16) == 3072
     assert batch_size_at(o, 15360, 469e9 / 2, 16) == (3072 + 15360) // 2 // 16 * 16
     assert batch_size_at(o, 15360, 469e9, 16) == 15360
+
+
+def test_batch_ramp_in_a_run(data_dir, tmp_path):
+    from trainer_recipe import make_cfg
+
+    from twinpipe.trainer.loop import train
+    from twinpipe.trainer.metrics import read_metrics
+
+    train(make_cfg(data_dir, tmp_path, "train.steps=3", "optim.ramp_start=4", "optim.ramp_tokens=256",
+                   "checkpoint.every=0"))
+    got = read_metrics(tmp_path)
+    # tokens seen 0, 128, 320 of 32-token sequences: 4, then 4 + 4 * 128/256 = 6, then the full 8
+    assert [r["global_batch"] for r in got] == [4, 6, 8]
+    assert [r["tokens"] for r in got] == [128, 320, 576]
