@@ -44,7 +44,13 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(config_path="pkg://twinpipe.recipes", config_name="pretrain", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:
