@@ -52,7 +52,17 @@ def build_loader(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) ->
     `next_step()` gives this rank's micro-batches of one global batch; `state_dict()` is checkpointed)."""
     from twinpipe.data.loader import PackedDataset, PackedLoader
 
-    dataset = PackedDataset.from_embedded(tokenizer, "train", cfg.train.seq_len, cfg.data.cache_dir)
+    if cfg.data.source == "files":
+        from twinpipe.data.sources import TextSource
+
+        source = TextSource(list(cfg.data.paths), text_field=cfg.data.text_field, cache_dir=cfg.data.cache_dir)
+        dataset = PackedDataset.from_files(source, tokenizer, "train", cfg.train.seq_len, cfg.data.cache_dir,
+                                           heldout_percent=cfg.data.heldout_percent)
+    else:
+        dataset = PackedDataset.from_embedded(tokenizer, "train", cfg.train.seq_len, cfg.data.cache_dir)
+    if len(dataset) == 0:
+        raise ValueError(f"data.source={cfg.data.source}: no training samples of train.seq_len="
+                         f"{cfg.train.seq_len} tokens (is the data empty?)")
     return PackedLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank=dp_rank,
                         dp_size=dp_size, seed=cfg.train.seed)
 

@@ -43,7 +43,10 @@ class ModelSchema:
 
 @dataclass
 class DataSchema:
-    source: str = "embedded"  # embedded: the standard-library sources shipped with the interpreter
+    source: str = "embedded"  # embedded (the interpreter's standard-library sources) | files
+    paths: List[str] = field(default_factory=list)  # source=files: files or folders (txt, jsonl, parquet...)
+    text_field: str = "text"  # source=files: the field holding the text in json/parquet records
+    heldout_percent: int = 1  # source=files: documents held out for evaluation (by content hash)
     # "default" trains (once, cached) the byte-level BPE on the embedded corpus with model.vocab_size;
     # otherwise a tokenizer.json file or an HF tokenizer folder.
     tokenizer: str = "default"
@@ -171,7 +174,7 @@ def register() -> None:
 
 CHOICES = {
     "model.preset": ("tiny", "small", "v3_671b"),
-    "data.source": ("embedded",),
+    "data.source": ("embedded", "files"),
     "optim.moment_dtype": ("fp32", "bf16"),
     "optim.zero": ("ours", "deepspeed"),
     "optim.unit": ("steps", "tokens"),
@@ -235,6 +238,9 @@ def validate(cfg: DictConfig) -> None:
     if p.ep > 1 and cfg.optim.zero == "deepspeed":
         raise ValueError(f"optim.zero=deepspeed with parallel.ep={p.ep}: expert parallelism runs with "
                          "optim.zero=ours (expert weights keep a local optimizer EPLB can move)")
+    if cfg.data.source == "files" and not cfg.data.paths:
+        raise ValueError("data.paths=[]: data.source=files needs at least one file or folder, e.g. "
+                         "'data.paths=[corpus/,extra.jsonl]'")
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")

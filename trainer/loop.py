@@ -87,9 +87,15 @@ def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch
             f"model_experts_ep{grid.ep_rank}_of{grid.ep}": {k: v for k, v in state.items() if k in expert}}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dict[str, Any]:
     """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
-    optimizer-state bytes, parameter count)."""
+    optimizer-state bytes, parameter count).
+
+    Seams for other recipes (SFT, GRPO): `loss_fn(output, batch) -> (loss, metrics)` (default: the
+    pretraining loss, whose `mtp_lambda` the loop schedules when it has one), and `batch_source`, a
+    callable `(cfg, tokenizer, dp_rank, dp_size) -> source` whose source has `next_step()` (this
+    rank's micro-batches), a settable `global_batch`, `state_dict()` and `load_state_dict()`
+    (default: the packed corpus of data.source)."""
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
     init_distributed(cfg.parallel.backend)
@@ -99,7 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     mcfg = model_config(cfg.model)
 
     tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
-    loader = build_loader(cfg, tokenizer, grid.dp_rank, grid.dp)
+    loader = (batch_source or build_loader)(cfg, tokenizer, grid.dp_rank, grid.dp)
     model = build_model(cfg, device)
     rebalancer = None
     if grid.ep > 1:
@@ -108,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         apply_expert_parallel(model, grid.ep_group, num_replicas=cfg.eplb.replicas or None)
     optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip)
     tracker = ExpertLoadTracker(model)
-    loss_fn = PretrainLoss(cfg.loss.mtp_lambda)
+    loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda)
     runner = select_runner(cfg, model, loss_fn, grid, device)
     if cfg.eplb.every:
         from twinpipe.parallel.ep_eplb import ExpertRebalancer
@@ -156,7 +162,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             loader.global_batch = batch
             micro_batches = loader.next_step()  # this rank's share of the global batch
             lr = lr_at(cfg.optim, step, tokens)
-            loss_fn.mtp_lambda = mtp_lambda_at(cfg.loss, tokens)
+            if hasattr(loss_fn, "mtp_lambda"):
+                loss_fn.mtp_lambda = mtp_lambda_at(cfg.loss, tokens)
 
             optimizer.zero_grad()
             local = runner.run(micro_batches)

@@ -62,3 +62,19 @@ def test_data_and_model_errors_name_the_key(data_dir, tmp_path):
         model_config(cfg.model)
     with pytest.raises(ValueError, match="has 512 tokens but model.vocab_size=100"):
         build_tokenizer(make_cfg(data_dir, tmp_path, "model.vocab_size=100"), 100)
+
+
+def test_train_on_user_files(data_dir, tmp_path):
+    from twinpipe.trainer.loop import train
+    from twinpipe.trainer.metrics import read_metrics
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
+    with pytest.raises(ValueError, match=r"data.paths=\[\]"):
+        make_cfg(data_dir, tmp_path, "data.source=files")
+    cfg = make_cfg(data_dir, tmp_path / "run", "data.source=files", f"data.paths=[{corpus}]",
+                   "data.heldout_percent=0", "train.steps=2", "checkpoint.every=0")
+    train(cfg)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
