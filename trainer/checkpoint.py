@@ -203,4 +203,9 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     model.load_state_dict(state["model"])
-    return model.to(dtype).eval(), load_tokenizer(ckpt / "tokenizer.json")
+    model.to(dtype)
+    for module in model.modules():  # router biases stay fp32 (as in HF checkpoints)
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.data = bias.data.float()
+    return model.eval(), load_tokenizer(ckpt / "tokenizer.json")

@@ -94,3 +94,13 @@ def test_sigterm_checkpoints_after_the_step_and_exits_zero(data_dir, tmp_path):
     last = read_metrics(run)[-1]["step"]
     assert 1 <= last < 500
     assert [s for s, _ in ckpt.complete_checkpoints(run)] == [last]
+
+
+def test_inference_load_in_bf16_keeps_router_bias_fp32(data_dir, tmp_path):
+    import torch
+
+    train(make_cfg(data_dir, tmp_path, "train.steps=1", "checkpoint.every=0"))
+    model, _ = ckpt.load_model_for_inference(tmp_path, dtype=torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    biases = [m.e_score_correction_bias for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
