@@ -171,7 +171,9 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
             grad_norm = optimizer.grad_norm()
             metrics = _mean_over(grid.dp_group, local)
             counts, balance_loss = tracker.take()
-            counts = global_counts(counts, grid.dp_group)  # [moe layers, E] of the global batch
+            # [moe layers, E] of the global batch: summed over dp, and over pp where each pipeline
+            # rank ran only its stages' layers (zeros elsewhere), so every rank updates the same biases
+            counts = global_counts(global_counts(counts, grid.dp_group), grid.pp_group)
             if grid.pp > 1:  # each pipeline rank ran only its stages' MoE layers
                 counts = global_counts(counts, grid.pp_group)
 
