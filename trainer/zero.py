@@ -4,9 +4,10 @@ Driven from the loop the way DeepSpeed's pipeline engine drives its ZeRO optimiz
 any step runner: the runner leaves gradients in `p.grad`; then
 
     opt.reduce_gradients()        # average gradients over the data-parallel group (all-reduce)
-    norm = opt.clip_grad_norm(c)  # global norm (over dp-, ep- and pp-split parameters), scale grads
-    opt.step(lr)                  # each rank updates its shard of the FP32 master weights with AdamW,
-                                  # then the shards are all-gathered back into the model's parameters
+    norm = opt.grad_norm()        # global norm, the same on every rank (experts counted once)
+    opt.step(lr, clip_coef)       # each rank updates its shard of the FP32 master weights with AdamW
+                                  # on clip_coef x gradient, then the shards are all-gathered back
+                                  # into the model's parameters
     opt.zero_grad()
 
 Replicated parameters form one flat FP32 vector (a *bucket*), split into dp contiguous shards with
