@@ -161,8 +161,23 @@ class RecipeSchema:
     resume: str = "auto"  # auto | never | PATH (a checkpoints/step_N folder)
 
 
+def short_dirname(overrides: str, limit: int = 100) -> str:
+    """A folder name for a run from Hydra's `key=value,...` override string: as is when short,
+    else its first characters plus a hash of the whole (file names stop at 255 bytes)."""
+    name = overrides.replace("/", "_")
+    if len(name) <= limit:
+        return name
+    import hashlib
+
+    return f"{name[:limit - 13]}..{hashlib.sha256(name.encode()).hexdigest()[:11]}"
+
+
 def register() -> None:
-    """Register the schemas (called once by the entry point before Hydra composes)."""
+    """Register the schemas and the `twinpipe_dirname` resolver (called once before Hydra composes)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("twinpipe_dirname"):
+        OmegaConf.register_new_resolver("twinpipe_dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(name="recipe_schema", node=RecipeSchema)
     cs.store(group="model", name="model_schema", node=ModelSchema)

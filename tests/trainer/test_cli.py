@@ -67,3 +67,15 @@ def _wrong_world(rank, world, data_dir, run_dir):
 def test_world_size_mismatch_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(RuntimeError, match=r"world size 2 != parallel.pp x parallel.dp = 1 x 1 = 1"):
         run_local(_wrong_world, 2, data_dir, tmp_path)
+
+
+def test_multirun_sweep_gets_one_run_dir_per_job(data_dir, tmp_path):
+    exe = Path(sys.executable).with_name("twinpipe-train")
+    args = [a for a in _args(data_dir, tmp_path, "checkpoint.every=0") if not a.startswith("run.dir=")]
+    proc = subprocess.run([str(exe), "--multirun", "train.seed=0,1", *args], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "pretrain").iterdir())  # default run.dir: runs/<recipe>/<overrides>
+    assert len(runs) == 2 and all(len(r.name) <= 100 for r in runs)
+    losses = [_check_run(r)[0]["loss"] for r in runs]
+    assert losses[0] != losses[1]  # different seeds, different runs
