@@ -66,7 +66,8 @@ class PipelineRunner:
     SCHEDULES = {"dualpipe": DualPipe, "dualpipev": DualPipeV, "1f1b": OneFOneB}
 
     def __init__(self, model: nn.Module, loss_fn: Callable, schedule: str, pp: int, pp_rank: int,
-                 pp_group, device: torch.device, dtype: str = "fp32", layer_split=None) -> None:
+                 pp_group, device: torch.device, dtype: str = "fp32", layer_split=None,
+                 overlapped_forward_backward: Callable | None = None) -> None:
         if schedule not in self.SCHEDULES:
             raise ValueError(f"parallel.schedule={schedule!r}: allowed {', '.join(self.SCHEDULES)}")
         self.model, self.loss_fn, self.schedule = model, loss_fn, schedule
@@ -75,14 +76,17 @@ class PipelineRunner:
         if schedule == "1f1b":
             self.pipe = OneFOneB(self.stages[0], process_group=pp_group)
         else:
-            self.pipe = self.SCHEDULES[schedule](self.stages, process_group=pp_group)
+            # overlapped_forward_backward: e.g. twinpipe.parallel.overlap's, with expert parallelism
+            self.pipe = self.SCHEDULES[schedule](
+                self.stages, process_group=pp_group,
+                overlapped_forward_backward=overlapped_forward_backward)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "bf16" and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _feeds(self, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
+    def feeds(self, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
         """(inputs, labels) this rank passes to step(): only the ranks at the pipeline's ends feed."""
         ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
         last = self.pp - 1
@@ -109,7 +113,7 @@ class PipelineRunner:
         micro, seq = micro_batches[0]["input_ids"].shape
         set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size)
         criterion = StageCriterion(self.loss_fn, n)
-        inputs, labels = self._feeds(batch)
+        inputs, labels = self.feeds(batch)
         with self._autocast():
             self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
         sum_gradients(list(self.model.parameters()), self.group)

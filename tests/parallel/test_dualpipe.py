@@ -138,7 +138,7 @@ def _check_grads(results, stage_of):
             assert grad_error(g, w) < 1e-13, f"stage {s}: gradient error {grad_error(g, w)}"
 
 
-@pytest.mark.parametrize("world,num_chunks", [(2, 4), (2, 6), (4, 8), (4, 10)])
+@pytest.mark.parametrize("world,num_chunks", [(2, 4), (2, 6), (4, 10)])
 def test_dualpipe_matches_unpartitioned(world, num_chunks):
     res = run(_run_dualpipe, world, num_chunks, False, None)
     half = num_chunks // 2
@@ -151,7 +151,7 @@ def test_dualpipe_matches_unpartitioned(world, num_chunks):
     _check_grads(res, lambda r, m: r if m == 0 else world - 1 - r)
 
 
-@pytest.mark.parametrize("world,num_chunks", [(1, 2), (1, 5), (2, 4), (3, 7), (4, 8), (4, 10)])
+@pytest.mark.parametrize("world,num_chunks", [(1, 5), (2, 4), (3, 7), (4, 8)])
 def test_dualpipev_matches_unpartitioned(world, num_chunks):
     res = run(_run_dualpipe, world, num_chunks, True, None)
     assert torch.equal(res[0]["loss"], res[0]["ref_loss"])

@@ -17,10 +17,9 @@ import torch.distributed as dist
 from twinpipe.model.config import ModelConfig
 from twinpipe.model.moe import MoE
 from twinpipe.model.transformer import Transformer
-from twinpipe.parallel.dualpipe import DualPipe, DualPipeV
 from twinpipe.parallel.local import run_local
 from twinpipe.parallel.pipeline_runner import PipelineRunner, StageCriterion, sum_gradients
-from twinpipe.parallel.stages import build_stages, split_layers
+from twinpipe.parallel.stages import build_stages, set_stage_p2p_shapes, split_layers
 from twinpipe.trainer.loss import PretrainLoss
 
 MICRO, SEQ = 1, 8
@@ -69,10 +68,9 @@ def _rank(rank, world, schedule, layers, n):
                             torch.device("cpu"))
     # The runner's step, but keeping the per-micro-batch losses step() returns.
     MoE.aux_loss_scale = 1.0 / n
-    from twinpipe.parallel.stages import set_stage_p2p_shapes
     set_stage_p2p_shapes(MICRO, SEQ, model.config.hidden_size)
     batch = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
-    inputs, labels = runner._feeds(batch)
+    inputs, labels = runner.feeds(batch)
     loss, _ = runner.pipe.step(*inputs, num_chunks=n, criterion=StageCriterion(runner.loss_fn, n),
                                labels=labels)
     sum_gradients(list(model.parameters()), dist.group.WORLD)
