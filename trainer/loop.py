@@ -174,8 +174,6 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
             # [moe layers, E] of the global batch: summed over dp, and over pp where each pipeline
             # rank ran only its stages' layers (zeros elsewhere), so every rank updates the same biases
             counts = global_counts(global_counts(counts, grid.dp_group), grid.pp_group)
-            if grid.pp > 1:  # each pipeline rank ran only its stages' MoE layers
-                counts = global_counts(counts, grid.pp_group)
 
             finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
             if finite:
