@@ -98,3 +98,30 @@ def test_torchrun_script_starts_a_pipeline_recipe(data_dir, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def _train_steps(rank, world, data_dir, run_dir, resume):
+    from twinpipe.trainer.loop import train
+
+    train(make_cfg(data_dir, run_dir, *COMMON, "train.steps=4", "checkpoint.every=2",
+                   "checkpoint.keep=2", f"resume={resume}", "parallel.pp=2",
+                   "parallel.schedule=dualpipev"))
+    return rank
+
+
+def test_pipeline_checkpoint_resumes_exactly(data_dir, tmp_path):
+    """pp=2 DualPipeV: 4 steps straight vs 2 steps, checkpoint, resume for 2 more (same losses)."""
+    import shutil
+
+    from twinpipe.trainer.metrics import read_metrics
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_local(_train_steps, 2, data_dir, straight, "never", timeout_s=600)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:2]
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_local(_train_steps, 2, data_dir, resumed, "auto", timeout_s=600)
+    want, got = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
