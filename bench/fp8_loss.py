@@ -79,22 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", type=int, default=100, help="steps averaged at the end")
     parser.add_argument("--runs", default="runs/bench_fp8_loss", help="parent folder of the two run dirs")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--skip-train", action="store_true",
+                        help="reuse the metrics of the two run dirs from an earlier call (re-plot only)")
     args, extra = parser.parse_known_args(argv)
     extra = [e for e in extra if e != "--"]
 
+    tag = "".join(f"_{e.rsplit('.', 1)[-1].replace('=', '')}" for e in extra)   # e.g. _seq_len64
     runs = Path(args.runs)
+    base_dir = runs / f"off_{args.dtype}_s{args.seed}{tag}"
+    fp8_dir = runs / f"{args.backend}_{args.dtype}_s{args.seed}{tag}"
     seconds = {}
-    seconds["baseline"] = train(runs / f"off_{args.dtype}_s{args.seed}", "off", args, extra)
-    seconds["fp8"] = train(runs / f"{args.backend}_{args.dtype}_s{args.seed}", args.backend, args, extra)
-    base = read_losses(runs / f"off_{args.dtype}_s{args.seed}")
-    fp8 = read_losses(runs / f"{args.backend}_{args.dtype}_s{args.seed}")
+    if not args.skip_train:
+        seconds["baseline"] = train(base_dir, "off", args, extra)
+        seconds["fp8"] = train(fp8_dir, args.backend, args, extra)
+    base, fp8 = read_losses(base_dir), read_losses(fp8_dir)
     last = min(args.last, len(base), len(fp8))
     base_mean, fp8_mean = tail_mean(base, last), tail_mean(fp8, last)
     rel = abs(fp8_mean - base_mean) / base_mean
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"fp8_loss_{args.backend}_{args.dtype}_{args.steps}steps_s{args.seed}"
+    stem = f"fp8_loss_{args.backend}_{args.dtype}_{args.steps}steps_s{args.seed}{tag}"
     names = {f"fp8=off, train.dtype={args.dtype}": base, f"fp8={args.backend}, train.dtype={args.dtype}": fp8}
     plot(names, out / f"{stem}.png",
          f"tiny model, {args.steps} steps: rel. error of last-{last} mean = {rel:.3%}")
