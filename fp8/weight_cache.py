@@ -1,12 +1,12 @@
 """Quantize a weight once per optimizer step and reuse it across micro-batches.
 
-A cache entry is valid while the parameter's version counter (`w._version`), its storage pointer and
-the cache generation are unchanged. The version counter catches in-place updates done through the
-parameter itself (every torch optimizer: `p.add_`, `p.lerp_`, ...). It does not see writes through
-`p.data` or through a flat buffer the parameter views (DeepSpeed ZeRO copies updated weights that
-way), so the trainer also calls `invalidate_weight_caches(model)` after every optimizer step, most
-simply through `attach_to_optimizer(model, optimizer)` (a step post-hook). Both guards together make a
-stale FP8 weight impossible in either setting.
+A cache entry is valid while the parameter's version counter (`w._version`) and storage pointer are
+unchanged. The version counter catches in-place updates done through the parameter itself: every torch
+optimizer (`p.add_`, `p.lerp_`, ...) and twinpipe's ZeRO-1 (`param.copy_` under no_grad when it
+publishes the updated shards). It does not see writes through `p.data` or through a flat buffer the
+parameter views (DeepSpeed ZeRO copies updated weights that way); with such an optimizer call
+`invalidate_weight_caches(model)` after every step, for a torch optimizer most simply through
+`attach_to_optimizer(model, optimizer)` (a step post-hook).
 
 128×128 blocks are square, so the quantization of Wᵀ is exactly the transpose of the quantization
 of W (same blocks, same amax, same per-element division): Dgrad reuses it instead of requantizing.
