@@ -5,6 +5,7 @@ micro-batch by micro-batch. Losses must be bitwise equal (fp32, same ops on the 
 per rank). Gradients are sums over micro-batches taken in a different order (and, for DualPipe, over
 two copies of a stage), so they may differ by rounding: 1 - 2<x,y>/(|x|^2+|y|^2) < 1e-13 (float64
 metric), the bound DualPipe's test uses. Inference (no_grad, return_outputs) must give equal outputs.
+The peak number of micro-batch activations a rank holds is pinned to REFERENCE.md section 4.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from twinpipe.parallel.schedule_1f1b import OneFOneB
 from twinpipe.parallel.weight_grad_store import linear
 
 HIDDEN, MICRO = 16, 3
+LIVE = {"now": 0, "peak": 0}  # micro-batch activations held by this rank's stages (forward done, B not)
+
+
+def _release(grad):
+    LIVE["now"] -= 1
 
 
 class MLPStage(nn.Module):
@@ -34,7 +40,12 @@ class MLPStage(nn.Module):
         self.w2 = nn.Parameter(torch.randn(hidden, 2 * hidden) / (2 * hidden) ** 0.5)
 
     def forward(self, x):  # x: [micro, hidden]
-        return x + linear(torch.tanh(linear(x, self.w1, self.b1)), self.w2)
+        y = x + linear(torch.tanh(linear(x, self.w1, self.b1)), self.w2)
+        if y.requires_grad:
+            LIVE["now"] += 1
+            LIVE["peak"] = max(LIVE["peak"], LIVE["now"])
+            y.register_hook(_release)  # runs when this chunk's backward reaches the stage
+        return y
 
 
 def criterion(out, target):
@@ -116,12 +127,14 @@ def _run_dualpipe(rank, world, num_chunks, v_shape, hook):
         # rank 0 feeds the first half, whose losses land on rank N-1, and vice versa
         inputs = [half_x[0]] if rank == 0 else [half_x[1]] if rank == world - 1 else []
         labels = [half_t[1]] if rank == 0 else [half_t[0]] if rank == world - 1 else []
+    LIVE.update(now=0, peak=0)
     loss, _ = pipe.step(*inputs, num_chunks=num_chunks, criterion=criterion, labels=labels)
     grads = (_grads(pair[0]), _grads(pair[1]))
     with torch.no_grad():
         _, out = pipe.step(*inputs, num_chunks=num_chunks, return_outputs=True)
     return portable(dict(loss=loss, out=out, grads=grads, ref_loss=ref_loss, ref_grads=ref_grads,
-                         ref_out=ref_out, queue_empty=WeightGradStore.funcs_queue.empty()))
+                         ref_out=ref_out, queue_empty=WeightGradStore.funcs_queue.empty(),
+                         peak=LIVE["peak"]))
 
 
 def _check_grads(results, stage_of):
@@ -149,6 +162,8 @@ def test_dualpipe_matches_unpartitioned(world, num_chunks):
     assert torch.equal(last["out"], first["ref_out"][:half * MICRO])
     assert all(r["loss"] is None and r["out"] is None for r in res[1:-1])
     _check_grads(res, lambda r, m: r if m == 0 else world - 1 - r)
+    # activation memory of REFERENCE section 4: PP + 1 micro-batches in flight on every rank
+    assert [r["peak"] for r in res] == [world + 1] * world
 
 
 @pytest.mark.parametrize("world,num_chunks", [(1, 5), (2, 4), (3, 7), (4, 8)])
@@ -158,6 +173,8 @@ def test_dualpipev_matches_unpartitioned(world, num_chunks):
     assert torch.equal(res[0]["out"], res[0]["ref_out"])
     assert all(r["loss"] is None for r in res[1:])
     _check_grads(res, lambda r, m: r if m == 0 else 2 * world - 1 - r)
+    # PP + 1 with PP = 2N stages (each half a rank's share): 2N + 1 stage activations per rank
+    assert [r["peak"] for r in res] == [2 * world + 1] * world
 
 
 def _counting_hook(calls):
@@ -204,11 +221,13 @@ def _run_1f1b(rank, world, num_chunks):
     pipe = OneFOneB(stages[rank])
     inputs = [x] if rank == 0 else []
     labels = [target] if rank == world - 1 else []
+    LIVE.update(now=0, peak=0)
     loss, _ = pipe.step(*inputs, num_chunks=num_chunks, criterion=criterion, labels=labels)
+    peak = LIVE["peak"]
     with torch.no_grad():
         _, out = pipe.step(*inputs, num_chunks=num_chunks, return_outputs=True)
     return portable(dict(loss=loss, out=out, grads=_grads(stages[rank]), ref_loss=ref_loss,
-                         ref_grads=ref_grads[rank], ref_out=ref_out))
+                         ref_grads=ref_grads[rank], ref_out=ref_out, peak=peak))
 
 
 @pytest.mark.parametrize("world,num_chunks", [(1, 3), (3, 2), (4, 8)])
@@ -219,6 +238,8 @@ def test_1f1b_matches_unpartitioned(world, num_chunks):
     for rank, r in enumerate(res):
         for g, w in zip(r["grads"], r["ref_grads"]):
             assert grad_error(g, w) < 1e-13, (rank, grad_error(g, w))
+    # rank r holds the warm-up's N - r micro-batches (PP on the first rank)
+    assert [r["peak"] for r in res] == [min(world - r, num_chunks) for r in range(world)]
 
 
 def _make(rank, world, kind, num_chunks):
