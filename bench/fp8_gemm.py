@@ -8,7 +8,8 @@ with about 4096 tokens each (counts drawn around 4096, so segments are not tile-
 (N, K) = (4096, 7168) and (7168, 2048). The FP8 GEMMs take pre-quantized operands (1×128 activation
 tiles, 128×128 weight blocks) and write BF16; the quantization kernels are timed separately. TFLOPS =
 2·M·N·K / time, time from `triton.testing.do_bench` (median, L2 flushed between runs). Every FP8 result
-is checked against the torch emulation (`twinpipe.fp8.emulate`) and its relative error recorded.
+is checked against the torch emulation (`twinpipe.fp8.emulate`) and its relative error recorded. The
+dense Triton GEMM is timed with TMA descriptor loads (Hopper) and with plain pointer loads.
 
 Needs a CUDA GPU (Hopper for cuBLAS blockwise); imports only torch, triton and twinpipe.fp8, so it runs
 on a box without hydra/deepspeed/wandb/datasets (`pip install --no-deps --no-build-isolation --no-index
@@ -69,6 +70,10 @@ def bench_dense(m: int, n: int, k: int, cublas_ok: bool) -> dict:
     ms = _time(lambda: triton_gemm(xq, xs, wq, ws, torch.bfloat16))
     row["triton_ms"], row["triton_tflops"] = ms, ms and _tflops(m, n, k, ms)
     row["triton_rel_err_vs_emulate"] = _rel_err(triton_gemm(xq, xs, wq, ws, torch.bfloat16), ref)
+    from twinpipe.fp8.triton_gemm import _TMA_STATE
+    row["triton_tma"] = _TMA_STATE["ok"]
+    ms = _time(lambda: triton_gemm(xq, xs, wq, ws, torch.bfloat16, use_tma=False))
+    row["triton_pointer_loads_ms"], row["triton_pointer_loads_tflops"] = ms, ms and _tflops(m, n, k, ms)
     if cublas_ok:
         ms = _time(lambda: cublas_gemm(xq, xs, wq, ws, torch.bfloat16))
         row["cublas_ms"], row["cublas_tflops"] = ms, ms and _tflops(m, n, k, ms)

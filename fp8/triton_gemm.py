@@ -13,6 +13,7 @@ same kernels run on CPU with one small fixed configuration (autotuning there wou
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -27,6 +28,8 @@ _CONFIGS = [
     for bm, bn, s, w in [(128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8), (64, 128, 4, 4),
                          (128, 128, 3, 4), (64, 256, 4, 8)]
 ]
+log = logging.getLogger(__name__)
+_TMA_STATE = {"ok": True}
 _INTERPRETER_META = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 2}
 
 
@@ -203,16 +206,28 @@ def triton_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     b_s = _rows_contiguous(b_s.float())
     m = a2.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)  # [M, N]
-    if use_tma is None:   # TMA needs 16-byte aligned row strides; Hopper or newer
-        use_tma = (not interpreting() and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+    auto_tma = use_tma is None
+    if auto_tma:   # TMA needs Hopper or newer and 16-byte aligned rows; off after one failed compile
+        use_tma = (_TMA_STATE["ok"] and not interpreting() and a.is_cuda
+                   and torch.cuda.get_device_capability(a.device)[0] >= 9
                    and k % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
     if use_tma and not interpreting():
         _set_tma_allocator()
     if m > 0 and n > 0:
-        _launch(_fp8_gemm_kernel, _fp8_gemm_tuned,
-                lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), a.device,
-                a2, as2, b, b_s, out, m, n, k, a2.stride(0), as2.stride(0), b.stride(0), b_s.stride(0),
-                out.stride(0), B_PER_ROW=b_per_row, USE_TMA=bool(use_tma), BLOCK_K=block_size)
+        args = (a2, as2, b, b_s, out, m, n, k, a2.stride(0), as2.stride(0), b.stride(0), b_s.stride(0),
+                out.stride(0))
+        tiles = lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])  # noqa: E731
+        try:
+            _launch(_fp8_gemm_kernel, _fp8_gemm_tuned, tiles, a.device, *args,
+                    B_PER_ROW=b_per_row, USE_TMA=bool(use_tma), BLOCK_K=block_size)
+        except Exception as exc:  # noqa: BLE001 - a Triton build without working TMA: pointer loads
+            if not (auto_tma and use_tma):
+                raise
+            _TMA_STATE["ok"] = False
+            log.warning("fp8 triton GEMM: TMA descriptors failed (%s); using pointer loads from now on",
+                        str(exc).splitlines()[0][:200])
+            _launch(_fp8_gemm_kernel, _fp8_gemm_tuned, tiles, a.device, *args,
+                    B_PER_ROW=b_per_row, USE_TMA=False, BLOCK_K=block_size)
     return out.reshape(*a.shape[:-1], n)
 
 
