@@ -109,7 +109,8 @@ def _grads(module):
     return [p.grad.clone() for p in module.parameters()]
 
 
-def _run_dualpipe(rank, world, num_chunks, v_shape, hook):
+def _run_dualpipe(rank, world, num_chunks, v_shape, hook, mapping=None):
+    pos = mapping[rank] if mapping else rank  # this process's place in the pipeline
     n_stages = 2 * world if v_shape else world
     stages, x, target = make_problem(n_stages, num_chunks)
     ref_loss, ref_grads, ref_out = reference(stages, x, target, num_chunks)
@@ -117,16 +118,16 @@ def _run_dualpipe(rank, world, num_chunks, v_shape, hook):
         s.zero_grad(set_to_none=True)
     set_p2p_tensor_shapes([(MICRO, HIDDEN)])
     set_p2p_tensor_dtype(torch.float32)
-    pair = (stages[rank], stages[n_stages - 1 - rank])
+    pair = (stages[pos], stages[n_stages - 1 - pos])
     if v_shape:
-        pipe = DualPipeV(pair, overlapped_forward_backward=hook)
-        inputs, labels = ([x], [target]) if rank == 0 else ([], [])
+        pipe = DualPipeV(pair, overlapped_forward_backward=hook, rank_mapping=mapping)
+        inputs, labels = ([x], [target]) if pos == 0 else ([], [])
     else:
-        pipe = DualPipe(pair, overlapped_forward_backward=hook)
+        pipe = DualPipe(pair, overlapped_forward_backward=hook, rank_mapping=mapping)
         half_x, half_t = x.chunk(2), target.chunk(2)
-        # rank 0 feeds the first half, whose losses land on rank N-1, and vice versa
-        inputs = [half_x[0]] if rank == 0 else [half_x[1]] if rank == world - 1 else []
-        labels = [half_t[1]] if rank == 0 else [half_t[0]] if rank == world - 1 else []
+        # position 0 feeds the first half, whose losses land on position N-1, and vice versa
+        inputs = [half_x[0]] if pos == 0 else [half_x[1]] if pos == world - 1 else []
+        labels = [half_t[1]] if pos == 0 else [half_t[0]] if pos == world - 1 else []
     LIVE.update(now=0, peak=0)
     loss, _ = pipe.step(*inputs, num_chunks=num_chunks, criterion=criterion, labels=labels)
     grads = (_grads(pair[0]), _grads(pair[1]))
@@ -151,9 +152,7 @@ def _check_grads(results, stage_of):
             assert grad_error(g, w) < 1e-13, f"stage {s}: gradient error {grad_error(g, w)}"
 
 
-@pytest.mark.parametrize("world,num_chunks", [(2, 4), (2, 6), (4, 10)])
-def test_dualpipe_matches_unpartitioned(world, num_chunks):
-    res = run(_run_dualpipe, world, num_chunks, False, None)
+def _check_dualpipe(res, world, num_chunks):
     half = num_chunks // 2
     first, last = res[0], res[-1]
     assert torch.equal(first["loss"], first["ref_loss"][half:])
@@ -164,6 +163,18 @@ def test_dualpipe_matches_unpartitioned(world, num_chunks):
     _check_grads(res, lambda r, m: r if m == 0 else world - 1 - r)
     # activation memory of REFERENCE section 4: PP + 1 micro-batches in flight on every rank
     assert [r["peak"] for r in res] == [world + 1] * world
+
+
+@pytest.mark.parametrize("world,num_chunks", [(2, 4), (2, 6), (4, 10)])
+def test_dualpipe_matches_unpartitioned(world, num_chunks):
+    _check_dualpipe(run(_run_dualpipe, world, num_chunks, False, None), world, num_chunks)
+
+
+def test_rank_mapping_places_stages_by_position():
+    """Group rank g runs pipeline position mapping[g] (deepseek-ai/DualPipe's rank_mapping)."""
+    world, num_chunks, mapping = 4, 8, [2, 0, 3, 1]
+    res = run(_run_dualpipe, world, num_chunks, False, None, mapping)
+    _check_dualpipe([res[mapping.index(p)] for p in range(world)], world, num_chunks)
 
 
 @pytest.mark.parametrize("world,num_chunks", [(1, 5), (2, 4), (3, 7), (4, 8)])
