@@ -113,6 +113,11 @@ def build_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
                  layer_split: Sequence[int] | None = None) -> tuple[TransformerStage, ...]:
     """This rank's stage modules for `schedule`, in the order DualPipe/DualPipeV/OneFOneB take them."""
     stages = num_stages(schedule, pp)
+    if layer_split is None and len(model.layers) < stages:
+        raise ValueError(f"parallel.schedule={schedule} on parallel.pp={pp} ranks makes {stages} stages "
+                         f"but model.num_hidden_layers={len(model.layers)}: every stage needs at least "
+                         "one block (fewer pipeline ranks, 1f1b/dualpipe instead of dualpipev, or more "
+                         "layers)")
     ranges = split_layers(len(model.layers), stages, layer_split)
     return tuple(TransformerStage(model, ranges[s], s == 0, s == stages - 1)
                  for s in stage_indices(schedule, pp, pp_rank))

@@ -113,3 +113,5 @@ def test_stage_modules_share_the_models_parameters():
     assert [b for b in first.layers] == [model.layers[0], model.layers[1]]
     with pytest.raises(ValueError, match="parallel.pp=3: DualPipe needs an even number"):
         build_stages(model, "dualpipe", 3, 0)
+    with pytest.raises(ValueError, match="dualpipev on parallel.pp=4 ranks makes 8 stages"):
+        build_stages(model, "dualpipev", 4, 0)
