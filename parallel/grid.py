@@ -11,6 +11,9 @@ Groups built for each rank:
 - `ep_group`: `ep` consecutive dp ranks that split the experts between them.
 - `edp_group`: dp ranks with the same `ep_rank` (they hold the same experts), where expert gradients
   are averaged.
+- `pp_mirror_group`: this rank and its mirror in the pipeline (pp_rank r and pp - 1 - r, same dp
+  rank); None on the middle rank of an odd pipeline. DualPipe's two copies of a stage live on such a
+  pair, and so does the embedding shared by the first and the last stage (the pair of pp_rank 0).
 Without torch.distributed (one process) every group is None and all sizes are 1.
 """
 
@@ -40,6 +43,7 @@ class Grid:
     pp_group: Any = None
     ep_group: Any = None
     edp_group: Any = None
+    pp_mirror_group: Any = None
     dp_mesh: Any = None  # a 1-D DeviceMesh over dp_group (for sharded DTensor checkpoints)
 
     @property
@@ -109,6 +113,10 @@ def build_grid(pp: int = 1, dp: int = 1, ep: int = 1) -> Grid:
         g = dist.new_group([s * dp + d for s in range(pp)])
         if d == dp_rank:
             grid.pp_group = g
+        for r in range(pp // 2):
+            mg = dist.new_group([r * dp + d, (pp - 1 - r) * dp + d])
+            if d == dp_rank and pp_rank in (r, pp - 1 - r):
+                grid.pp_mirror_group = mg
     grid.dp_mesh = _dp_mesh(grid)
     log.info("process grid: world %d = pp %d x dp %d (ep %d); rank %d is pp %d, dp %d, ep %d",
              world, pp, dp, ep, rank, pp_rank, dp_rank, grid.ep_rank)

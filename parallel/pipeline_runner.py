@@ -4,14 +4,15 @@ Same interface as the trainer's plain runner: `run(micro_batches) -> {"loss", "l
 (detached means over the micro-batches) and, in every parameter's `.grad`, the gradient of the mean
 loss over the micro-batches -- the same numbers a single process would compute.
 
-How: each pipeline rank keeps a full replica of the model (the trainer builds it; the ZeRO-1
-optimizer covers it) and runs only its stages (`stages.build_stages`) under DualPipe, DualPipeV or
-1F1B. After the schedule, one all-reduce (sum) over the pipeline group makes every rank's gradient the
-full one: each stage's gradient comes from the rank(s) that ran it -- DualPipe's two copies of a stage
-and the embedding used by both the first stage and MTP on the last add up there -- and the other ranks
-contribute zeros. Every pipeline rank then takes the same optimizer step, so the replicas stay equal.
-Losses are computed where the last stage runs and summed over the pipeline group the same way. The
-loss function is the trainer's (`loss_fn(output, batch) -> (loss, metrics)`), passed in: `parallel`
+How: each pipeline rank holds only the modules of its stages (the trainer drops the rest with
+`stages.keep_local_stages`; the runner also works on a full model) and runs them under DualPipe,
+DualPipeV or 1F1B. Gradients are then summed over the pipeline only where a parameter has copies:
+DualPipe holds every stage twice (stage s on ranks s and N-1-s, which also covers the embedding used
+by the first stage and by MTP on the last), so all local gradients are summed over the mirror pair
+(`Grid.pp_mirror_group`); 1F1B with MTP holds the embedding on the first and the last rank, summed
+over that pair; DualPipeV holds every stage and the embedding once (rank 0 holds both ends): nothing
+to sum. Losses are computed where the last stage runs and summed over the pipeline group. The loss
+function is the trainer's (`loss_fn(output, batch) -> (loss, metrics)`), passed in: `parallel`
 never imports `trainer`.
 """
 
@@ -28,7 +29,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from twinpipe.parallel.dualpipe import DualPipe, DualPipeV
 from twinpipe.parallel.schedule_1f1b import OneFOneB
-from twinpipe.parallel.stages import build_stages, set_stage_p2p_shapes
+from twinpipe.parallel.stages import build_stages, is_local, set_stage_p2p_shapes
 
 
 class StageCriterion:
@@ -67,11 +68,12 @@ class PipelineRunner:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, schedule: str, pp: int, pp_rank: int,
                  pp_group, device: torch.device, dtype: str = "fp32", layer_split=None,
-                 overlapped_forward_backward: Callable | None = None) -> None:
+                 overlapped_forward_backward: Callable | None = None, mirror_group=None) -> None:
         if schedule not in self.SCHEDULES:
             raise ValueError(f"parallel.schedule={schedule!r}: allowed {', '.join(self.SCHEDULES)}")
         self.model, self.loss_fn, self.schedule = model, loss_fn, schedule
         self.pp, self.pp_rank, self.group, self.device, self.dtype = pp, pp_rank, pp_group, device, dtype
+        self.mirror_group = mirror_group  # Grid.pp_mirror_group: this rank and pp_rank pp-1-r
         self.stages = build_stages(model, schedule, pp, pp_rank, layer_split)
         if schedule == "1f1b":
             self.pipe = OneFOneB(self.stages[0], process_group=pp_group)
@@ -103,6 +105,27 @@ class PipelineRunner:
         return ([ids, pos] if self.pp_rank == 0 else [],
                 [labels] if self.pp_rank == last else [])
 
+    def copied_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters that have a copy on its mirror rank (same list, same order there)."""
+        if self.pp == 1:
+            return []
+        if self.schedule == "dualpipe":
+            return [p for p in self.model.parameters() if is_local(p)]
+        ends = (0, self.pp - 1)
+        if self.schedule == "1f1b" and self.pp_rank in ends and len(self.model.mtp) > 0:
+            return list(self.model.embed_tokens.parameters())
+        return []
+
+    def sum_copies(self) -> None:
+        """Sum the gradients of copied parameters over the mirror pair (see the module docstring)."""
+        params = self.copied_parameters()
+        if not params:
+            return
+        if self.mirror_group is None:
+            raise ValueError(f"parallel.schedule={self.schedule}, pp_rank {self.pp_rank} of {self.pp}: "
+                             "copied parameters need mirror_group (Grid.pp_mirror_group)")
+        sum_gradients(params, self.mirror_group)
+
     def run(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         from twinpipe.model.moe import MoE
 
@@ -116,7 +139,7 @@ class PipelineRunner:
         inputs, labels = self.feeds(batch)
         with self._autocast():
             self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
-        sum_gradients(list(self.model.parameters()), self.group)
+        self.sum_copies()
         totals = (torch.stack(criterion.records).sum(0) if criterion.records
                   else torch.zeros(3)).to(self.device) / n  # [loss, lm_loss, mtp_loss]
         dist.all_reduce(totals, group=self.group)

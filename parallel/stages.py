@@ -15,9 +15,15 @@ hold the same `nn.Embedding` and autograd sums the two uses. When they sit on di
 rank's copy gets only its own share of the gradient: as Megatron does for tied embeddings, the copies'
 gradients must be summed over the ranks holding the first and the last stage before the optimizer step,
 and the copies start equal (same seed / same checkpoint). The same holds for DualPipe's two copies of
-every stage (stage s on ranks s and N-1-s). `pipeline_runner.PipelineRunner` keeps one full replica per
-pipeline rank and sums all gradients over the pipeline group (`Grid.pp_group`), which covers the
-embedding pair, DualPipe's stage pairs and everything else with one all-reduce.
+every stage (stage s on ranks s and N-1-s): `pipeline_runner.PipelineRunner` sums them over the mirror
+pair (`Grid.pp_mirror_group`).
+
+Memory partitioning. `keep_local_stages` moves every module this rank's stages do not use to the meta
+device, so a pipeline rank holds only its own blocks (and the embedding/head/MTP where its stages need
+them) while the module tree, and so every state-dict name, stays the full model's. `owned_module_names`
+names the modules whose gradient this rank *counts* in a global norm, so that each parameter is counted
+once over the pipeline group although DualPipe holds two copies of every stage and the embedding sits
+on both ends.
 """
 
 from __future__ import annotations
@@ -121,6 +127,59 @@ def build_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
     ranges = split_layers(len(model.layers), stages, layer_split)
     return tuple(TransformerStage(model, ranges[s], s == 0, s == stages - 1)
                  for s in stage_indices(schedule, pp, pp_rank))
+
+
+def stage_module_names(model: nn.Module, stage: int, stages: int, layers: range,
+                       with_mtp_embedding: bool = True) -> list[str]:
+    """Names of the model's modules stage `stage` of `stages` runs (its blocks `layers`; the embedding
+    on the first stage, and on the last when MTP embeds the next tokens; norm, head and MTP on the last)."""
+    names = [f"layers.{i}" for i in layers]
+    if stage == 0 or (with_mtp_embedding and stage == stages - 1 and len(model.mtp) > 0):
+        names.append("embed_tokens")
+    if stage == stages - 1:
+        names += ["norm", "lm_head", "mtp"]
+    return names
+
+
+def _stage_ranges(model: nn.Module, schedule: str, pp: int, layer_split) -> list[range]:
+    return split_layers(len(model.layers), num_stages(schedule, pp), layer_split)
+
+
+def local_module_names(model: nn.Module, schedule: str, pp: int, pp_rank: int,
+                       layer_split: Sequence[int] | None = None) -> set[str]:
+    """Modules pipeline rank `pp_rank` runs (and so must hold): those of its stages."""
+    ranges, stages = _stage_ranges(model, schedule, pp, layer_split), num_stages(schedule, pp)
+    return {n for s in stage_indices(schedule, pp, pp_rank)
+            for n in stage_module_names(model, s, stages, ranges[s])}
+
+
+def owned_module_names(model: nn.Module, schedule: str, pp: int, pp_rank: int,
+                       layer_split: Sequence[int] | None = None) -> set[str]:
+    """The local modules whose (pipeline-summed) gradient this rank counts in a global norm, so each
+    parameter counts once over the pipeline group: DualPipe's rank r counts stage r only (its copy of
+    stage N-1-r is counted on rank N-1-r); the embedding counts with the first stage only."""
+    ranges, stages = _stage_ranges(model, schedule, pp, layer_split), num_stages(schedule, pp)
+    held = stage_indices(schedule, pp, pp_rank)
+    counted = held[:1] if schedule == "dualpipe" else held
+    return {n for s in counted for n in stage_module_names(model, s, stages, ranges[s],
+                                                           with_mtp_embedding=False)}
+
+
+def keep_local_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
+                      layer_split: Sequence[int] | None = None) -> list[str]:
+    """Move every module of `model` that this rank's stages do not run to the meta device (in place:
+    its memory is freed, names and shapes stay). Returns the names of the dropped modules."""
+    keep = local_module_names(model, schedule, pp, pp_rank, layer_split)
+    children = [f"layers.{i}" for i in range(len(model.layers))] + ["embed_tokens", "norm", "lm_head", "mtp"]
+    dropped = [n for n in children if n not in keep]
+    for name in dropped:
+        model.get_submodule(name).to("meta")
+    return dropped
+
+
+def is_local(tensor: torch.Tensor) -> bool:
+    """False for the meta placeholders `keep_local_stages` leaves for other ranks' modules."""
+    return not tensor.is_meta
 
 
 def set_stage_p2p_shapes(micro_batch: int, seq_len: int, hidden: int,

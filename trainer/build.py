@@ -67,9 +67,16 @@ def build_loader(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) ->
                         dp_size=dp_size, seed=cfg.train.seed)
 
 
-def build_model(cfg: DictConfig, device: torch.device) -> Any:
-    """The full model on `device` (fp32 weights: master weights are fp32, bf16 runs under autocast),
-    initialised from train.seed, with FP8 layers swapped in when fp8.backend is not off."""
+def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
+    """The model on `device` (fp32 weights: master weights are fp32, bf16 runs under autocast),
+    initialised from train.seed, with FP8 layers swapped in when fp8.backend is not off.
+
+    With a `grid` of parallel.pp > 1 only this pipeline rank's stages are kept: the full model is
+    initialised on the CPU (so every parameter gets exactly the value it has with pp = 1: the
+    initialisation draws from one RNG stream in module order, which a per-rank build could not
+    reproduce without drawing the other ranks' values anyway), then every module the rank's stages do
+    not run is moved to the meta device (`stages.keep_local_stages`) *before* anything goes to `device`,
+    so the device only ever holds the local part."""
     from twinpipe.model.transformer import Transformer
 
     mcfg = model_config(cfg.model)
@@ -77,10 +84,39 @@ def build_model(cfg: DictConfig, device: torch.device) -> Any:
     model = Transformer(mcfg)
     if cfg.train.init_std is not None:
         model.init_weights(cfg.train.init_std)
-    model.to(device)
+    if grid is not None and grid.pp > 1:
+        from twinpipe.parallel.stages import keep_local_stages
+
+        dropped = keep_local_stages(model, cfg.parallel.schedule, grid.pp, grid.pp_rank)
+        log.info("pipeline rank %d: %d modules of other stages left on meta", grid.pp_rank, len(dropped))
+        model._apply(lambda t: t if t.is_meta else t.to(device))  # Module.to refuses meta tensors
+    else:
+        model.to(device)
     if cfg.fp8.backend != "off":
         from twinpipe.fp8 import convert_model
 
         model = convert_model(model, cfg.fp8.backend)
         log.info("fp8: linear layers and experts converted (backend %s)", cfg.fp8.backend)
     return model
+
+
+class _LocalModules(torch.nn.Module):
+    """The model's modules that hold weights on this rank (a view for `apply_expert_parallel`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.config = model.config
+        self.blocks = torch.nn.ModuleList(
+            m for m in [*model.layers, *model.mtp]
+            if not any(t.is_meta for t in [*m.parameters(), *m.buffers()]))
+
+
+def apply_expert_parallel_local(model: torch.nn.Module, grid: Any, num_replicas: int | None) -> None:
+    """Expert parallelism over grid.ep_group for the MoE layers this rank holds (those of other
+    pipeline stages stay on meta). The layers are the model's own modules, replaced in place."""
+    from twinpipe.model.moe import MoE
+    from twinpipe.parallel.expert_parallel import apply_expert_parallel
+
+    local = _LocalModules(model)
+    if any(isinstance(m, MoE) for m in local.modules()):
+        apply_expert_parallel(local, grid.ep_group, num_replicas=num_replicas)

@@ -2,7 +2,12 @@
 
 Layout of `run.dir/checkpoints/step_N/`:
     __0_0.distcp, .metadata   the training state: {"model": model state dict (router biases are
-                              buffers in it), "optim": ZeRO-1 shards as DTensors of the flat vectors}
+                              buffers in it), "optim": ZeRO-1 shards as DTensors of the flat vectors}.
+                              With pipeline parallelism every rank saves the modules it holds under
+                              the full model's names (DCP merges them; DualPipe's identical copies are
+                              written once) and its optimizer bucket under `dense_pp{r}_of{pp}`, so the
+                              model part is one full model (`load_model_for_inference` reads it) and
+                              the optimizer part resumes with the same parallel.pp and schedule.
     rank_R.pt                 per-rank state: data-loader position and RNG states (torch.save of
                               tensors, ints and dicts; read back with weights_only=True)
     meta.json                 step, tokens consumed, world shape
@@ -148,6 +153,18 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], 
     own = path / f"rank_{rank}.pt"
     rank_state = torch.load(own if own.is_file() else path / "rank_0.pt", weights_only=True)
     return meta, rank_state
+
+
+def check_pipeline_layout(path: Path, pp: int, schedule: str) -> None:
+    """Refuse a resume whose pipeline layout differs from the checkpoint's: each pipeline rank's
+    optimizer state covers the parameters of its own stages (a different dp is fine)."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    saved_pp, saved_schedule = int(meta.get("pp", 1)), meta.get("schedule")
+    if saved_pp != pp or (pp > 1 and saved_schedule is not None and saved_schedule != schedule):
+        raise ValueError(f"{path}: saved with parallel.pp={saved_pp} parallel.schedule={saved_schedule}, "
+                         f"resuming with parallel.pp={pp} parallel.schedule={schedule}: the optimizer "
+                         "state is split by pipeline stage; resume with the saved pp and schedule "
+                         "(the model weights alone load anywhere with load_model_for_inference)")
 
 
 def rng_state() -> dict[str, Any]:

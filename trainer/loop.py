@@ -75,9 +75,11 @@ def _mean_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """The model's state for checkpoints: under expert parallelism each ep rank's expert slots go
-    under a key of their own (the ranks hold different experts under the same names)."""
-    state = model.state_dict()
+    """The model's state for checkpoints, what this rank holds under the full model's names (pipeline
+    ranks hold their stages; DualPipe's copies are identical and saved once): under expert parallelism
+    each ep rank's expert slots go under a key of their own (the ranks hold different experts under the
+    same names)."""
+    state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
     if grid.ep == 1:
         return {"model": state}
     from twinpipe.parallel.expert_parallel import is_expert_param
@@ -89,7 +91,8 @@ def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch
 
 def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dict[str, Any]:
     """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
-    optimizer-state bytes, parameter count).
+    optimizer-state bytes, parameter count and bytes, and the trained `model`: with pp > 1 this rank's
+    part, the other stages' modules on meta).
 
     Seams for other recipes (SFT, GRPO): `loss_fn(output, batch) -> (loss, metrics)` (default: the
     pretraining loss, whose `mtp_lambda` the loop schedules when it has one), and `batch_source`, a
@@ -106,13 +109,13 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
 
     tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
     loader = (batch_source or build_loader)(cfg, tokenizer, grid.dp_rank, grid.dp)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, grid)  # with pp > 1: this rank's stages only
     rebalancer = None
     if grid.ep > 1:
-        from twinpipe.parallel.expert_parallel import apply_expert_parallel
+        from twinpipe.trainer.build import apply_expert_parallel_local
 
-        apply_expert_parallel(model, grid.ep_group, num_replicas=cfg.eplb.replicas or None)
-    optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip)
+        apply_expert_parallel_local(model, grid, num_replicas=cfg.eplb.replicas or None)
+    optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip, cfg.parallel.schedule)
     tracker = ExpertLoadTracker(model)
     loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda)
     runner = select_runner(cfg, model, loss_fn, grid, device)
@@ -121,13 +124,21 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
 
         rebalancer = ExpertRebalancer(model)
         eplb_window = torch.zeros(len(tracker.layers), rebalancer.num_experts, dtype=torch.float64)
+        # rows of the MoE layers this rank holds (the rebalancer's layers; all of them with pp = 1)
+        eplb_rows = [i for i, (_, m) in enumerate(tracker.layers) if not m.gate.weight.is_meta]
 
     step, tokens = 0, 0.0
     start = ckpt.resolve_resume(cfg.resume, run_dir)
     if start is not None:
         state = {**_model_state(model, grid), "optim": optimizer.state_dict()}
+        ckpt.check_pipeline_layout(start, grid.pp, cfg.parallel.schedule)
         meta, rank_state = ckpt.load_checkpoint(start, state)
-        model.load_state_dict({k: v for key, part in state.items() if key != "optim" for k, v in part.items()})
+        loaded = {k: v for key, part in state.items() if key != "optim" for k, v in part.items()}
+        missing, unexpected = model.load_state_dict(loaded, strict=False)
+        on_meta = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
+        if unexpected or not set(missing) <= on_meta:  # only other stages' modules may be missing
+            raise ValueError(f"{start}: state names do not match this rank's model: unexpected "
+                             f"{unexpected[:5]}, missing {missing[:5]}")
         optimizer.load_state_dict(state["optim"])
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
@@ -150,7 +161,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
 
     def save() -> None:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state()}
-        meta = {"step": step, "tokens": tokens, "pp": grid.pp, "dp": grid.dp, "ep": grid.ep}
+        meta = {"step": step, "tokens": tokens, "pp": grid.pp, "dp": grid.dp, "ep": grid.ep,
+                "schedule": cfg.parallel.schedule}
         ckpt.save_checkpoint(run_dir, step, {**_model_state(model, grid), "optim": optimizer.state_dict()},
                              rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
                              cfg.checkpoint.keep)
@@ -192,7 +204,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
             if rebalancer is not None:
                 eplb_window += counts
                 if (step + 1) % cfg.eplb.every == 0:  # re-place experts, moving weights + AdamW state
-                    eplb_metrics = rebalancer.replan(eplb_window, optimizer.expert_opt)
+                    eplb_metrics = rebalancer.replan(eplb_window[eplb_rows], optimizer.expert_opt)
                     eplb_window.zero_()
             step += 1
             tokens += batch * cfg.train.seq_len
@@ -229,6 +241,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
         from twinpipe.trainer.plots import make_plots
 
         make_plots(run_dir)
+    local = [p for p in model.parameters() if not p.is_meta]
     return {"step": step, "tokens": tokens, "last": last, "run_dir": str(run_dir),
-            "optimizer_state_bytes": optimizer.state_bytes(),
-            "num_params": sum(p.numel() for p in model.parameters())}
+            "optimizer_state_bytes": optimizer.state_bytes(), "num_params": sum(p.numel() for p in local),
+            "param_bytes": sum(p.numel() * p.element_size() for p in local), "model": model}

@@ -11,11 +11,17 @@ gradient, no decay, no optimizer state — `balance.py` moves it.
 `DeepSpeedZeroOptimizer` stage 1 behind the same calls (`trainer/deepspeed_zero.py`). With
 parallel.ep > 1 the expert weights (already split over the ep group) get a local AdamW inside ours and
 their gradients are reduced by `twinpipe.parallel.ep_groups.reduce_expert_grads`.
+
+With pipeline parallelism (parallel.pp > 1) each rank optimizes only the parameters it holds (the other
+stages' modules are on meta, see `trainer/build.py`); the global gradient norm sums, over the pipeline
+group, the squares of the parameters each rank *owns* (`stages.owned_module_names`), so DualPipe's two
+copies of a stage and the embedding held at both ends count once. `optim.zero=deepspeed` is refused
+with pp > 1: DeepSpeed's norm would count those copies twice and cannot be told otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -30,14 +36,17 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2
 
 
-def expert_grad_sq(model: nn.Module) -> torch.Tensor:
+def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda name: True) -> torch.Tensor:
     """Squared gradient norm of this rank's expert slots, each *logical* expert counted once: a slot
     whose expert has c replicas (EPLB) weighs 1/c, so the global norm (summed over the ep group)
-    equals the one of the same model without expert parallelism."""
-    from twinpipe.parallel.expert_parallel import expert_parallel_layers
+    equals the one of the same model without expert parallelism. Only layers whose module name
+    `counted(name)` accepts contribute (pipeline copies are counted on one rank)."""
+    from twinpipe.parallel.expert_parallel import ExpertParallelExperts
 
     total = torch.zeros((), dtype=torch.float64)
-    for layer in expert_parallel_layers(model):
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ExpertParallelExperts) or not counted(name):
+            continue
         weight = 1.0 / layer.logcnt[layer.local_logical_ids()].double()  # [S]
         for p in layer.local.parameters():
             if p.grad is not None:
@@ -45,15 +54,31 @@ def expert_grad_sq(model: nn.Module) -> torch.Tensor:
     return total
 
 
-def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: float = 1.0) -> Any:
+def owned_by_rank(model: nn.Module, grid: Grid, schedule: str) -> Callable[[str], bool]:
+    """name -> whether this rank counts that parameter/module in the global norm (all with pp = 1)."""
+    if grid.pp == 1:
+        return lambda name: True
+    from twinpipe.parallel.stages import owned_module_names
+
+    owned = owned_module_names(model, schedule, grid.pp, grid.pp_rank)
+    return lambda name: any(name == m or name.startswith(m + ".") for m in owned)
+
+
+def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: float = 1.0,
+                    schedule: str = "dualpipe") -> Any:
+    """The run's optimizer over the parameters this rank holds (`schedule` = parallel.schedule, used
+    with pp > 1 to know which of them this rank counts in the global norm)."""
     moment_dtype = torch.bfloat16 if optim.moment_dtype == "bf16" else torch.float32
     kwargs = dict(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.zero == "deepspeed":
+        if grid.pp > 1:
+            raise ValueError(f"optim.zero=deepspeed with parallel.pp={grid.pp}: DeepSpeed's global norm "
+                             "would count DualPipe's stage copies and the shared embedding twice; use "
+                             "optim.zero=ours with pipeline parallelism (or parallel.pp=1)")
         from twinpipe.trainer.deepspeed_zero import DeepSpeedZero1
 
         return DeepSpeedZero1(model, grid, no_decay=no_decay, grad_clip=grad_clip, **kwargs)
-    # pp_group=None: the pipeline runner (parallel/pipeline_runner.py) leaves the *whole* model's
-    # gradient on every pipeline rank (one replica per rank), so norms are not summed over pp.
+    counted = owned_by_rank(model, grid, schedule)
     expert_kwargs: dict[str, Any] = {}
     if grid.ep > 1:
         from twinpipe.parallel.ep_groups import reduce_expert_grads
@@ -62,7 +87,10 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
         expert_kwargs = dict(
             expert_param=lambda n, p: is_expert_param(p), ep_group=grid.ep_group, ep_rank=grid.ep_rank,
             reduce_experts=lambda: reduce_expert_grads(model, grid.edp_group, grid.dp_group, grid.dp),
-            expert_grad_sq=lambda: expert_grad_sq(model))
-    return ZeroAdamW(model.named_parameters(), no_decay=no_decay, dp_group=grid.dp_group,
-                     dp_mesh=grid.dp_mesh, pp_group=None, moment_dtype=moment_dtype,
-                     **expert_kwargs, **kwargs)
+            expert_grad_sq=lambda: expert_grad_sq(model, counted))
+    local = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
+    return ZeroAdamW(local, no_decay=no_decay, dp_group=grid.dp_group, dp_mesh=grid.dp_mesh,
+                     pp_group=grid.pp_group if grid.pp > 1 else None,
+                     counted=lambda n, p: counted(n),
+                     key_suffix=f"_pp{grid.pp_rank}_of{grid.pp}" if grid.pp > 1 else "",
+                     moment_dtype=moment_dtype, **expert_kwargs, **kwargs)

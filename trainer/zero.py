@@ -19,7 +19,11 @@ EPLB can move with the weights (twinpipe.parallel.ep_eplb), and their gradients 
 torch.optim.AdamW's, operation for operation, so one rank reproduces it exactly.
 
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
-torch.distributed.checkpoint re-splits it when a run resumes with a different dp size.
+torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
+parallelism each pipeline rank's bucket holds other parameters: `key_suffix` (the trainer's
+`_pp{rank}_of{pp}`) keeps the ranks' buckets apart in the checkpoint. `counted(name, param)` picks the
+parameters this rank adds to the global norm (a pipeline copy held on two ranks counts on one); the
+norm is then summed over `pp_group`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class _Bucket:
             self.segments.append(_Segment(name, p, start, not no_decay(name, p)))
             start += p.numel()
         self.numel = start
+        self.norm_ranges: list[tuple[int, int]] = []  # flat ranges counted in the global norm
         self.chunk = math.ceil(self.numel / self.size) if self.numel else 0
         self.lo = min(self.rank * self.chunk, self.numel)
         self.hi = min(self.lo + self.chunk, self.numel)
@@ -150,15 +155,24 @@ class ZeroAdamW:
                  expert_param: Callable[[str, nn.Parameter], bool] = lambda n, p: False,
                  reduce_experts: Optional[Callable[[], None]] = None,
                  expert_grad_sq: Optional[Callable[[], torch.Tensor]] = None, ep_group: Any = None,
-                 ep_rank: int = 0, pp_group: Any = None, moment_dtype: torch.dtype = torch.float32):
+                 ep_rank: int = 0, pp_group: Any = None, moment_dtype: torch.dtype = torch.float32,
+                 counted: Callable[[str, nn.Parameter], bool] = lambda n, p: True, key_suffix: str = ""):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         dense = [(n, p) for n, p in named if not expert_param(n, p)]
         experts = [(n, p) for n, p in named if expert_param(n, p)]
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.ep_group, self.pp_group, self.reduce_experts = ep_group, pp_group, reduce_experts
         self.expert_grad_sq = expert_grad_sq  # this rank's share of the experts' squared grad norm
-        self.buckets = [_Bucket("dense", dense, no_decay, dp_group, dp_mesh, moment_dtype)]
+        self.buckets = [_Bucket("dense" + key_suffix, dense, no_decay, dp_group, dp_mesh, moment_dtype)]
+        for b in self.buckets:
+            for seg in b.segments:  # contiguous counted parameters merge into one range
+                if counted(seg.name, seg.param):
+                    lo, hi = seg.start, seg.start + seg.param.numel()
+                    if b.norm_ranges and b.norm_ranges[-1][1] == lo:
+                        lo = b.norm_ranges.pop()[0]
+                    b.norm_ranges.append((lo, hi))
         self.expert_names = {p: n for n, p in experts}
+        self.expert_counted = [p for n, p in experts if counted(n, p)]
         self.expert_key = f"experts_ep{ep_rank}"
         self.expert_opt = None
         if experts:
@@ -188,12 +202,13 @@ class ZeroAdamW:
         """L2 norm of the whole model's (reduced) gradient, identical on every rank."""
         total = torch.zeros((), dtype=torch.float64)
         for b in self.buckets:
-            total += b.grad.double().pow(2).sum().cpu()
+            for lo, hi in b.norm_ranges:
+                total += b.grad[lo:hi].double().pow(2).sum().cpu()
         if self.expert_names:
             if self.expert_grad_sq is not None:
                 sq = self.expert_grad_sq()
             else:
-                sq = sum(p.grad.double().pow(2).sum().cpu() for p in self.expert_names if p.grad is not None)
+                sq = sum(p.grad.double().pow(2).sum().cpu() for p in self.expert_counted if p.grad is not None)
             sq = torch.as_tensor(sq, dtype=torch.float64).cpu()
             if self.ep_group is not None:
                 dist.all_reduce(sq, group=self.ep_group)  # each ep rank holds other experts
