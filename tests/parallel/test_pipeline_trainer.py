@@ -15,6 +15,11 @@ gradient legitimately differ (grad_norm by up to 2e-2 at one step) while the los
 So: loss rel 1e-4 at every step; grad_norm rel 2e-4 and expert loads equal over steps 1-10. A real
 fault (a stage's gradient copy not summed, the MTP share of the embedding lost, a wrong 1/n, a
 micro-batch fed twice) moves the loss by more than 1e-3 within a few steps.
+
+Memory. Each pipeline rank holds only its stages' parameters (the rest of the module tree is on
+meta): the same runs return every rank's parameter bytes and names, checked against the stage layout
+(1F1B: stage r; DualPipe: stages r and N-1-r; DualPipeV: stages r and 2N-1-r; the embedding where the
+first stage or MTP runs, norm/head/MTP with the last stage) and against the one-process model's sizes.
 """
 
 from __future__ import annotations
@@ -56,8 +61,24 @@ def single(data_dir, tmp_path_factory):
 def _rank(rank, world, data_dir, run_dir, overrides):
     from twinpipe.trainer.loop import train
 
-    train(make_cfg(data_dir, run_dir, *COMMON, *overrides))
-    return rank
+    summary = train(make_cfg(data_dir, run_dir, *COMMON, *overrides))
+    names = sorted(n for n, p in summary["model"].named_parameters() if not p.is_meta)
+    return summary["param_bytes"], names
+
+
+def _expected_modules(schedule: str, pp: int, pp_rank: int, layers: int) -> set[str]:
+    """The model's top-level modules a rank must hold, written out from the schedules' stage layout
+    (one block per stage here) rather than taken from twinpipe.parallel.stages."""
+    stages = {"1f1b": [pp_rank], "dualpipe": [pp_rank, pp - 1 - pp_rank],
+              "dualpipev": [pp_rank, 2 * pp - 1 - pp_rank]}[schedule]
+    last = 2 * pp - 1 if schedule == "dualpipev" else pp - 1
+    assert last + 1 == layers  # one block per stage
+    names = {f"layers.{s}" for s in stages}
+    if 0 in stages or last in stages:  # first stage embeds; the last one's MTP embeds too
+        names.add("embed_tokens")
+    if last in stages:
+        names |= {"norm", "lm_head", "mtp"}
+    return names
 
 
 @pytest.mark.parametrize("overrides", [
@@ -66,9 +87,10 @@ def _rank(rank, world, data_dir, run_dir, overrides):
     ["parallel.pp=4", "parallel.schedule=1f1b"],
 ], ids=["pp4-dualpipe", "pp2xdp2-dualpipev", "pp4-1f1b"])
 def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_path):
+    from twinpipe.trainer.build import build_model
     from twinpipe.trainer.metrics import read_metrics
 
-    run_local(_rank, 4, data_dir, tmp_path, overrides, timeout_s=600)
+    ranks = run_local(_rank, 4, data_dir, tmp_path, overrides, timeout_s=600)
     got = read_metrics(tmp_path)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for a, b in zip(single, got):
@@ -78,6 +100,31 @@ def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_
                 assert b[key] == pytest.approx(a[key], rel=2e-4), (key, a["step"])
             assert b["expert_load"] == a["expert_load"], a["step"]
     assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it learns, so the curves say something
+
+    # per-rank parameter memory against the one-process model's module sizes
+    import torch
+
+    opts = dict(o.split("=") for o in overrides)
+    pp, dp, schedule = int(opts["parallel.pp"]), int(opts.get("parallel.dp", 1)), opts["parallel.schedule"]
+    full = build_model(make_cfg(data_dir, tmp_path / "pp1-sizes", *COMMON), torch.device("cpu"))
+    layers = len(full.layers)
+    tops = [f"layers.{i}" for i in range(layers)] + ["embed_tokens", "norm", "lm_head", "mtp"]
+    size = {t: sum(p.numel() * p.element_size() for p in full.get_submodule(t).parameters()) for t in tops}
+    block_bytes = sum(size[f"layers.{i}"] for i in range(layers))
+    copies = 2 if schedule == "dualpipe" else 1
+    held_blocks = 0
+    for rank, (nbytes, names) in enumerate(ranks):
+        want = _expected_modules(schedule, pp, rank // dp, layers)
+        assert {n for n in names if not n.startswith("layers.")} == {
+            n for n, _ in full.named_parameters() if n.split(".")[0] in want and not n.startswith("layers.")}
+        assert {".".join(n.split(".")[:2]) for n in names if n.startswith("layers.")} == {
+            w for w in want if w.startswith("layers.")}
+        assert nbytes == sum(size[t] for t in want), (rank, nbytes)
+        held_blocks += sum(size[t] for t in want if t.startswith("layers."))
+    # over one data-parallel replica the blocks are held once (1F1B, DualPipeV) or twice (DualPipe):
+    # each rank holds 1/pp (2/pp) of the blocks on average, plus the embedding/head where needed
+    assert held_blocks == copies * dp * block_bytes
+    assert max(n for n, _ in ranks) < sum(size.values())
 
 
 def test_torchrun_script_starts_a_pipeline_recipe(data_dir, tmp_path):
@@ -100,28 +147,47 @@ def test_torchrun_script_starts_a_pipeline_recipe(data_dir, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
-def _train_steps(rank, world, data_dir, run_dir, resume):
+def _train_steps(rank, world, data_dir, run_dir, resume, schedule):
     from twinpipe.trainer.loop import train
 
-    train(make_cfg(data_dir, run_dir, *COMMON, "train.steps=4", "checkpoint.every=2",
-                   "checkpoint.keep=2", f"resume={resume}", "parallel.pp=2",
-                   "parallel.schedule=dualpipev"))
-    return rank
+    summary = train(make_cfg(data_dir, run_dir, *COMMON, "train.steps=4", "checkpoint.every=2",
+                             "checkpoint.keep=2", f"resume={resume}", "parallel.pp=2",
+                             f"parallel.schedule={schedule}"))
+    return {k: v.clone() for k, v in summary["model"].state_dict().items() if not v.is_meta}
 
 
-def test_pipeline_checkpoint_resumes_exactly(data_dir, tmp_path):
-    """pp=2 DualPipeV: 4 steps straight vs 2 steps, checkpoint, resume for 2 more (same losses)."""
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+def test_pipeline_checkpoint_resumes_exactly(schedule, data_dir, tmp_path):
+    """pp=2: 4 steps straight vs 2 steps, checkpoint, resume for 2 more (same losses). The PP
+    checkpoint (each rank saved its stages; DualPipe's two copies once) loads into one full model for
+    inference with exactly the trained weights, and a resume with another parallel.pp is refused."""
     import shutil
 
+    import torch
+
+    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.loop import train
     from twinpipe.trainer.metrics import read_metrics
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_local(_train_steps, 2, data_dir, straight, "never", timeout_s=600)
+    trained = run_local(_train_steps, 2, data_dir, straight, "never", schedule, timeout_s=600)
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_4")
     lines = (resumed / "metrics.jsonl").read_text().splitlines()[:2]
     (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    run_local(_train_steps, 2, data_dir, resumed, "auto", timeout_s=600)
+    run_local(_train_steps, 2, data_dir, resumed, "auto", schedule, timeout_s=600)
     want, got = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+    model, _ = load_model_for_inference(straight / "checkpoints" / "step_4")
+    full = model.state_dict()
+    assert set(full) == set(trained[0]) | set(trained[1])  # the two ranks' parts make the model
+    if schedule == "dualpipev":  # each rank held only a part (DualPipe's pp=2 ranks hold both stages)
+        assert not set(trained[0]) & {n for n in trained[1] if n.startswith("layers.")}
+    for part in trained:
+        for name, value in part.items():
+            assert torch.equal(full[name], value), name
+
+    with pytest.raises(ValueError, match="saved with parallel.pp=2"):
+        train(make_cfg(data_dir, resumed, *COMMON, "train.steps=6", "resume=auto"))
