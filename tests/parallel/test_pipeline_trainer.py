@@ -1,9 +1,11 @@
 """The trainer with pipeline parallelism reproduces one process on the same global batches.
 
-`parallel.pp=4 parallel.schedule=dualpipe` (4 ranks) and `parallel.pp=2 parallel.dp=2
-parallel.schedule=dualpipev` (4 ranks) against `parallel.pp=1 parallel.dp=1`, 20 steps, 4-layer tiny
-model (one block per stage), micro_batch=1 so each step has enough micro-batches for the schedules
-(DualPipe needs >= 2 * pp).
+`parallel.pp=4 parallel.schedule=dualpipe`, `parallel.pp=2 parallel.dp=2 parallel.schedule=dualpipev`,
+`parallel.pp=4 parallel.schedule=1f1b` and `parallel.pp=2 parallel.dp=2 parallel.ep=2
+parallel.schedule=dualpipe` (4 ranks each; with ep > 1 the trainer plugs the EP overlap hook into
+DualPipe, and the run asserts it switched between paired chunks) against `parallel.pp=1
+parallel.dp=1`, 20 steps, 4-layer tiny model (one block per stage), micro_batch=1 so each step has
+enough micro-batches for the schedules (DualPipe needs >= 2 * pp).
 
 Tolerance. The arithmetic differs from one process only in the order of fp32 additions: gradients
 are summed per rank in schedule order and then all-reduced over the pipeline (and data-parallel) group.
@@ -61,9 +63,12 @@ def single(data_dir, tmp_path_factory):
 def _rank(rank, world, data_dir, run_dir, overrides):
     from twinpipe.trainer.loop import train
 
+    from twinpipe.parallel import overlap
+
+    overlap.LAST_REGION["switches"] = 0
     summary = train(make_cfg(data_dir, run_dir, *COMMON, *overrides))
     names = sorted(n for n, p in summary["model"].named_parameters() if not p.is_meta)
-    return summary["param_bytes"], names
+    return summary["param_bytes"], names, overlap.LAST_REGION["switches"]
 
 
 def _expected_modules(schedule: str, pp: int, pp_rank: int, layers: int) -> set[str]:
@@ -85,7 +90,8 @@ def _expected_modules(schedule: str, pp: int, pp_rank: int, layers: int) -> set[
     ["parallel.pp=4", "parallel.schedule=dualpipe"],
     ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=dualpipev"],
     ["parallel.pp=4", "parallel.schedule=1f1b"],
-], ids=["pp4-dualpipe", "pp2xdp2-dualpipev", "pp4-1f1b"])
+    ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe"],
+], ids=["pp4-dualpipe", "pp2xdp2-dualpipev", "pp4-1f1b", "pp2xdp2xep2-dualpipe"])
 def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_path):
     from twinpipe.trainer.build import build_model
     from twinpipe.trainer.metrics import read_metrics
@@ -101,10 +107,14 @@ def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_
             assert b["expert_load"] == a["expert_load"], a["step"]
     assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it learns, so the curves say something
 
+    opts = dict(o.split("=") for o in overrides)
+    if int(opts.get("parallel.ep", 1)) > 1:
+        # expert parallelism: the trainer ran DualPipe's F&B pairs through the overlap hook
+        assert all(switches > 0 for _, _, switches in ranks)
+        return
     # per-rank parameter memory against the one-process model's module sizes
     import torch
 
-    opts = dict(o.split("=") for o in overrides)
     pp, dp, schedule = int(opts["parallel.pp"]), int(opts.get("parallel.dp", 1)), opts["parallel.schedule"]
     full = build_model(make_cfg(data_dir, tmp_path / "pp1-sizes", *COMMON), torch.device("cpu"))
     layers = len(full.layers)
@@ -113,7 +123,7 @@ def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_
     block_bytes = sum(size[f"layers.{i}"] for i in range(layers))
     copies = 2 if schedule == "dualpipe" else 1
     held_blocks = 0
-    for rank, (nbytes, names) in enumerate(ranks):
+    for rank, (nbytes, names, _) in enumerate(ranks):
         want = _expected_modules(schedule, pp, rank // dp, layers)
         assert {n for n in names if not n.startswith("layers.")} == {
             n for n, _ in full.named_parameters() if n.split(".")[0] in want and not n.startswith("layers.")}
@@ -124,7 +134,7 @@ def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_
     # over one data-parallel replica the blocks are held once (1F1B, DualPipeV) or twice (DualPipe):
     # each rank holds 1/pp (2/pp) of the blocks on average, plus the embedding/head where needed
     assert held_blocks == copies * dp * block_bytes
-    assert max(n for n, _ in ranks) < sum(size.values())
+    assert max(n for n, _, _ in ranks) < sum(size.values())
 
 
 def test_torchrun_script_starts_a_pipeline_recipe(data_dir, tmp_path):
