@@ -69,3 +69,30 @@ def test_state_is_split_and_resplit_by_dcp(tmp_path):
     assert torch.equal(torch.cat([r[1] for r in loaded]), torch.cat([s[2] for s in saved]))
     flat_params = torch.cat([p.reshape(-1) for p in saved[0][1]])
     assert torch.equal(torch.cat([r[2] for r in loaded]), flat_params)
+
+
+def test_pipeline_norm_counts_each_copy_once_and_deepspeed_is_refused():
+    """`counted` picks the parameters a rank adds to the global norm (DualPipe copies count on one
+    rank); contiguous counted parameters are one range, so pp = 1 sums the flat gradient as before.
+    DeepSpeed's ZeRO cannot be told which copies to skip: refused with pp > 1."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from twinpipe.parallel.grid import Grid
+    from twinpipe.trainer.optim import build_optimizer
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    all_counted = ZeroAdamW(model.named_parameters())
+    assert [b.norm_ranges for b in all_counted.buckets] == [[(0, 32)]]
+    some = ZeroAdamW(model.named_parameters(), counted=lambda n, p: not n.startswith("1."))
+    assert some.buckets[0].norm_ranges == [(0, 16), (26, 32)]
+    some.reduce_gradients()
+    assert some.grad_norm() == pytest.approx((22 * 4.0) ** 0.5, rel=1e-12)
+
+    optim = OmegaConf.create({"zero": "deepspeed", "moment_dtype": "fp32", "betas": [0.9, 0.95],
+                              "eps": 1e-8, "weight_decay": 0.1})
+    grid = Grid(world_size=2, rank=0, pp=2, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
+    with pytest.raises(ValueError, match="optim.zero=deepspeed with parallel.pp=2"):
+        build_optimizer(model, optim, grid)
