@@ -115,3 +115,35 @@ def test_stage_modules_share_the_models_parameters():
         build_stages(model, "dualpipe", 3, 0)
     with pytest.raises(ValueError, match="dualpipev on parallel.pp=4 ranks makes 8 stages"):
         build_stages(model, "dualpipev", 4, 0)
+
+
+@pytest.mark.parametrize("schedule,pp,layers", [("dualpipe", 4, 4), ("dualpipev", 2, 4), ("1f1b", 3, 5)])
+def test_local_modules_and_owned_ones_count_each_parameter_once(schedule, pp, layers):
+    """Every rank keeps what its stages run and nothing else (the rest on meta, names unchanged);
+    the `owned` modules of all ranks cover every parameter of the model exactly once."""
+    from collections import Counter
+
+    from twinpipe.parallel.stages import keep_local_stages, local_module_names, owned_module_names
+
+    full = tiny_model(layers)
+    all_params = {n for n, _ in full.named_parameters()}
+    owned_count: Counter = Counter()
+    held = 0
+    for r in range(pp):
+        model = tiny_model(layers)
+        keep_local_stages(model, schedule, pp, r)
+        local = local_module_names(model, schedule, pp, r)
+        for stage in build_stages(model, schedule, pp, r):  # what the stages reference is kept
+            assert not any(p.is_meta for p in stage.parameters())
+        kept = {n for n, p in model.named_parameters() if not p.is_meta}
+        assert {n for n, p in model.named_parameters()} == all_params
+        assert kept == {n for n in all_params if any(n.startswith(m + ".") for m in local)}
+        for n, p in model.named_parameters():
+            if not p.is_meta:
+                assert torch.equal(p, full.get_parameter(n)), n  # same values as the whole model
+        held += len(kept)
+        owned = owned_module_names(model, schedule, pp, r)
+        assert owned <= local
+        owned_count.update(n for n in all_params if any(n.startswith(m + ".") for m in owned))
+    assert set(owned_count) == all_params and set(owned_count.values()) == {1}
+    assert held > len(all_params) if schedule != "dualpipev" else held == len(all_params)
