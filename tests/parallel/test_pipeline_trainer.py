@@ -201,3 +201,27 @@ def test_pipeline_checkpoint_resumes_exactly(schedule, data_dir, tmp_path):
 
     with pytest.raises(ValueError, match="saved with parallel.pp=2"):
         train(make_cfg(data_dir, resumed, *COMMON, "train.steps=6", "resume=auto"))
+
+
+def _dp_steps(rank, world, data_dir, run_dir, steps, resume):
+    from twinpipe.trainer.loop import train
+
+    cfg = make_cfg(data_dir, run_dir, *COMMON, f"train.steps={steps}", "checkpoint.every=2",
+                   f"resume={resume}", "parallel.pp=2", f"parallel.dp={world // 2}",
+                   "parallel.schedule=dualpipev")
+    return train(cfg)["step"]
+
+
+def test_pipeline_resume_with_another_dp_size(single, data_dir, tmp_path):
+    """pp=2 saved at step 2 with dp=1, resumed with dp=2: each pipeline rank's ZeRO bucket is re-split
+    over its new dp group by DCP; the losses follow one process (tolerance as above)."""
+    from twinpipe.trainer.metrics import read_metrics
+
+    run_local(_dp_steps, 2, data_dir, tmp_path, 2, "never", timeout_s=600)
+    assert run_local(_dp_steps, 4, data_dir, tmp_path, 4, "auto", timeout_s=600) == [4] * 4
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # steps 3-4 only: resumed
+    got = read_metrics(tmp_path)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(single, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        assert b["expert_load"] == a["expert_load"], a["step"]
