@@ -76,7 +76,8 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
     initialisation draws from one RNG stream in module order, which a per-rank build could not
     reproduce without drawing the other ranks' values anyway), then every module the rank's stages do
     not run is moved to the meta device (`stages.keep_local_stages`) *before* anything goes to `device`,
-    so the device only ever holds the local part."""
+    so the device only ever holds the local part. The price: host memory holds the whole model once
+    while it is built."""
     from twinpipe.model.transformer import Transformer
 
     mcfg = model_config(cfg.model)

@@ -54,10 +54,12 @@ def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda nam
     return total
 
 
-def owned_by_rank(model: nn.Module, grid: Grid, schedule: str) -> Callable[[str], bool]:
+def owned_by_rank(model: nn.Module, grid: Grid, schedule: str | None) -> Callable[[str], bool]:
     """name -> whether this rank counts that parameter/module in the global norm (all with pp = 1)."""
     if grid.pp == 1:
         return lambda name: True
+    if schedule is None:
+        raise ValueError(f"parallel.pp={grid.pp}: build_optimizer needs the parallel.schedule")
     from twinpipe.parallel.stages import owned_module_names
 
     owned = owned_module_names(model, schedule, grid.pp, grid.pp_rank)
@@ -65,7 +67,7 @@ def owned_by_rank(model: nn.Module, grid: Grid, schedule: str) -> Callable[[str]
 
 
 def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: float = 1.0,
-                    schedule: str = "dualpipe") -> Any:
+                    schedule: str | None = None) -> Any:
     """The run's optimizer over the parameters this rank holds (`schedule` = parallel.schedule, used
     with pp > 1 to know which of them this rank counts in the global norm)."""
     moment_dtype = torch.bfloat16 if optim.moment_dtype == "bf16" else torch.float32
