@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
+# `make train`: the default recipe as a DualPipeV pipeline over NPROC local ranks (gloo on CPU, one
+# rank per GPU with NCCL where there are enough GPUs). `make train NPROC=1` runs one process;
+# ARGS adds Hydra overrides, e.g. ARGS="train.steps=50".
+NPROC ?= 2
 train: $(STAMP)
-	$(VENV)/bin/twinpipe-train $(ARGS)
+	PYTHON=$(PY) launch/torchrun.sh $(NPROC) parallel.pp=$(NPROC) parallel.schedule=dualpipev train.micro_batch=2 \
+	  run.dir=runs/make-train $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
