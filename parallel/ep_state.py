@@ -7,6 +7,9 @@ identical) and returns the state dict the unsharded model would have (`...mlp.ex
 [E, I, H], no placement buffers): checkpoints and HF export (`twinpipe.model.save_hf`) then do not
 depend on the EP degree or the placement, and `load_logical_state_dict` fills an expert-parallel
 model with any placement from such a state dict (each rank keeps the rows of its slots).
+`merge_expert_shards` does the same offline, in one process without a process group, from the
+state dicts each EP rank wrote (`...experts.local.*` slots) and the layers' `phy2log` placement:
+that is how a checkpoint of an EP run (EPLB-replanned or not, any pp) loads for inference.
 
 The gather holds one layer's E experts at a time on every rank; fine up to the `small` preset, a
 671B-scale checkpoint wants a sharded writer instead (each EP rank writing its own experts).
@@ -18,7 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel.expert_parallel import ExpertParallelExperts
+from twinpipe.parallel.expert_parallel import ExpertParallelExperts, placement_tables
+
+LOCAL = "local."        # the slots' sub-module of an `ExpertParallelExperts`
+PLACEMENT = "phy2log"   # its persistent slot -> logical expert buffer
 
 
 def _ep_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
@@ -31,8 +37,16 @@ def gather_logical(layer: ExpertParallelExperts, local: torch.Tensor) -> torch.T
     parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
     dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
     slots = torch.cat(parts)                                                  # [R, ...]
-    first_slot = layer.log2phy[:, 0]                                          # [E]
-    return slots[first_slot]
+    return slots_to_logical(slots, layer.phy2log, layer.num_experts)
+
+
+def slots_to_logical(slots: torch.Tensor, phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """slots [R, ...] (every physical slot of the EP group, slot order), phy2log [R] -> [E, ...]: the
+    first slot of each logical expert (its replicas are identical copies)."""
+    if slots.shape[0] != phy2log.numel():
+        raise ValueError(f"{slots.shape[0]} slot rows for a placement of {phy2log.numel()} slots")
+    log2phy, _ = placement_tables(phy2log.to(torch.int64).flatten(), num_experts)  # [E, maxcnt]
+    return slots[log2phy[:, 0].to(slots.device)]
 
 
 def logical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -45,8 +59,8 @@ def logical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[key] = value
             continue
         rest = key[len(owner) + 1:]
-        if rest.startswith("local."):
-            out[f"{owner}.{rest[len('local.'):]}"] = gather_logical(modules[owner], value)
+        if rest.startswith(LOCAL):
+            out[f"{owner}.{rest[len(LOCAL):]}"] = gather_logical(modules[owner], value)
         # placement buffers (phy2log) are not part of the plain model
     return out
 
@@ -65,7 +79,38 @@ def load_logical_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
         if value.shape[0] != layer.num_experts:
             raise ValueError(f"{key}: {value.shape[0]} experts in the state dict, the model has "
                              f"{layer.num_experts}")
-        local_sd[f"{owner}.local.{key[len(owner) + 1:]}"] = value[layer.local_logical_ids()]
+        local_sd[f"{owner}.{LOCAL}{key[len(owner) + 1:]}"] = value[layer.local_logical_ids()]
     for name, layer in modules.items():
-        local_sd[f"{name}.phy2log"] = layer.phy2log.clone()
+        local_sd[f"{name}.{PLACEMENT}"] = layer.phy2log.clone()
     model.load_state_dict(local_sd, strict=True)
+
+
+def merge_expert_shards(state: dict[str, torch.Tensor], shards: list[dict[str, torch.Tensor]],
+                        num_experts: int) -> dict[str, torch.Tensor]:
+    """Offline (one process, no process group): an EP model's state without the expert slots, with
+    each layer's `<layer>.phy2log` [R] (identical on every EP rank), and the EP ranks' slot state
+    dicts in rank order (`<layer>.local.<param>` [S, ...], S = R / ep) -> the plain model's state dict
+    (`<layer>.<param>` [E, ...], logical experts in order, one copy of each; no placement buffers)."""
+    suffix = "." + PLACEMENT
+    layers = {k[:-len(suffix)]: v for k, v in state.items() if k.endswith(suffix)}
+    out = {k: v for k, v in state.items() if not k.endswith(suffix)}
+    ep = len(shards)
+    for key in shards[0] if shards else ():
+        owner, sep, param = key.partition("." + LOCAL)
+        if not sep or owner not in layers:
+            raise ValueError(f"expert slot tensor {key!r} belongs to no layer with a placement "
+                             f"({owner}{suffix} missing); layers with one: {sorted(layers)[:5]}")
+        phy2log = layers[owner]
+        for r, shard in enumerate(shards):
+            if key not in shard:
+                raise ValueError(f"{key!r} is in ep rank 0's slots but not in ep rank {r}'s")
+            if shard[key].shape[0] * ep != phy2log.numel():
+                raise ValueError(f"{key!r} of ep rank {r} has {shard[key].shape[0]} slots; {owner}{suffix} "
+                                 f"places {phy2log.numel()} slots over ep={ep} ranks")
+        slots = torch.cat([shard[key] for shard in shards])                     # [R, ...]
+        out[f"{owner}.{param}"] = slots_to_logical(slots, phy2log, num_experts)  # [E, ...]
+    for r, shard in enumerate(shards[1:], start=1):
+        extra = set(shard) - set(shards[0])
+        if extra:
+            raise ValueError(f"ep rank {r} has slot tensors ep rank 0 lacks: {sorted(extra)[:5]}")
+    return out

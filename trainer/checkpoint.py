@@ -8,6 +8,11 @@ Layout of `run.dir/checkpoints/step_N/`:
                               written once) and its optimizer bucket under `dense_pp{r}_of{pp}`, so the
                               model part is one full model (`load_model_for_inference` reads it) and
                               the optimizer part resumes with the same parallel.pp and schedule.
+                              With expert parallelism the EP ranks hold different experts under the
+                              same names: "model" holds everything else, each layer's placement
+                              `...experts.phy2log` [R] included, and "model_experts_ep{r}_of{ep}" the
+                              physical slots of EP rank r (`...experts.local.*` [R/ep, ...]), so
+                              `load_model_for_inference` can rebuild the logical experts offline.
     rank_R.pt                 per-rank state: data-loader position and RNG states (torch.save of
                               tensors, ints and dicts; read back with weights_only=True)
     meta.json                 step, tokens consumed, world shape
@@ -40,9 +45,16 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MODEL_KEY = "model"
+_EXPERT_KEY = re.compile(r"^model_experts_ep(\d+)_of(\d+)$")
 # fault injection for the crash tests: "save:N" kills the process (SIGKILL) in the middle of
 # writing the checkpoint of step N, after the shards and before COMPLETE
 FAULT_ENV = "TWINPIPE_FAULT"
+
+
+def expert_state_key(ep_rank: int, ep: int) -> str:
+    """The checkpoint key of EP rank `ep_rank`'s expert slots (out of `ep` ranks)."""
+    return f"model_experts_ep{ep_rank}_of{ep}"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -216,13 +228,75 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
 
     cfg = OmegaConf.load(ckpt / "config.yaml")
     model = Transformer(model_config(cfg.model))
-    state = {"model": model.state_dict()}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(_read_model_state(ckpt, model.state_dict(), model.config.n_routed_experts))
     model.to(dtype)
     for module in model.modules():  # router biases stay fp32 (as in HF checkpoints)
         bias = getattr(module, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             bias.data = bias.data.float()
     return model.eval(), load_tokenizer(ckpt / "tokenizer.json")
+
+
+def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (names and shapes of `plain`) from checkpoint `ckpt`, in one
+    process. A checkpoint of an expert-parallel run has the experts as physical slots per EP rank
+    plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata  # flat "key.name" -> meta
+    ep_keys: dict[int, set[int]] = {}
+    for flat in saved:
+        m = _EXPERT_KEY.match(flat.split(".", 1)[0])
+        if m:
+            ep_keys.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if not ep_keys:  # no expert parallelism: "model" is the plain model
+        missing = [k for k in plain if f"{MODEL_KEY}.{k}" not in saved]
+        if missing:
+            raise ValueError(f"{ckpt}: the checkpoint lacks {len(missing)} tensors of the model of its "
+                             f"config.yaml, e.g. {MODEL_KEY}.{missing[0]} (saved under a different model "
+                             "config?)")
+        state = {MODEL_KEY: dict(plain)}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+        return state[MODEL_KEY]
+    if len(ep_keys) > 1:
+        raise ValueError(f"{ckpt}: expert slots saved for several EP degrees {sorted(ep_keys)} "
+                         f"(keys {expert_state_key(0, min(ep_keys))}..., {expert_state_key(0, max(ep_keys))}...)")
+    (ep, ranks), = ep_keys.items()
+    if ranks != set(range(ep)):
+        absent = [expert_state_key(r, ep) for r in range(ep) if r not in ranks]
+        raise ValueError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
+
+    def empty(flat: str) -> torch.Tensor:
+        meta = saved[flat]
+        if not isinstance(meta, TensorStorageMetadata):
+            raise ValueError(f"{ckpt}: {flat} is not a tensor")
+        return torch.empty(meta.size, dtype=meta.properties.dtype)
+
+    from twinpipe.parallel.ep_state import LOCAL, PLACEMENT, merge_expert_shards
+
+    shared: dict[str, torch.Tensor] = {}
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(ep)]
+    for name, value in plain.items():
+        if f"{MODEL_KEY}.{name}" in saved:
+            shared[name] = value
+            continue
+        layer, _, param = name.rpartition(".")
+        placement = f"{layer}.{PLACEMENT}"
+        wanted = [f"{MODEL_KEY}.{placement}"] + [f"{expert_state_key(r, ep)}.{layer}.{LOCAL}{param}"
+                                                 for r in range(ep)]
+        absent = [k for k in wanted if k not in saved]
+        if absent:
+            raise ValueError(f"{ckpt}: {MODEL_KEY}.{name} is neither saved whole nor as expert slots: "
+                             f"no key {', '.join(absent)}")
+        shared[placement] = empty(wanted[0])
+        for r in range(ep):
+            shards[r][f"{layer}.{LOCAL}{param}"] = empty(wanted[1 + r])
+    state = {MODEL_KEY: shared, **{expert_state_key(r, ep): shards[r] for r in range(ep)}}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    try:
+        return merge_expert_shards(state[MODEL_KEY], [state[expert_state_key(r, ep)] for r in range(ep)],
+                                   num_experts)
+    except ValueError as exc:
+        raise ValueError(f"{ckpt}: {exc}") from exc

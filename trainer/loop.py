@@ -78,15 +78,16 @@ def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch
     """The model's state for checkpoints, what this rank holds under the full model's names (pipeline
     ranks hold their stages; DualPipe's copies are identical and saved once): under expert parallelism
     each ep rank's expert slots go under a key of their own (the ranks hold different experts under the
-    same names)."""
+    same names; the placement `phy2log` of each layer, the same on every EP rank, stays under "model"),
+    so `ckpt.load_model_for_inference` rebuilds the logical experts from them."""
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
     if grid.ep == 1:
-        return {"model": state}
+        return {ckpt.MODEL_KEY: state}
     from twinpipe.parallel.expert_parallel import is_expert_param
 
     expert = {n for n, p in model.named_parameters() if is_expert_param(p)}
-    return {"model": {k: v for k, v in state.items() if k not in expert},
-            f"model_experts_ep{grid.ep_rank}_of{grid.ep}": {k: v for k, v in state.items() if k in expert}}
+    return {ckpt.MODEL_KEY: {k: v for k, v in state.items() if k not in expert},
+            ckpt.expert_state_key(grid.ep_rank, grid.ep): {k: v for k, v in state.items() if k in expert}}
 
 
 def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dict[str, Any]:
