@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from twinpipe.model.safetensors_io import CheckpointError
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -158,9 +160,21 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], 
 
     The per-rank state comes from rank_<rank>.pt when the checkpoint had this rank, else rank 0's
     (a resume with more ranks than were saved; the data loader re-splits its position itself)."""
+    meta = json.loads((path / "meta.json").read_text())
+    saved = _saved_tensors(path)
+    ep = next((int(m.group(2)) for m in map(_EXPERT_KEY.match, state) if m), 1)
+    for top, part in state.items():
+        if top != MODEL_KEY and not _EXPERT_KEY.match(top):
+            continue
+        absent = [f"{top}.{k}" for k in part if f"{top}.{k}" not in saved]
+        if absent:
+            raise CheckpointError(
+                f"{path}: saved with parallel.ep={meta.get('ep', 1)}, this run has parallel.ep={ep} and "
+                f"its model state is not all there: no key {absent[0]} ({len(absent)} missing); the "
+                "experts' optimizer state is split by EP rank: resume with the saved ep (the model "
+                "weights alone load anywhere with load_model_for_inference)")
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    meta = json.loads((path / "meta.json").read_text())
     rank = dist.get_rank() if dist.is_initialized() else 0
     own = path / f"rank_{rank}.pt"
     rank_state = torch.load(own if own.is_file() else path / "rank_0.pt", weights_only=True)
@@ -237,13 +251,18 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     return model.eval(), load_tokenizer(ckpt / "tokenizer.json")
 
 
+def _saved_tensors(ckpt: Path) -> dict[str, Any]:
+    """What the checkpoint's DCP metadata lists: flat "top.name" key -> its storage metadata."""
+    return dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+
+
 def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
     """The plain model's state dict (names and shapes of `plain`) from checkpoint `ckpt`, in one
     process. A checkpoint of an expert-parallel run has the experts as physical slots per EP rank
     plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata  # flat "key.name" -> meta
+    saved = _saved_tensors(ckpt)
     ep_keys: dict[int, set[int]] = {}
     for flat in saved:
         m = _EXPERT_KEY.match(flat.split(".", 1)[0])
@@ -252,25 +271,25 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
     if not ep_keys:  # no expert parallelism: "model" is the plain model
         missing = [k for k in plain if f"{MODEL_KEY}.{k}" not in saved]
         if missing:
-            raise ValueError(f"{ckpt}: the checkpoint lacks {len(missing)} tensors of the model of its "
-                             f"config.yaml, e.g. {MODEL_KEY}.{missing[0]} (saved under a different model "
-                             "config?)")
+            raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(missing)} tensors of the model of its "
+                                  f"config.yaml, e.g. {MODEL_KEY}.{missing[0]} (saved under a different model "
+                                  "config?)")
         state = {MODEL_KEY: dict(plain)}
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=ckpt, no_dist=True)
         return state[MODEL_KEY]
     if len(ep_keys) > 1:
-        raise ValueError(f"{ckpt}: expert slots saved for several EP degrees {sorted(ep_keys)} "
-                         f"(keys {expert_state_key(0, min(ep_keys))}..., {expert_state_key(0, max(ep_keys))}...)")
+        raise CheckpointError(f"{ckpt}: expert slots saved for several EP degrees {sorted(ep_keys)} "
+                              f"(keys {expert_state_key(0, min(ep_keys))}..., {expert_state_key(0, max(ep_keys))}...)")
     (ep, ranks), = ep_keys.items()
     if ranks != set(range(ep)):
         absent = [expert_state_key(r, ep) for r in range(ep) if r not in ranks]
-        raise ValueError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
+        raise CheckpointError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
 
     def empty(flat: str) -> torch.Tensor:
         meta = saved[flat]
         if not isinstance(meta, TensorStorageMetadata):
-            raise ValueError(f"{ckpt}: {flat} is not a tensor")
+            raise CheckpointError(f"{ckpt}: {flat} is not a tensor")
         return torch.empty(meta.size, dtype=meta.properties.dtype)
 
     from twinpipe.parallel.ep_state import LOCAL, PLACEMENT, merge_expert_shards
@@ -287,8 +306,8 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
                                                  for r in range(ep)]
         absent = [k for k in wanted if k not in saved]
         if absent:
-            raise ValueError(f"{ckpt}: {MODEL_KEY}.{name} is neither saved whole nor as expert slots: "
-                             f"no key {', '.join(absent)}")
+            raise CheckpointError(f"{ckpt}: {MODEL_KEY}.{name} is neither saved whole nor as expert slots: "
+                                  f"no key {', '.join(absent)}")
         shared[placement] = empty(wanted[0])
         for r in range(ep):
             shards[r][f"{layer}.{LOCAL}{param}"] = empty(wanted[1 + r])
@@ -299,4 +318,4 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         return merge_expert_shards(state[MODEL_KEY], [state[expert_state_key(r, ep)] for r in range(ep)],
                                    num_experts)
     except ValueError as exc:
-        raise ValueError(f"{ckpt}: {exc}") from exc
+        raise CheckpointError(f"{ckpt}: {exc}") from exc

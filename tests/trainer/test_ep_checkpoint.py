@@ -102,13 +102,16 @@ def test_ep_checkpoint_converts_to_hf(ep_run, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_ep_checkpoint_missing_pieces_are_named(ep_run, tmp_path):
-    """A checkpoint lacking an EP rank's slots or a layer's placement is refused, naming the key."""
+def test_ep_checkpoint_missing_pieces_are_named(ep_run, data_dir, tmp_path, caplog):
+    """A checkpoint lacking an EP rank's slots or a layer's placement is refused, naming the key
+    (twinpipe-convert reports it and exits 1); a resume with another parallel.ep is refused too."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
 
     from twinpipe.trainer import checkpoint as ckpt_mod
+    from twinpipe.trainer.convert import main
+    from twinpipe.trainer.loop import train
 
     ckpt, _ = ep_run
     full = {}
@@ -135,6 +138,11 @@ def test_ep_checkpoint_missing_pieces_are_named(ep_run, tmp_path):
                                                               if k != placement}})
     with pytest.raises(ValueError, match=f"no-placement.*no key model.{placement}"):
         ckpt_mod.load_model_for_inference(no_placement)
+    assert main(["--from", "twinpipe", "--to", "hf", str(no_rank1), str(tmp_path / "hf")]) == 1
+    assert "model_experts_ep1_of2" in caplog.text and not (tmp_path / "hf").exists()
+
+    with pytest.raises(ValueError, match="saved with parallel.ep=2, this run has parallel.ep=1"):
+        train(make_cfg(data_dir, tmp_path / "ep1", f"train.steps={STEPS + 1}", f"resume={ckpt}"))
 
 
 def _pp_ep_rank(rank, world, data_dir, run_dir):
