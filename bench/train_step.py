@@ -7,9 +7,10 @@ Needs only torch (no Hydra/DeepSpeed), so it runs on the lent GPU image as is.
 
     python bench/train_step.py                       # tiny on CPU
     python bench/train_step.py --preset small --batch 8 --seq-len 2048   # on a GPU
+    python bench/train_step.py --preset small --fp8 auto  # FP8 block-scaled GEMMs (compare with --fp8 off)
     python bench/train_step.py --preset v3_671b      # too big for one device: FLOPs/token only
 
-Writes bench/results/train_step_<preset>_<device>.json.
+Writes bench/results/train_step_<preset>_<device>[_fp8-<backend>].json.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def _rss_mb() -> float:
 
 
 def bench(preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
-          dtype: str) -> dict:
+          dtype: str, fp8: str = "off") -> dict:
     cfg = ModelConfig.preset(preset)
-    result = {"preset": preset, "device": str(device), "dtype": dtype, "batch": batch, "seq_len": seq_len,
+    result = {"preset": preset, "device": str(device), "dtype": dtype, "fp8": fp8, "batch": batch,
+              "seq_len": seq_len,
               "params": cfg.num_parameters(), "flops_per_token": flops_per_token(cfg, seq_len),
               "torch": torch.__version__, "host": platform.node(), "threads": torch.get_num_threads()}
     if preset == "v3_671b":
@@ -50,6 +52,10 @@ def bench(preset: str, batch: int, seq_len: int, steps: int, warmup: int, device
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
+    if fp8 != "off":
+        from twinpipe.fp8 import convert_model
+
+        convert_model(model, fp8)
     opt = ZeroAdamW(model.named_parameters())  # decay all but norms (trainer/optim.py)
     loss_fn = PretrainLoss(0.3)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
@@ -77,7 +83,7 @@ def bench(preset: str, batch: int, seq_len: int, steps: int, warmup: int, device
     result.update(step_s_median=step_s, tokens_per_s=batch * seq_len / step_s, loss_last=float(loss.detach()))
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        peak = peak_flops(None)
+        peak = peak_flops(None, fp8=fp8 != "off")
         if peak:
             result["peak_tflops"] = peak / 1e12
             result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak
@@ -96,13 +102,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--fp8", default="off", choices=["off", "emulate", "triton", "cublas", "auto"],
+                    help="swap Linear layers and experts for FP8 ones (twinpipe.fp8.convert_model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    result = bench(args.preset, args.batch, args.seq_len, args.steps, args.warmup, device, dtype)
+    result = bench(args.preset, args.batch, args.seq_len, args.steps, args.warmup, device, dtype, args.fp8)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"train_step_{args.preset}_{device.type}.json"
+    suffix = "" if args.fp8 == "off" else f"_fp8-{args.fp8}"
+    path = RESULTS / f"train_step_{args.preset}_{device.type}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"saved {path}")
