@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from twinpipe.fp8.weight_cache import invalidate_weight_caches
 from twinpipe.parallel.grid import Grid
 
 
@@ -41,6 +42,7 @@ class DeepSpeedZero1:
         groups = [g for g in groups if g["params"]]
         base = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), eps=eps, foreach=False)
         self.grid = grid
+        self.model = model
         self.ds = DeepSpeedZeroOptimizer(
             base, {p: n for n, p in named}, NoopTimer(), optimizer_params={},
             dp_process_group=grid.dp_group, partition_grads=False, contiguous_gradients=False,
@@ -66,6 +68,9 @@ class DeepSpeedZero1:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
         self.ds.step()
+        # DeepSpeed writes the all-gathered weights through `.data`, which FP8 layers' cached
+        # quantized copies cannot see: drop them so the next micro-batch requantizes.
+        invalidate_weight_caches(self.model)
 
     def _partition_state(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -77,6 +77,10 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
             raise ValueError(f"optim.zero=deepspeed with parallel.pp={grid.pp}: DeepSpeed's global norm "
                              "would count DualPipe's stage copies and the shared embedding twice; use "
                              "optim.zero=ours with pipeline parallelism (or parallel.pp=1)")
+        if grid.ep > 1:
+            raise ValueError(f"optim.zero=deepspeed with parallel.ep={grid.ep}: DeepSpeed's stage-1 "
+                             "optimizer would average different ranks' expert slots over the dp group "
+                             "as if they were one tensor; use optim.zero=ours with expert parallelism")
         from twinpipe.trainer.deepspeed_zero import DeepSpeedZero1
 
         return DeepSpeedZero1(model, grid, no_decay=no_decay, grad_clip=grad_clip, **kwargs)

@@ -96,3 +96,18 @@ def test_pipeline_norm_counts_each_copy_once_and_deepspeed_is_refused():
     grid = Grid(world_size=2, rank=0, pp=2, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
     with pytest.raises(ValueError, match="optim.zero=deepspeed with parallel.pp=2"):
         build_optimizer(model, optim, grid)
+
+
+def test_deepspeed_is_refused_with_expert_parallelism():
+    """DeepSpeed's stage 1 would average different ranks' expert slots as one tensor."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from twinpipe.parallel.grid import Grid
+    from twinpipe.trainer.optim import build_optimizer
+
+    optim = OmegaConf.create({"zero": "deepspeed", "moment_dtype": "fp32", "betas": [0.9, 0.95],
+                              "eps": 1e-8, "weight_decay": 0.1})
+    grid = Grid(world_size=2, rank=0, pp=1, dp=2, ep=2, pp_rank=0, dp_rank=0, ep_rank=0)
+    with pytest.raises(ValueError, match="optim.zero=deepspeed with parallel.ep=2"):
+        build_optimizer(nn.Linear(3, 4), optim, grid)
