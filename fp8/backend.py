@@ -24,7 +24,7 @@ BACKENDS = ("emulate", "triton", "cublas", "auto")
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
-    act_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]      # (x, block_size, pow2)
+    act_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]      # (x, block_size, pow2, amax_floor)
     weight_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]   # (w, block_size, pow2)
     gemm: Callable[..., torch.Tensor]            # (a, a_s, b, b_s, out_dtype, block_size)
     grouped_gemm: Callable[..., torch.Tensor]    # (a, a_s, b, b_s, offsets, out_dtype, block_size)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
-from twinpipe.fp8.quant import act_dequant
+from twinpipe.fp8.quant import GRAD_AMAX_FLOOR, act_dequant
 from twinpipe.fp8.weight_cache import WeightCache
 from twinpipe.model.experts import Experts
 
@@ -51,7 +51,7 @@ def _grouped_wgrad(backend: Backend, grad: torch.Tensor, x_q: torch.Tensor, x_s:
     grad_t[:, pos] = grad.float().t()
     x_t = grad.new_zeros(k, length, dtype=torch.float32)                        # [K, L]
     x_t[:, pos] = act_dequant(x_q, x_s).t()
-    g_q, g_s = backend.act_quant(grad_t)                                        # [N, L], [N, L/128]
+    g_q, g_s = backend.act_quant(grad_t, amax_floor=GRAD_AMAX_FLOOR)            # [N, L], [N, L/128]
     xt_q, xt_s = backend.act_quant(x_t)                                         # [K, L], [K, L/128]
     return backend.k_grouped_gemm(g_q, g_s, xt_q, xt_s, aligned, out_dtype, block_size)   # [E, N, K]
 
@@ -82,7 +82,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         silu = gate * sig                                                   # recomputed SwiGLU
         h = silu * up                                                       # [M, I]
 
-        dy_q, dy_s = backend.act_quant(grad_y)                              # [M, H]
+        dy_q, dy_s = backend.act_quant(grad_y, amax_floor=GRAD_AMAX_FLOOR)  # [M, H]
         wd_t = caches["down_proj"].get_transposed(w_down, backend)          # [E, I, H]
         dh = backend.grouped_gemm(dy_q, dy_s, wd_t.q, wd_t.s, offsets, torch.float32)  # [M, I]
         d_gate = dh * up * sig * (1 + gate * (1 - sig))                     # [M, I]
@@ -90,8 +90,8 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
 
         grad_x = grad_gate = grad_up = grad_down = None
         if ctx.needs_input_grad[0]:
-            dg_q, dg_s = backend.act_quant(d_gate)
-            du_q, du_s = backend.act_quant(d_up)
+            dg_q, dg_s = backend.act_quant(d_gate, amax_floor=GRAD_AMAX_FLOOR)
+            du_q, du_s = backend.act_quant(d_up, amax_floor=GRAD_AMAX_FLOOR)
             wg_t = caches["gate_proj"].get_transposed(w_gate, backend)      # [E, H, I]
             wu_t = caches["up_proj"].get_transposed(w_up, backend)
             grad_x = (backend.grouped_gemm(dg_q, dg_s, wg_t.q, wg_t.s, offsets, torch.float32)

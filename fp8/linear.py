@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
-from twinpipe.fp8.quant import act_dequant
+from twinpipe.fp8.quant import GRAD_AMAX_FLOOR, act_dequant
 from twinpipe.fp8.weight_cache import WeightCache
 
 
@@ -23,7 +23,7 @@ def wgrad(backend: Backend, grad_out: torch.Tensor, x_q: torch.Tensor, x_s: torc
     """dW = dYᵀ · X in FP8, both operands scaled 1×128 along tokens: dY [T, N], X (q, s) [T, K] -> [N, K]."""
     x_t = act_dequant(x_q, x_s).t()                                 # [K, T] fp32
     xt_q, xt_s = backend.act_quant(x_t)                             # [K, T], [K, ceil(T/128)]
-    gt_q, gt_s = backend.act_quant(grad_out.t())                    # [N, T], [N, ceil(T/128)]
+    gt_q, gt_s = backend.act_quant(grad_out.t(), amax_floor=GRAD_AMAX_FLOOR)  # [N, T], [N, ceil(T/128)]
     return backend.gemm(gt_q, gt_s, xt_q, xt_s, torch.float32)     # [N, K]
 
 
@@ -53,7 +53,7 @@ class FP8LinearFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])                # [T, N]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            g_q, g_s = backend.act_quant(g)                         # [T, N], [T, nbn]
+            g_q, g_s = backend.act_quant(g, amax_floor=GRAD_AMAX_FLOOR)  # [T, N], [T, nbn]
             w_t = ctx.cache.get_transposed(weight, backend)         # [K, N] fp8, [nbk, nbn]
             grad_x = backend.gemm(g_q, g_s, w_t.q, w_t.s, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:

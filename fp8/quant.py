@@ -8,13 +8,21 @@ The arithmetic is fixed here and repeated operation for operation by the Triton 
 (`twinpipe.fp8.triton_quant`), so both give bit-identical results:
 
     amax = max |x| over the tile                         (fp32)
-    s    = max(amax, 1e-4) / 448                         (fp32, correctly rounded division)
+    s    = max(amax, floor) / 448                        (fp32, correctly rounded division;
+                                                          floor = 1e-4, DeepSeek's, for weights and
+                                                          activations; 1e-30 for gradients)
     s    = 2 ** ceil(log2(s))                            (only with pow2=True, "ue8m0"; done on the bits)
     q    = e4m3(clamp(x / s, -448, 448))                 (correctly rounded division, round-to-nearest-even)
 
 Shapes whose quantized dimensions are not multiples of the block size get a partial last tile, as in
 the HF checkpoint format: scales have `ceil(dim / block_size)` entries and the partial tile's amax is
-taken over its real elements only. An all-zero tile gets s = 1e-4/448 and q = 0, never NaN.
+taken over its real elements only. An all-zero tile gets s = floor/448 and q = 0, never NaN.
+
+Why gradients get their own floor: activation gradients of a loss divided by the number of
+micro-batches are small, and in the tiny recipe 40-60% of their 1x128 tiles have amax < 1e-4. With
+DeepSeek's floor those tiles would sit on a fixed grid (steps of 1e-4/448 * 2^-9) instead of being
+scaled to their own range, so FP8 numerics would depend on the micro-batch count. 1e-30 keeps every
+scale a normal FP32 number (s >= 2.2e-33) while letting any real gradient tile use the full E4M3 range.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
+GRAD_AMAX_FLOOR = 1e-30
 
 
 def _check_block_size(block_size: int) -> None:
@@ -42,9 +51,9 @@ def round_scale_pow2(s: torch.Tensor) -> torch.Tensor:
     return torch.where(has_mantissa, exponent + 0x00800000, exponent).view(torch.float32)
 
 
-def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
-    """Dequant scale s = max(amax, 1e-4) / 448, optionally rounded up to a power of two."""
-    s = torch.clamp(amax.float(), min=AMAX_FLOOR) / FP8_MAX
+def scale_from_amax(amax: torch.Tensor, pow2: bool = False, amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
+    """Dequant scale s = max(amax, amax_floor) / 448, optionally rounded up to a power of two."""
+    s = torch.clamp(amax.float(), min=amax_floor) / FP8_MAX
     return round_scale_pow2(s) if pow2 else s
 
 
@@ -52,9 +61,9 @@ def _to_e4m3(x_scaled: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x_scaled, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False
+def act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False, amax_floor: float = AMAX_FLOOR
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize per 1×block_size tile along the last dimension.
+    """Quantize per 1×block_size tile along the last dimension (gradients: amax_floor=GRAD_AMAX_FLOOR).
 
     x [..., K] (any float dtype) -> q [..., K] float8_e4m3fn, s [..., ceil(K/block_size)] fp32.
     """
@@ -66,7 +75,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False
     pad = num_blocks * block_size - k
     xf = F.pad(x.float(), (0, pad)) if pad else x.float()            # [..., nb * bs]
     tiles = xf.unflatten(-1, (num_blocks, block_size))               # [..., nb, bs]
-    s = scale_from_amax(tiles.abs().amax(dim=-1), pow2)              # [..., nb]
+    s = scale_from_amax(tiles.abs().amax(dim=-1), pow2, amax_floor)  # [..., nb]
     q = _to_e4m3(tiles / s.unsqueeze(-1))                            # [..., nb, bs]
     q = q.flatten(-2)[..., :k]                                       # [..., K]
     return q, s

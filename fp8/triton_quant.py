@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from twinpipe.fp8.quant import AMAX_FLOOR
+
 FP8_MAX = 448.0
 
 
@@ -57,7 +59,7 @@ def _quantize(x, s, EXACT_CAST: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, amax_floor,
                       BLOCK: tl.constexpr, ROWS: tl.constexpr, POW2: tl.constexpr,
                       EXACT_CAST: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -68,7 +70,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)                                        # [ROWS, BLOCK]
     amax = tl.max(tl.abs(x), axis=1)                            # [ROWS]
-    s = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    s = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
     if POW2:
         s = _round_scale_pow2(s)
     q = _quantize(x, s[:, None], EXACT_CAST)
@@ -97,8 +99,8 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k, s)
 
 
-def triton_act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False,
+                     amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `twinpipe.fp8.quant.act_quant`: x [..., K] -> q [..., K], s [..., ceil(K/bs)]."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -111,7 +113,7 @@ def triton_act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False
     rows = 64 if interpreting() else 8     # the interpreter pays per program, not per element
     if m > 0 and k > 0:
         _act_quant_kernel[(triton.cdiv(m, rows), nbk)](
-            x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0),
+            x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0), float(amax_floor),
             BLOCK=block_size, ROWS=rows, POW2=pow2, EXACT_CAST=interpreting(), num_warps=4)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], nbk)
 

@@ -50,6 +50,26 @@ def test_partial_tile_uses_only_real_elements():
 
 
 @pytest.mark.parametrize("pow2", [False, True])
+def test_gradient_floor_keeps_small_tiles_scaled_to_their_own_range(pow2):
+    """Gradient tiles far below DeepSeek's 1e-4 floor (common once the loss is divided by the
+    micro-batch count) keep E4M3's relative precision with GRAD_AMAX_FLOOR. With 1e-4 the scale is
+    pinned at 2.2e-7, so values under ~3.5e-9 (2^-6 in quantized units) fall into E4M3's subnormals."""
+    from twinpipe.fp8.quant import GRAD_AMAX_FLOOR
+
+    torch.manual_seed(3)
+    g = torch.randn(8, 256) * 1e-9                          # amax ~ 3e-9 << 1e-4
+    q, s = act_quant(g, pow2=pow2, amax_floor=GRAD_AMAX_FLOOR)
+    s_full = s.repeat_interleave(128, dim=-1)
+    err = (act_dequant(q, s) - g).abs()
+    assert torch.all(err <= _bound(g, s_full))
+    assert (err.norm() / g.norm()) < 0.05
+    q_floor, s_floor = act_quant(g, pow2=pow2)              # DeepSeek's floor: a fixed, coarse grid
+    assert (act_dequant(q_floor, s_floor) - g).norm() / g.norm() > 0.1
+    zeros_q, zeros_s = act_quant(torch.zeros(2, 128), amax_floor=GRAD_AMAX_FLOOR)
+    assert torch.all(zeros_s > 0) and torch.isfinite(zeros_s).all() and torch.all(zeros_q.float() == 0)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
 def test_zero_tiles_are_finite(pow2):
     x = torch.zeros(2, 256)
     x[1, 128:] = 1.0

@@ -10,9 +10,10 @@ def _bits(q):
     return q.view(torch.uint8)
 
 
+@pytest.mark.parametrize("amax_floor", [1e-4, 1e-30])   # DeepSeek's floor; the gradients' floor
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_act_quant_bit_exact(pow2, dtype):
+def test_act_quant_bit_exact(pow2, dtype, amax_floor):
     from twinpipe.fp8.triton_quant import triton_act_quant
     torch.manual_seed(0)
     # magnitudes over ten decades, so values land on every E4M3 binade, on subnormals and on ties
@@ -20,9 +21,10 @@ def test_act_quant_bit_exact(pow2, dtype):
     x[3, :128] = 0.0                       # a zero tile
     x[5, 10] = -1e-30                      # underflows to -0
     x[6, :128] = torch.arange(128) * (448 / 127) / 64   # values exactly between grid points
+    x[7] *= 1e-9                                         # every tile of this row is below 1e-4
     x = x.to(dtype)
-    q_ref, s_ref = act_quant(x, pow2=pow2)
-    q, s = triton_act_quant(x, pow2=pow2)
+    q_ref, s_ref = act_quant(x, pow2=pow2, amax_floor=amax_floor)
+    q, s = triton_act_quant(x, pow2=pow2, amax_floor=amax_floor)
     assert torch.equal(_bits(q), _bits(q_ref))
     assert torch.equal(s, s_ref)
 
