@@ -154,10 +154,14 @@ class ExpertRebalancer:
                slot_state: SlotState | None = None) -> dict[str, float]:
         """Re-plan from the all-reduced loads of a window of steps ([L, E], identical on every rank),
         move weights and optimizer state, and return load metrics before/after (max/mean over ranks,
-        the worst layer, and the mean over layers) and the number of slots moved across ranks."""
+        the worst layer, and the mean over layers), the slots this rank received from other ranks
+        (`eplb/slots_received`) and the slots whose expert changed on all ranks together
+        (`eplb/slots_rewritten`, from the tables every rank holds, so no communication)."""
         loads = global_loads_window.to(torch.float64)
         new_tables = self.plan(loads)
-        before = balancedness(loads, torch.stack([layer.phy2log for layer in self.layers]), self.ep_size)
+        old_tables = torch.stack([layer.phy2log for layer in self.layers])              # [L, R]
+        rewritten = int((new_tables.to(old_tables.device) != old_tables).sum())
+        before = balancedness(loads, old_tables, self.ep_size)
         moved = 0
         for i, layer in enumerate(self.layers):
             moved += move_slots(layer, new_tables[i], optimizer, slot_state)
@@ -168,9 +172,10 @@ class ExpertRebalancer:
             "eplb/load_max_over_mean_before_avg": float(before.mean()),
             "eplb/load_max_over_mean_after_avg": float(after.mean()),
             "eplb/slots_received": float(moved),
+            "eplb/slots_rewritten": float(rewritten),
         }
-        logger.info("EPLB re-plan: max/mean rank load %.3f -> %.3f (worst layer), %d slots received",
-                    metrics["eplb/load_max_over_mean_before"], metrics["eplb/load_max_over_mean_after"],
-                    moved)
+        logger.info("EPLB re-plan: max/mean rank load %.3f -> %.3f (worst layer), %d slots rewritten "
+                    "(%d received by this rank)", metrics["eplb/load_max_over_mean_before"],
+                    metrics["eplb/load_max_over_mean_after"], rewritten, moved)
         return metrics
 
