@@ -155,8 +155,9 @@ def _eplb(rank: int, world: int) -> dict[str, float]:
 def test_eplb_replan_keeps_function_and_moves_optimizer_state():
     results = run_local(_eplb, WORLD)
     assert results[0]["slots_received_total"] > 0
-    # Slots received from other ranks are a subset of the slots whose expert changed.
-    assert 0 < results[0]["slots_received_total"] <= results[0]["eplb/slots_rewritten"]
+    # Slots received from other ranks are a subset of the slots whose expert changed (the total sums
+    # over WORLD / EP identical expert-parallel groups).
+    assert 0 < results[0]["slots_received_total"] / (WORLD // EP) <= results[0]["eplb/slots_rewritten"]
     assert all(r["eplb/slots_rewritten"] == results[0]["eplb/slots_rewritten"] for r in results)
     # Every rank computed the same plan metrics from the same loads.
     assert all(r["eplb/load_max_over_mean_after"] == results[0]["eplb/load_max_over_mean_after"]
