@@ -9,6 +9,9 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
+# DeepSpeed builds its CPU communication extension on first use; keep the build inside this venv so
+# two checkouts do not rebuild a shared ~/.cache/torch_extensions for each other.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
 .PHONY: train test venv bench clean
