@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra = [e for e in extra if e != "--"]
 
-    tag = "".join(f"_{e.rsplit('.', 1)[-1].replace('=', '')}" for e in extra)   # e.g. _seq_len64
+    # e.g. train.seq_len=64 -> _seq_len64, optim.lr=1.5e-3 -> _lr1.5e-3
+    tag = "".join(f"_{key.rsplit('.', 1)[-1]}{value}" for key, _, value in (e.partition("=") for e in extra))
     runs = Path(args.runs)
     base_dir = runs / f"off_{args.dtype}_s{args.seed}{tag}"
     fp8_dir = runs / f"{args.backend}_{args.dtype}_s{args.seed}{tag}"
