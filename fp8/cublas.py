@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from twinpipe.fp8.emulate import (check_gemm_operands, check_grouped_operands, check_k_grouped_operands,
+from twinpipe.fp8.emulate import (check_gemm_operands, check_grouped_operands, k_grouped_by_segments,
                                   segment_bounds)
 
 
@@ -80,11 +80,4 @@ def cublas_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b
                           offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
                           ) -> torch.Tensor:
     """out[g] = a[:, seg g] @ b[:, seg g].T over 128-aligned segments (expert Wgrad), one call each."""
-    check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size)
-    bounds = segment_bounds(offsets)
-    out = torch.zeros(len(bounds), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)  # [G, M, N]
-    for g, (lo, hi) in enumerate(bounds):
-        if hi > lo:
-            blocks = slice(lo // block_size, -(-hi // block_size))
-            out[g] = cublas_gemm(a[:, lo:hi], a_s[:, blocks], b[:, lo:hi], b_s[:, blocks], out_dtype, block_size)
-    return out
+    return k_grouped_by_segments(cublas_gemm, a, a_s, b, b_s, offsets, out_dtype, block_size)

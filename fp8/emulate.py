@@ -158,10 +158,11 @@ def check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size):
         raise ValueError(f"fp8_k_grouped_gemm: offsets must be [G + 1], got shape {tuple(offsets.shape)}")
 
 
-def emulate_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
-                           offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
-                           ) -> torch.Tensor:
-    """out[g] = a[:, seg g] @ b[:, seg g].T over 128-aligned segments of L: [G, M, N] (expert Wgrad)."""
+def k_grouped_by_segments(gemm, a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                          offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
+                          ) -> torch.Tensor:
+    """out[g] = gemm(a[:, seg g], b[:, seg g]) over 128-aligned segments of L: [G, M, N] (expert Wgrad),
+    one `gemm(a, a_s, b, b_s, out_dtype, block_size)` call per non-empty segment."""
     check_k_grouped_operands(a, a_s, b, b_s, offsets, block_size)
     bounds = segment_bounds(offsets)
     out = torch.zeros(len(bounds), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)  # [G, M, N]
@@ -170,6 +171,12 @@ def emulate_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, 
             raise ValueError(f"fp8_k_grouped_gemm: segment {g} = [{lo}, {hi}) is not {block_size}-aligned")
         if hi > lo:
             blocks = slice(lo // block_size, math.ceil(hi / block_size))
-            out[g] = emulate_gemm(a[:, lo:hi], a_s[:, blocks], b[:, lo:hi], b_s[:, blocks], out_dtype,
-                                  block_size)
+            out[g] = gemm(a[:, lo:hi], a_s[:, blocks], b[:, lo:hi], b_s[:, blocks], out_dtype, block_size)
     return out
+
+
+def emulate_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                           offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128
+                           ) -> torch.Tensor:
+    """out[g] = a[:, seg g] @ b[:, seg g].T over 128-aligned segments of L: [G, M, N] (expert Wgrad)."""
+    return k_grouped_by_segments(emulate_gemm, a, a_s, b, b_s, offsets, out_dtype, block_size)
