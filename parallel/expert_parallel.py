@@ -215,12 +215,16 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
       placement is slot p -> expert p % E until the first EPLB re-plan.
     num_nodes: nodes spanned by the EP group; checked against the gate's `n_group` when the model
       has a `config` with that field (node-limited routing, see `group_to_nodes`).
+    MoE layers whose experts are on the meta device (another pipeline rank's stages) are left alone.
     """
     ep_size = dist.get_world_size(ep_group)
-    replaced = 0
+    replaced = elsewhere = 0
     for name, module in list(model.named_modules()):
         experts = getattr(module, "experts", None)
         if experts is None or isinstance(experts, ExpertParallelExperts) or not _is_experts(experts):
+            continue
+        if experts.gate_proj.is_meta:
+            elsewhere += 1
             continue
         num_experts = int(experts.gate_proj.shape[0])
         config = getattr(model, "config", None)
@@ -233,7 +237,7 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
         phy2log = torch.arange(slots) % num_experts
         module.experts = ExpertParallelExperts(experts, ep_group, phy2log, fp8_dispatch=fp8_dispatch)
         replaced += 1
-    if replaced == 0:
+    if replaced == 0 and elsewhere == 0:
         raise ValueError("apply_expert_parallel: the model has no MoE layer with an `experts` module")
     logger.info("expert parallelism: %d MoE layers over ep=%d", replaced, ep_size)
     return model

@@ -99,25 +99,3 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
         model = convert_model(model, cfg.fp8.backend)
         log.info("fp8: linear layers and experts converted (backend %s)", cfg.fp8.backend)
     return model
-
-
-class _LocalModules(torch.nn.Module):
-    """The model's modules that hold weights on this rank (a view for `apply_expert_parallel`)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.config = model.config
-        self.blocks = torch.nn.ModuleList(
-            m for m in [*model.layers, *model.mtp]
-            if not any(t.is_meta for t in [*m.parameters(), *m.buffers()]))
-
-
-def apply_expert_parallel_local(model: torch.nn.Module, grid: Any, num_replicas: int | None) -> None:
-    """Expert parallelism over grid.ep_group for the MoE layers this rank holds (those of other
-    pipeline stages stay on meta). The layers are the model's own modules, replaced in place."""
-    from twinpipe.model.moe import MoE
-    from twinpipe.parallel.expert_parallel import apply_expert_parallel
-
-    local = _LocalModules(model)
-    if any(isinstance(m, MoE) for m in local.modules()):
-        apply_expert_parallel(local, grid.ep_group, num_replicas=num_replicas)

@@ -113,9 +113,10 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
     model = build_model(cfg, device, grid)  # with pp > 1: this rank's stages only
     rebalancer = None
     if grid.ep > 1:
-        from twinpipe.trainer.build import apply_expert_parallel_local
+        from twinpipe.parallel.expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel_local(model, grid, num_replicas=cfg.eplb.replicas or None)
+        # MoE layers of other pipeline ranks' stages are on meta and stay as they are
+        apply_expert_parallel(model, grid.ep_group, num_replicas=cfg.eplb.replicas or None)
     optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip, cfg.parallel.schedule)
     tracker = ExpertLoadTracker(model)
     loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda)
