@@ -1,8 +1,11 @@
 """`twinpipe-convert`: HF DeepSeek-V3 folders <-> FP8, and twinpipe training checkpoints -> HF.
 
-    twinpipe-convert --from hf --to hf-fp8 SRC DST        # BF16/FP32 -> FP8 (128x128 block scales)
-    twinpipe-convert --from hf --to hf SRC DST            # FP8 (or anything) -> BF16 (--dtype fp32)
-    twinpipe-convert --from twinpipe --to hf RUN/checkpoints/step_N DST
+    twinpipe-convert src=SRC dst=DST to=hf-fp8       # BF16/FP32 -> FP8 (128x128 block scales)
+    twinpipe-convert src=SRC dst=DST to=hf           # FP8 (or anything) -> BF16 (dtype=fp32 also)
+    twinpipe-convert src=RUN/checkpoints/step_N dst=DST  # twinpipe checkpoint (or run dir) -> HF
+
+Hydra composes `recipes/convert.yaml` (keys: `ConvertSchema` in `trainer/cli_config.py`); a `src`
+holding config.json is converted as an HF folder, any other as a twinpipe checkpoint.
 
 HF -> HF works tensor by tensor on the safetensors (no model is built, names are kept as they are),
 so converting the 671B checkpoint needs memory for one output shard, not for the model. FP8 -> FP8
@@ -12,16 +15,15 @@ generation config) are copied. Load the result with `twinpipe.model.load_hf` to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from twinpipe.model.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, QUANTIZATION_CONFIG, is_fp8_weight, save_hf
 from twinpipe.model.safetensors_io import (
@@ -34,10 +36,10 @@ from twinpipe.model.safetensors_io import (
     scale_shape,
     write_folder,
 )
+from twinpipe.trainer.cli_config import DTYPES, check, launch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SIDE_FILES_SKIP = {CONFIG_FILE, INDEX_FILE}
 
 
@@ -98,11 +100,8 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype =
 def convert_twinpipe(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype = torch.bfloat16,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """A twinpipe training checkpoint (`run.dir/checkpoints/step_N`) -> HF folder, tokenizer included."""
-    try:
-        from twinpipe.trainer.checkpoint import load_model_for_inference
-    except ImportError as exc:
-        raise RuntimeError("--from twinpipe needs twinpipe.trainer.checkpoint.load_model_for_inference, which "
-                           f"this installation does not provide ({exc})") from exc
+    from twinpipe.trainer.checkpoint import load_model_for_inference
+
     model, tokenizer = load_model_for_inference(src, dtype)
     out = save_hf(model, dst, fp8=fp8, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
     if tokenizer is not None:  # tokenizer.json (+ tokenizer_config.json), next to the weights
@@ -113,37 +112,26 @@ def convert_twinpipe(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.d
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="twinpipe-convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src_format", choices=["hf", "twinpipe"], required=True)
-    p.add_argument("--to", dest="dst_format", choices=["hf", "hf-fp8"], required=True)
-    p.add_argument("src", type=Path, help="source folder")
-    p.add_argument("dst", type=Path, help="destination folder (created atomically)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="storage dtype of the non-FP8 tensors (default bf16)")
-    p.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30)
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fp8 = args.dst_format == "hf-fp8"
-    kwargs = dict(fp8=fp8, dtype=DTYPES[args.dtype], max_shard_bytes=int(args.max_shard_gb * 2**30),
-                  overwrite=args.overwrite)
-    try:
-        if args.src_format == "hf":
-            out = convert_hf(args.src, args.dst, **kwargs)
-        else:
-            out = convert_twinpipe(args.src, args.dst, **kwargs)
-    except (CheckpointError, FileExistsError, RuntimeError) as exc:
-        logger.error("%s", exc)
-        return 1
+def run(cfg: DictConfig) -> Path:
+    """The CLI's work on a composed `recipes/convert.yaml`; returns the written folder. The source
+    format is read from `src`: a folder with config.json is an HF folder, anything else goes to
+    `load_model_for_inference` as a twinpipe checkpoint folder or run dir."""
+    check(cfg, "convert")
+    src = Path(cfg.src)
+    if not src.is_dir():
+        raise ValueError(f"src={src}: no such folder (an HF folder with {CONFIG_FILE}, a twinpipe "
+                         "checkpoints/step_N folder or a run dir)")
+    convert = convert_hf if (src / CONFIG_FILE).is_file() else convert_twinpipe
+    out = convert(src, cfg.dst, fp8=cfg.to == "hf-fp8", dtype=DTYPES[cfg.dtype],
+                  max_shard_bytes=int(cfg.max_shard_gb * 2**30), overwrite=cfg.overwrite)
     logger.info("wrote %s", out)
-    return 0
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: Hydra overrides from `argv` (tests) or the command line."""
+    launch("convert", run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

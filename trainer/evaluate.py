@@ -1,15 +1,18 @@
 """`twinpipe-eval`: perplexity of a model on a text file.
 
-    twinpipe-eval --checkpoint runs/try1 --text-file heldout.txt --seq-len 512
+    twinpipe-eval checkpoint=runs/try1                        # the embedded corpus's held-out split
+    twinpipe-eval checkpoint=runs/try1 text_file=some.py seq_len=256 output=ppl.json
 
-The text is tokenized, followed by eos (as in pretraining), cut into windows of `seq-len + 1` tokens
-that overlap by one token, so every token after the first is predicted exactly once, with at most
-`seq-len` tokens of context. `perplexity` is the same work on token ids in memory.
+Hydra composes `recipes/eval.yaml` (keys: `EvalSchema` in `trainer/cli_config.py`). The text is
+tokenized, followed by eos (as in pretraining), cut into windows of `seq_len + 1` tokens that overlap
+by one token, so every token after the first is predicted exactly once, with at most `seq_len` tokens
+of context. Without `text_file` the held-out split of the embedded corpus (the standard-library files
+the trainer never trains on, each followed by eos) is scored, so a run of the default recipe gets its
+held-out perplexity with no other argument. `perplexity` is the same work on token ids in memory.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -18,10 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from twinpipe.data.loader import embedded_documents
+from twinpipe.trainer.cli_config import check, launch, load_for_inference
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HELDOUT = "embedded:heldout"  # the result's "text" when the held-out split was scored
 
 
 @torch.no_grad()
@@ -34,7 +42,8 @@ def perplexity(model, ids: list[int], seq_len: int, batch_size: int = 8) -> dict
     device = model.embed_tokens.weight.device
     windows = [ids[i:i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]
     total, count = 0.0, 0
-    for b in range(0, len(windows), batch_size):
+    for b in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=None,
+                  leave=False):
         chunk = windows[b:b + batch_size]
         width = max(len(w) for w in chunk)
         tokens = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -55,36 +64,45 @@ def evaluate_text(model, tokenizer, text: str, seq_len: int, batch_size: int = 8
     return perplexity(model, tokenizer.encode(text) + [tokenizer.eos_id], seq_len, batch_size)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="twinpipe-eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint folder, run dir or HF folder")
-    ap.add_argument("--text-file", required=True, type=Path)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return ap.parse_args(argv)
+def heldout_ids(tokenizer, max_tokens: int | None = None) -> list[int]:
+    """The embedded corpus's held-out split as pretraining tokenizes it (each document, a special
+    token's text kept literal, then eos), documents in file order; cut at `max_tokens`."""
+    ids: list[int] = []
+    for doc in embedded_documents("heldout"):
+        ids += tokenizer.encode_batch([doc], literal_specials=True)[0] + [tokenizer.eos_id]
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
 
 
-def run(argv: list[str] | None = None) -> dict[str, float]:
-    """The CLI's work: load, score, print one JSON line; returns the result."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not args.text_file.is_file():
-        raise SystemExit(f"--text-file {args.text_file}: no such file")
-    from twinpipe.trainer.checkpoint import load_model_for_inference
-
-    model, tokenizer = load_model_for_inference(args.checkpoint, DTYPES[args.dtype])
-    model = model.to(args.device)
-    result = evaluate_text(model, tokenizer, args.text_file.read_text(encoding="utf-8"), args.seq_len,
-                           args.batch_size)
-    sys.stdout.write(json.dumps(result) + "\n")
+def run(cfg: DictConfig) -> dict:
+    """The CLI's work on a composed `recipes/eval.yaml`: load, score, print one JSON line
+    {nll, ppl, tokens, checkpoint, text} (and write it to `cfg.output` when set); returns it."""
+    check(cfg, "eval")
+    if cfg.max_tokens is not None and cfg.max_tokens < 2:
+        raise ValueError(f"max_tokens={cfg.max_tokens}: must be >= 2 (one token predicts the next)")
+    if cfg.text_file is not None and not Path(cfg.text_file).is_file():
+        raise ValueError(f"text_file={cfg.text_file}: no such file")
+    model, tokenizer = load_for_inference(cfg)
+    if cfg.text_file is None:
+        ids, source = heldout_ids(tokenizer, cfg.max_tokens), HELDOUT
+    else:
+        text = Path(cfg.text_file).read_text(encoding="utf-8")
+        ids, source = (tokenizer.encode(text) + [tokenizer.eos_id])[:cfg.max_tokens], cfg.text_file
+    scores = perplexity(model, ids, cfg.seq_len, cfg.batch_size)
+    logger.info("%s: %d tokens scored, perplexity %.3f", source, scores["tokens"], scores["ppl"])
+    result = {**scores, "tokens": int(scores["tokens"]), "checkpoint": cfg.checkpoint, "text": source}
+    line = json.dumps(result)
+    sys.stdout.write(line + "\n")
+    if cfg.output is not None:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(line + "\n")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry (returns None: a returned value would become the exit status)."""
-    run(argv)
+    """Console-script entry: Hydra overrides from `argv` (tests) or the command line."""
+    launch("eval", run, argv)
 
 
 if __name__ == "__main__":

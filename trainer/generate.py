@@ -1,25 +1,24 @@
 """`twinpipe-generate`: continue a text prompt with a trained model (greedy or top-p sampling).
 
-    twinpipe-generate --checkpoint runs/try1 --prompt "def main(" --max-new-tokens 64 --temperature 0.8
+    twinpipe-generate checkpoint=runs/try1 'prompts=["def main("]' max_new_tokens=64 temperature=0.8
 
-The checkpoint may be one of our `checkpoints/step_N` folders, a run dir (newest complete checkpoint)
-or an HF DeepSeek-V3 folder. `generate_text` is the same work on a model and tokenizer in memory.
+Hydra composes `recipes/generate.yaml` (keys: `GenerateSchema` in `trainer/cli_config.py`). The
+checkpoint may be one of our `checkpoints/step_N` folders, a run dir (newest complete checkpoint) or
+an HF DeepSeek-V3 folder. `generate_text` is the same work on a model and tokenizer in memory.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 
-import torch
+from omegaconf import DictConfig
 
 from twinpipe.model import generate, speculative_generate
+from twinpipe.trainer.cli_config import check, launch, load_for_inference
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
@@ -41,37 +40,29 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="twinpipe-generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint folder, run dir or HF folder")
-    ap.add_argument("--prompt", action="append", required=True,
-                    help="prompt text; repeat the flag for a batch")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-eos-stop", action="store_true", help="keep generating past the eos token")
-    ap.add_argument("--speculative", action="store_true",
-                    help="draft with the MTP layer (needs a model with num_nextn_predict_layers >= 1)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return ap.parse_args(argv)
+def run(cfg: DictConfig) -> list[str]:
+    """The CLI's work on a composed `recipes/generate.yaml`: load, generate, write each prompt followed
+    by its continuation and a newline to stdout; returns the continuations."""
+    check(cfg, "generate")
+    if cfg.top_p > 1:
+        raise ValueError(f"top_p={cfg.top_p}: allowed values are in (0, 1]")
+    if not cfg.prompts:
+        raise ValueError("prompts=[]: give at least one prompt, e.g. 'prompts=[\"def main(\"]'")
+    model, tokenizer = load_for_inference(cfg)
+    prompts = list(cfg.prompts)
+    start = time.perf_counter()
+    texts = generate_text(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                          stop_at_eos=cfg.stop_at_eos, speculative=cfg.speculative)
+    logger.info("generated %d continuations in %.2fs", len(texts), time.perf_counter() - start)
+    for prompt, text in zip(prompts, texts):
+        sys.stdout.write(prompt + text + "\n")
+    sys.stdout.flush()
+    return texts
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from twinpipe.trainer.checkpoint import load_model_for_inference
-
-    model, tokenizer = load_model_for_inference(args.checkpoint, DTYPES[args.dtype])
-    model = model.to(args.device)
-    start = time.perf_counter()
-    texts = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                          args.seed, stop_at_eos=not args.no_eos_stop, speculative=args.speculative)
-    logger.info("generated %d continuations in %.2fs", len(texts), time.perf_counter() - start)
-    for prompt, text in zip(args.prompt, texts):
-        sys.stdout.write(prompt + text + "\n")
-    sys.stdout.flush()
+    """Console-script entry: Hydra overrides from `argv` (tests) or the command line."""
+    launch("generate", run, argv)
 
 
 if __name__ == "__main__":

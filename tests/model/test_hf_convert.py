@@ -1,4 +1,5 @@
-"""twinpipe-convert: HF -> HF-FP8 -> BF16 tensor by tensor, and a twinpipe training checkpoint -> HF."""
+"""twinpipe-convert (Hydra overrides): HF -> HF-FP8 -> BF16 tensor by tensor, a twinpipe training
+checkpoint or run dir -> HF, and errors that name the key or the file."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def model_and_folder(tmp_path_factory):
 
 def test_hf_to_fp8_matches_save_hf_fp8_and_back_to_bf16(model_and_folder, tmp_path):
     model, folder = model_and_folder
-    assert main(["--from", "hf", "--to", "hf-fp8", str(folder), str(tmp_path / "fp8")]) == 0
+    assert main([f"src={folder}", f"dst={tmp_path / 'fp8'}", "to=hf-fp8"]) is None  # exit status 0
     fp8 = tmp_path / "fp8"
     cfg = json.loads((fp8 / "config.json").read_text())
     assert cfg["quantization_config"]["weight_block_size"] == [128, 128] and cfg["torch_dtype"] == "bfloat16"
@@ -57,7 +58,7 @@ def test_hf_to_fp8_matches_save_hf_fp8_and_back_to_bf16(model_and_folder, tmp_pa
                            else direct[name]), name
 
     # FP8 -> BF16: the dequantized weights, the same numbers load_hf gets from the FP8 folder.
-    assert main(["--from", "hf", "--to", "hf", str(fp8), str(tmp_path / "bf16")]) == 0
+    main([f"src={fp8}", f"dst={tmp_path / 'bf16'}"])  # to=hf, dtype=bf16 by default
     bf16 = tmp_path / "bf16"
     assert "quantization_config" not in json.loads((bf16 / "config.json").read_text())
     t = _tensors(bf16)
@@ -69,40 +70,51 @@ def test_hf_to_fp8_matches_save_hf_fp8_and_back_to_bf16(model_and_folder, tmp_pa
         assert torch.equal(from_fp8[name], from_bf16[name]), name
 
     # FP8 -> FP8 copies q and s unchanged.
-    assert main(["--from", "hf", "--to", "hf-fp8", str(fp8), str(tmp_path / "fp8b")]) == 0
+    main([f"src={fp8}", f"dst={tmp_path / 'fp8b'}", "to=hf-fp8"])
     again = _tensors(tmp_path / "fp8b")
     assert all(torch.equal(again[k].view(torch.uint8), converted[k].view(torch.uint8))
                for k in converted if converted[k].dtype == torch.float8_e4m3fn)
 
 
-def test_convert_errors_exit_nonzero_and_name_the_problem(model_and_folder, tmp_path, caplog):
+def _fails(argv: list[str], capsys) -> str:
+    """Run twinpipe-convert, which must stop with a nonzero exit status; what it said."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code not in (0, None)
+    return f"{capsys.readouterr().err}\n{info.value.code}"
+
+
+def test_convert_errors_exit_nonzero_and_name_the_problem(model_and_folder, tmp_path, capsys):
     _, folder = model_and_folder
-    assert main(["--from", "hf", "--to", "hf", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
-    assert "nowhere" in caplog.text and "config.json" in caplog.text
+    said = _fails([f"src={tmp_path / 'nowhere'}", f"dst={tmp_path / 'out'}"], capsys)
+    assert "nowhere: no such folder" in said and "config.json" in said
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    assert main(["--from", "hf", "--to", "hf", str(folder), str(tmp_path / "taken")]) == 1
-    assert "taken exists" in caplog.text
-    with pytest.raises(SystemExit):
-        main(["--from", "hf", "--to", "gguf", str(folder), str(tmp_path / "o")])
+    assert "taken exists" in _fails([f"src={folder}", f"dst={tmp_path / 'taken'}"], capsys)
+    said = _fails([f"src={folder}", f"dst={tmp_path / 'o'}", "to=gguf"], capsys)
+    assert "to='gguf': allowed values are hf, hf-fp8" in said
+    assert "Key 'from' not in 'ConvertSchema'" in _fails([f"src={folder}", f"dst={tmp_path / 'o'}", "from=hf"],
+                                                         capsys)  # the source format is read from src
+    assert "dst not set" in _fails([f"src={folder}"], capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp in one process, on purpose
 def test_twinpipe_checkpoint_to_hf(tmp_path):
-    checkpoint = pytest.importorskip("twinpipe.trainer.checkpoint")
-    tokenizer_mod = pytest.importorskip("twinpipe.data.tokenizer")
-    if not hasattr(checkpoint, "load_model_for_inference"):
-        pytest.skip("twinpipe.trainer.checkpoint.load_model_for_inference is not there yet")
+    from twinpipe.data.tokenizer import load_tokenizer, train_bpe
+    from twinpipe.trainer.checkpoint import save_checkpoint
+
     torch.manual_seed(1)
     model = Transformer(ModelConfig.preset("tiny")).eval()
     with torch.no_grad():
         model.layers[2].mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.05)
-    tok = tokenizer_mod.train_bpe(iter(["def f(x):\n    return x + 1\n"] * 50), vocab_size=300)
-    ckpt = checkpoint.save_checkpoint(tmp_path / "run", 3, {"model": model.state_dict()}, {}, {"step": 3},
-                                      "model:\n  preset: tiny\n  extra: {}\n", tok, keep=1)
-    assert main(["--from", "twinpipe", "--to", "hf", str(ckpt), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
-    loaded = load_hf(tmp_path / "hf", dtype=torch.float32)
-    want, got = model.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys()
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    assert tokenizer_mod.load_tokenizer(tmp_path / "hf").encode("return x") == tok.encode("return x")
+    tok = train_bpe(iter(["def f(x):\n    return x + 1\n"] * 50), vocab_size=300)
+    ckpt = save_checkpoint(tmp_path / "run", 3, {"model": model.state_dict()}, {}, {"step": 3},
+                           "model:\n  preset: tiny\n  extra: {}\n", tok, keep=1)
+    want = model.state_dict()
+    for src, dst in ((ckpt, tmp_path / "hf"), (tmp_path / "run", tmp_path / "hf-from-run-dir")):
+        main([f"src={src}", f"dst={dst}", "dtype=fp32"])
+        got = load_hf(dst, dtype=torch.float32).state_dict()
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        assert load_tokenizer(dst).encode("return x") == tok.encode("return x")

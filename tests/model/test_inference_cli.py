@@ -1,4 +1,5 @@
-"""twinpipe-generate / twinpipe-eval: the pure functions and the CLIs on an HF-format folder."""
+"""twinpipe-generate / twinpipe-eval: the pure functions, and the Hydra CLIs on an HF folder and on a
+twinpipe run dir (overrides, errors that name the key, the held-out split, nothing written to the cwd)."""
 
 import json
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from twinpipe.data.corpus import embedded_corpus_files
 from twinpipe.data.tokenizer import train_bpe
 from twinpipe.model import ModelConfig, Transformer, generate, save_hf
 from twinpipe.trainer import evaluate as eval_cli
@@ -24,6 +26,36 @@ def tokenizer():
 def model():
     torch.manual_seed(0)
     return Transformer(ModelConfig.preset("tiny", vocab_size=300, initializer_range=0.05)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(model, tokenizer, tmp_path_factory):
+    folder = save_hf(model, tmp_path_factory.mktemp("ckpt") / "hf", dtype=None)  # fp32: loads as `model` exactly
+    tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, tokenizer, tmp_path_factory):
+    """A twinpipe run dir holding one checkpoint of `model` (what `make train` leaves behind)."""
+    from omegaconf import OmegaConf
+
+    from twinpipe.trainer.checkpoint import save_checkpoint
+
+    run = tmp_path_factory.mktemp("run")
+    model_yaml = OmegaConf.to_yaml({"model": {"preset": "tiny", "vocab_size": 300, "extra": {}}})
+    save_checkpoint(run, 5, {"model": model.state_dict()}, {}, {"step": 5}, model_yaml, tokenizer, keep=1)
+    return run
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    """An empty working directory: the CLIs must leave it empty (no .hydra/, outputs/, log files)."""
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    yield folder
+    assert sorted(p.name for p in folder.iterdir()) == []
 
 
 def test_perplexity_matches_direct_cross_entropy(model):
@@ -52,21 +84,71 @@ def test_generate_text_decodes_the_continuation(model, tokenizer):
                                  speculative=True) == texts  # greedy: MTP drafts change nothing
 
 
-def test_clis_on_an_hf_folder(model, tokenizer, tmp_path, capsys):
-    folder = tmp_path / "hf"
-    save_hf(model, folder, dtype=None)  # keep fp32, so the loaded model is this one exactly
-    tokenizer.save(folder)
-    gen_cli.main(["--checkpoint", str(folder), "--prompt", "def add(", "--prompt", "class",
-                  "--max-new-tokens", "4", "--no-eos-stop"])
-    lines = capsys.readouterr().out.splitlines()
+def test_generate_cli(model, tokenizer, hf_folder, run_dir, cwd, capsys):
     expected = gen_cli.generate_text(model, tokenizer, ["def add(", "class"], 4, stop_at_eos=False)
-    assert "\n".join(lines) == "\n".join(["def add(" + expected[0], "class" + expected[1]])
+    want = ["def add(" + expected[0], "class" + expected[1]]
+    for checkpoint in (hf_folder, run_dir):  # an HF folder; a run dir (its newest checkpoint)
+        gen_cli.main([f"checkpoint={checkpoint}", 'prompts=["def add(", "class"]', "max_new_tokens=4",
+                      "stop_at_eos=false", "device=cpu"])
+        assert capsys.readouterr().out.splitlines() == want
+    gen_cli.main([f"checkpoint={hf_folder}", "prompts=[class]", "max_new_tokens=4", "stop_at_eos=false",
+                  "speculative=true"])  # greedy: the MTP drafts change nothing
+    assert capsys.readouterr().out.splitlines() == want[1:]
+
+
+def _fails(main, argv: list[str], capsys) -> str:
+    """Run a CLI that must stop with exit status 1; what it said on stderr and in its exit message."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code not in (0, None)
+    return f"{capsys.readouterr().err}\n{info.value.code}"
+
+
+def test_generate_cli_errors_name_the_key(hf_folder, cwd, capsys):
+    ok = [f"checkpoint={hf_folder}", "prompts=[x]"]
+    said = _fails(gen_cli.main, [*ok, "max_new_token=4"], capsys)  # misspelt: max_new_tokens
+    assert "Key 'max_new_token' not in 'GenerateSchema'" in said
+    said = _fails(gen_cli.main, ["prompts=[x]"], capsys)
+    assert "checkpoint not set" in said and "required" in said
+    said = _fails(gen_cli.main, [*ok, "dtype=fp16"], capsys)
+    assert "dtype='fp16': allowed values are fp32, bf16" in said
+    assert "top_p=1.5: allowed values are in (0, 1]" in _fails(gen_cli.main, [*ok, "top_p=1.5"], capsys)
+    assert "max_new_tokens" in _fails(gen_cli.main, [*ok, "max_new_tokens=lots"], capsys)
+    assert "seeds: not a key of twinpipe-generate" in _fails(gen_cli.main, [*ok, "+seeds=1"], capsys)
+
+
+def test_eval_cli_on_a_text_file(model, tokenizer, hf_folder, cwd, tmp_path, capsys):
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT[:300])
-    assert eval_cli.main(["--checkpoint", str(folder), "--text-file", str(text_file)]) is None
-    capsys.readouterr()
-    result = eval_cli.run(["--checkpoint", str(folder), "--text-file", str(text_file), "--seq-len", "32"])
-    assert json.loads(capsys.readouterr().out) == result
-    assert result == pytest.approx(eval_cli.evaluate_text(model, tokenizer, TEXT[:300], 32))
-    with pytest.raises(SystemExit, match="no such file"):
-        eval_cli.main(["--checkpoint", str(folder), "--text-file", str(tmp_path / "missing.txt")])
+    out = tmp_path / "res" / "ppl.json"
+    assert eval_cli.main([f"checkpoint={hf_folder}", f"text_file={text_file}", "seq_len=32",
+                          f"output={out}"]) is None  # a console script: None, so the exit status is 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    assert printed["checkpoint"] == str(hf_folder) and printed["text"] == str(text_file)
+    expected = eval_cli.evaluate_text(model, tokenizer, TEXT[:300], 32)  # the same model, fp32: equal
+    assert {k: printed[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+    said = _fails(eval_cli.main, [f"checkpoint={hf_folder}", f"text_file={tmp_path / 'missing.txt'}"], capsys)
+    assert "text_file=" in said and "missing.txt: no such file" in said
+    assert "seq_len=0: must be > 0" in _fails(eval_cli.main, [f"checkpoint={hf_folder}", "seq_len=0"], capsys)
+    assert "Key 'text-file' not in 'EvalSchema'" in _fails(eval_cli.main, [f"checkpoint={hf_folder}",
+                                                                            "text-file=x"], capsys)
+    assert "checkpoint=nowhere: no such folder" in _fails(eval_cli.main, ["checkpoint=nowhere"], capsys)
+
+
+def test_eval_cli_scores_the_heldout_split(model, tokenizer, run_dir, cwd, capsys):
+    """No text_file: the embedded corpus's held-out files, in order, each followed by eos (pretraining's
+    form). The reference reads those files itself and scores the same windows with the same weights in
+    batches of 8, not 4: padding is causally masked and MoE drops no tokens, so only rounding differs."""
+    eval_cli.main([f"checkpoint={run_dir}", "max_tokens=600", "seq_len=64", "batch_size=4"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["text"] == "embedded:heldout" and printed["tokens"] == 599
+    ids: list[int] = []
+    for f in embedded_corpus_files("heldout"):
+        text = f.read_text(encoding="utf-8")
+        if text:  # an empty file is no document
+            ids += tokenizer.encode(text) + [tokenizer.eos_id]
+        if len(ids) >= 600:
+            break
+    expected = eval_cli.perplexity(model, ids[:600], seq_len=64)
+    assert printed["nll"] == pytest.approx(expected["nll"], rel=1e-6)

@@ -1,0 +1,165 @@
+"""The schemas and the Hydra launcher of `twinpipe-generate`, `twinpipe-eval` and `twinpipe-convert`.
+
+`recipes/generate.yaml`, `eval.yaml` and `convert.yaml` name these schemas in their defaults lists,
+so an unknown or misspelt key, or a value of the wrong type, fails at start-up with the key's name;
+`check(cfg, tool)` then names the required keys left unset and the values out of range. The tools
+write nothing but their product: Hydra keeps the working directory and writes no `.hydra/` folder and
+no log file (the recipes' `hydra:` sections), so `twinpipe-eval checkpoint=...` can run anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from twinpipe.model.hf import DEFAULT_MAX_SHARD_BYTES
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerateSchema:
+    checkpoint: str = MISSING  # a checkpoints/step_N folder, a run dir (its newest checkpoint) or an HF folder
+    prompts: List[str] = MISSING  # one continuation per prompt, decoded as a batch
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+    speculative: bool = False  # draft with the MTP layer (needs num_nextn_predict_layers >= 1)
+    dtype: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda
+
+
+@dataclass
+class EvalSchema:
+    checkpoint: str = MISSING
+    text_file: Optional[str] = None  # None: the held-out split of the embedded corpus
+    seq_len: int = 512  # context per window (windows overlap by one token: each token scored once)
+    batch_size: int = 8  # windows per forward
+    max_tokens: Optional[int] = None  # score only the first max_tokens tokens of the text (None: all)
+    dtype: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    output: Optional[str] = None  # also write the result JSON here
+
+
+@dataclass
+class ConvertSchema:
+    src: str = MISSING  # an HF folder (has config.json) or a twinpipe checkpoint / run dir
+    dst: str = MISSING  # written to a temporary folder, renamed when complete
+    to: str = "hf"  # hf | hf-fp8 (projections and experts block-quantized, 128x128 scales)
+    dtype: str = "bf16"  # bf16 | fp16 | fp32: storage dtype of the tensors not in FP8
+    max_shard_gb: float = DEFAULT_MAX_SHARD_BYTES / 2**30
+    overwrite: bool = False  # replace dst if it exists
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What `check` verifies beyond the types: an example command line for the required keys,
+    the allowed values of string keys and the numbers that must be > 0 or >= 0 (when set)."""
+
+    usage: str
+    choices: dict[str, tuple[str, ...]]
+    positive: tuple[str, ...] = ()
+    non_negative: tuple[str, ...] = ()
+
+
+_INFERENCE_CHOICES = {"dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+RULES = {
+    "generate": Rules("twinpipe-generate checkpoint=runs/try1 'prompts=[\"def main(\"]'", _INFERENCE_CHOICES,
+                      positive=("max_new_tokens", "top_p"), non_negative=("temperature",)),
+    "eval": Rules("twinpipe-eval checkpoint=runs/try1", _INFERENCE_CHOICES,
+                  positive=("seq_len", "batch_size", "max_tokens")),
+    "convert": Rules("twinpipe-convert src=runs/try1 dst=out/hf to=hf",
+                     {"to": ("hf", "hf-fp8"), "dtype": ("bf16", "fp16", "fp32")}, positive=("max_shard_gb",)),
+}
+SCHEMAS = {"generate": GenerateSchema, "eval": EvalSchema, "convert": ConvertSchema}
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore (before Hydra composes a tool's recipe)."""
+    cs = ConfigStore.instance()
+    for tool, schema in SCHEMAS.items():
+        cs.store(name=f"{tool}_schema", node=schema)
+
+
+def check(cfg: DictConfig, tool: str) -> None:
+    """Raise ValueError naming a required key left unset, or the key, the value and what is allowed."""
+    rules = RULES[tool]
+    known = [f.name for f in fields(SCHEMAS[tool])]
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:  # only `+key=value` gets past the schema
+        raise ValueError(f"{', '.join(unknown)}: not a key of twinpipe-{tool}; its keys are {', '.join(known)}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} not set (??? in recipes/{tool}.yaml): required, "
+                         f"e.g. {rules.usage}")
+    for key, allowed in rules.choices.items():
+        if cfg[key] not in allowed:
+            raise ValueError(f"{key}={cfg[key]!r}: allowed values are {', '.join(allowed)}")
+    for key in rules.positive:
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise ValueError(f"{key}={cfg[key]}: must be > 0")
+    for key in rules.non_negative:
+        if cfg[key] < 0:
+            raise ValueError(f"{key}={cfg[key]}: must be >= 0")
+
+
+def device_of(name: str) -> torch.device:
+    """`device=auto|cpu|cuda` as a torch device (auto: cuda when there is one)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda: no CUDA device here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def load_for_inference(cfg: DictConfig) -> tuple[Any, Any]:
+    """(model on `cfg.device` in `cfg.dtype`, tokenizer) from `cfg.checkpoint`."""
+    from twinpipe.trainer.checkpoint import load_model_for_inference
+
+    device = device_of(cfg.device)
+    if not Path(cfg.checkpoint).is_dir():
+        raise ValueError(f"checkpoint={cfg.checkpoint}: no such folder (a checkpoints/step_N folder, a run "
+                         "dir or an HF folder)")
+    model, tokenizer = load_model_for_inference(cfg.checkpoint, DTYPES[cfg.dtype])
+    return model.to(device), tokenizer
+
+
+def launch(tool: str, task: Callable[[DictConfig], Any], argv: list[str] | None = None) -> None:
+    """Compose `recipes/<tool>.yaml` with Hydra's command line (`argv`, else `sys.argv[1:]`; `--help`
+    and `--cfg job` work as usual) and run `task(cfg)`. A ValueError or OSError of the task (a bad
+    value, a missing file, a broken checkpoint) ends the program with `twinpipe-<tool>: <message>` and
+    exit status 1; HYDRA_FULL_ERROR=1 shows its traceback instead."""
+    for key in OFFLINE_ENV:
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    register()
+
+    def run_task(cfg: DictConfig) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        try:
+            task(cfg)
+        except (ValueError, OSError) as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise SystemExit(f"twinpipe-{tool}: {exc}") from exc
+
+    entry = hydra.main(config_path="pkg://twinpipe.recipes", config_name=tool, version_base=None)(run_task)
+    saved = sys.argv
+    if argv is not None:
+        sys.argv = [f"twinpipe-{tool}", *argv]
+    try:
+        entry()
+    finally:
+        sys.argv = saved
