@@ -32,6 +32,14 @@ from twinpipe.parallel.schedule_1f1b import OneFOneB
 from twinpipe.parallel.stages import build_stages, is_local, set_stage_p2p_shapes
 
 
+def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`train.dtype`'s compute precision: bf16 autocast (CUDA or CPU; master weights stay fp32) or
+    nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class StageCriterion:
     """criterion(logits, *mtp_logits, labels) for the last stage: loss_fn's loss / num_micro_batches.
 
@@ -83,11 +91,6 @@ class PipelineRunner:
                 self.stages, process_group=pp_group,
                 overlapped_forward_backward=overlapped_forward_backward)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def feeds(self, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
         """(inputs, labels) this rank passes to step(): only the ranks at the pipeline's ends feed."""
         ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
@@ -137,7 +140,7 @@ class PipelineRunner:
         set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size)
         criterion = StageCriterion(self.loss_fn, n)
         inputs, labels = self.feeds(batch)
-        with self._autocast():
+        with autocast_context(self.dtype, self.device):
             self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
         self.sum_copies()
         totals = (torch.stack(criterion.records).sum(0) if criterion.records

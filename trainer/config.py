@@ -94,7 +94,7 @@ class TrainSchema:
     global_batch: int = 8  # sequences per optimizer step over all data-parallel ranks
     micro_batch: int = 2  # sequences per forward on one rank
     seq_len: int = 128
-    dtype: str = "fp32"  # fp32 | bf16 (autocast on GPU; master weights stay fp32)
+    dtype: str = "fp32"  # fp32 | bf16 (autocast, on CPU as on GPU; master weights stay fp32)
     grad_clip: float = 1.0
     on_nonfinite: str = "skip"  # skip | stop: what a NaN/inf loss or gradient does
     init_std: Optional[float] = None  # None: the model's own initialisation

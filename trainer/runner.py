@@ -7,7 +7,6 @@ micro-batches in `p.grad` and returns the detached mean `loss`, `lm_loss`, `mtp_
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
@@ -15,13 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from twinpipe.parallel.grid import Grid
-
-
-def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU for train.dtype=bf16; nothing for fp32 (and on CPU, where tests run fp32)."""
-    if dtype == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from twinpipe.parallel.pipeline_runner import autocast_context
 
 
 class PlainRunner:
