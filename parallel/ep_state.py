@@ -10,6 +10,8 @@ model with any placement from such a state dict (each rank keeps the rows of its
 `merge_expert_shards` does the same offline, in one process without a process group, from the
 state dicts each EP rank wrote (`...experts.local.*` slots) and the layers' `phy2log` placement:
 that is how a checkpoint of an EP run (EPLB-replanned or not, any pp) loads for inference.
+`slots_to_logical` / `local_slot_rows` are the two directions of that mapping for one tensor (a
+resume under another ep moves the AdamW moments with them, `twinpipe.trainer.reshard`).
 
 The gather holds one layer's E experts at a time on every rank; fine up to the `small` preset, a
 671B-scale checkpoint wants a sharded writer instead (each EP rank writing its own experts).
@@ -40,13 +42,35 @@ def gather_logical(layer: ExpertParallelExperts, local: torch.Tensor) -> torch.T
     return slots_to_logical(slots, layer.phy2log, layer.num_experts)
 
 
-def slots_to_logical(slots: torch.Tensor, phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+def slots_to_logical(slots: torch.Tensor, phy2log: torch.Tensor, num_experts: int,
+                     check_replicas: bool = False) -> torch.Tensor:
     """slots [R, ...] (every physical slot of the EP group, slot order), phy2log [R] -> [E, ...]: the
-    first slot of each logical expert (its replicas are identical copies)."""
+    first slot of each logical expert (its replicas are identical copies; `check_replicas` raises a
+    ValueError naming the expert and slots where they are not)."""
     if slots.shape[0] != phy2log.numel():
         raise ValueError(f"{slots.shape[0]} slot rows for a placement of {phy2log.numel()} slots")
     log2phy, _ = placement_tables(phy2log.to(torch.int64).flatten(), num_experts)  # [E, maxcnt]
+    if check_replicas:
+        for expert, row in enumerate(log2phy.tolist()):
+            first, *replicas = [p for p in row if p >= 0]
+            for p in replicas:
+                if not torch.equal(slots[p], slots[first]):
+                    raise ValueError(f"logical expert {expert}: slots {first} and {p} (replicas) differ")
     return slots[log2phy[:, 0].to(slots.device)]
+
+
+def local_slot_rows(layer: ExpertParallelExperts, logical: torch.Tensor) -> torch.Tensor:
+    """logical [E, ...] (every logical expert) -> [S, ...] the rows of this rank's slots."""
+    if logical.shape[0] != layer.num_experts:
+        raise ValueError(f"{logical.shape[0]} logical experts given, the layer has {layer.num_experts}")
+    return logical[layer.local_logical_ids().to(logical.device)]
+
+
+def split_slot_name(name: str) -> tuple[str, str] | None:
+    """'<layer>.local.<param>' (an expert slot tensor) -> ('<layer>', '<param>'), else None; the plain
+    model calls that tensor '<layer>.<param>'."""
+    layer, sep, param = name.partition("." + LOCAL)
+    return (layer, param) if sep else None
 
 
 def logical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,7 +103,7 @@ def load_logical_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
         if value.shape[0] != layer.num_experts:
             raise ValueError(f"{key}: {value.shape[0]} experts in the state dict, the model has "
                              f"{layer.num_experts}")
-        local_sd[f"{owner}.{LOCAL}{key[len(owner) + 1:]}"] = value[layer.local_logical_ids()]
+        local_sd[f"{owner}.{LOCAL}{key[len(owner) + 1:]}"] = local_slot_rows(layer, value)
     for name, layer in modules.items():
         local_sd[f"{name}.{PLACEMENT}"] = layer.phy2log.clone()
     model.load_state_dict(local_sd, strict=True)
@@ -96,8 +120,8 @@ def merge_expert_shards(state: dict[str, torch.Tensor], shards: list[dict[str, t
     out = {k: v for k, v in state.items() if not k.endswith(suffix)}
     ep = len(shards)
     for key in shards[0] if shards else ():
-        owner, sep, param = key.partition("." + LOCAL)
-        if not sep or owner not in layers:
+        owner, param = split_slot_name(key) or (key, "")
+        if not param or owner not in layers:
             raise ValueError(f"expert slot tensor {key!r} belongs to no layer with a placement "
                              f"({owner}{suffix} missing); layers with one: {sorted(layers)[:5]}")
         phy2log = layers[owner]

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic, sharded (torch.distributed.checkpoint), resumable with another dp size.
+"""Checkpoints: atomic, sharded (torch.distributed.checkpoint), resumable under another layout.
 
 Layout of `run.dir/checkpoints/step_N/`:
     __0_0.distcp, .metadata   the training state: {"model": model state dict (router biases are
@@ -6,16 +6,17 @@ Layout of `run.dir/checkpoints/step_N/`:
                               With pipeline parallelism every rank saves the modules it holds under
                               the full model's names (DCP merges them; DualPipe's identical copies are
                               written once) and its optimizer bucket under `dense_pp{r}_of{pp}`, so the
-                              model part is one full model (`load_model_for_inference` reads it) and
-                              the optimizer part resumes with the same parallel.pp and schedule.
+                              model part is one full model (`load_model_for_inference` reads it).
                               With expert parallelism the EP ranks hold different experts under the
                               same names: "model" holds everything else, each layer's placement
                               `...experts.phy2log` [R] included, and "model_experts_ep{r}_of{ep}" the
                               physical slots of EP rank r (`...experts.local.*` [R/ep, ...]), so
-                              `load_model_for_inference` can rebuild the logical experts offline.
+                              `load_model_for_inference` can rebuild the logical experts offline; their
+                              AdamW state is under "optim" -> `experts_ep{r}`.
     rank_R.pt                 per-rank state: data-loader position and RNG states (torch.save of
                               tensors, ints and dicts; read back with weights_only=True)
-    meta.json                 step, tokens consumed, world shape
+    meta.json                 step, tokens consumed, the layout (pp, dp, ep, schedule, expert_slots,
+                              zero) and `segments`: bucket key -> [[parameter, offset, numel], ...]
     config.yaml, tokenizer.json
     COMPLETE                  written last, before the folder gets its final name
 
@@ -23,6 +24,10 @@ A save writes everything into `checkpoints/.tmp-step_N`, then rank 0 writes `COM
 the folder to `step_N` (a rename is atomic). A crash mid-write leaves only a `.tmp-*` folder, which
 `resume=auto` ignores and the next save removes, so the newest `step_N` is always whole. The scheduler
 needs no state of its own: the LR, λ and γ are functions of (step, tokens) from meta.json.
+
+A resume under the saved pp, schedule and ep (any dp) is `load_checkpoint`: one DCP load of the same
+keys. Under another pp, schedule or ep the keys differ; `twinpipe.trainer.reshard` then rebuilds each
+rank's state parameter by parameter from the `segments` table and the saved expert placements.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
 
 
 @contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
+def single_process_quiet() -> Iterator[None]:
     """Silence DCP's 'assuming the intent is to save in a single process' (that is our intent)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -122,7 +127,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with _single_process_quiet():
+    with single_process_quiet():
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
     _maybe_fault("save", step)
@@ -155,42 +160,35 @@ def _prune(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fill `state` in place from `path` (any dp size); return (meta, this rank's rank state).
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "meta.json").read_text())
 
-    The per-rank state comes from rank_<rank>.pt when the checkpoint had this rank, else rank 0's
-    (a resume with more ranks than were saved; the data loader re-splits its position itself)."""
-    meta = json.loads((path / "meta.json").read_text())
-    saved = _saved_tensors(path)
-    ep = next((int(m.group(2)) for m in map(_EXPERT_KEY.match, state) if m), 1)
+
+def read_rank_state(path: Path) -> dict[str, Any]:
+    """This rank's per-rank state: rank_<rank>.pt when the checkpoint had this rank, else rank 0's (a
+    resume with more ranks than were saved; the data loader re-splits its position itself)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = Path(path) / f"rank_{rank}.pt"
+    return torch.load(own if own.is_file() else Path(path) / "rank_0.pt", weights_only=True)
+
+
+def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill `state` in place from `path` saved under this run's layout (dp may differ: DCP re-splits
+    the ZeRO shards); return (meta, this rank's rank state). Another pp, schedule or ep goes through
+    `twinpipe.trainer.reshard.load_resharded` instead."""
+    meta = read_meta(path)
+    saved = saved_tensors(path)
     for top, part in state.items():
         if top != MODEL_KEY and not _EXPERT_KEY.match(top):
             continue
         absent = [f"{top}.{k}" for k in part if f"{top}.{k}" not in saved]
         if absent:
             raise CheckpointError(
-                f"{path}: saved with parallel.ep={meta.get('ep', 1)}, this run has parallel.ep={ep} and "
-                f"its model state is not all there: no key {absent[0]} ({len(absent)} missing); the "
-                "experts' optimizer state is split by EP rank: resume with the saved ep (the model "
-                "weights alone load anywhere with load_model_for_inference)")
-    with _single_process_quiet():
+                f"{path}: the model state of this run is not all there: no key {absent[0]} ({len(absent)} "
+                "missing); saved under a different model config?")
+    with single_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    own = path / f"rank_{rank}.pt"
-    rank_state = torch.load(own if own.is_file() else path / "rank_0.pt", weights_only=True)
-    return meta, rank_state
-
-
-def check_pipeline_layout(path: Path, pp: int, schedule: str) -> None:
-    """Refuse a resume whose pipeline layout differs from the checkpoint's: each pipeline rank's
-    optimizer state covers the parameters of its own stages (a different dp is fine)."""
-    meta = json.loads((Path(path) / "meta.json").read_text())
-    saved_pp, saved_schedule = int(meta.get("pp", 1)), meta.get("schedule")
-    if saved_pp != pp or (pp > 1 and saved_schedule is not None and saved_schedule != schedule):
-        raise ValueError(f"{path}: saved with parallel.pp={saved_pp} parallel.schedule={saved_schedule}, "
-                         f"resuming with parallel.pp={pp} parallel.schedule={schedule}: the optimizer "
-                         "state is split by pipeline stage; resume with the saved pp and schedule "
-                         "(the model weights alone load anywhere with load_model_for_inference)")
+    return meta, read_rank_state(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -251,7 +249,7 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     return model.eval(), load_tokenizer(ckpt / "tokenizer.json")
 
 
-def _saved_tensors(ckpt: Path) -> dict[str, Any]:
+def saved_tensors(ckpt: Path) -> dict[str, Any]:
     """What the checkpoint's DCP metadata lists: flat "top.name" key -> its storage metadata."""
     return dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
@@ -262,7 +260,7 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
     plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    saved = _saved_tensors(ckpt)
+    saved = saved_tensors(ckpt)
     ep_keys: dict[int, set[int]] = {}
     for flat in saved:
         m = _EXPERT_KEY.match(flat.split(".", 1)[0])
@@ -275,7 +273,7 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
                                   f"config.yaml, e.g. {MODEL_KEY}.{missing[0]} (saved under a different model "
                                   "config?)")
         state = {MODEL_KEY: dict(plain)}
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp.load(state, checkpoint_id=ckpt, no_dist=True)
         return state[MODEL_KEY]
     if len(ep_keys) > 1:
@@ -312,7 +310,7 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         for r in range(ep):
             shards[r][f"{layer}.{LOCAL}{param}"] = empty(wanted[1 + r])
     state = {MODEL_KEY: shared, **{expert_state_key(r, ep): shards[r] for r in range(ep)}}
-    with _single_process_quiet():
+    with single_process_quiet():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     try:
         return merge_expert_shards(state[MODEL_KEY], [state[expert_state_key(r, ep)] for r in range(ep)],

@@ -4,6 +4,9 @@
     -> global grad norm, clip -> ZeRO-1 AdamW step -> router-bias update from the global expert
     counts -> metrics -> checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1)
 
+A resume under the saved layout (dp may differ) is one DCP load (`_load_same_layout`); under another
+parallel.pp, parallel.schedule or parallel.ep `trainer/reshard.py` rebuilds each rank's state.
+
 `train(cfg)` needs a resolved, validated recipe (`trainer/train.py` makes one from Hydra) and joins
 the process group torchrun/srun/run_local describe, if any.
 """
@@ -24,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twinpipe.parallel.grid import build_grid, init_distributed
 from twinpipe.trainer import checkpoint as ckpt
+from twinpipe.trainer import reshard
 from twinpipe.trainer.balance import ExpertLoadTracker, global_counts, load_max_over_mean, update_router_bias
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.flops import flops_per_token, peak_flops
@@ -90,6 +94,20 @@ def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch
             ckpt.expert_state_key(grid.ep_rank, grid.ep): {k: v for k, v in state.items() if k in expert}}
 
 
+def _load_same_layout(start: Path, model: torch.nn.Module, optimizer: Any, grid: Any) -> tuple[dict, dict]:
+    """The fast path: the checkpoint's keys are this run's (dp may differ); one DCP load."""
+    state = {**_model_state(model, grid), "optim": optimizer.state_dict()}
+    meta, rank_state = ckpt.load_checkpoint(start, state)
+    loaded = {k: v for key, part in state.items() if key != "optim" for k, v in part.items()}
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    on_meta = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
+    if unexpected or not set(missing) <= on_meta:  # only other stages' modules may be missing
+        raise ValueError(f"{start}: state names do not match this rank's model: unexpected "
+                         f"{unexpected[:5]}, missing {missing[:5]}")
+    optimizer.load_state_dict(state["optim"])
+    return meta, rank_state
+
+
 def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dict[str, Any]:
     """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
     optimizer-state bytes, parameter count and bytes, and the trained `model`: with pp > 1 this rank's
@@ -130,18 +148,16 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
         eplb_rows = [i for i, (_, m) in enumerate(tracker.layers) if not m.gate.weight.is_meta]
 
     step, tokens = 0, 0.0
+    layout = reshard.run_layout(cfg, grid, mcfg.n_routed_experts)
+    segments = reshard.gather_segments(optimizer)  # where each parameter sits in the saved buckets
     start = ckpt.resolve_resume(cfg.resume, run_dir)
     if start is not None:
-        state = {**_model_state(model, grid), "optim": optimizer.state_dict()}
-        ckpt.check_pipeline_layout(start, grid.pp, cfg.parallel.schedule)
-        meta, rank_state = ckpt.load_checkpoint(start, state)
-        loaded = {k: v for key, part in state.items() if key != "optim" for k, v in part.items()}
-        missing, unexpected = model.load_state_dict(loaded, strict=False)
-        on_meta = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
-        if unexpected or not set(missing) <= on_meta:  # only other stages' modules may be missing
-            raise ValueError(f"{start}: state names do not match this rank's model: unexpected "
-                             f"{unexpected[:5]}, missing {missing[:5]}")
-        optimizer.load_state_dict(state["optim"])
+        changes = reshard.layout_changes(start, ckpt.read_meta(start), layout)
+        if changes:  # another pp / schedule / ep: rebuild the state parameter by parameter
+            log.info("resuming %s under another layout (%s)", start, ", ".join(changes))
+            meta, rank_state = reshard.load_resharded(start, model, optimizer, changes, cfg.model)
+        else:
+            meta, rank_state = _load_same_layout(start, model, optimizer, grid)
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
         step, tokens = int(meta["step"]), float(meta["tokens"])
@@ -163,8 +179,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
 
     def save() -> None:
         rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state()}
-        meta = {"step": step, "tokens": tokens, "pp": grid.pp, "dp": grid.dp, "ep": grid.ep,
-                "schedule": cfg.parallel.schedule}
+        meta = {"step": step, "tokens": tokens, **layout, "segments": segments}
         ckpt.save_checkpoint(run_dir, step, {**_model_state(model, grid), "optim": optimizer.state_dict()},
                              rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
                              cfg.checkpoint.keep)

@@ -21,7 +21,9 @@ torch.optim.AdamW's, operation for operation, so one rank reproduces it exactly.
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
 torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
 parallelism each pipeline rank's bucket holds other parameters: `key_suffix` (the trainer's
-`_pp{rank}_of{pp}`) keeps the ranks' buckets apart in the checkpoint. `counted(name, param)` picks the
+`_pp{rank}_of{pp}`) keeps the ranks' buckets apart in the checkpoint, and `segment_table()` says
+where each parameter sits in them, so a resume under another pp, schedule or ep can rebuild its own
+buckets parameter by parameter (`twinpipe.trainer.reshard`). `counted(name, param)` picks the
 parameters this rank adds to the global norm (a pipeline copy held on two ranks counts on one); the
 norm is then summed over `pp_group`.
 """
@@ -238,6 +240,11 @@ class ZeroAdamW:
             total += sum(t.numel() * t.element_size() for st in self.expert_opt.state.values()
                          for t in st.values() if torch.is_tensor(t) and t.dim())
         return total
+
+    def segment_table(self) -> dict[str, list[list[Any]]]:
+        """Where each parameter sits in this rank's buckets: bucket key -> [[name, offset, numel], ...]
+        (saved in meta.json, so a resume under another layout finds every parameter's state)."""
+        return {b.key: [[s.name, s.start, s.param.numel()] for s in b.segments] for b in self.buckets}
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step_count}

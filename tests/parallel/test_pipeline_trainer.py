@@ -170,7 +170,7 @@ def _train_steps(rank, world, data_dir, run_dir, resume, schedule):
 def test_pipeline_checkpoint_resumes_exactly(schedule, data_dir, tmp_path):
     """pp=2: 4 steps straight vs 2 steps, checkpoint, resume for 2 more (same losses). The PP
     checkpoint (each rank saved its stages; DualPipe's two copies once) loads into one full model for
-    inference with exactly the trained weights, and a resume with another parallel.pp is refused."""
+    inference with exactly the trained weights, and it resumes under parallel.pp=1."""
     import shutil
 
     import torch
@@ -199,8 +199,8 @@ def test_pipeline_checkpoint_resumes_exactly(schedule, data_dir, tmp_path):
         for name, value in part.items():
             assert torch.equal(full[name], value), name
 
-    with pytest.raises(ValueError, match="saved with parallel.pp=2"):
-        train(make_cfg(data_dir, resumed, *COMMON, "train.steps=6", "resume=auto"))
+    # another parallel.pp re-splits the optimizer state (tests/trainer/test_reshard.py)
+    assert train(make_cfg(data_dir, resumed, *COMMON, "train.steps=6", "resume=auto"))["step"] == 6
 
 
 def _dp_steps(rank, world, data_dir, run_dir, steps, resume):

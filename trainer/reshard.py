@@ -1,0 +1,253 @@
+"""Resume under another parallel layout: parallel.pp, parallel.schedule, parallel.ep (and the EPLB
+slot count eplb.replicas) may all differ from the saved run, and parallel.dp with them.
+
+Under the saved pp, schedule and ep the checkpoint's keys are this run's keys and
+`checkpoint.load_checkpoint` loads them in one DCP read (DCP re-splits the ZeRO shards over another
+dp): that fast path is unchanged. Otherwise a rank's ZeRO bucket (`dense_pp{r}_of{pp}`) holds other
+parameters than any saved bucket, and its expert slots other experts, so `load_resharded` rebuilds
+this rank's state parameter by parameter:
+
+  dense parameters   meta.json's `segments` (bucket key -> [[parameter, offset, numel], ...], written
+                     by every run since) locates each parameter in a saved bucket; the first saved
+                     bucket holding it is read whole (master, exp_avg, exp_avg_sq [N]: one unsharded
+                     DCP read of just those keys) and the parameter's range goes into this rank's
+                     shard. DualPipe's copies of a stage sit in two buckets with identical state.
+  expert parameters  saved under ep > 1: each EP rank's slots (weights `model_experts_ep{r}_of{ep}`,
+                     AdamW moments and step `optim.experts_ep{r}`) become logical experts through the
+                     layer's saved `phy2log` (`ep_state.slots_to_logical`; replicas must agree bit
+                     for bit, checked); saved under ep = 1 they are bucket segments like the rest.
+                     This run's slots take their experts' rows (`ep_state.local_slot_rows`) under its
+                     fresh placement (`apply_expert_parallel`'s: a function-equal placement, EPLB
+                     re-plans it at its next interval), or the saved placement when ep and the slot
+                     count are the saved ones (a pp or schedule change only).
+  the rest           model buffers (router biases) by name from "model", the optimizer step, and
+                     the rank state (loader position, RNG) as in the fast path. Moments are cast to
+                     this run's optim.moment_dtype (exact when it is the saved one; expert slots
+                     under ep > 1 keep fp32 moments, as their torch AdamW does).
+
+Memory: a rank holds the saved buckets its parameters come from (12 bytes per parameter of a saved
+pipeline rank with fp32 moments) and the logical experts of one (layer, parameter) at a time: fine up
+to the `small` preset. At the 671B scale a saved pipeline rank's bucket is tens of GB per reading
+rank; re-sharding such a run wants ranged reads (DCP reading only the needed range of each bucket).
+
+Still refused, with the key and what is allowed: a checkpoint without a segment table (written before
+this existed, or by optim.zero=deepspeed, which resumes only under its saved layout and dp), another
+optim.zero, another model config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from twinpipe.model.safetensors_io import CheckpointError
+from twinpipe.trainer import checkpoint as ckpt
+
+_MOMENTS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def run_layout(cfg: DictConfig, grid: Any, num_experts: int) -> dict[str, Any]:
+    """This run's layout as meta.json records it."""
+    return {"pp": grid.pp, "dp": grid.dp, "ep": grid.ep, "schedule": cfg.parallel.schedule,
+            "expert_slots": (cfg.eplb.replicas or num_experts) if grid.ep > 1 else None,
+            "zero": cfg.optim.zero}
+
+
+def gather_segments(optimizer: Any) -> dict[str, list[list[Any]]] | None:
+    """Every rank's bucket segment tables, merged (collective over the world); None for an optimizer
+    without them (DeepSpeed's)."""
+    if not hasattr(optimizer, "segment_table"):
+        return None
+    table = optimizer.segment_table()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return table
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, table)
+    return {key: segments for part in parts for key, segments in part.items()}
+
+
+def layout_changes(path: Path, meta: dict[str, Any], layout: dict[str, Any]) -> list[str]:
+    """What differs between the saved layout and this run's, as `key=saved -> now` (empty: the fast
+    path applies; dp alone is no change). Another optim.zero is refused here."""
+    zero = meta.get("zero", layout["zero"])
+    if zero != layout["zero"]:
+        raise ValueError(f"{path}: saved with optim.zero={zero}, resuming with optim.zero={layout['zero']}: "
+                         f"their optimizer states have different formats; resume with optim.zero={zero}")
+    saved = {"pp": int(meta.get("pp", 1)), "ep": int(meta.get("ep", 1)), "schedule": meta.get("schedule"),
+             "expert_slots": meta.get("expert_slots", layout["expert_slots"])}
+    changes = [f"parallel.{k}={saved[k]} -> {layout[k]}" for k in ("pp", "ep") if saved[k] != layout[k]]
+    if (max(saved["pp"], layout["pp"]) > 1 and saved["schedule"] is not None
+            and saved["schedule"] != layout["schedule"]):
+        changes.append(f"parallel.schedule={saved['schedule']} -> {layout['schedule']}")
+    if saved["ep"] == layout["ep"] and saved["expert_slots"] != layout["expert_slots"]:
+        changes.append(f"expert slots (eplb.replicas) {saved['expert_slots']} -> {layout['expert_slots']}")
+    return changes
+
+
+class _SavedState:
+    """The saved optimizer state per parameter in the plain (ep = 1) model's names and shapes; a saved
+    bucket is read whole on first use and kept, expert slots are read per (layer, parameter)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path, self.ep = path, int(meta.get("ep", 1))
+        self.saved = ckpt.saved_tensors(path)
+        self.where: dict[str, tuple[str, int, int]] = {}  # parameter -> (bucket key, offset, numel)
+        for key, table in meta["segments"].items():
+            for name, start, numel in table:
+                self.where.setdefault(name, (key, int(start), int(numel)))
+        self.buckets: dict[str, dict[str, torch.Tensor]] = {}
+        self.step = int(self.read({"optim": {"step": 0}})["optim"]["step"])
+
+    def read(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Fill a nested state dict from the checkpoint, in this process alone."""
+        with ckpt.single_process_quiet():
+            dcp.load(state, checkpoint_id=self.path, no_dist=True)
+        return state
+
+    def empty(self, flat: str) -> torch.Tensor:
+        meta = self.saved.get(flat)
+        if meta is None or not hasattr(meta, "size"):
+            raise CheckpointError(f"{self.path}: no tensor {flat} in the checkpoint")
+        return torch.empty(meta.size, dtype=meta.properties.dtype)
+
+    def param(self, name: str, shape: tuple[int, ...]) -> list[Any]:
+        """[master, exp_avg, exp_avg_sq] of parameter `name` (plain model's name) shaped `shape`, then
+        its AdamW step."""
+        numel = torch.Size(shape).numel()
+        if name in self.where:
+            key, start, saved_numel = self.where[name]
+            if saved_numel != numel:
+                raise CheckpointError(f"{self.path}: {name} has {saved_numel} elements in bucket {key}, "
+                                      f"{numel} {list(shape)} here: saved under a different model config?")
+            if key not in self.buckets:
+                self.buckets[key] = self.read({"optim": {key: {k: self.empty(f"optim.{key}.{k}")
+                                                               for k in _MOMENTS}}})["optim"][key]
+            flat = self.buckets[key]
+            return [flat[k][start:start + numel].view(shape) for k in _MOMENTS] + [float(self.step)]
+        layer, _, param = name.rpartition(".")
+        from twinpipe.parallel.ep_state import PLACEMENT
+
+        if self.ep > 1 and f"{ckpt.MODEL_KEY}.{layer}.{PLACEMENT}" in self.saved:
+            return self._experts(layer, param, shape)
+        raise CheckpointError(f"{self.path}: no optimizer state for parameter {name}: in none of the saved "
+                              f"buckets ({', '.join(sorted({k for k, _, _ in self.where.values()}))}) and "
+                              "not an expert slot tensor of the saved run; saved under a different model "
+                              "config?")
+
+    def _experts(self, layer: str, param: str, shape: tuple[int, ...]) -> list[Any]:
+        from twinpipe.parallel.ep_state import LOCAL, PLACEMENT, slots_to_logical
+
+        slot = f"{layer}.{LOCAL}{param}"
+        ranks = range(self.ep)
+        placement = f"{layer}.{PLACEMENT}"
+        weights = {r: ckpt.expert_state_key(r, self.ep) for r in ranks}
+        state = self.read({
+            ckpt.MODEL_KEY: {placement: self.empty(f"{ckpt.MODEL_KEY}.{placement}")},
+            **{weights[r]: {slot: self.empty(f"{weights[r]}.{slot}")} for r in ranks},
+            "optim": {f"experts_ep{r}": {slot: {k: self.empty(f"optim.experts_ep{r}.{slot}.{k}")
+                                                for k in ("exp_avg", "exp_avg_sq", "step")}} for r in ranks}})
+        phy2log = state[ckpt.MODEL_KEY][placement]                                       # [R]
+        optim = [state["optim"][f"experts_ep{r}"][slot] for r in ranks]
+        slots = [torch.cat([state[weights[r]][slot] for r in ranks]),                      # [R, ...]
+                 torch.cat([o["exp_avg"] for o in optim]), torch.cat([o["exp_avg_sq"] for o in optim])]
+        steps = {float(o["step"]) for o in optim}
+        if len(steps) != 1:
+            raise CheckpointError(f"{self.path}: {slot}: the EP ranks saved different AdamW steps "
+                                  f"{sorted(steps)}")
+        try:
+            logical = [slots_to_logical(t, phy2log, shape[0], check_replicas=True) for t in slots]
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {slot}: {exc}") from exc
+        if tuple(logical[0].shape) != tuple(shape):
+            raise CheckpointError(f"{self.path}: {slot} gives experts of shape {list(logical[0].shape)}, "
+                                  f"{list(shape)} here: saved under a different model config?")
+        return logical + [steps.pop()]
+
+
+def _check_model_config(path: Path, model_cfg: DictConfig) -> None:
+    saved = OmegaConf.to_container(OmegaConf.load(Path(path) / "config.yaml").model, resolve=True)
+    now = OmegaConf.to_container(model_cfg, resolve=True)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        was = ", ".join(f"model.{k}={saved.get(k)}" for k in differ)
+        now_set = ", ".join(f"model.{k}={now.get(k)}" for k in differ)
+        raise ValueError(f"{path}: saved with another model config ({was}, here {now_set}); a resume needs "
+                         "the saved model (the layout may change)")
+
+
+@torch.no_grad()
+def _load_model_state(path: Path, model: nn.Module, saved: _SavedState) -> None:
+    """Buffers (router biases) and dense weights by name from "model"; the parameters it lacks (expert
+    slots) come from the optimizer's master weights, placements are set by the caller."""
+    from twinpipe.parallel.ep_state import PLACEMENT
+
+    params = {n for n, _ in model.named_parameters()}
+    want, absent = {}, []
+    for key, value in model.state_dict().items():
+        flat = f"{ckpt.MODEL_KEY}.{key}"
+        if value.is_meta or key.endswith("." + PLACEMENT):
+            continue
+        if flat in saved.saved:
+            if tuple(saved.saved[flat].size) != tuple(value.shape):
+                raise CheckpointError(f"{path}: {flat} is {list(saved.saved[flat].size)} in the checkpoint, "
+                                      f"{list(value.shape)} here: saved under a different model config?")
+            want[key] = value
+        elif key not in params:
+            absent.append(flat)
+    if absent:
+        raise CheckpointError(f"{path}: no key {absent[0]} ({len(absent)} buffers missing); saved under a "
+                              "different model config?")
+    saved.read({ckpt.MODEL_KEY: want})
+    model.load_state_dict(want, strict=False)
+
+
+@torch.no_grad()
+def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[str],
+                   model_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill this rank's model and optimizer (`trainer.zero.ZeroAdamW`) from checkpoint `path` saved under
+    another layout (`changes`, from `layout_changes`); return (meta, this rank's rank state). All ranks
+    call it together (the buckets' all-gather)."""
+    from twinpipe.parallel.ep_state import PLACEMENT, local_slot_rows, split_slot_name
+    from twinpipe.parallel.expert_parallel import ExpertParallelExperts
+
+    meta = ckpt.read_meta(path)
+    if "segments" not in meta or not hasattr(optimizer, "segment_table"):
+        raise ValueError(f"{path}: resuming with {', '.join(changes)}, but the checkpoint has no parameter "
+                         "segment table in meta.json (saved before resumes across layouts existed, or with "
+                         "optim.zero=deepspeed): resume with the saved parallel.pp, parallel.schedule and "
+                         "parallel.ep (the model weights alone load anywhere with load_model_for_inference)")
+    _check_model_config(path, model_cfg)
+    saved = _SavedState(path, meta)
+    _load_model_state(path, model, saved)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
+    if not any(c.startswith(("parallel.ep", "expert slots")) for c in changes):
+        for name, layer in layers.items():  # same ep and slots: keep the saved (EPLB) placement
+            key = f"{ckpt.MODEL_KEY}.{name}.{PLACEMENT}"
+            layer.set_placement(saved.read({ckpt.MODEL_KEY: {f"{name}.{PLACEMENT}": saved.empty(key)}})
+                                [ckpt.MODEL_KEY][f"{name}.{PLACEMENT}"])
+    for b in optimizer.buckets:
+        for s in b.segments:
+            lo, hi = max(s.start, b.lo), min(s.start + s.param.numel(), b.hi)
+            if lo < hi:  # this rank's shard holds [lo, hi) of the bucket, part of this parameter
+                state = saved.param(s.name, tuple(s.param.shape))
+                for dst, src in zip((b.master, b.exp_avg, b.exp_avg_sq), state):
+                    dst[lo - b.lo:hi - b.lo] = src.reshape(-1)[lo - s.start:hi - s.start]
+        b.publish()
+    for p, name in optimizer.expert_names.items():
+        layer_name, param = split_slot_name(name)
+        layer = layers[layer_name]
+        master, exp_avg, exp_avg_sq, step = saved.param(f"{layer_name}.{param}",
+                                                        (layer.num_experts, *p.shape[1:]))
+        st = optimizer.expert_opt.state[p]
+        p.copy_(local_slot_rows(layer, master))
+        st["exp_avg"].copy_(local_slot_rows(layer, exp_avg))
+        st["exp_avg_sq"].copy_(local_slot_rows(layer, exp_avg_sq))
+        st["step"].fill_(step)
+    optimizer.step_count = saved.step
+    return meta, ckpt.read_rank_state(path)
