@@ -11,7 +11,6 @@ Two forms of the same arithmetic:
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,25 +31,22 @@ def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Block-causal mask [B, 1, T, T] (True = attend) when positions restart inside a row (packed
     documents); None when every row counts up by one, so plain causal attention applies.
 
-    Every layer asks for the same position_ids: the answer for the last tensor seen is kept (by weak
-    reference and version counter), so the check and its host sync happen once per forward."""
-    global _last_mask
-    ref, version, mask = _last_mask
-    if ref() is position_ids and version == position_ids._version:
-        return mask
+    The check costs a host sync: the model computes it once per forward, where position_ids enter
+    (`Transformer`, pipeline stages), and hands it to every block."""
     breaks = position_ids[:, 1:] != position_ids[:, :-1] + 1                    # [B, T-1]
-    mask = None
-    if bool(breaks.any()):
-        doc = F.pad(breaks.long().cumsum(1), (1, 0))                           # [B, T]
-        T = position_ids.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-        same_doc = doc[:, :, None] == doc[:, None, :]                          # [B, T, T]
-        mask = (same_doc & causal).unsqueeze(1)
-    _last_mask = (weakref.ref(position_ids), position_ids._version, mask)
-    return mask
+    if not bool(breaks.any()):
+        return None
+    doc = F.pad(breaks.long().cumsum(1), (1, 0))                               # [B, T]
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    same_doc = doc[:, :, None] == doc[:, None, :]                              # [B, T, T]
+    return (same_doc & causal).unsqueeze(1)
 
 
-_last_mask: tuple = (lambda: None, -1, None)
+def prefix_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The document mask of the first `length` positions (MTP depth k runs on T - k of them):
+    [B, 1, T, T] -> [B, 1, length, length]; None (causal) stays None."""
+    return None if mask is None else mask[:, :, :length, :length]
 
 
 class MLA(nn.Module):
@@ -101,16 +97,16 @@ class MLA(nn.Module):
         return q_nope, q_pe, c_kv, k_pe
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: "LatentKVCache | None" = None) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]. With a cache, the new latents are stored and attention covers
-        every cached slot, in the form `cache.absorb` asks for (None: the cheaper, see use_absorbed)."""
+                cache: "LatentKVCache | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]. Without a cache, `mask` [B, 1, T, T] bool is the packed-document
+        mask of position_ids (`document_causal_mask`, computed once per model forward); None: causal.
+        With a cache, the new latents are stored and attention covers every cached slot under the
+        cache's own mask, in the form `cache.absorb` asks for (None: the cheaper, see use_absorbed)."""
         B, T, _ = x.shape
-        given = position_ids is not None
-        if not given:
+        if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)
         q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids)
         if cache is None:
-            mask = document_causal_mask(position_ids) if given else None
             out = self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal=mask is None)
         else:
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)                # [B, S, r], [B, S, dr]

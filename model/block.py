@@ -30,9 +30,9 @@ class Block(nn.Module):
                                else MLP(config.hidden_size, config.intermediate_size))
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: "LatentKVCache | None" = None) -> torch.Tensor:
-        """h [B, T, H] -> [B, T, H]."""
-        h = h + self.self_attn(self.input_layernorm(h), position_ids, cache)
+                cache: "LatentKVCache | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, H] -> [B, T, H]; mask [B, 1, T, T]: the packed-document mask (see MLA.forward)."""
+        h = h + self.self_attn(self.input_layernorm(h), position_ids, cache, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def reset_parameters(self, std: float) -> None:

@@ -31,11 +31,11 @@ class MTPLayer(nn.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: "LatentKVCache | None" = None) -> torch.Tensor:
+                cache: "LatentKVCache | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """h_prev [B, T, H] (previous depth, before the final norm), emb_next [B, T, H] (embedding of
-        the token one step ahead) -> h_k [B, T, H] (before `norm`)."""
+        the token one step ahead) -> h_k [B, T, H] (before `norm`); mask [B, 1, T, T] as Block's."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, T, H]
-        return self.block(h, position_ids, cache)
+        return self.block(h, position_ids, cache, mask)
 
     def reset_parameters(self, std: float) -> None:
         for norm in (self.enorm, self.hnorm, self.norm):

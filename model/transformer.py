@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .attention import document_causal_mask, prefix_mask
 from .block import Block
 from .config import ModelConfig
 from .moe import MoE
@@ -78,10 +79,16 @@ class Transformer(nn.Module):
     # ---- forwards ----
     def hidden(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                cache: "LatentKVCache | None" = None) -> torch.Tensor:
-        """tokens [B, T] -> last block's output [B, T, H] (before the final norm)."""
-        h = self.embed(tokens)
+        """tokens [B, T] -> last block's output [B, T, H] (before the final norm). Without a cache,
+        position_ids that restart inside a row keep packed documents apart (`document_causal_mask`)."""
+        mask = None if cache is not None or position_ids is None else document_causal_mask(position_ids)
+        return self._blocks(self.embed(tokens), position_ids, mask, cache)
+
+    def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor | None,
+                cache: "LatentKVCache | None" = None) -> torch.Tensor:
+        """h [B, T, H] through every block, all under the one document mask [B, 1, T, T] (or None)."""
         for layer in self.layers:
-            h = layer(h, position_ids, cache)
+            h = layer(h, position_ids, cache, mask)
         return h
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -102,12 +109,13 @@ class Transformer(nn.Module):
         """Main logits, MTP logits (depth k: [B, T-k, V], position i predicts labels[:, i+k]),
         per-layer expert counts and the summed balance loss."""
         B, T = tokens.shape
+        mask = None if position_ids is None else document_causal_mask(position_ids)  # [B, 1, T, T]
         if position_ids is None:
             position_ids = torch.arange(T, device=tokens.device).expand(B, T)
         moes = self.moe_layers()
         for moe in moes:
             moe.last_counts = moe.last_balance_loss = None
-        h = self.hidden(tokens, position_ids)                                       # [B, T, H]
+        h = self._blocks(self.embed(tokens), position_ids, mask)                    # [B, T, H]
         logits = self.head(h)
         mtp_logits = []
         if len(self.mtp):
@@ -115,7 +123,8 @@ class Transformer(nn.Module):
             for k, layer in enumerate(self.mtp, start=1):
                 if T - k <= 0:
                     break
-                h = layer(h[:, : T - k], emb[:, k:], position_ids[:, : T - k])     # [B, T-k, H]
+                h = layer(h[:, : T - k], emb[:, k:], position_ids[:, : T - k],
+                          mask=prefix_mask(mask, T - k))                            # [B, T-k, H]
                 mtp_logits.append(self.mtp_head(k, h))
         E = self.config.n_routed_experts
         counts = torch.zeros(len(moes), E, dtype=torch.long, device=tokens.device)

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from twinpipe.model.attention import document_causal_mask, prefix_mask
 from twinpipe.parallel.p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
@@ -99,8 +100,9 @@ class TransformerStage(nn.Module):
             h = self.embed_tokens(input_ids)  # [B, T, H]
         else:
             h, input_ids, position_ids = inputs
+        mask = document_causal_mask(position_ids)  # [B, 1, T, T] or None (causal): once per stage
         for layer in self.layers:
-            h = layer(h, position_ids)  # [B, T, H]
+            h = layer(h, position_ids, mask=mask)  # [B, T, H]
         if not self.is_last:
             return h, input_ids, position_ids
         outputs = [self.lm_head(self.norm(h))]  # [B, T, V]
@@ -110,7 +112,8 @@ class TransformerStage(nn.Module):
             for k, layer in enumerate(self.mtp, start=1):
                 if T - k <= 0:
                     break
-                h = layer(h[:, :T - k], emb[:, k:], position_ids[:, :T - k])  # [B, T-k, H]
+                h = layer(h[:, :T - k], emb[:, k:], position_ids[:, :T - k],
+                          mask=prefix_mask(mask, T - k))  # [B, T-k, H]
                 outputs.append(self.lm_head(layer.norm(h)))  # [B, T-k, V]
         return tuple(outputs)
 

@@ -67,14 +67,49 @@ def test_packed_documents_do_not_see_each_other():
         torch.testing.assert_close(out[:, 6:], model(b), **TOL)
 
 
-def test_document_mask_follows_in_place_changes():
+def count_mask_calls(monkeypatch) -> list:
+    """Count document_causal_mask calls from every module that could make one (one entry per call)."""
+    import twinpipe.model.attention as attention
+    import twinpipe.model.transformer as transformer
+    import twinpipe.parallel.stages as stages
+
+    calls, real = [], attention.document_causal_mask
+
+    def counted(position_ids):
+        calls.append(position_ids.shape)
+        return real(position_ids)
+
+    for module in (attention, transformer, stages):
+        monkeypatch.setattr(module, "document_causal_mask", counted)
+    return calls
+
+
+def test_document_mask_is_computed_once_per_forward(monkeypatch):
+    """4 blocks + 1 MTP block share one mask (MTP takes its prefix); packed MTP logits still equal
+    each document's own (the MTP position before a document break sees the next document's token
+    embedding, so it is left out)."""
     from twinpipe.model.attention import document_causal_mask
-    pos = torch.arange(6)[None].clone()
-    assert document_causal_mask(pos) is None
-    pos[0, 3:] = torch.arange(3)  # now two documents of 3 tokens
-    mask = document_causal_mask(pos)
-    assert mask is not None and mask[0, 0, 4].tolist() == [False, False, False, True, True, False]
-    assert document_causal_mask(pos) is mask  # same tensor, same version: kept
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    a, b = torch.randint(0, 4096, (1, 6)), torch.randint(0, 4096, (1, 4))
+    positions = torch.cat([torch.arange(6), torch.arange(4)])[None]
+    mask = document_causal_mask(positions)
+    assert mask[0, 0, 7].tolist() == [False] * 6 + [True, True, False, False]  # b's 2nd token: b[:2]
+    calls = count_mask_calls(monkeypatch)
+    with torch.no_grad():
+        packed = model.forward_train(torch.cat([a, b], dim=1), positions)
+        assert len(calls) == 1
+        model(torch.cat([a, b], dim=1), positions)
+        assert len(calls) == 2
+        model.forward_train(a)  # no position_ids: causal, nothing to compute
+        assert len(calls) == 2
+        alone_a, alone_b = model.forward_train(a), model.forward_train(b)
+    torch.testing.assert_close(packed.logits[:, :6], alone_a.logits, **TOL)
+    torch.testing.assert_close(packed.logits[:, 6:], alone_b.logits, **TOL)
+    mtp = packed.mtp_logits[0]                                                  # [1, 9, V]
+    torch.testing.assert_close(mtp[:, :5], alone_a.mtp_logits[0], **TOL)
+    torch.testing.assert_close(mtp[:, 6:9], alone_b.mtp_logits[0][:, :3], **TOL)
 
 
 def test_auto_form_picks_absorbed_for_decoding_only():

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from twinpipe.model.attention import document_causal_mask
 from twinpipe.model.config import ModelConfig
 from twinpipe.model.moe import MoE
 from twinpipe.model.transformer import Transformer
@@ -115,6 +116,30 @@ def test_stage_modules_share_the_models_parameters():
         build_stages(model, "dualpipe", 3, 0)
     with pytest.raises(ValueError, match="dualpipev on parallel.pp=4 ranks makes 8 stages"):
         build_stages(model, "dualpipev", 4, 0)
+
+
+def test_stages_keep_packed_documents_apart(monkeypatch):
+    """Packed documents (positions restarting inside a row) through DualPipeV's two stages on one
+    rank equal forward_train bit for bit (same ops, same shapes), each stage computing the mask once."""
+    import twinpipe.parallel.stages as stages
+
+    model = tiny_model(2)
+    ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 1]])
+    with torch.no_grad():
+        want = model.forward_train(ids, pos)
+        calls = []
+
+        def counted(position_ids):
+            calls.append(position_ids)
+            return document_causal_mask(position_ids)
+
+        monkeypatch.setattr(stages, "document_causal_mask", counted)
+        first, last = build_stages(model, "dualpipev", 1, 0)
+        logits, *mtp = last(*first(ids, pos))
+    assert len(calls) == 2
+    assert torch.equal(logits, want.logits)
+    assert len(mtp) == 1 and torch.equal(mtp[0], want.mtp_logits[0])
 
 
 @pytest.mark.parametrize("schedule,pp,layers", [("dualpipe", 4, 4), ("dualpipev", 2, 4), ("1f1b", 3, 5)])
