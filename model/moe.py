@@ -1,11 +1,14 @@
 """The MoE feed-forward: router, routed experts, shared experts, and the sequence-wise balance loss.
 
 The balance loss reaches the gradient inside the graph: it is attached to the MoE output by
-`AttachAuxLoss`, whose backward gives the loss a gradient of `MoE.aux_loss_scale` and passes the output
-gradient through unchanged, so pipeline stages and gradient accumulation need nothing extra.
+`AttachAuxLoss`, whose backward gives the loss a gradient of its layer's `aux_loss_scale` and passes the
+output gradient through unchanged, so pipeline stages and gradient accumulation need nothing extra
+beyond `set_aux_loss_scale(modules, 1 / num_micro_batches)`, which the step runners call.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -32,33 +35,35 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_expe
 
 
 class AttachAuxLoss(torch.autograd.Function):
-    """Identity on `output`; in backward the aux loss gets gradient MoE.aux_loss_scale."""
+    """Identity on `output`; in backward the aux loss gets gradient `scale` (its layer's
+    aux_loss_scale when the forward ran)."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, MoE.aux_loss_scale)
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
 class MoE(nn.Module):
     """x [B, T, H] -> experts(x) weighted by the gate + shared_experts(x).
 
     After each call: `last_counts` [E] int64 (each top-k pick counted) and `last_balance_loss`
-    (aux_loss_alpha * L_bal, detached: the amount added to the objective).
+    (aux_loss_alpha * L_bal, detached: the amount added to the objective). `aux_loss_scale` is the
+    gradient the balance loss gets (1; the step runners set 1 / num_micro_batches, see
+    `set_aux_loss_scale`).
     """
-
-    aux_loss_scale: float = 1.0
-    """Gradient given to the balance loss; the trainer sets 1 / num_micro_batches."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_experts = config.n_routed_experts
         self.aux_loss_alpha = config.aux_loss_alpha
+        self.aux_loss_scale = 1.0
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
@@ -79,7 +84,7 @@ class MoE(nn.Module):
                 scores.view(B, T, -1), topk_idx.view(B, T, -1), self.num_experts)
             self.last_balance_loss = aux.detach()
             if aux.requires_grad:
-                y = AttachAuxLoss.apply(y, aux)
+                y = AttachAuxLoss.apply(y, aux, self.aux_loss_scale)
         else:
             self.last_balance_loss = torch.zeros((), device=x.device)
         return y
@@ -89,3 +94,12 @@ class MoE(nn.Module):
         self.experts.reset_parameters(std)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(std)
+
+
+def set_aux_loss_scale(modules: nn.Module | Iterable[nn.Module], scale: float) -> None:
+    """Set `aux_loss_scale` of every MoE inside `modules` (a model, or a runner's stage modules):
+    1 / num_micro_batches averages the balance loss over gradient accumulation like the LM loss."""
+    for root in [modules] if isinstance(modules, nn.Module) else modules:
+        for module in root.modules():
+            if isinstance(module, MoE):
+                module.aux_loss_scale = scale

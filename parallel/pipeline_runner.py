@@ -130,10 +130,10 @@ class PipelineRunner:
         sum_gradients(params, self.mirror_group)
 
     def run(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        from twinpipe.model.moe import MoE
+        from twinpipe.model.moe import set_aux_loss_scale
 
         n = len(micro_batches)
-        MoE.aux_loss_scale = 1.0 / n  # the balance loss is averaged like the LM loss
+        set_aux_loss_scale(self.stages, 1.0 / n)  # the balance loss is averaged like the LM loss
         batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device)
                  for k in ("input_ids", "labels", "position_ids")}
         micro, seq = micro_batches[0]["input_ids"].shape

@@ -12,16 +12,3 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _restore_moe_aux_loss_scale():
-    """The trainer sets the class attribute `MoE.aux_loss_scale` (1 / micro-batches); restore it so
-    one test's trainer run cannot change the balance-loss gradient another test expects."""
-    from twinpipe.model.moe import MoE
-
-    saved = MoE.aux_loss_scale
-    yield
-    MoE.aux_loss_scale = saved

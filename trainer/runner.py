@@ -24,10 +24,10 @@ class PlainRunner:
         self.model, self.loss_fn, self.dtype, self.device = model, loss_fn, dtype, device
 
     def run(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        from twinpipe.model.moe import MoE
+        from twinpipe.model.moe import set_aux_loss_scale
 
         n = len(micro_batches)
-        MoE.aux_loss_scale = 1.0 / n  # the balance loss is averaged like the LM loss
+        set_aux_loss_scale(self.model, 1.0 / n)  # the balance loss is averaged like the LM loss
         totals: dict[str, torch.Tensor] = {}
         for mb in micro_batches:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}

@@ -7,7 +7,7 @@ import torch
 
 from twinpipe.model import Experts, Gate, ModelConfig, MoE
 from twinpipe.model.experts import grouped_mm
-from twinpipe.model.moe import sequence_balance_loss
+from twinpipe.model.moe import sequence_balance_loss, set_aux_loss_scale
 
 
 def logit(p):
@@ -74,12 +74,9 @@ def make_moe(alpha=1e-2):
 def test_balance_loss_gradient_reaches_gate_weight():
     moe = make_moe()
     x = torch.randn(2, 5, 128)
-    try:
-        MoE.aux_loss_scale = 0.5
-        y = moe(x)
-        (y * 0).sum().backward()  # only the attached balance loss has a gradient
-    finally:
-        MoE.aux_loss_scale = 1.0
+    set_aux_loss_scale(moe, 0.5)
+    y = moe(x)
+    (y * 0).sum().backward()  # only the attached balance loss has a gradient
     _, idx, scores = moe.gate(x.view(10, 128))
     expected = torch.autograd.grad(0.5 * 1e-2 * sequence_balance_loss(scores.view(2, 5, 8), idx.view(2, 5, 2), 8),
                                    moe.gate.weight)[0]
@@ -89,6 +86,22 @@ def test_balance_loss_gradient_reaches_gate_weight():
         scores.view(2, 5, 8), idx.view(2, 5, 2), 8).detach())
     assert moe.last_counts.tolist() == torch.bincount(idx.flatten(), minlength=8).tolist()
     assert moe.last_counts.sum() == 10 * 2
+
+
+def test_each_layer_uses_its_own_aux_loss_scale():
+    """Two layers with scales 0.5 and 0.25 in one backward: the second's gate gradient is exactly
+    half the first's (scaling by a power of two is exact), so neither read the other's scale."""
+    import copy
+
+    first = make_moe()
+    second = copy.deepcopy(first)
+    set_aux_loss_scale(first, 0.5)
+    set_aux_loss_scale([second], 0.25)
+    x = torch.randn(2, 5, 128)
+    ((first(x) + second(x)) * 0).sum().backward()
+    assert first.gate.weight.grad.abs().sum() > 0
+    assert torch.equal(second.gate.weight.grad * 2, first.gate.weight.grad)
+    assert MoE(ModelConfig.preset("tiny")).aux_loss_scale == 1.0  # a new layer: the plain gradient
 
 
 def test_no_balance_gradient_when_alpha_zero():

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from twinpipe.model import ModelConfig, MoE, Transformer
+from twinpipe.model import ModelConfig, Transformer
+from twinpipe.model.moe import set_aux_loss_scale
 from twinpipe.parallel.ep_eplb import ExpertRebalancer
 from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
 from twinpipe.parallel.expert_parallel import apply_expert_parallel, expert_parallel_layers
@@ -54,22 +55,19 @@ def _reference(config: ModelConfig, model: Transformer):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tracker = ExpertLoadTracker(model)
     losses, counts = [], []
-    MoE.aux_loss_scale = 1.0 / WORLD
-    try:
-        for step in range(STEPS):
-            total = 0.0
-            for r in range(WORLD):
-                loss = _loss(model, _tokens(step, r, config.vocab_size)) / WORLD
-                loss.backward()
-                total += float(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            c, _ = tracker.take()
-            update_router_bias(model, c, GAMMA)
-            losses.append(total)
-            counts.append(c)
-    finally:
-        MoE.aux_loss_scale = 1.0
+    set_aux_loss_scale(model, 1.0 / WORLD)
+    for step in range(STEPS):
+        total = 0.0
+        for r in range(WORLD):
+            loss = _loss(model, _tokens(step, r, config.vocab_size)) / WORLD
+            loss.backward()
+            total += float(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        c, _ = tracker.take()
+        update_router_bias(model, c, GAMMA)
+        losses.append(total)
+        counts.append(c)
     return losses, counts
 
 

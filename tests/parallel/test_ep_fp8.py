@@ -23,7 +23,7 @@ import torch.distributed as dist
 from twinpipe.fp8 import act_dequant, act_quant
 from twinpipe.fp8.experts import FP8Experts
 from twinpipe.model import ModelConfig
-from twinpipe.model.moe import MoE
+from twinpipe.model.moe import MoE, set_aux_loss_scale
 from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import ExpertParallelExperts
@@ -69,15 +69,12 @@ def _fp8_ep(rank: int, world: int) -> None:
     grid = build_grid(pp=1, dp=world, ep=world)
     moe.experts = ExpertParallelExperts(moe.experts, grid.ep_group, fp8_dispatch=True)
     assert isinstance(moe.experts.local, FP8Experts)
-    out = moe(_batch(rank, config.hidden_size))
     # The rank's share of the global mean (not its own mean): the output gradient is then the same
     # number as in the reference, and so are the FP8 scales of the gradients (the amax floor of 1e-4
     # makes quantization not scale-invariant for tiny gradients). Gradients are summed, not averaged.
-    MoE.aux_loss_scale = 1.0 / world
-    try:
-        (out.square().sum() / ref_out.numel()).backward()
-    finally:
-        MoE.aux_loss_scale = 1.0
+    set_aux_loss_scale(moe, 1.0 / world)  # taken by the forward's balance loss
+    out = moe(_batch(rank, config.hidden_size))
+    (out.square().sum() / ref_out.numel()).backward()
     torch.testing.assert_close(out, ref_outs[rank], rtol=1e-5, atol=1e-6)
     dense, _ = expert_param_groups(moe)
     for p in dense:

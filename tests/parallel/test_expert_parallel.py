@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from twinpipe.model.config import ModelConfig
-from twinpipe.model.moe import MoE
+from twinpipe.model.moe import MoE, set_aux_loss_scale
 from twinpipe.parallel.ep_groups import (
     deepspeed_param_groups, expert_grad_norm_sq, expert_param_groups, reduce_expert_grads)
 from twinpipe.parallel.expert_parallel import (
@@ -71,14 +71,11 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
 def reference(model: nn.Module, dp: int, config: ModelConfig) -> tuple[list[torch.Tensor], dict]:
     """dp slices as gradient-accumulation micro-batches (the balance loss scaled like the LM loss)."""
     outs = []
-    MoE.aux_loss_scale = 1.0 / dp
-    try:
-        for r in range(dp):
-            out = model(make_batch(r, config))
-            (loss_of(out) / dp).backward()
-            outs.append(out.detach())
-    finally:
-        MoE.aux_loss_scale = 1.0
+    set_aux_loss_scale(model, 1.0 / dp)
+    for r in range(dp):
+        out = model(make_batch(r, config))
+        (loss_of(out) / dp).backward()
+        outs.append(out.detach())
     return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

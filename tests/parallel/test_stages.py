@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from twinpipe.model.attention import document_causal_mask
 from twinpipe.model.config import ModelConfig
-from twinpipe.model.moe import MoE
+from twinpipe.model.moe import set_aux_loss_scale
 from twinpipe.model.transformer import Transformer
 from twinpipe.parallel.local import run_local
 from twinpipe.parallel.pipeline_runner import PipelineRunner, StageCriterion, sum_gradients
@@ -47,7 +47,7 @@ def reference(layers: int, mbs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model = tiny_model(layers)
     loss_fn = PretrainLoss(0.3)
     n = len(mbs)
-    MoE.aux_loss_scale = 1.0 / n
+    set_aux_loss_scale(model, 1.0 / n)
     losses = []
     for mb in mbs:
         loss, _ = loss_fn(model.forward_train(mb["input_ids"], mb["position_ids"]), mb)
@@ -68,7 +68,7 @@ def _rank(rank, world, schedule, layers, n):
     runner = PipelineRunner(model, PretrainLoss(0.3), schedule, world, rank, dist.group.WORLD,
                             torch.device("cpu"))
     # The runner's step, but keeping the per-micro-batch losses step() returns.
-    MoE.aux_loss_scale = 1.0 / n
+    set_aux_loss_scale(runner.stages, 1.0 / n)
     set_stage_p2p_shapes(MICRO, SEQ, model.config.hidden_size)
     batch = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
     inputs, labels = runner.feeds(batch)
