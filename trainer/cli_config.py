@@ -2,7 +2,8 @@
 
 `recipes/generate.yaml`, `eval.yaml` and `convert.yaml` name these schemas in their defaults lists,
 so an unknown or misspelt key, or a value of the wrong type, fails at start-up with the key's name;
-`check(cfg, tool)` then names the required keys left unset and the values out of range. The tools
+`check(cfg, tool)` then rejects keys added with `+key=value` (`config.reject_unknown_keys`, shared with
+`twinpipe-train`) and names the required keys left unset and the values out of range. The tools
 write nothing but their product: Hydra keeps the working directory and writes no `.hydra/` folder and
 no log file (the recipes' `hydra:` sections), so `twinpipe-eval checkpoint=...` can run anywhere.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -22,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from twinpipe.model.hf import DEFAULT_MAX_SHARD_BYTES
+from twinpipe.trainer.config import reject_unknown_keys
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,10 +98,7 @@ def register() -> None:
 def check(cfg: DictConfig, tool: str) -> None:
     """Raise ValueError naming a required key left unset, or the key, the value and what is allowed."""
     rules = RULES[tool]
-    known = [f.name for f in fields(SCHEMAS[tool])]
-    unknown = sorted(set(cfg) - set(known))
-    if unknown:  # only `+key=value` gets past the schema
-        raise ValueError(f"{', '.join(unknown)}: not a key of twinpipe-{tool}; its keys are {', '.join(known)}")
+    reject_unknown_keys(cfg, f"twinpipe-{tool}")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{' and '.join(missing)} not set (??? in recipes/{tool}.yaml): required, "

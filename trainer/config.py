@@ -1,8 +1,9 @@
 """The recipe schema: dataclasses registered with Hydra's ConfigStore, plus the checks types cannot say.
 
 `recipes/pretrain.yaml` names these schemas in its defaults list, so OmegaConf rejects an unknown key
-or a value of the wrong type at start-up with the key's full name; `validate(cfg)` then checks ranges
-and choices and raises `ValueError("<key>=<value>: <what is allowed>")`.
+or a value of the wrong type at start-up with the key's full name; `validate(cfg)` then rejects the
+keys Hydra's `+key=value` added past the schema (`reject_unknown_keys`, shared with the other command
+lines), checks ranges and choices and raises `ValueError("<key>=<value>: <what is allowed>")`.
 
 Sections: `model` (a preset of `ModelConfig` plus optional field overrides), `data`, `optim` (AdamW and
 the LR schedule), `parallel`, `fp8`, `train`, `loss`, `balance`, `eplb`, `run`, `logging`, `checkpoint`,
@@ -11,11 +12,11 @@ and the top-level `resume`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -216,8 +217,35 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return node
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted names of the keys of `cfg` that its schema dataclasses do not declare, at any depth (a
+    `Dict` field such as `model.extra` takes any key)."""
+    schema = OmegaConf.get_type(cfg)
+    if not is_dataclass(schema):
+        return []
+    known = {f.name for f in fields(schema)}
+    found = []
+    for key in cfg:
+        if key not in known:
+            found.append(f"{prefix}{key}")
+        elif (not OmegaConf.is_missing(cfg, key) and not OmegaConf.is_interpolation(cfg, key)
+              and isinstance(cfg[key], DictConfig)):
+            found += unknown_keys(cfg[key], f"{prefix}{key}.")
+    return found
+
+
+def reject_unknown_keys(cfg: DictConfig, command: str) -> None:
+    """Hydra's `+key=value` adds a key even to a schema-backed config, where it would be silently
+    ignored: raise ValueError naming every such key."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a key of {command} (`+key=value` adds keys the "
+                         f"schema does not have); `{command} --cfg job` prints every key")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ValueError naming the key, the value seen and what is allowed."""
+    reject_unknown_keys(cfg, "twinpipe-train")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

@@ -29,6 +29,19 @@ def test_hydra_rejects_unknown_keys_and_types(data_dir, tmp_path, override, word
     assert all(w in text for w in words), text
 
 
+@pytest.mark.parametrize("overrides, unknown", [
+    (["+foo=1"], "foo"),
+    (["+train.stepz=3"], "train.stepz"),
+    (["+model.extra.rope_theta=5e4", "+optim.warmup=3", "+parallel.tp=2"], "optim.warmup, parallel.tp"),
+])
+def test_plus_keys_outside_the_schema_are_rejected(data_dir, tmp_path, overrides, unknown):
+    """Hydra's `+` adds keys past the schema; validate names them (model.extra takes any key)."""
+    with pytest.raises(ValueError) as err:
+        make_cfg(data_dir, tmp_path, *overrides)
+    assert str(err.value).startswith(f"{unknown}: not a key of twinpipe-train")
+    assert "`twinpipe-train --cfg job` prints every key" in str(err.value)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.dtype=fp16", "train.dtype='fp16': allowed values are fp32, bf16"),
     ("logging.wandb=maybe", "logging.wandb='maybe'"),
