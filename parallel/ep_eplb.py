@@ -6,9 +6,10 @@
   2. each rank works out, from the old and new tables (the same on every rank), which old slot feeds
      each new slot: its own old copy when it has one, else the first rank holding the expert;
   3. one `all_to_all_single` per layer moves the rows — parameters and, for every parameter, each
-     optimizer state tensor of the parameter's shape (AdamW's exp_avg and exp_avg_sq), packed as bytes
-     so mixed dtypes travel together — and the rows are written in place (the Parameter objects, and so
-     the optimizer's references, do not change; a scalar `step` is shared by all slots and stays).
+     optimizer state tensor of the parameter's shape (AdamW's exp_avg and exp_avg_sq, fp32 or bf16),
+     packed as bytes so mixed dtypes travel together, bit for bit — and the rows are written in place
+     (the Parameter objects, and so the optimizer's references, do not change; a scalar `step` is
+     shared by all slots and stays).
 Because every copy of a logical expert is identical (replica gradients are summed, see `ep_groups`),
 the model computes the same function after a move: a re-plan changes only which rank does the work.
 

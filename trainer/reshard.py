@@ -22,8 +22,8 @@ this rank's state parameter by parameter:
                      count are the saved ones (a pp or schedule change only).
   the rest           model buffers (router biases) by name from "model", the optimizer step, and
                      the rank state (loader position, RNG) as in the fast path. Moments are cast to
-                     this run's optim.moment_dtype (exact when it is the saved one; expert slots
-                     under ep > 1 keep fp32 moments, as their torch AdamW does).
+                     this run's optim.moment_dtype (exact when it is the saved one), bucket
+                     segments and expert slots (`zero.ExpertAdamW`) alike.
 
 Memory: a rank holds the saved buckets its parameters come from (12 bytes per parameter of a saved
 pipeline rank with fp32 moments) and the logical experts of one (layer, parameter) at a time: fine up

@@ -12,11 +12,15 @@ any step runner: the runner leaves gradients in `p.grad`; then
 
 Replicated parameters form one flat FP32 vector (a *bucket*), split into dp contiguous shards with
 torch.chunk's rule (shard size ceil(N / dp), the last ones shorter), so a rank holds 3 x 4 x N / dp
-bytes of state (master, exp_avg, exp_avg_sq). Expert weights that expert parallelism already split
-over the ep group (`expert_param`) are not partitioned again: they get a local torch AdamW whose state
-EPLB can move with the weights (twinpipe.parallel.ep_eplb), and their gradients are reduced by the
-`reduce_experts` callback (twinpipe.parallel.ep_groups.reduce_expert_grads). The arithmetic is
-torch.optim.AdamW's, operation for operation, so one rank reproduces it exactly.
+bytes of state (master, exp_avg, exp_avg_sq) with fp32 moments, 8 x N / dp with `moment_dtype` bf16.
+Expert weights that expert parallelism already split over the ep group (`expert_param`) are not
+partitioned again: they get a local `ExpertAdamW`, a torch optimizer whose per-parameter state EPLB
+can move with the weights (twinpipe.parallel.ep_eplb), with moments in the same `moment_dtype`, and
+their gradients are reduced by the `reduce_experts` callback
+(twinpipe.parallel.ep_groups.reduce_expert_grads). Both run one update, `adamw_`: torch.optim.AdamW's
+arithmetic operation for operation (so one rank with fp32 moments reproduces it exactly), computed in
+fp32 from the moments and storing them back in their dtype; an expert therefore gets the same update
+from its bucket segment under ep = 1 as from its slot under ep > 1.
 
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
 torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
@@ -47,6 +51,62 @@ class _Segment:
     param: nn.Parameter
     start: int
     decay: bool
+
+
+def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           decay_mask: torch.Tensor, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+           step: int) -> None:
+    """One AdamW update of the fp32 `param` in place: torch.optim.AdamW's single-tensor path, operation
+    for operation, with the moments kept in their own dtype (fp32 or bf16; same shape as `param`): they
+    are read into fp32, updated there with the fp32 `grad`, used for the step and stored back (rounded
+    to bf16 with bf16 moments). `decay_mask` is 1 where weight decay applies and 0 where not, shaped
+    like `param` or 0-dim: the decay factor `1 - lr * wd * mask` is then the same fp32 number for a
+    bucket's elements and an expert slot's. `step` counts from 1."""
+    beta1, beta2 = betas
+    if weight_decay:
+        param.mul_(1 - lr * weight_decay * decay_mask)
+    m = exp_avg.float()                                                  # fp32 copy of bf16 moments
+    v = exp_avg_sq.float()
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2_sqrt = math.sqrt(1 - beta2 ** step)
+    denom = (v.sqrt() / bias2_sqrt).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / bias1)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+class ExpertAdamW(torch.optim.Optimizer):
+    """AdamW of the expert slots under expert parallelism: `adamw_` per parameter with moments in
+    `moment_dtype`. A torch optimizer, so EPLB (twinpipe.parallel.ep_eplb.move_slots) moves each
+    parameter's `state` rows (exp_avg, exp_avg_sq: the parameter's shape) with the slots; `step` is a
+    0-dim fp32 tensor per parameter, as torch.optim.AdamW keeps it. The state exists from the start,
+    so a resume can load into it. A parameter without a gradient is skipped, as torch's does."""
+
+    def __init__(self, params: Iterable[Any], *, betas: tuple[float, float], eps: float,
+                 moment_dtype: torch.dtype = torch.float32):
+        super().__init__(params, dict(lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p, dtype=moment_dtype),
+                                 "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype)}
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> None:
+        if closure is not None:
+            raise ValueError("ExpertAdamW.step(closure=...): closures are not supported; compute the loss "
+                             "and gradients first, then call step()")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                st["step"] += 1
+                # decayed and exempt parameters are in separate groups (the exempt with weight_decay 0)
+                mask = torch.ones((), dtype=torch.float32, device=p.device)
+                adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], mask, lr=group["lr"], betas=group["betas"],
+                       eps=group["eps"], weight_decay=group["weight_decay"], step=int(st["step"]))
 
 
 class _Bucket:
@@ -98,24 +158,12 @@ class _Bucket:
 
     def adamw(self, lr: float, betas: tuple[float, float], eps: float, wd: float, step: int,
               clip_coef: float) -> None:
-        """torch.optim.AdamW (single-tensor path) on this rank's shard."""
-        beta1, beta2 = betas
+        """AdamW (`adamw_`) on this rank's shard."""
         g = self.grad[self.lo:self.hi]
         if clip_coef != 1.0:
             g = g * clip_coef
-        p = self.master
-        if wd:
-            p.mul_(1 - lr * wd * self.decay_mask)
-        m = self.exp_avg.float()
-        v = self.exp_avg_sq.float()
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias1 = 1 - beta1 ** step
-        bias2_sqrt = math.sqrt(1 - beta2 ** step)
-        denom = (v.sqrt() / bias2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bias1)
-        self.exp_avg.copy_(m)
-        self.exp_avg_sq.copy_(v)
+        adamw_(self.master, g, self.exp_avg, self.exp_avg_sq, self.decay_mask, lr=lr, betas=betas, eps=eps,
+               weight_decay=wd, step=step)
 
     def publish(self) -> None:
         """All-gather the updated shards into every rank's parameters."""
@@ -180,11 +228,8 @@ class ZeroAdamW:
         if experts:
             groups = [{"params": [p for n, p in experts if not no_decay(n, p)], "weight_decay": weight_decay},
                       {"params": [p for n, p in experts if no_decay(n, p)], "weight_decay": 0.0}]
-            self.expert_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=self.betas,
-                                                eps=eps, foreach=False)
-            for _, p in experts:  # state exists before the first step, so a resume can load into it
-                self.expert_opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
-                                            "exp_avg_sq": torch.zeros_like(p)}
+            self.expert_opt = ExpertAdamW([g for g in groups if g["params"]], betas=self.betas, eps=eps,
+                                          moment_dtype=moment_dtype)
         self.step_count = 0
 
     def zero_grad(self) -> None:
@@ -234,7 +279,7 @@ class ZeroAdamW:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank (FP32 master shard + both moments; local experts'
-        moments)."""
+        moments), each tensor at its dtype's size (bf16 moments: 2 bytes)."""
         total = sum(b.state_bytes() for b in self.buckets)
         if self.expert_opt is not None:
             total += sum(t.numel() * t.element_size() for st in self.expert_opt.state.values()

@@ -9,12 +9,14 @@ experts of the tiny model. Checked:
     with the real grouped GEMM, whose rounding depends on how many rows share an expert's segment
     (fp32 kernels block by rows), equal to rtol 1e-5 / atol 1e-6 (measured: a few ulps of O(1) values);
   - every new slot holds its expert's weights *and* AdamW exp_avg / exp_avg_sq (and any extra
-    per-slot state given through `slot_state`);
+    per-slot state given through `slot_state`), bit for bit and in their dtype: with torch's AdamW
+    (fp32 moments) and with the trainer's `ExpertAdamW` keeping bf16 moments (`optim.moment_dtype`);
   - training continues after the move with replicas still identical.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.expert_parallel import apply_expert_parallel, expert_parallel_layers
 from twinpipe.parallel.local import run_local
+from twinpipe.trainer.zero import ExpertAdamW
 
 WORLD, EP, SLOTS = 4, 2, 12
 
@@ -97,14 +100,23 @@ def _state_tables(model, optimizer) -> list[dict[str, torch.Tensor]]:
     return tables
 
 
-def _eplb(rank: int, world: int) -> dict[str, float]:
+def _optimizer(kind: str, model) -> torch.optim.Optimizer:
+    if kind == "torch":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = ExpertAdamW(model.parameters(), betas=(0.9, 0.999), eps=1e-8, moment_dtype=torch.bfloat16)
+    optimizer.param_groups[0]["lr"] = 1e-2
+    return optimizer
+
+
+def _eplb(rank: int, world: int, kind: str) -> dict[str, float]:
     torch.manual_seed(0)
     config = _config()
     model = Transformer(config)
     model.init_weights(0.05)
     grid = build_grid(pp=1, dp=world, ep=EP)
     apply_expert_parallel(model, grid.ep_group, num_replicas=SLOTS)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = _optimizer(kind, model)
+    moment_dtype = torch.float32 if kind == "torch" else torch.bfloat16
     layers = list(expert_parallel_layers(model))
 
     _train_step(model, optimizer, _tokens(rank, config), grid)
@@ -136,7 +148,9 @@ def _eplb(rank: int, world: int) -> dict[str, float]:
         for name, p in layer.local.named_parameters():
             assert torch.equal(p.data, table[name][ids])
             for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(optimizer.state[p][key], table[f"{name}.{key}"][ids]), (name, key)
+                moved = optimizer.state[p][key]
+                assert moved.dtype == moment_dtype, (name, key, moved.dtype)
+                assert torch.equal(moved, table[f"{name}.{key}"][ids]), (name, key)
             assert torch.equal(masters[p], 2 * p.data)
 
     # Training goes on after the move; the replicas stay identical (checked by _state_tables).
@@ -152,8 +166,9 @@ def _eplb(rank: int, world: int) -> dict[str, float]:
     return metrics
 
 
-def test_eplb_replan_keeps_function_and_moves_optimizer_state():
-    results = run_local(_eplb, WORLD)
+@pytest.mark.parametrize("kind", ["torch", "expert_adamw_bf16"])
+def test_eplb_replan_keeps_function_and_moves_optimizer_state(kind):
+    results = run_local(_eplb, WORLD, kind)
     assert results[0]["slots_received_total"] > 0
     # Slots received from other ranks are a subset of the slots whose expert changed (the total sums
     # over WORLD / EP identical expert-parallel groups).

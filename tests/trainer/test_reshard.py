@@ -10,8 +10,9 @@ checkpoint in layout B for steps 3-4. Two checks:
    plus the router biases. A's and B's snapshots must be bit-identical (dtype included).
 2. The continuation. B's steps 3-4 must follow A's own steps 3-4. From the same state the two
    layouts differ only in the order of fp32 additions (pipeline and data-parallel reductions,
-   expert rows grouped by other slots): measured over steps 3-4 of these five cases, at most 6e-8
-   relative on the loss and 2.5e-7 on the gradient norm, expert loads equal (the 20-step bounds of
+   expert rows grouped by other slots): measured over steps 3-4 of these cases (fp32 and bf16
+   moments alike; the same-layout case continues bit for bit), at most 6e-8 relative on the loss
+   and 2.5e-7 on the gradient norm, expert loads equal (the 20-step bounds of
    tests/parallel/test_pipeline_trainer.py, 3e-5 and 6e-5, include a router tie flipping late). So
    loss rel 1e-6, grad_norm rel 5e-6, expert loads equal. Measured faults: experts taken from the
    wrong slots (placement ignored) move step 3's loss by 2.9e-5 and its grad norm by 4.5e-3 and
@@ -201,14 +202,29 @@ def test_pp1_dp4_to_pp2_dualpipev_dp2_same_ep(data_dir, tmp_path):
                  4, [*PP2_DUALPIPEV, "parallel.dp=2", "parallel.ep=2", *EPLB], same_placement=True)
 
 
-def test_ep2_eplb_to_ep1(data_dir, tmp_path):
-    """Experts over 2 EP ranks with 12 EPLB-re-planned slots -> plain experts in one process's bucket."""
-    _resume_case(data_dir, tmp_path, 2, ["parallel.dp=2", "parallel.ep=2", *EPLB], 1, [])
+BF16 = ["optim.moment_dtype=bf16"]
 
 
-def test_ep1_to_ep2_eplb(data_dir, tmp_path):
-    """Plain experts (dp=2) -> 2 EP ranks with 12 slots (replicas start as copies of their expert)."""
-    _resume_case(data_dir, tmp_path, 2, ["parallel.dp=2"], 2, ["parallel.dp=2", "parallel.ep=2", *EPLB])
+def test_ep2_eplb_same_layout_bf16_moments(data_dir, tmp_path):
+    """The fast path (one DCP read) with the experts' bf16 moments (`optim.experts_ep{r}`) and EPLB slots:
+    the saved placement and every moment come back bit for bit, bf16."""
+    layout = ["parallel.dp=2", "parallel.ep=2", *EPLB, *BF16]
+    snap, _ = _resume_case(data_dir, tmp_path, 2, layout, 2, layout, same_placement=True)
+    assert snap["layers.1.mlp.experts.gate_proj"]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_ep2_eplb_to_ep1_bf16_moments(data_dir, tmp_path):
+    """Experts over 2 EP ranks with 12 EPLB-re-planned slots -> plain experts in one process's bucket,
+    their bf16 moments kept bf16 bit for bit."""
+    snap, _ = _resume_case(data_dir, tmp_path, 2, ["parallel.dp=2", "parallel.ep=2", *EPLB, *BF16], 1, BF16)
+    assert snap["layers.1.mlp.experts.gate_proj"]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_ep1_to_ep2_eplb_bf16_moments(data_dir, tmp_path):
+    """Plain experts (dp=2) -> 2 EP ranks with 12 slots (replicas start as copies of their expert),
+    bf16 moments from bucket segments into the slots' `ExpertAdamW`."""
+    _resume_case(data_dir, tmp_path, 2, ["parallel.dp=2", *BF16], 2,
+                 ["parallel.dp=2", "parallel.ep=2", *EPLB, *BF16])
 
 
 def test_1f1b_pp2_to_dualpipe_pp2_dp2_ep2(data_dir, tmp_path):
