@@ -36,17 +36,6 @@ from twinpipe.parallel.local import run_local
 RESULTS = Path(__file__).resolve().parent / "results" / "ep_overlap.json"
 
 
-class Stage(nn.Module):
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            h = block(h)
-        return h
-
-
 def _config(args) -> ModelConfig:
     return ModelConfig.preset(
         "tiny", hidden_size=args.hidden, moe_intermediate_size=args.moe_intermediate,
@@ -54,7 +43,7 @@ def _config(args) -> ModelConfig:
         n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_group=1, topk_group=1)
 
 
-def _measure(stage: Stage, config: ModelConfig, args, rank: int, overlapped: bool, seed: int):
+def _measure(stage: nn.Sequential, config: ModelConfig, args, rank: int, overlapped: bool, seed: int):
     g = torch.Generator().manual_seed(seed * 100 + rank)
     shape = (args.batch, args.seq, config.hidden_size)
     inputs1 = torch.randn(shape, generator=g).requires_grad_()
@@ -79,7 +68,7 @@ def _rank(rank: int, world: int, args) -> dict:
     torch.manual_seed(0)
     model = Transformer(config)
     apply_expert_parallel(model, dist.group.WORLD)
-    stage = Stage(list(model.layers)[1:])
+    stage = nn.Sequential(*model.layers[1:])  # blocks h [B, T, H] -> h, causal
     out = {"sequential": [], "overlapped": []}
     for it in range(args.warmup + args.iters):
         for mode in ("sequential", "overlapped"):

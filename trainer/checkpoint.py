@@ -80,8 +80,9 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
-    """The checkpoint folder to start from: `auto` = newest complete one (or none), `never`, or PATH."""
+def resolve_resume(resume: str, run_dir: str | Path, key: str = "resume") -> Optional[Path]:
+    """The checkpoint folder to start from: `auto` = newest complete one (or none), `never`, or PATH.
+    `key` is the recipe key the value came from, for the error message."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -92,8 +93,9 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
         found = complete_checkpoints(path)  # a run dir is accepted too: its newest checkpoint
         if found:
             return found[-1][1]
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {COMPLETE} "
-                                "marker) nor a run dir with one; allowed: auto, never, or such a path")
+        allowed = "; allowed: auto, never, or such a path" if key == "resume" else ""
+        raise FileNotFoundError(f"{key}={resume}: not a complete checkpoint folder (no {COMPLETE} "
+                                f"marker) nor a run dir with one{allowed}")
     return path
 
 
@@ -217,11 +219,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float32,
+                             key: str = "checkpoint") -> tuple[Any, Any]:
     """(Transformer in eval mode, TextTokenizer) from one of our checkpoints or an HF DeepSeek-V3 folder.
 
     `path` may be a `checkpoints/step_N` folder, a run dir (its newest complete checkpoint) or an HF
-    folder (config.json + safetensors, loaded with `twinpipe.model.load_hf`)."""
+    folder (config.json + safetensors, loaded with `twinpipe.model.load_hf`); errors name it `key`."""
     from omegaconf import OmegaConf
 
     from twinpipe.data.tokenizer import load_tokenizer
@@ -232,7 +235,7 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
 
         model = load_hf(path, dtype=dtype)
         return model.eval(), load_tokenizer(path)
-    ckpt = resolve_resume(str(path), path)
+    ckpt = resolve_resume(str(path), path, key)
     if ckpt is None:
         raise FileNotFoundError(f"{path}: neither a twinpipe checkpoint nor an HF folder with config.json")
     from twinpipe.model import Transformer

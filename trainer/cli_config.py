@@ -23,9 +23,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from twinpipe.model.hf import DEFAULT_MAX_SHARD_BYTES
-from twinpipe.trainer.config import reject_unknown_keys
+from twinpipe.trainer.config import reject_unknown_keys, set_offline_defaults
 
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -140,9 +139,7 @@ def launch(tool: str, task: Callable[[DictConfig], Any], argv: list[str] | None 
     and `--cfg job` work as usual) and run `task(cfg)`. A ValueError or OSError of the task (a bad
     value, a missing file, a broken checkpoint) ends the program with `twinpipe-<tool>: <message>` and
     exit status 1; HYDRA_FULL_ERROR=1 shows its traceback instead."""
-    for key in OFFLINE_ENV:
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_offline_defaults()
     register()
 
     def run_task(cfg: DictConfig) -> None:

@@ -4,6 +4,7 @@
 or a value of the wrong type at start-up with the key's full name; `validate(cfg)` then rejects the
 keys Hydra's `+key=value` added past the schema (`reject_unknown_keys`, shared with the other command
 lines), checks ranges and choices and raises `ValueError("<key>=<value>: <what is allowed>")`.
+`set_offline_defaults` is the other piece of start-up every command line shares.
 
 Sections: `model` (a preset of `ModelConfig` plus optional field overrides), `data`, `optim` (AdamW and
 the LR schedule), `parallel`, `fp8`, `train`, `loss`, `balance`, `eplb`, `run`, `logging`, `checkpoint`,
@@ -12,6 +13,7 @@ and the top-level `resume`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -171,6 +173,17 @@ def short_dirname(overrides: str, limit: int = 100) -> str:
     import hashlib
 
     return f"{name[:limit - 13]}..{hashlib.sha256(name.encode()).hexdigest()[:11]}"
+
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def set_offline_defaults() -> None:
+    """No network unless the environment asks for it: the HF hub, datasets and transformers offline;
+    tokenizers without their own thread pool. Every command line calls this at start-up."""
+    for key in OFFLINE_ENV:
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def register() -> None:

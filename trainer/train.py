@@ -13,15 +13,12 @@ from __future__ import annotations
 import logging
 import os
 
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from twinpipe.trainer import config
 
-from twinpipe.trainer import config  # noqa: E402
-
+config.set_offline_defaults()
 config.register()
 
 

@@ -76,26 +76,18 @@ def test_hf_to_fp8_matches_save_hf_fp8_and_back_to_bf16(model_and_folder, tmp_pa
                for k in converted if converted[k].dtype == torch.float8_e4m3fn)
 
 
-def _fails(argv: list[str], capsys) -> str:
-    """Run twinpipe-convert, which must stop with a nonzero exit status; what it said."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code not in (0, None)
-    return f"{capsys.readouterr().err}\n{info.value.code}"
-
-
-def test_convert_errors_exit_nonzero_and_name_the_problem(model_and_folder, tmp_path, capsys):
+def test_convert_errors_exit_nonzero_and_name_the_problem(model_and_folder, tmp_path, fails):
     _, folder = model_and_folder
-    said = _fails([f"src={tmp_path / 'nowhere'}", f"dst={tmp_path / 'out'}"], capsys)
+    said = fails(main, [f"src={tmp_path / 'nowhere'}", f"dst={tmp_path / 'out'}"])
     assert "nowhere: no such folder" in said and "config.json" in said
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    assert "taken exists" in _fails([f"src={folder}", f"dst={tmp_path / 'taken'}"], capsys)
-    said = _fails([f"src={folder}", f"dst={tmp_path / 'o'}", "to=gguf"], capsys)
+    assert "taken exists" in fails(main, [f"src={folder}", f"dst={tmp_path / 'taken'}"])
+    said = fails(main, [f"src={folder}", f"dst={tmp_path / 'o'}", "to=gguf"])
     assert "to='gguf': allowed values are hf, hf-fp8" in said
-    assert "Key 'from' not in 'ConvertSchema'" in _fails([f"src={folder}", f"dst={tmp_path / 'o'}", "from=hf"],
-                                                         capsys)  # the source format is read from src
-    assert "dst not set" in _fails([f"src={folder}"], capsys)
+    # the source format is read from src
+    assert "Key 'from' not in 'ConvertSchema'" in fails(main, [f"src={folder}", f"dst={tmp_path / 'o'}", "from=hf"])
+    assert "dst not set" in fails(main, [f"src={folder}"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 

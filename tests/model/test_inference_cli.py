@@ -96,28 +96,22 @@ def test_generate_cli(model, tokenizer, hf_folder, run_dir, cwd, capsys):
     assert capsys.readouterr().out.splitlines() == want[1:]
 
 
-def _fails(main, argv: list[str], capsys) -> str:
-    """Run a CLI that must stop with exit status 1; what it said on stderr and in its exit message."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code not in (0, None)
-    return f"{capsys.readouterr().err}\n{info.value.code}"
-
-
-def test_generate_cli_errors_name_the_key(hf_folder, cwd, capsys):
+def test_generate_cli_errors_name_the_key(hf_folder, cwd, tmp_path, fails):
     ok = [f"checkpoint={hf_folder}", "prompts=[x]"]
-    said = _fails(gen_cli.main, [*ok, "max_new_token=4"], capsys)  # misspelt: max_new_tokens
+    said = fails(gen_cli.main, [*ok, "max_new_token=4"])  # misspelt: max_new_tokens
     assert "Key 'max_new_token' not in 'GenerateSchema'" in said
-    said = _fails(gen_cli.main, ["prompts=[x]"], capsys)
+    said = fails(gen_cli.main, ["prompts=[x]"])
     assert "checkpoint not set" in said and "required" in said
-    said = _fails(gen_cli.main, [*ok, "dtype=fp16"], capsys)
+    said = fails(gen_cli.main, [*ok, "dtype=fp16"])
     assert "dtype='fp16': allowed values are fp32, bf16" in said
-    assert "top_p=1.5: allowed values are in (0, 1]" in _fails(gen_cli.main, [*ok, "top_p=1.5"], capsys)
-    assert "max_new_tokens" in _fails(gen_cli.main, [*ok, "max_new_tokens=lots"], capsys)
-    assert "seeds: not a key of twinpipe-generate" in _fails(gen_cli.main, [*ok, "+seeds=1"], capsys)
+    assert "top_p=1.5: allowed values are in (0, 1]" in fails(gen_cli.main, [*ok, "top_p=1.5"])
+    assert "max_new_tokens" in fails(gen_cli.main, [*ok, "max_new_tokens=lots"])
+    assert "seeds: not a key of twinpipe-generate" in fails(gen_cli.main, [*ok, "+seeds=1"])
+    said = fails(gen_cli.main, [f"checkpoint={tmp_path}", "prompts=[x]"])  # a folder, not a checkpoint
+    assert f"checkpoint={tmp_path}: not a complete checkpoint folder" in said and "resume" not in said
 
 
-def test_eval_cli_on_a_text_file(model, tokenizer, hf_folder, cwd, tmp_path, capsys):
+def test_eval_cli_on_a_text_file(model, tokenizer, hf_folder, cwd, tmp_path, capsys, fails):
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT[:300])
     out = tmp_path / "res" / "ppl.json"
@@ -128,12 +122,11 @@ def test_eval_cli_on_a_text_file(model, tokenizer, hf_folder, cwd, tmp_path, cap
     assert printed["checkpoint"] == str(hf_folder) and printed["text"] == str(text_file)
     expected = eval_cli.evaluate_text(model, tokenizer, TEXT[:300], 32)  # the same model, fp32: equal
     assert {k: printed[k] for k in expected} == pytest.approx(expected, rel=1e-12)
-    said = _fails(eval_cli.main, [f"checkpoint={hf_folder}", f"text_file={tmp_path / 'missing.txt'}"], capsys)
+    said = fails(eval_cli.main, [f"checkpoint={hf_folder}", f"text_file={tmp_path / 'missing.txt'}"])
     assert "text_file=" in said and "missing.txt: no such file" in said
-    assert "seq_len=0: must be > 0" in _fails(eval_cli.main, [f"checkpoint={hf_folder}", "seq_len=0"], capsys)
-    assert "Key 'text-file' not in 'EvalSchema'" in _fails(eval_cli.main, [f"checkpoint={hf_folder}",
-                                                                            "text-file=x"], capsys)
-    assert "checkpoint=nowhere: no such folder" in _fails(eval_cli.main, ["checkpoint=nowhere"], capsys)
+    assert "seq_len=0: must be > 0" in fails(eval_cli.main, [f"checkpoint={hf_folder}", "seq_len=0"])
+    assert "Key 'text-file' not in 'EvalSchema'" in fails(eval_cli.main, [f"checkpoint={hf_folder}", "text-file=x"])
+    assert "checkpoint=nowhere: no such folder" in fails(eval_cli.main, ["checkpoint=nowhere"])
 
 
 def test_eval_cli_scores_the_heldout_split(model, tokenizer, run_dir, cwd, capsys):

@@ -21,25 +21,13 @@ from twinpipe.parallel.expert_parallel import apply_expert_parallel
 from twinpipe.parallel.local import run_local
 
 
-class Stage(nn.Module):
-    """A pipeline stage of blocks: h [B, T, H] -> h [B, T, H]."""
-
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            h = block(h)
-        return h
-
-
-def _stage(config: ModelConfig) -> Stage:
+def _stage(config: ModelConfig) -> nn.Sequential:
+    """A pipeline stage of blocks (causal, no position_ids): h [B, T, H] -> h [B, T, H]."""
     torch.manual_seed(0)
     model = Transformer(config)
     model.init_weights(0.05)
     apply_expert_parallel(model, dist.group.WORLD)
-    return Stage(list(model.layers)[1:])
+    return nn.Sequential(*model.layers[1:])
 
 
 def _criterion(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
