@@ -102,7 +102,7 @@ def convert_twinpipe(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.d
     """A twinpipe training checkpoint (`run.dir/checkpoints/step_N`) -> HF folder, tokenizer included."""
     from twinpipe.trainer.checkpoint import load_model_for_inference
 
-    model, tokenizer = load_model_for_inference(src, dtype)
+    model, tokenizer = load_model_for_inference(src, dtype, key="src")
     out = save_hf(model, dst, fp8=fp8, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
     if tokenizer is not None:  # tokenizer.json (+ tokenizer_config.json), next to the weights
         with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,13 @@ def run(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
     try:
+        try:  # a recipe error is the user's to fix: one line, not a traceback (HYDRA_FULL_ERROR=1 for it)
+            OmegaConf.resolve(cfg)
+            config.validate(cfg)
+        except ValueError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise SystemExit(f"twinpipe-train: {exc}") from exc
         run(cfg)
     finally:
         import torch.distributed as dist

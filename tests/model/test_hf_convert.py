@@ -88,6 +88,9 @@ def test_convert_errors_exit_nonzero_and_name_the_problem(model_and_folder, tmp_
     # the source format is read from src
     assert "Key 'from' not in 'ConvertSchema'" in fails(main, [f"src={folder}", f"dst={tmp_path / 'o'}", "from=hf"])
     assert "dst not set" in fails(main, [f"src={folder}"])
+    (tmp_path / "plain").mkdir()  # exists, but neither an HF folder nor a checkpoint: named by its key
+    assert f"src={tmp_path / 'plain'}: not a complete checkpoint" in fails(main, [f"src={tmp_path / 'plain'}",
+                                                                                 f"dst={tmp_path / 'o'}"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 

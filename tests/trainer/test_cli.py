@@ -60,6 +60,15 @@ def test_torchrun_two_data_parallel_ranks(data_dir, tmp_path):
     assert meta["dp"] == 2 and meta["step"] == 2
 
 
+def test_recipe_error_is_one_line_naming_the_key(tmp_path):
+    exe = Path(sys.executable).parent / "twinpipe-train"
+    proc = subprocess.run([str(exe), "train.dtype=fp16", f"run.dir={tmp_path / 'run'}"], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "twinpipe-train: train.dtype='fp16': allowed values are fp32, bf16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _wrong_world(rank, world, data_dir, run_dir):
     train(make_cfg(data_dir, run_dir, "parallel.dp=1"))
 
