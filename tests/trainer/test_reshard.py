@@ -231,3 +231,28 @@ def test_1f1b_pp2_to_dualpipe_pp2_dp2_ep2(data_dir, tmp_path):
     """Everything at once: 1F1B pp=2 -> DualPipe pp=2 x dp=2 with the experts over ep=2 (EPLB slots)."""
     _resume_case(data_dir, tmp_path, 2, ["parallel.pp=2", "parallel.schedule=1f1b"],
                  4, ["parallel.pp=2", "parallel.schedule=dualpipe", "parallel.dp=2", "parallel.ep=2", *EPLB])
+
+
+@pytest.mark.parametrize("saved_dtype,resumed_dtype", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_resume_with_another_moment_dtype(data_dir, tmp_path, saved_dtype, resumed_dtype):
+    """optim.moment_dtype may change at a resume (here under the saved layout, dp=2 x ep=2 with EPLB
+    slots, so buckets and expert slots both): the moments come back converted (rounded to the nearest
+    bf16, or widened exactly), fp32 masters, steps and placements bit-equal."""
+    layout = ["parallel.dp=2", "parallel.ep=2", *EPLB]
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    snap_a = _merge(run_local(_rank, 2, data_dir, run_a,
+                              [*layout, f"optim.moment_dtype={saved_dtype}", "resume=never"]))
+    saved = run_a / "checkpoints" / f"step_{SAVED}"
+    snap_b = _merge(run_local(_rank, 2, data_dir, run_b,
+                              [*layout, f"optim.moment_dtype={resumed_dtype}", f"resume={saved}"]))
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16}[resumed_dtype]
+    assert set(snap_a) == set(snap_b)
+    for name, entry in snap_a.items():
+        for k, v in entry.items():
+            got = snap_b[name][k]
+            if k in ("exp_avg", "exp_avg_sq"):
+                assert got.dtype == want and torch.equal(got, v.to(want)), (name, k)
+            elif k == "step":
+                assert got == v == float(SAVED), name
+            else:
+                assert torch.equal(got, v), (name, k)
