@@ -11,7 +11,6 @@ no log file (the recipes' `hydra:` sections), so `twinpipe-eval checkpoint=...` 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from twinpipe.model.hf import DEFAULT_MAX_SHARD_BYTES
-from twinpipe.trainer.config import reject_unknown_keys, set_offline_defaults
+from twinpipe.trainer.config import reject_unknown_keys, set_offline_defaults, user_errors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -144,12 +143,8 @@ def launch(tool: str, task: Callable[[DictConfig], Any], argv: list[str] | None 
 
     def run_task(cfg: DictConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        try:
+        with user_errors(f"twinpipe-{tool}", ValueError, OSError):
             task(cfg)
-        except (ValueError, OSError) as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            raise SystemExit(f"twinpipe-{tool}: {exc}") from exc
 
     entry = hydra.main(config_path="pkg://twinpipe.recipes", config_name=tool, version_base=None)(run_task)
     saved = sys.argv

@@ -13,9 +13,10 @@ and the top-level `resume`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -184,6 +185,18 @@ def set_offline_defaults() -> None:
     for key in OFFLINE_ENV:
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def user_errors(command: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """An exception of `kinds` (a bad recipe value, a missing file) ends `command` with one line,
+    `<command>: <message>`, and exit status 1 instead of a traceback; HYDRA_FULL_ERROR=1 keeps it."""
+    try:
+        yield
+    except kinds as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"{command}: {exc}") from exc
 
 
 def register() -> None:

@@ -29,10 +29,15 @@ def setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def run(cfg: DictConfig) -> dict:
-    """Validate a composed recipe and train (also the entry for tests and other recipes)."""
+def prepare(cfg: DictConfig) -> None:
+    """Resolve the interpolations of a composed recipe and check it against the schema."""
     OmegaConf.resolve(cfg)
     config.validate(cfg)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate a composed recipe and train (also the entry for tests and other recipes)."""
+    prepare(cfg)
     from twinpipe.trainer.loop import train
 
     return train(cfg)
@@ -42,14 +47,11 @@ def run(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
     try:
-        try:  # a recipe error is the user's to fix: one line, not a traceback (HYDRA_FULL_ERROR=1 for it)
-            OmegaConf.resolve(cfg)
-            config.validate(cfg)
-        except ValueError as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            raise SystemExit(f"twinpipe-train: {exc}") from exc
-        run(cfg)
+        with config.user_errors("twinpipe-train", ValueError):  # the recipe's errors: one line
+            prepare(cfg)
+        from twinpipe.trainer.loop import train
+
+        train(cfg)
     finally:
         import torch.distributed as dist
 
