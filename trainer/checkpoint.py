@@ -257,12 +257,21 @@ def saved_tensors(ckpt: Path) -> dict[str, Any]:
     return dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
 
+def empty_saved(ckpt: Path, saved: dict[str, Any], flat: str) -> torch.Tensor:
+    """An empty tensor of the size and dtype checkpoint `ckpt` saved under key `flat` (`saved` is its
+    `saved_tensors`), for dcp.load to fill; a CheckpointError when the key is absent or not a tensor."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = saved.get(flat)
+    if not isinstance(meta, TensorStorageMetadata):
+        raise CheckpointError(f"{ckpt}: {flat} is " + ("not in the checkpoint" if meta is None else "not a tensor"))
+    return torch.empty(meta.size, dtype=meta.properties.dtype)
+
+
 def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
     """The plain model's state dict (names and shapes of `plain`) from checkpoint `ckpt`, in one
     process. A checkpoint of an expert-parallel run has the experts as physical slots per EP rank
     plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     saved = saved_tensors(ckpt)
     ep_keys: dict[int, set[int]] = {}
     for flat in saved:
@@ -287,12 +296,6 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         absent = [expert_state_key(r, ep) for r in range(ep) if r not in ranks]
         raise CheckpointError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
 
-    def empty(flat: str) -> torch.Tensor:
-        meta = saved[flat]
-        if not isinstance(meta, TensorStorageMetadata):
-            raise CheckpointError(f"{ckpt}: {flat} is not a tensor")
-        return torch.empty(meta.size, dtype=meta.properties.dtype)
-
     from twinpipe.parallel.ep_state import LOCAL, PLACEMENT, merge_expert_shards
 
     shared: dict[str, torch.Tensor] = {}
@@ -309,9 +312,9 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         if absent:
             raise CheckpointError(f"{ckpt}: {MODEL_KEY}.{name} is neither saved whole nor as expert slots: "
                                   f"no key {', '.join(absent)}")
-        shared[placement] = empty(wanted[0])
+        shared[placement] = empty_saved(ckpt, saved, wanted[0])
         for r in range(ep):
-            shards[r][f"{layer}.{LOCAL}{param}"] = empty(wanted[1 + r])
+            shards[r][f"{layer}.{LOCAL}{param}"] = empty_saved(ckpt, saved, wanted[1 + r])
     state = {MODEL_KEY: shared, **{expert_state_key(r, ep): shards[r] for r in range(ep)}}
     with single_process_quiet():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)

@@ -111,10 +111,7 @@ class _SavedState:
         return state
 
     def empty(self, flat: str) -> torch.Tensor:
-        meta = self.saved.get(flat)
-        if meta is None or not hasattr(meta, "size"):
-            raise CheckpointError(f"{self.path}: no tensor {flat} in the checkpoint")
-        return torch.empty(meta.size, dtype=meta.properties.dtype)
+        return ckpt.empty_saved(self.path, self.saved, flat)
 
     def param(self, name: str, shape: tuple[int, ...]) -> list[Any]:
         """[master, exp_avg, exp_avg_sq] of parameter `name` (plain model's name) shaped `shape`, then
