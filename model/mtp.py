@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .attention import prefix_mask
 from .block import Block
 from .config import ModelConfig
 from .norm import RMSNorm
@@ -42,3 +43,18 @@ class MTPLayer(nn.Module):
             norm.reset_parameters()
         nn.init.normal_(self.eh_proj.weight, std=std)
         self.block.reset_parameters(std)
+
+
+def mtp_depths(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, position_ids: torch.Tensor,
+               mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """The MTP chain after the main blocks: h [B, T, H] (last block's output), emb [B, T, H] (the
+    tokens' embeddings), mask [B, 1, T, T] or None -> [h_1, h_2, ...], h_k [B, T-k, H] before layer
+    k's `norm` (depth k predicts token i+k+1 at position i; depths with no position left are skipped)."""
+    T = h.shape[1]
+    out = []
+    for k, layer in enumerate(layers, start=1):
+        if T - k <= 0:
+            break
+        h = layer(h[:, :T - k], emb[:, k:], position_ids[:, :T - k], mask=prefix_mask(mask, T - k))  # [B, T-k, H]
+        out.append(h)
+    return out

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention import document_causal_mask, prefix_mask
+from .attention import document_causal_mask
 from .block import Block
 from .config import ModelConfig
 from .moe import MoE
-from .mtp import MTPLayer
+from .mtp import MTPLayer, mtp_depths
 from .norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -119,13 +119,8 @@ class Transformer(nn.Module):
         logits = self.head(h)
         mtp_logits = []
         if len(self.mtp):
-            emb = self.embed(tokens)                                                # [B, T, H]
-            for k, layer in enumerate(self.mtp, start=1):
-                if T - k <= 0:
-                    break
-                h = layer(h[:, : T - k], emb[:, k:], position_ids[:, : T - k],
-                          mask=prefix_mask(mask, T - k))                            # [B, T-k, H]
-                mtp_logits.append(self.mtp_head(k, h))
+            depths = mtp_depths(self.mtp, h, self.embed(tokens), position_ids, mask)  # h_k [B, T-k, H]
+            mtp_logits = [self.mtp_head(k, h_k) for k, h_k in enumerate(depths, start=1)]
         E = self.config.n_routed_experts
         counts = torch.zeros(len(moes), E, dtype=torch.long, device=tokens.device)
         balance = torch.zeros((), device=tokens.device)

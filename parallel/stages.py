@@ -33,7 +33,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from twinpipe.model.attention import document_causal_mask, prefix_mask
+from twinpipe.model.attention import document_causal_mask
+from twinpipe.model.mtp import mtp_depths
 from twinpipe.parallel.p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
@@ -106,15 +107,9 @@ class TransformerStage(nn.Module):
         if not self.is_last:
             return h, input_ids, position_ids
         outputs = [self.lm_head(self.norm(h))]  # [B, T, V]
-        T = input_ids.shape[1]
         if len(self.mtp):
-            emb = self.embed_tokens(input_ids)  # [B, T, H]
-            for k, layer in enumerate(self.mtp, start=1):
-                if T - k <= 0:
-                    break
-                h = layer(h[:, :T - k], emb[:, k:], position_ids[:, :T - k],
-                          mask=prefix_mask(mask, T - k))  # [B, T-k, H]
-                outputs.append(self.lm_head(layer.norm(h)))  # [B, T-k, V]
+            depths = mtp_depths(self.mtp, h, self.embed_tokens(input_ids), position_ids, mask)  # [B, T-k, H]
+            outputs += [self.lm_head(layer.norm(h_k)) for layer, h_k in zip(self.mtp, depths)]  # [B, T-k, V]
         return tuple(outputs)
 
 
