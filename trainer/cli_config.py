@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from twinpipe.model.hf import DEFAULT_MAX_SHARD_BYTES
-from twinpipe.trainer.config import reject_unknown_keys, set_offline_defaults, user_errors
+from twinpipe.trainer.config import check_values, reject_unknown_keys, set_offline_defaults, user_errors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,15 +101,7 @@ def check(cfg: DictConfig, tool: str) -> None:
     if missing:
         raise ValueError(f"{' and '.join(missing)} not set (??? in recipes/{tool}.yaml): required, "
                          f"e.g. {rules.usage}")
-    for key, allowed in rules.choices.items():
-        if cfg[key] not in allowed:
-            raise ValueError(f"{key}={cfg[key]!r}: allowed values are {', '.join(allowed)}")
-    for key in rules.positive:
-        if cfg[key] is not None and cfg[key] <= 0:
-            raise ValueError(f"{key}={cfg[key]}: must be > 0")
-    for key in rules.non_negative:
-        if cfg[key] < 0:
-            raise ValueError(f"{key}={cfg[key]}: must be >= 0")
+    check_values(cfg, rules.choices, rules.positive, rules.non_negative)
 
 
 def device_of(name: str) -> torch.device:

@@ -269,19 +269,24 @@ def reject_unknown_keys(cfg: DictConfig, command: str) -> None:
                          f"schema does not have); `{command} --cfg job` prints every key")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ValueError naming the key, the value seen and what is allowed."""
-    reject_unknown_keys(cfg, "twinpipe-train")
-    for key, allowed in CHOICES.items():
+def check_values(cfg: DictConfig, choices: Dict[str, Any], positive: Any = (), non_negative: Any = ()) -> None:
+    """Raise ValueError naming the (dotted) key, its value and what is allowed: a value outside
+    `choices[key]`, a `positive` key <= 0, a `non_negative` key < 0 (unset keys, None, pass)."""
+    for key, allowed in choices.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ValueError(f"{key}={_get(cfg, key)}: must be > 0")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ValueError(f"{key}={_get(cfg, key)}: must be >= 0")
+    for keys, bad, rule in ((positive, lambda v: v <= 0, "> 0"), (non_negative, lambda v: v < 0, ">= 0")):
+        for key in keys:
+            value = _get(cfg, key)
+            if value is not None and bad(value):
+                raise ValueError(f"{key}={value}: must be {rule}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ValueError naming the key, the value seen and what is allowed."""
+    reject_unknown_keys(cfg, "twinpipe-train")
+    check_values(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"optim.betas={betas}: need two values in [0, 1)")
