@@ -109,15 +109,21 @@ def _grads(module):
     return [p.grad.clone() for p in module.parameters()]
 
 
-def _run_dualpipe(rank, world, num_chunks, v_shape, hook, mapping=None):
-    pos = mapping[rank] if mapping else rank  # this process's place in the pipeline
-    n_stages = 2 * world if v_shape else world
+def _problem_and_reference(n_stages, num_chunks):
+    """Fresh stages and data, the one-process result on them (grads then cleared), fp32 P2P set up."""
     stages, x, target = make_problem(n_stages, num_chunks)
-    ref_loss, ref_grads, ref_out = reference(stages, x, target, num_chunks)
+    reference_result = reference(stages, x, target, num_chunks)
     for s in stages:
         s.zero_grad(set_to_none=True)
     set_p2p_tensor_shapes([(MICRO, HIDDEN)])
     set_p2p_tensor_dtype(torch.float32)
+    return stages, x, target, reference_result
+
+
+def _run_dualpipe(rank, world, num_chunks, v_shape, hook, mapping=None):
+    pos = mapping[rank] if mapping else rank  # this process's place in the pipeline
+    n_stages = 2 * world if v_shape else world
+    stages, x, target, (ref_loss, ref_grads, ref_out) = _problem_and_reference(n_stages, num_chunks)
     pair = (stages[pos], stages[n_stages - 1 - pos])
     if v_shape:
         pipe = DualPipeV(pair, overlapped_forward_backward=hook, rank_mapping=mapping)
@@ -223,12 +229,7 @@ def test_overlap_hook_runs_forward_backward_pairs(v_shape):
 
 
 def _run_1f1b(rank, world, num_chunks):
-    stages, x, target = make_problem(world, num_chunks)
-    ref_loss, ref_grads, ref_out = reference(stages, x, target, num_chunks)
-    for s in stages:
-        s.zero_grad(set_to_none=True)
-    set_p2p_tensor_shapes([(MICRO, HIDDEN)])
-    set_p2p_tensor_dtype(torch.float32)
+    stages, x, target, (ref_loss, ref_grads, ref_out) = _problem_and_reference(world, num_chunks)
     pipe = OneFOneB(stages[rank])
     inputs = [x] if rank == 0 else []
     labels = [target] if rank == world - 1 else []
