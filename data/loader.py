@@ -192,6 +192,15 @@ class PackedLoader:
         self.next_sample = int(state["next_sample"])
 
 
+def plain_positions_dropped(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` without its `position_ids [B, T]` when every row counts 0, 1, ..., T-1: the model then
+    takes the causal path, with no document mask and no host sync (checked here, on the host)."""
+    positions = batch.get("position_ids")
+    if positions is None or not (positions == np.arange(positions.shape[1])).all():
+        return batch
+    return {k: v for k, v in batch.items() if k != "position_ids"}
+
+
 def check_batch_sizes(global_batch: int, micro_batch: int, dp_size: int) -> None:
     if min(global_batch, micro_batch, dp_size) < 1:
         raise ValueError(f"train.global_batch={global_batch}, train.micro_batch={micro_batch}, "

@@ -28,6 +28,9 @@ BOS_TOKEN = "<｜begin▁of▁sentence｜>"  # DeepSeek-V3's names
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 PAD_TOKEN = "<｜▁pad▁｜>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2
+USER_TOKEN = "<｜User｜>"  # DeepSeek-V3's chat turns (`data.chat`), ids 3, 4 in a chat BPE
+ASSISTANT_TOKEN = "<｜Assistant｜>"
+CHAT_TOKENS = (USER_TOKEN, ASSISTANT_TOKEN)
 DEFAULT_SAMPLE_BYTES = 3_000_000  # ~3 MB of the corpus: a few seconds of BPE training on 2 cores
 _BYTE_ALPHABET = 256
 # Names other tokenizers use, tried in order when a bare tokenizer.json does not say.
@@ -36,10 +39,13 @@ _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>
 
 
 class TextTokenizer:
-    """A `tokenizers.Tokenizer` with known bos/eos ids. `encode` adds no special tokens."""
+    """A `tokenizers.Tokenizer` with known bos/eos ids and, when it has one, its Jinja
+    `chat_template` (HF's). `encode` adds no special tokens."""
 
-    def __init__(self, tokenizer: Tokenizer, bos_token: str | None, eos_token: str):
+    def __init__(self, tokenizer: Tokenizer, bos_token: str | None, eos_token: str,
+                 chat_template: str | None = None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = self._token_id(bos_token) if bos_token is not None else None
         self.eos_id = self._token_id(eos_token)
@@ -76,7 +82,8 @@ class TextTokenizer:
 
     def fingerprint(self) -> str:
         """sha256 of the serialized tokenizer and its bos/eos choice (keys token caches)."""
-        blob = json.dumps([self.to_json(), self.bos_token, self.eos_token])
+        blob = json.dumps([self.to_json(), self.bos_token, self.eos_token]
+                          + ([self.chat_template] if self.chat_template is not None else []))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -91,6 +98,8 @@ class TextTokenizer:
         _atomic_write(target, self.to_json())
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token,
                   "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         _atomic_write(folder / "tokenizer_config.json", json.dumps(config, indent=2))
         return target
 
@@ -108,12 +117,24 @@ def _token_name(entry) -> str | None:
     return entry
 
 
+def _chat_template(config: dict, folder: Path) -> str | None:
+    """An HF folder's chat template: `chat_template.jinja`, else tokenizer_config.json's
+    `chat_template` (a string, or named templates of which "default" is the one)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
 def load_tokenizer(path: str | Path, bos_token: str | None = None,
                    eos_token: str | None = None) -> TextTokenizer:
     """Load a `tokenizer.json` file or an HF tokenizer folder (offline; no hub access).
 
     bos/eos come from the arguments, else the folder's `tokenizer_config.json`, else the first known
     special-token name present in the vocabulary (DeepSeek's, `<s>`/`</s>`, `<|endoftext|>`, ...).
+    The chat template, when there is one, comes from the folder (`_chat_template`).
     """
     path = Path(path)
     if path.is_dir():
@@ -129,8 +150,8 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None,
         tok = Tokenizer.from_file(str(file))
     except Exception as err:
         raise ValueError(f"{file}: not a valid tokenizers JSON file ({err})") from err
-    if config_file.is_file() and (bos_token is None or eos_token is None):
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if bos_token is None or eos_token is None:
         bos_token = bos_token or _token_name(config.get("bos_token"))
         eos_token = eos_token or _token_name(config.get("eos_token"))
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -144,7 +165,7 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None,
     for name in (bos_token, eos_token):
         if name is not None and name not in vocab:
             raise ValueError(f"{file}: special token {name!r} is not in the vocabulary")
-    return TextTokenizer(tok, bos_token, eos_token)
+    return TextTokenizer(tok, bos_token, eos_token, _chat_template(config, file.parent))
 
 
 def corpus_sample(max_bytes: int) -> Iterator[str]:
@@ -162,17 +183,18 @@ def corpus_sample(max_bytes: int) -> Iterator[str]:
         yield text
 
 
-def train_bpe(texts: Iterator[str], vocab_size: int) -> TextTokenizer:
-    """Train a byte-level BPE with DeepSeek-V3's special tokens at ids 0, 1, 2."""
-    minimum = len(SPECIAL_TOKENS) + _BYTE_ALPHABET
+def train_bpe(texts: Iterator[str], vocab_size: int,
+              special_tokens: Sequence[str] = SPECIAL_TOKENS) -> TextTokenizer:
+    """Train a byte-level BPE with DeepSeek-V3's special tokens first (bos 0, eos 1, pad 2, ...)."""
+    minimum = len(special_tokens) + _BYTE_ALPHABET
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least {minimum} "
-                         f"({_BYTE_ALPHABET} bytes + {len(SPECIAL_TOKENS)} special tokens)")
+                         f"({_BYTE_ALPHABET} bytes + {len(special_tokens)} special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
+                                  special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tok, BOS_TOKEN, EOS_TOKEN)
@@ -190,15 +212,17 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def default_tokenizer(vocab_size: int, cache_dir: str | Path,
-                      sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> TextTokenizer:
-    """The byte-level BPE of `vocab_size` trained on the embedded corpus, cached under `cache_dir`."""
-    key = hashlib.sha256(json.dumps(
-        ["bpe-v1", vocab_size, sample_bytes, embedded_corpus_fingerprint("train")]).encode()).hexdigest()
+def default_tokenizer(vocab_size: int, cache_dir: str | Path, sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+                      chat: bool = False) -> TextTokenizer:
+    """The byte-level BPE of `vocab_size` trained on the embedded corpus, cached under `cache_dir`;
+    `chat=True` also reserves DeepSeek-V3's chat tokens (ids 3, 4) for SFT from scratch."""
+    special = SPECIAL_TOKENS + (CHAT_TOKENS if chat else ())
+    parts = ["bpe-v1", vocab_size, sample_bytes, embedded_corpus_fingerprint("train")]
+    key = hashlib.sha256(json.dumps(parts + ([list(special)] if chat else [])).encode()).hexdigest()
     folder = Path(cache_dir) / f"tokenizer-bpe{vocab_size}-{key[:16]}"
     with file_lock(Path(cache_dir) / f".tokenizer-{key[:16]}.lock"):
         if not (folder / "tokenizer.json").is_file():
             log.info("training a byte-level BPE (vocab %d) on %.1f MB of the embedded corpus -> %s",
                      vocab_size, sample_bytes / 1e6, folder)
-            train_bpe(corpus_sample(sample_bytes), vocab_size).save(folder)
+            train_bpe(corpus_sample(sample_bytes), vocab_size, special).save(folder)
     return load_tokenizer(folder)
