@@ -13,8 +13,9 @@ checkpoint in layout B for steps 3-4. Two checks:
    expert rows grouped by other slots): measured over steps 3-4 of these cases (fp32 and bf16
    moments alike; the same-layout case continues bit for bit), at most 6e-8 relative on the loss
    and 2.5e-7 on the gradient norm, expert loads equal (the 20-step bounds of
-   tests/parallel/test_pipeline_trainer.py, 3e-5 and 6e-5, include a router tie flipping late). So
-   loss rel 1e-6, grad_norm rel 5e-6, expert loads equal. Measured faults: experts taken from the
+   tests/parallel/test_pipeline_trainer.py include a router tie flipping late). So
+   `one_process.assert_matches_one_process` (step 3 exactly routed, losses and grad norm rel 1e-6, step
+   4 rel 1e-5 while the routing agrees). Measured faults: experts taken from the
    wrong slots (placement ignored) move step 3's loss by 2.9e-5 and its grad norm by 4.5e-3 and
    change the expert loads; fresh AdamW moments move step 4's loss by 2.2e-3 (and fail check 1).
 """
@@ -28,6 +29,7 @@ import pytest
 import torch
 
 from twinpipe.parallel.local import run_local
+from one_process import assert_matches_one_process
 from trainer_recipe import make_cfg
 
 STEPS, SAVED = 4, 2
@@ -158,10 +160,8 @@ def _resume_case(data_dir, tmp_path, world_a, layout_a, world_b, layout_b, same_
                 assert got.dtype == v.dtype and torch.equal(got, v), (name, k)
     want, got = read_metrics(run_a), read_metrics(run_b)
     assert [r["step"] for r in got] == list(range(SAVED + 1, STEPS + 1))
+    assert_matches_one_process(want[SAVED:], got, later_grad=1e-5)  # from bitwise-equal state (checked above)
     for a, b in zip(want[SAVED:], got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), ("loss", a["step"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-6), ("grad_norm", a["step"])
-        assert b["expert_load"] == a["expert_load"], a["step"]
         assert b["lr"] == a["lr"] and b["tokens"] == a["tokens"]
     return snap_a, saved
 
