@@ -11,6 +11,7 @@ order, so the stream is deterministic and every problem can name its file:
   and the byte offset (datasets cannot resume a file after a decode error, and a half-read file would
   make the token stream depend on where the error sat); a record whose text field is null or missing
   is skipped and counted in one warning per file; a non-string text field is an error naming the file;
+- a malformed JSON line -> an error naming the file and the line (`first_bad_json_line`);
 - a huge document is cut into pieces of at most `max_doc_chars` characters, at a line break when one
   is near, so the tokenizer never sees a gigabyte string.
 
@@ -100,6 +101,39 @@ def first_invalid_utf8(path: Path, chunk_bytes: int = 1 << 24) -> int | None:
             offset += len(chunk)
 
 
+def first_bad_json_line(path: Path) -> str | None:
+    """`line N: <what>` for the first non-blank line of a JSON-lines file (also .gz/.bz2/.xz) that is
+    not valid JSON, or None when every line parses (a one-document .json file spread over lines is
+    reported by its whole-document error's line instead)."""
+    opener = COMPRESSIONS.get(path.suffix.lower(), open)
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == 1 and line.lstrip()[:1] in "[{":
+                    break  # perhaps one JSON document over many lines
+                return f"line {number}: {err.msg} (column {err.colno})"
+        else:
+            return None
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        try:
+            json.load(f)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno}: {err.msg} (column {err.colno})"
+    return None
+
+
+def _unreadable(f: Path, builder: str, err: Exception) -> ValueError:
+    """The error for a file datasets could not read, naming the file and, for JSON, the bad line."""
+    where = first_bad_json_line(f) if builder == "json" else None
+    if where is not None:
+        return ValueError(f"data file {f} {where}: not valid JSON")
+    return ValueError(f"data file {f}: unreadable as {builder} ({type(err).__name__}: {err})".splitlines()[0])
+
+
 def split_document(text: str, max_chars: int) -> Iterator[str]:
     """Cut `text` into pieces of at most `max_chars`, preferring a line break in the last quarter."""
     start = 0
@@ -177,7 +211,7 @@ class TextSource:
         except (TypeError, KeyError):
             raise
         except Exception as err:  # pyarrow / json errors do not say which file they were reading
-            raise ValueError(f"data file {f}: unreadable as {builder} ({type(err).__name__}: {err})") from err
+            raise _unreadable(f, builder, err) from err
         if missing and count == 0 and builder != "text":
             raise KeyError(f"data file {f}: no record has a {self.text_field!r} value; set "
                            "data.text_field to the field holding the text")
@@ -197,7 +231,7 @@ class TextSource:
             ds = datasets.load_dataset(builder, data_files=[str(f)], split="train",
                                        streaming=self.streaming, cache_dir=self.cache_dir, **kwargs)
         except Exception as err:
-            raise ValueError(f"data file {f}: datasets could not read it as {builder} ({err})") from err
+            raise _unreadable(f, builder, err) from err
         finally:
             if not bars_were_off:
                 datasets.enable_progress_bars()

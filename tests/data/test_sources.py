@@ -97,9 +97,13 @@ def test_bad_records_name_the_file(tmp_path, caplog):
     write_jsonl(tmp_path / "typed.jsonl", [{"text": ["a", "list"]}])
     with pytest.raises(TypeError, match="typed.jsonl.*list"):
         list(TextSource(tmp_path / "typed.jsonl"))
-    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(ValueError, match="broken.jsonl"):
-        list(TextSource(tmp_path / "broken.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": \n{"text": "c"}\n')
+    for streaming in (False, True):  # the file and its line, however datasets reads it
+        with pytest.raises(ValueError, match=r"broken\.jsonl line 4: Expecting value \(column \d+\): not valid JSON$"):
+            list(TextSource(tmp_path / "broken.jsonl", streaming=streaming))
+    (tmp_path / "doc.json").write_text('[\n {"text": "a"},\n {"text": "b"\n]\n')
+    with pytest.raises(ValueError, match=r"doc\.json line 4: Expecting ',' delimiter"):
+        list(TextSource(tmp_path / "doc.json"))
 
 
 def test_huge_documents_are_split(tmp_path):
