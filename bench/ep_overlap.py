@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from twinpipe.model import ModelConfig, Transformer
-from twinpipe.parallel import overlap
-from twinpipe.parallel.expert_parallel import apply_expert_parallel
+from twinpipe.parallel.experts import overlap
+from twinpipe.parallel.experts.layer import apply_expert_parallel
 from twinpipe.parallel.local import run_local
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ep_overlap.json"

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twinpipe.parallel.eplb import balancedness, colocated_replicas, rebalance_experts
-from twinpipe.parallel.eplb_moves import moved_experts
+from twinpipe.parallel.eplb import rebalance_experts
+from twinpipe.parallel.eplb.planner import balancedness, colocated_replicas
+from twinpipe.parallel.eplb.relabel import moved_experts
 
 OPTIONS = {
     "ours": {},

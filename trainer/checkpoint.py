@@ -296,7 +296,7 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         absent = [expert_state_key(r, ep) for r in range(ep) if r not in ranks]
         raise CheckpointError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
 
-    from twinpipe.parallel.ep_state import LOCAL, PLACEMENT, merge_expert_shards
+    from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT, merge_expert_shards
 
     shared: dict[str, torch.Tensor] = {}
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(ep)]

@@ -87,7 +87,7 @@ def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
     if grid.ep == 1:
         return {ckpt.MODEL_KEY: state}
-    from twinpipe.parallel.expert_parallel import is_expert_param
+    from twinpipe.parallel.experts.layer import is_expert_param
 
     expert = {n for n, p in model.named_parameters() if is_expert_param(p)}
     return {ckpt.MODEL_KEY: {k: v for k, v in state.items() if k not in expert},
@@ -131,7 +131,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
     model = build_model(cfg, device, grid)  # with pp > 1: this rank's stages only
     rebalancer = None
     if grid.ep > 1:
-        from twinpipe.parallel.expert_parallel import apply_expert_parallel
+        from twinpipe.parallel.experts.layer import apply_expert_parallel
 
         # MoE layers of other pipeline ranks' stages are on meta and stay as they are
         apply_expert_parallel(model, grid.ep_group, num_replicas=cfg.eplb.replicas or None)
@@ -140,7 +140,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
     loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda)
     runner = select_runner(cfg, model, loss_fn, grid, device)
     if cfg.eplb.every:
-        from twinpipe.parallel.ep_eplb import ExpertRebalancer
+        from twinpipe.parallel.experts.rebalance import ExpertRebalancer
 
         rebalancer = ExpertRebalancer(model)
         eplb_window = torch.zeros(len(tracker.layers), rebalancer.num_experts, dtype=torch.float64)

@@ -10,7 +10,7 @@ gradient, no decay, no optimizer state — `balance.py` moves it.
 `optim.zero=ours` is `trainer/zero.py`; `optim.zero=deepspeed` is DeepSpeed's
 `DeepSpeedZeroOptimizer` stage 1 behind the same calls (`trainer/deepspeed_zero.py`). With
 parallel.ep > 1 the expert weights (already split over the ep group) get a local AdamW inside ours and
-their gradients are reduced by `twinpipe.parallel.ep_groups.reduce_expert_grads`.
+their gradients are reduced by `twinpipe.parallel.experts.grad_reduction.reduce_expert_grads`.
 
 With pipeline parallelism (parallel.pp > 1) each rank optimizes only the parameters it holds (the other
 stages' modules are on meta, see `trainer/build.py`); the global gradient norm sums, over the pipeline
@@ -41,7 +41,7 @@ def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda nam
     whose expert has c replicas (EPLB) weighs 1/c, so the global norm (summed over the ep group)
     equals the one of the same model without expert parallelism. Only layers whose module name
     `counted(name)` accepts contribute (pipeline copies are counted on one rank)."""
-    from twinpipe.parallel.expert_parallel import ExpertParallelExperts
+    from twinpipe.parallel.experts.layer import ExpertParallelExperts
 
     total = torch.zeros((), dtype=torch.float64)
     for name, layer in model.named_modules():
@@ -87,8 +87,8 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
     counted = owned_by_rank(model, grid, schedule)
     expert_kwargs: dict[str, Any] = {}
     if grid.ep > 1:
-        from twinpipe.parallel.ep_groups import reduce_expert_grads
-        from twinpipe.parallel.expert_parallel import is_expert_param
+        from twinpipe.parallel.experts.grad_reduction import reduce_expert_grads
+        from twinpipe.parallel.experts.layer import is_expert_param
 
         expert_kwargs = dict(
             expert_param=lambda n, p: is_expert_param(p), ep_group=grid.ep_group, ep_rank=grid.ep_rank,

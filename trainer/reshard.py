@@ -14,9 +14,9 @@ this rank's state parameter by parameter:
                      shard. DualPipe's copies of a stage sit in two buckets with identical state.
   expert parameters  saved under ep > 1: each EP rank's slots (weights `model_experts_ep{r}_of{ep}`,
                      AdamW moments and step `optim.experts_ep{r}`) become logical experts through the
-                     layer's saved `phy2log` (`ep_state.slots_to_logical`; replicas must agree bit
+                     layer's saved `phy2log` (`logical_state.slots_to_logical`; replicas must agree bit
                      for bit, checked); saved under ep = 1 they are bucket segments like the rest.
-                     This run's slots take their experts' rows (`ep_state.local_slot_rows`) under its
+                     This run's slots take their experts' rows (`logical_state.local_slot_rows`) under its
                      fresh placement (`apply_expert_parallel`'s: a function-equal placement, EPLB
                      re-plans it at its next interval), or the saved placement when ep and the slot
                      count are the saved ones (a pp or schedule change only).
@@ -128,7 +128,7 @@ class _SavedState:
             flat = self.buckets[key]
             return [flat[k][start:start + numel].view(shape) for k in _MOMENTS] + [float(self.step)]
         layer, _, param = name.rpartition(".")
-        from twinpipe.parallel.ep_state import PLACEMENT
+        from twinpipe.parallel.experts.logical_state import PLACEMENT
 
         if self.ep > 1 and f"{ckpt.MODEL_KEY}.{layer}.{PLACEMENT}" in self.saved:
             return self._experts(layer, param, shape)
@@ -138,7 +138,7 @@ class _SavedState:
                               "config?")
 
     def _experts(self, layer: str, param: str, shape: tuple[int, ...]) -> list[Any]:
-        from twinpipe.parallel.ep_state import LOCAL, PLACEMENT, slots_to_logical
+        from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT, slots_to_logical
 
         slot = f"{layer}.{LOCAL}{param}"
         ranks = range(self.ep)
@@ -182,7 +182,7 @@ def _check_model_config(path: Path, model_cfg: DictConfig) -> None:
 def _load_model_state(path: Path, model: nn.Module, saved: _SavedState) -> None:
     """Buffers (router biases) and dense weights by name from "model"; the parameters it lacks (expert
     slots) come from the optimizer's master weights, placements are set by the caller."""
-    from twinpipe.parallel.ep_state import PLACEMENT
+    from twinpipe.parallel.experts.logical_state import PLACEMENT
 
     params = {n for n, _ in model.named_parameters()}
     want, absent = {}, []
@@ -210,8 +210,8 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
     """Fill this rank's model and optimizer (`trainer.zero.ZeroAdamW`) from checkpoint `path` saved under
     another layout (`changes`, from `layout_changes`); return (meta, this rank's rank state). All ranks
     call it together (the buckets' all-gather)."""
-    from twinpipe.parallel.ep_state import PLACEMENT, local_slot_rows, split_slot_name
-    from twinpipe.parallel.expert_parallel import ExpertParallelExperts
+    from twinpipe.parallel.experts.logical_state import PLACEMENT, local_slot_rows, split_slot_name
+    from twinpipe.parallel.experts.layer import ExpertParallelExperts
 
     meta = ckpt.read_meta(path)
     if "segments" not in meta or not hasattr(optimizer, "segment_table"):

@@ -44,7 +44,7 @@ def select_runner(cfg: DictConfig, model: nn.Module, loss_fn: Callable, grid: Gr
                   device: torch.device) -> Any:
     """The step runner for parallel.pp / parallel.schedule. With expert parallelism (parallel.ep > 1)
     DualPipe and DualPipeV run their paired forward/backward chunks through
-    `twinpipe.parallel.overlap.overlapped_forward_backward`, so one chunk's all-to-alls progress while
+    `twinpipe.parallel.experts.overlap.overlapped_forward_backward`, so one chunk's all-to-alls progress while
     the other computes (1F1B has no such pairs)."""
     if grid.pp == 1:
         return PlainRunner(model, loss_fn, cfg.train.dtype, device)
@@ -52,7 +52,7 @@ def select_runner(cfg: DictConfig, model: nn.Module, loss_fn: Callable, grid: Gr
 
     overlapped = None
     if grid.ep > 1 and cfg.parallel.schedule in ("dualpipe", "dualpipev"):
-        from twinpipe.parallel.overlap import overlapped_forward_backward as overlapped
+        from twinpipe.parallel.experts.overlap import overlapped_forward_backward as overlapped
     return PipelineRunner(model, loss_fn, cfg.parallel.schedule, grid.pp, grid.pp_rank, grid.pp_group,
                           device, cfg.train.dtype, overlapped_forward_backward=overlapped,
                           mirror_group=grid.pp_mirror_group)

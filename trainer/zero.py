@@ -15,12 +15,12 @@ torch.chunk's rule (shard size ceil(N / dp), the last ones shorter), so a rank h
 bytes of state (master, exp_avg, exp_avg_sq) with fp32 moments, 8 x N / dp with `moment_dtype` bf16.
 Expert weights that expert parallelism already split over the ep group (`expert_param`) are not
 partitioned again: they get a local `ExpertAdamW`, a torch optimizer whose per-parameter state EPLB
-can move with the weights (twinpipe.parallel.ep_eplb), with moments in the same `moment_dtype`, and
-their gradients are reduced by the `reduce_experts` callback
-(twinpipe.parallel.ep_groups.reduce_expert_grads). Both run one update, `adamw_`: torch.optim.AdamW's
-arithmetic operation for operation (so one rank with fp32 moments reproduces it exactly), computed in
-fp32 from the moments and storing them back in their dtype; an expert therefore gets the same update
-from its bucket segment under ep = 1 as from its slot under ep > 1.
+can move with the weights (twinpipe.parallel.experts.rebalance), with moments in the same
+`moment_dtype`, and their gradients are reduced by the `reduce_experts` callback
+(twinpipe.parallel.experts.grad_reduction.reduce_expert_grads). Both run one update, `adamw_`:
+torch.optim.AdamW's arithmetic operation for operation (so one rank with fp32 moments reproduces it
+exactly), computed in fp32 from the moments and storing them back in their dtype; an expert therefore
+gets the same update from its bucket segment under ep = 1 as from its slot under ep > 1.
 
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
 torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
@@ -79,8 +79,8 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
 
 class ExpertAdamW(torch.optim.Optimizer):
     """AdamW of the expert slots under expert parallelism: `adamw_` per parameter with moments in
-    `moment_dtype`. A torch optimizer, so EPLB (twinpipe.parallel.ep_eplb.move_slots) moves each
-    parameter's `state` rows (exp_avg, exp_avg_sq: the parameter's shape) with the slots; `step` is a
+    `moment_dtype`. A torch optimizer, so EPLB (twinpipe.parallel.experts.rebalance.move_slots) moves
+    each parameter's `state` rows (exp_avg, exp_avg_sq: the parameter's shape) with the slots; `step` is a
     0-dim fp32 tensor per parameter, as torch.optim.AdamW keeps it. The state exists from the start,
     so a resume can load into it. A parameter without a gradient is skipped, as torch's does."""
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from twinpipe.model import ModelConfig, Transformer
 from twinpipe.model.moe import set_aux_loss_scale
-from twinpipe.parallel.ep_eplb import ExpertRebalancer
-from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
-from twinpipe.parallel.expert_parallel import apply_expert_parallel, expert_parallel_layers
+from twinpipe.parallel.experts.rebalance import ExpertRebalancer
+from twinpipe.parallel.experts.grad_reduction import reduce_expert_grads
+from twinpipe.parallel.experts.layer import apply_expert_parallel, expert_parallel_layers, is_expert_param
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer.balance import ExpertLoadTracker, global_counts, update_router_bias
@@ -85,7 +85,7 @@ def _composed(rank: int, world: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tracker = ExpertLoadTracker(model)
     rebalancer = ExpertRebalancer(model)
-    dense, _ = expert_param_groups(model)
+    dense = [p for p in model.parameters() if not is_expert_param(p)]
     window = torch.zeros(len(rebalancer.layers), config.n_routed_experts, dtype=torch.int64)
     moved = 0.0
     for step in range(STEPS):

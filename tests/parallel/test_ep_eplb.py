@@ -8,8 +8,8 @@ experts of the tiny model. Checked:
     routing, replica choice, dispatch/combine and summation order do not depend on the placement);
     with the real grouped GEMM, whose rounding depends on how many rows share an expert's segment
     (fp32 kernels block by rows), equal to rtol 1e-5 / atol 1e-6 (measured: a few ulps of O(1) values);
-  - every new slot holds its expert's weights *and* AdamW exp_avg / exp_avg_sq (and any extra
-    per-slot state given through `slot_state`), bit for bit and in their dtype: with torch's AdamW
+  - every new slot holds its expert's weights *and* AdamW exp_avg / exp_avg_sq, bit for bit and in
+    their dtype: with torch's AdamW
     (fp32 moments) and with the trainer's `ExpertAdamW` keeping bf16 moments (`optim.moment_dtype`);
   - training continues after the move with replicas still identical.
 """
@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from twinpipe.model import ModelConfig, Transformer
-from twinpipe.parallel.ep_eplb import ExpertRebalancer
-from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
+from twinpipe.parallel.experts.rebalance import ExpertRebalancer
+from twinpipe.parallel.experts.grad_reduction import reduce_expert_grads
 from twinpipe.parallel.grid import build_grid
-from twinpipe.parallel.expert_parallel import apply_expert_parallel, expert_parallel_layers
+from twinpipe.parallel.experts.layer import apply_expert_parallel, expert_parallel_layers, is_expert_param
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer.zero import ExpertAdamW
 
@@ -46,8 +46,7 @@ def _train_step(model, optimizer, tokens, grid) -> None:
     loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
     loss = loss + 0.3 * F.cross_entropy(out.mtp_logits[0].flatten(0, 1), labels[:, 1:].flatten())
     loss.backward()
-    dense, _ = expert_param_groups(model)
-    for p in dense:
+    for p in (p for p in model.parameters() if not is_expert_param(p)):
         dist.all_reduce(p.grad)
         p.grad.div_(WORLD)
     reduce_expert_grads(model, grid.edp_group, grid.dp_group, WORLD)
@@ -132,9 +131,7 @@ def _eplb(rank: int, world: int, kind: str) -> dict[str, float]:
     loads = torch.stack([(torch.arange(config.n_routed_experts) + 1 + i).float() ** 2
                          for i in range(len(layers))])
     old_tables = [layer.phy2log.clone() for layer in layers]
-    # An optimizer's own per-slot state (e.g. fp32 master copies) moves through `slot_state`.
-    masters = {p: 2 * p.data for layer in layers for p in layer.local.parameters()}
-    metrics = ExpertRebalancer(model).replan(loads, optimizer, slot_state=lambda p: [masters[p]])
+    metrics = ExpertRebalancer(model).replan(loads, optimizer)
     with torch.no_grad():
         after = model(probe)
         after_exact = _with_rowwise_experts(model, probe)
@@ -151,7 +148,6 @@ def _eplb(rank: int, world: int, kind: str) -> dict[str, float]:
                 moved = optimizer.state[p][key]
                 assert moved.dtype == moment_dtype, (name, key, moved.dtype)
                 assert torch.equal(moved, table[f"{name}.{key}"][ids]), (name, key)
-            assert torch.equal(masters[p], 2 * p.data)
 
     # Training goes on after the move; the replicas stay identical (checked by _state_tables).
     _train_step(model, optimizer, _tokens(200 + rank, config), grid)

@@ -24,9 +24,9 @@ from twinpipe.fp8 import act_dequant, act_quant
 from twinpipe.fp8.experts import FP8Experts
 from twinpipe.model import ModelConfig
 from twinpipe.model.moe import MoE, set_aux_loss_scale
-from twinpipe.parallel.ep_groups import expert_param_groups, reduce_expert_grads
+from twinpipe.parallel.experts.grad_reduction import reduce_expert_grads
 from twinpipe.parallel.grid import build_grid
-from twinpipe.parallel.expert_parallel import ExpertParallelExperts
+from twinpipe.parallel.experts.layer import ExpertParallelExperts, is_expert_param
 from twinpipe.parallel.local import run_local
 
 
@@ -76,8 +76,7 @@ def _fp8_ep(rank: int, world: int) -> None:
     out = moe(_batch(rank, config.hidden_size))
     (out.square().sum() / ref_out.numel()).backward()
     torch.testing.assert_close(out, ref_outs[rank], rtol=1e-5, atol=1e-6)
-    dense, _ = expert_param_groups(moe)
-    for p in dense:
+    for p in (p for p in moe.parameters() if not is_expert_param(p)):
         dist.all_reduce(p.grad)
     reduce_expert_grads(moe, grid.edp_group, None, 1)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}

@@ -1,7 +1,7 @@
 """EPLB planner: the published example, equality with a slow per-layer reference, invariants,
 the two options beyond the reference, and argument errors.
 
-The slow reference below is written from the description of DeepSeek's EPLB (REFERENCE.md §5), one
+The slow reference below is written from the description of DeepSeek's EPLB (docs/reference.md §5), one
 layer and one item at a time in plain Python with numpy fp32 scalars, so it shares no code with the
 vectorized planner. Loads in the equality tests are integers below 2**24, so group sums are exact in
 fp32 whatever the summation order and only the tie-breaking rules decide the plan.
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from twinpipe.parallel.eplb import balancedness, colocated_replicas, gpu_loads, rebalance_experts
-from twinpipe.parallel.eplb_moves import moved_experts
+from twinpipe.parallel.eplb import rebalance_experts
+from twinpipe.parallel.eplb.planner import balancedness, colocated_replicas, gpu_loads
+from twinpipe.parallel.eplb.relabel import moved_experts
 
 # ----------------------------------------------------------------------------- slow reference
 
@@ -225,17 +226,17 @@ def test_matches_slow_reference_at_deepseek_size(groups):
 def test_colocation_repair_matches_slow_reference(monkeypatch):
     # The greedy alone leaves avoidable same-expert pairs only rarely (late in a bin's filling, mostly
     # with tied loads); these seeds include such cases, counted through the repair's entry point.
-    from twinpipe.parallel import eplb_greedy
+    from twinpipe.parallel.eplb import greedy
 
     repaired = []
-    original = eplb_greedy._separate_labels
+    original = greedy._separate_labels
 
     def counting(weight, labels, pack_index, rank_in_pack, num_packs):
         before = pack_index.clone()
         original(weight, labels, pack_index, rank_in_pack, num_packs)
         repaired.append(int((before != pack_index).any(-1).sum()))
 
-    monkeypatch.setattr(eplb_greedy, "_separate_labels", counting)
+    monkeypatch.setattr(greedy, "_separate_labels", counting)
     for seed in range(20):
         weight = _loads("ties", (8, 32), seed)
         got = rebalance_experts(weight, 64, 4, 4, 32, avoid_colocation=True)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import twinpipe.parallel.overlap as overlap
+from twinpipe.parallel.experts import overlap
 from twinpipe.model import ModelConfig, Transformer
-from twinpipe.parallel.expert_parallel import apply_expert_parallel
+from twinpipe.parallel.experts.layer import apply_expert_parallel
 from twinpipe.parallel.local import run_local
 
 

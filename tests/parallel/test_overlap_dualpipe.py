@@ -25,11 +25,11 @@ from twinpipe.fp8 import act_dequant, act_quant
 from twinpipe.fp8.convert import convert_model
 from twinpipe.model import ModelConfig, Transformer
 from twinpipe.parallel.dualpipe import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
-from twinpipe.parallel.expert_parallel import apply_expert_parallel
+from twinpipe.parallel.experts.layer import apply_expert_parallel
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.local import run_local
-from twinpipe.parallel import overlap
-from twinpipe.parallel.overlap import overlapped_forward_backward
+from twinpipe.parallel.experts import overlap
+from twinpipe.parallel.experts.overlap import overlapped_forward_backward
 
 MICRO, SEQ, CHUNKS = 2, 8, 4
 

@@ -1,15 +1,16 @@
 """A checkpoint of an expert-parallel run (EP=2, EPLB re-plans with redundant slots) loads offline, in
 one process without a process group, into one plain `Transformer` and converts to HF.
 
-The loaded model must hold exactly the weights the EP ranks trained (`logical_state_dict` gathered
-in the ranks, bit for bit) and give the EP model's logits on a batch. The EP forward computes every
-(token, expert) row with the same fp32 arithmetic as `Experts.forward` and sums each token's picks in
+The loaded model must hold exactly the weights the EP ranks trained (dense tensors as the ranks hold
+them, expert e from the first slot serving it; bit for bit) and give the EP model's logits on a batch.
+The EP forward computes every (token, expert) row with the same fp32 arithmetic as `Experts.forward`
+and sums each token's picks in
 the same logical-expert order, but its per-expert matmuls run over other row counts (rows from both
 ranks, replicas splitting an expert's rows), and CPU BLAS may block a matmul differently by row
 count: logits are compared at rtol 1e-5 / atol 1e-6 (measured: max abs difference 1.5e-8), while
 expert rows taken from the wrong slots (slot e for expert e, placement ignored) fail both the logits
 and the per-slot weight checks. The weights themselves are checked exactly, every slot of every rank
-against its expert's row, independently of the gather the library uses. A pp=2 x ep=2 run checks the
+against its expert's row, independently of the merge the library uses. A pp=2 x ep=2 run checks the
 merge of the pipeline ranks' layers, and a checkpoint lacking an EP rank's slots or a placement is
 refused with the key named (a resume under another parallel.ep: tests/trainer/test_reshard.py).
 """
@@ -30,9 +31,8 @@ def _batch() -> torch.Tensor:
 
 
 def _ep_rank(rank, world, data_dir, run_dir):
-    """Train, then return the placements, the gathered logical weights and the EP model's logits."""
-    from twinpipe.parallel.ep_state import logical_state_dict
-    from twinpipe.parallel.expert_parallel import expert_parallel_layers
+    """Train, then return the placements, the dense and slot tensors and the EP model's logits."""
+    from twinpipe.parallel.experts.layer import expert_parallel_layers
     from twinpipe.trainer.loop import train
 
     summary = train(make_cfg(data_dir, run_dir, *EP_RECIPE))
@@ -40,11 +40,24 @@ def _ep_rank(rank, world, data_dir, run_dir):
     placements = {name: layer.phy2log.clone() for name, layer in model.named_modules()
                   if layer in set(expert_parallel_layers(model))}
     slots = {k: v.clone() for k, v in model.state_dict().items() if ".local." in k}  # [S, ...] each
-    weights = {k: v.clone() for k, v in logical_state_dict(model).items()}
+    dense = {k: v.clone() for k, v in model.state_dict().items()
+             if ".local." not in k and not k.endswith(".phy2log")}
     with torch.no_grad():
         logits = model(_batch())                                                    # [B, T, V]
-    return {"placements": placements, "slots": slots, "weights": weights, "logits": logits,
+    return {"placements": placements, "slots": slots, "dense": dense, "logits": logits,
             "slots_received": summary["last"]["eplb/slots_received"]}
+
+
+def _plain_state(out) -> dict[str, torch.Tensor]:
+    """The unsharded model's state dict from what the EP ranks returned: dense tensors as rank 0 holds
+    them, expert e's rows from the first slot serving it (replicas are checked slot by slot below)."""
+    state = dict(out[0]["dense"])
+    for key in out[0]["slots"]:
+        layer, param = key.split(".local.")
+        slots = torch.cat([rank["slots"][key] for rank in out])                     # [R, ...]
+        placement = out[0]["placements"][layer].tolist()
+        state[f"{layer}.{param}"] = slots[[placement.index(e) for e in range(max(placement) + 1)]]
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +81,11 @@ def test_ep_checkpoint_loads_for_inference(ep_run):
     model, tokenizer = load_model_for_inference(ckpt)
     assert tokenizer.vocab_size == 512
     loaded = model.state_dict()
-    want = out[0]["weights"]
+    want = _plain_state(out)
     assert set(loaded) == set(want)
     for name, value in want.items():
         assert torch.equal(loaded[name], value), name
-    # independently of the gather: every slot of every rank holds its expert's loaded row
+    # every slot of every rank (replicas included) holds its expert's loaded row
     checked = 0
     for key in out[0]["slots"]:
         layer, param = key.split(".local.")
@@ -95,7 +108,7 @@ def test_ep_checkpoint_converts_to_hf(ep_run, tmp_path):
     ckpt, out = ep_run
     main([f"src={ckpt}", f"dst={tmp_path / 'hf'}", "dtype=fp32"])
     got = load_hf(tmp_path / "hf", dtype=torch.float32).state_dict()
-    want = out[0]["weights"]
+    want = _plain_state(out)
     assert set(got) == set(want)
     for name, value in want.items():
         assert torch.equal(got[name], value), name
@@ -148,7 +161,7 @@ def test_ep_checkpoint_missing_pieces_are_named(ep_run, data_dir, tmp_path):
 
 def _pp_ep_rank(rank, world, data_dir, run_dir):
     """pp=2 x dp=2 x ep=2: return what this rank holds (its stages) and its layers' placements."""
-    from twinpipe.parallel.expert_parallel import expert_parallel_layers
+    from twinpipe.parallel.experts.layer import expert_parallel_layers
     from twinpipe.trainer.loop import train
 
     cfg = make_cfg(data_dir, run_dir, *EP_RECIPE, "parallel.pp=2", "parallel.schedule=dualpipev",
@@ -166,7 +179,7 @@ def test_pipeline_ep_checkpoint_loads_for_inference(data_dir, tmp_path):
     """A pp=2 x ep=2 run (each pipeline rank saved its stages' layers, each EP rank its slots, EPLB
     re-planned twice) loads into one model holding exactly every rank's trained weights."""
     from twinpipe.model.experts import Experts
-    from twinpipe.parallel.expert_parallel import ExpertParallelExperts
+    from twinpipe.parallel.experts.layer import ExpertParallelExperts
     from twinpipe.trainer.checkpoint import load_model_for_inference
 
     out = run_local(_pp_ep_rank, 4, data_dir, tmp_path)

@@ -3,24 +3,25 @@
 The forward of micro-batch 0 (on the calling thread) and the backward of micro-batch 1 (on one
 long-lived helper thread) run as two coroutines with a strict hand-off: exactly one of them runs
 Python/torch work at a time. Whenever one side issues an asynchronous collective (the MoE dispatch or
-combine, forward or backward, see `twinpipe.parallel.ep_comm`), it calls `wait(work)`, which hands
-the CPU to the other side *before* waiting; the collective then progresses in the communication
-backend's threads while the other side computes its next chunk (attention, experts, ...). When the
-other side reaches its own collective it hands back, and the first side waits for what is usually an
-already finished transfer.
+combine, forward or backward, see `all_to_all.py`), it calls `wait(work)`, which hands the CPU to the
+other side *before* waiting; the collective then progresses in the communication backend's threads
+while the other side computes its next chunk (attention, experts, ...). When the other side reaches
+its own collective it hands back, and the first side waits for what is usually an already finished
+transfer.
 
-The backward starts, so the chunks pair up as in DeepSeek-V3's overlap (report §3.2.1): the backward's
-combine is in flight while the forward computes attention and the gate; the forward's dispatch while
-the backward computes the experts; the backward's dispatch while the forward computes the experts;
-the forward's combine while the backward computes attention. The small count exchange before each
-dispatch is waited for without a hand-off (`wait(work, switch=False)`).
+The backward starts, so the chunks pair up as in DeepSeek-V3's overlap (report §3.2.1,
+docs/reference.md §4): the backward's combine is in flight while the forward computes attention and
+the gate; the forward's dispatch while the backward computes the experts; the backward's dispatch
+while the forward computes the experts; the forward's combine while the backward computes attention.
+The small count exchange before each dispatch is waited for without a hand-off (`wait(work,
+switch=False)`).
 
 The hand-off order is a pure function of the program, so every rank of an expert-parallel group issues
 its collectives in the same order (a requirement of all collectives on one process group), and the
 arithmetic is exactly that of running the forward and then the backward: results are bit-identical.
 
-`overlapped_forward_backward` has DualPipe's hook signature (see REFERENCE.md §4), so the pipeline engine
-can plug it in; outside such a region `wait` just waits.
+`overlapped_forward_backward` has DualPipe's hook signature (docs/reference.md §4), so the pipeline
+engine can plug it in; outside such a region `wait` just waits.
 
 Scope: this is the CPU/gloo form, where autograd runs a backward on the thread that calls it. On CUDA
 the engine runs backward nodes on its own device thread, where `wait` does not hand off: the result is

@@ -1,5 +1,5 @@
-"""EPLB: plan redundant expert replicas and their placement on GPUs (DeepSeek's expert-parallel load
-balancer, same inputs, outputs and tie-breaking, vectorized over layers).
+"""The EPLB planner: redundant expert replicas and their placement on GPUs (DeepSeek's expert-parallel
+load balancer, docs/reference.md §5: same inputs, outputs and tie-breaking, vectorized over layers).
 
 `rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)` takes per-layer expert
 loads and returns, for every layer, which logical expert each of the `num_replicas` physical slots
@@ -16,12 +16,13 @@ Options beyond the reference (all off by default, and then the output equals the
 - `avoid_colocation=True`: while packing, a replica avoids GPUs that already hold a replica of the same
   expert whenever a GPU with room does not (a second copy on one GPU balances nothing).
 - `refine=True`: after each greedy packing (groups onto nodes, replicas onto GPUs), swap items out of
-  the heaviest bin while that lowers it (`eplb_refine.py`). The GPU step is never worse than the
+  the heaviest bin while that lowers it (`refine.py`). The GPU step is never worse than the
   greedy's; after the node step, nodes replicate for their new groups, so only the heaviest node is
   guaranteed no heavier.
 - `current_phy2log=[L, R]`: the placement the experts have now. The balanced plan is kept, but nodes,
   GPUs and slots are relabelled to keep as many experts where they already are, so fewer expert
-  weights (and optimizer states, during training) move. Balancedness is unchanged by construction.
+  weights (and optimizer states, during training) move (`relabel.py`). Balancedness is unchanged by
+  construction.
 - `keep_tolerance=t` (with `current_phy2log`): a replica stays on a GPU that holds its expert now
   unless that GPU's load would pass (1 + t) x the mean; trades a little balance for fewer moves. Best
   with `refine`, which then works only on GPUs above that bound (bench/eplb.py, "drift", has figures).
@@ -31,15 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from twinpipe.parallel.eplb_greedy import balanced_packing, inverse_permutation, replicate_experts
-from twinpipe.parallel.eplb_moves import (
+from twinpipe.parallel.eplb.greedy import balanced_packing, inverse_permutation, replicate_experts
+from twinpipe.parallel.eplb.refine import refine_packing
+from twinpipe.parallel.eplb.relabel import (
     check_placement,
     home_counts,
     keep_placement,
     match_group_nodes,
     replica_ranks,
 )
-from twinpipe.parallel.eplb_refine import refine_packing
 
 
 def _check_arguments(

@@ -3,7 +3,8 @@
 Both greedies are sequential in the number of items they place, but every step is one batch of torch
 ops over all rows at once, so planning 61 layers costs about as much as planning one.
 
-Tie-breaking follows DeepSeek's EPLB exactly, because the published example depends on it:
+Tie-breaking follows DeepSeek's EPLB exactly (docs/reference.md §5), because the published example
+depends on it:
 - replication picks the expert with the highest load per replica, the lowest expert id on ties;
 - packing visits items heaviest first (a stable sort, so equal weights keep their index order) and
   puts each on the lightest pack that still has room, the lowest pack id on ties; pack loads are

@@ -1,4 +1,4 @@
-"""Expert parameters: which they are, and the reduction of their gradients.
+"""Gradient reduction of the expert slots over the data-parallel ranks that hold copies of them.
 
 The groups come from the process grid (`twinpipe.parallel.grid.build_grid`): inside a data-parallel
 (DP) group, an EP group is `ep` consecutive DP ranks (they shard the experts and exchange tokens) and
@@ -9,16 +9,10 @@ own loss; dense gradients are averaged over DP; an expert slot's gradient alread
 contributions of all tokens of its EP group, so it is *summed* over the ranks holding the same logical
 expert and divided by `dp`. With redundant EPLB replicas the copies of one logical expert sit on
 different slots (and ranks), so their gradients are summed per logical expert over the whole DP group
-and written back to every copy, which keeps the replicas identical.
+and written back to every copy, which keeps the replicas identical (what `rebalance.py` relies on).
 
-Composition with ZeRO-1 (DeepSpeed's or the trainer's): the expert parameters carry `allreduce =
-False` (DeepSpeed's `is_moe_param` marker); `expert_param_groups(model)` splits them off. Give the
-ZeRO optimizer the dense parameters only, and the expert parameters a local torch AdamW — they are
-already sharded by EP, and a local state is what EPLB can move (`ep_eplb`). Per step: backward, ZeRO's
-dense reduction, `reduce_expert_grads(model, grid.edp_group, grid.dp_group, grid.dp)`, global norm² =
-dense part + `expert_grad_norm_sq(model)` (+ sum over pipeline stages), clip, both steps.
-(`deepspeed_param_groups` gives DeepSpeed's own MoE grouping, `moe=True`, for engines that create
-DeepSpeed's expert groups themselves.)
+The trainer's ZeRO-1 optimizer (`twinpipe.trainer.optim`) leaves the expert parameters
+(`layer.is_expert_param`) to a local AdamW and calls `reduce_expert_grads` after the backward.
 """
 
 from __future__ import annotations
@@ -27,25 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel.expert_parallel import expert_parallel_layers, is_expert_param
-
-
-def expert_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(dense params, expert params) of a model after `apply_expert_parallel`."""
-    dense, expert = [], []
-    for p in model.parameters():
-        (expert if is_expert_param(p) else dense).append(p)
-    return dense, expert
-
-
-def deepspeed_param_groups(model: nn.Module, **group_options) -> list[dict]:
-    """Optimizer param groups for DeepSpeed ZeRO with MoE: the expert group is flagged `moe=True`."""
-    dense, expert = expert_param_groups(model)
-    groups = [dict(params=dense, **group_options)]
-    if expert:
-        name = expert[0].group_name
-        groups.append(dict(params=expert, moe=True, name=name, **group_options))
-    return groups
+from twinpipe.parallel.experts.layer import expert_parallel_layers
 
 
 def _local_grads(layer: nn.Module) -> list[torch.Tensor]:
@@ -88,21 +64,3 @@ def reduce_expert_grads(model: nn.Module, edp_group: dist.ProcessGroup | None,
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
             g.copy_(b[ids])
-
-
-@torch.no_grad()
-def expert_grad_norm_sq(model: nn.Module) -> torch.Tensor:
-    """Squared L2 norm (fp64) of the expert gradients after `reduce_expert_grads`, each logical expert
-    counted once however many replicas it has: the expert part of the global norm for clipping
-    (collective over each EP group; add the dense part, and sum over pipeline stages)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for layer in expert_parallel_layers(model):
-        per_slot = torch.zeros(layer.slots_per_rank, dtype=torch.float64)    # [S]
-        for p in layer.local.parameters():
-            if p.grad is not None:
-                per_slot += p.grad.double().pow(2).flatten(1).sum(1).cpu()
-        copies = layer.logcnt[layer.local_logical_ids()].to(torch.float64).cpu()  # [S]
-        sq = (per_slot / copies).sum()
-        dist.all_reduce(sq, group=layer.ep_group)
-        total += sq
-    return total

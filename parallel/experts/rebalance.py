@@ -1,8 +1,9 @@
-"""EPLB during training: re-plan the physical expert slots and move weights + optimizer state.
+"""EPLB during training: re-plan the physical expert slots and move weights + optimizer state there.
 
-`ExpertRebalancer(model, ep_group, num_nodes).replan(global_loads_window, optimizer)`:
-  1. `rebalance_experts(loads[L, E], R, n_group, num_nodes, ep, current_phy2log=...)` gives every
-     layer's new slot table, relabelled to keep as many experts as possible where they are;
+`ExpertRebalancer(model).replan(global_loads_window, optimizer)`:
+  1. the planner, `rebalance_experts(loads[L, E], R, n_group, num_nodes, ep, current_phy2log=...)`
+     (`twinpipe.parallel.eplb`, docs/reference.md §5), gives every layer's new slot table,
+     relabelled to keep as many experts as possible where they are;
   2. each rank works out, from the old and new tables (the same on every rank), which old slot feeds
      each new slot: its own old copy when it has one, else the first rank holding the expert;
   3. one `all_to_all_single` per layer moves the rows — parameters and, for every parameter, each
@@ -10,53 +11,39 @@
      packed as bytes so mixed dtypes travel together, bit for bit — and the rows are written in place
      (the Parameter objects, and so the optimizer's references, do not change; a scalar `step` is
      shared by all slots and stays).
-Because every copy of a logical expert is identical (replica gradients are summed, see `ep_groups`),
-the model computes the same function after a move: a re-plan changes only which rank does the work.
+Because every copy of a logical expert is identical (replica gradients are summed, see
+`grad_reduction`), the model computes the same function after a move: a re-plan changes only which
+rank does the work.
 
 Call it between steps (after `optimizer.step()` and `zero_grad()`): expert gradients are dropped.
 ZeRO-1 partitions optimizer state across DP ranks in flat buffers, so a rank cannot move one slot's
-moments from its shard alone: keep the expert parameters' state unpartitioned (they are already
-sharded by EP) — a plain torch optimizer passed as `optimizer`, or an own optimizer whose per-slot
-master/moment views `slot_state(param)` returns.
+moments from its shard alone: the expert parameters' state stays unpartitioned (they are already
+sharded by EP) in a plain torch optimizer, passed as `optimizer` (the trainer's `expert_opt`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel import ep_comm
-from twinpipe.parallel.eplb import balancedness, rebalance_experts
-from twinpipe.parallel.expert_parallel import ExpertParallelExperts, expert_parallel_layers
+from twinpipe.parallel.eplb import rebalance_experts
+from twinpipe.parallel.eplb.planner import balancedness
+from twinpipe.parallel.experts.all_to_all import all_to_all
+from twinpipe.parallel.experts.layer import ExpertParallelExperts, expert_parallel_layers
 
 logger = logging.getLogger(__name__)
 
 
-SlotState = Callable[[nn.Parameter], list[torch.Tensor]]
-"""Extra per-slot tensors ([S, ...], written in place) that move with an expert parameter — e.g.
-views into an optimizer's own flat master/moment buffers when it is not a torch optimizer."""
-
-
-def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None,
-                slot_state: SlotState | None) -> list[torch.Tensor]:
-    """The per-slot tensors that move with a parameter: itself, its torch-optimizer state of its
-    shape (AdamW: exp_avg, exp_avg_sq), then `slot_state(param)`."""
+def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The per-slot tensors that move with a parameter: itself, then its torch-optimizer state of its
+    shape (AdamW: exp_avg, exp_avg_sq)."""
     rows = [param.data]
     if optimizer is not None:
         state = optimizer.state.get(param, {})
         rows += [state[k] for k in sorted(state)
                  if torch.is_tensor(state[k]) and state[k].shape == param.shape]
-    if slot_state is not None:
-        extra = slot_state(param)
-        for t in extra:
-            if t.shape[0] != param.shape[0]:
-                raise ValueError(f"slot_state gave a tensor of shape {tuple(t.shape)} for a parameter of "
-                                 f"shape {tuple(param.shape)}: the first dimension must be the slots")
-        rows += extra
     return rows
 
 
@@ -81,7 +68,7 @@ def _unpack_into(tensors: list[torch.Tensor], packed: torch.Tensor, slots: list[
 
 @torch.no_grad()
 def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
-               optimizer: torch.optim.Optimizer | None = None, slot_state: SlotState | None = None) -> int:
+               optimizer: torch.optim.Optimizer | None = None) -> int:
     """Move one layer to the placement `new_phy2log[R]`; returns the number of slots received from
     other ranks (rows that crossed the network)."""
     old = layer.phy2log.clone()
@@ -96,7 +83,7 @@ def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
         src = on_dest[0] if on_dest else holders[0]
         sources.append((src // s, src % s))
 
-    tensors = [t for p in layer.local.parameters() for t in _state_rows(p, optimizer, slot_state)]
+    tensors = [t for p in layer.local.parameters() for t in _state_rows(p, optimizer)]
     send_slots = [[] for _ in range(ep)]                 # my local slots to send, per destination
     recv_slots = [[] for _ in range(ep)]                 # my new local slots to fill, per source
     local_moves: list[tuple[int, int]] = []              # (old local slot, new local slot) on me
@@ -113,7 +100,7 @@ def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
     flat_send = [q for d in range(ep) for q in send_slots[d]]
     send = (_pack(tensors, flat_send) if flat_send
             else torch.empty(0, row_bytes, dtype=torch.uint8, device=tensors[0].device))
-    received = ep_comm.all_to_all(send, [len(r) for r in recv_slots], [len(q) for q in send_slots],
+    received = all_to_all(send, [len(r) for r in recv_slots], [len(q) for q in send_slots],
                                   layer.ep_group)                               # [num_recv, row_bytes]
     if local_moves:
         old_rows = _pack(tensors, [a for a, _ in local_moves])
@@ -151,8 +138,8 @@ class ExpertRebalancer:
                                           self.ep_size, current_phy2log=current)
         return phy2log.to(torch.int64)
 
-    def replan(self, global_loads_window: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
-               slot_state: SlotState | None = None) -> dict[str, float]:
+    def replan(self, global_loads_window: torch.Tensor,
+               optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Re-plan from the all-reduced loads of a window of steps ([L, E], identical on every rank),
         move weights and optimizer state, and return load metrics before/after (max/mean over ranks,
         the worst layer, and the mean over layers), the slots this rank received from other ranks
@@ -165,7 +152,7 @@ class ExpertRebalancer:
         before = balancedness(loads, old_tables, self.ep_size)
         moved = 0
         for i, layer in enumerate(self.layers):
-            moved += move_slots(layer, new_tables[i], optimizer, slot_state)
+            moved += move_slots(layer, new_tables[i], optimizer)
         after = balancedness(loads, new_tables, self.ep_size)                      # [L]
         metrics = {
             "eplb/load_max_over_mean_before": float(before.max()),

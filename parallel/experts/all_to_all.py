@@ -1,14 +1,15 @@
-"""All-to-all exchanges of expert parallelism: counts, dispatch (BF16/FP32 or FP8) and combine.
+"""The all-to-all exchanges of expert parallelism: row counts, and rows (BF16/FP32, or FP8 on the way out).
 
 Every exchange is one `dist.all_to_all_single` with variable split sizes, issued with `async_op=True`
-and finished through `twinpipe.parallel.overlap.wait`, so inside an overlapped forward-backward region
-the other micro-batch computes while the bytes move. Dispatch and combine are autograd functions: the
-backward of a dispatch is a combine of the gradients (splits swapped) and vice versa.
+and finished through `twinpipe.parallel.experts.overlap.wait`, so inside an overlapped forward-backward
+region the other micro-batch computes while the bytes move. `exchange_rows` is differentiable: its
+backward sends the gradients back along the swapped splits. `dispatch.py` uses it both ways (tokens
+out to the experts, outputs back).
 
-FP8 dispatch (DeepSeek-V3 §3.3): activations are quantized per 1×128 tile with power-of-2 scales by
-`twinpipe.fp8.act_quant(x, block_size, pow2=True)`, sent as uint8 bytes (gloo has no fp8 type) packed
-with their fp32 scales in one buffer, and dequantized on arrival; the gradient goes back in the
-gradient's own dtype (BF16/FP32), as does the combine.
+FP8 rows (docs/reference.md §2; DeepSeek-V3 report §3.3): activations are quantized per 1×128 tile
+with power-of-2 scales by `twinpipe.fp8.act_quant(x, block_size, pow2=True)`, sent as uint8 bytes
+(gloo has no fp8 type) packed with their fp32 scales in one buffer, and dequantized on arrival; the
+gradient goes back in the gradient's own dtype (BF16/FP32), as does the combine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from twinpipe.parallel import overlap
+from twinpipe.parallel.experts import overlap
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
@@ -55,16 +56,11 @@ class _AllToAll(torch.autograd.Function):
         return all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 
 
-def dispatch(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-             group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Send token rows to the ranks holding their experts (differentiable)."""
+def exchange_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                  group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Rows of `x` split by `in_splits` go to the group's ranks; returns the rows received
+    (differentiable: the gradient goes back along the swapped splits)."""
     return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
-def combine(y: torch.Tensor, out_splits: list[int], in_splits: list[int],
-            group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Send expert outputs back to the ranks owning the tokens (differentiable)."""
-    return _AllToAll.apply(y, out_splits, in_splits, group)
 
 
 def _quantize_rows(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, int]:
@@ -89,8 +85,8 @@ def _dequantize_rows(packed: torch.Tensor, hidden: int, block_size: int,
     return act_dequant(q, s, block_size, dtype)
 
 
-class _FP8Dispatch(torch.autograd.Function):
-    """Dispatch in FP8 (power-of-2 scales); the gradient travels back unquantized."""
+class _FP8AllToAll(torch.autograd.Function):
+    """Rows sent in FP8 (power-of-2 scales); the gradient travels back unquantized."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, block_size):
@@ -104,7 +100,7 @@ class _FP8Dispatch(torch.autograd.Function):
         return all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None, None
 
 
-def dispatch_fp8(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                 group: dist.ProcessGroup | None, block_size: int = 128) -> torch.Tensor:
-    """`dispatch` with the activations sent as FP8 E4M3 + power-of-2 scales per 1×`block_size` tile."""
-    return _FP8Dispatch.apply(x, out_splits, in_splits, group, block_size)
+def exchange_rows_fp8(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                      group: dist.ProcessGroup | None, block_size: int = 128) -> torch.Tensor:
+    """`exchange_rows` with the rows sent as FP8 E4M3 + power-of-2 scales per 1×`block_size` tile."""
+    return _FP8AllToAll.apply(x, out_splits, in_splits, group, block_size)
