@@ -18,12 +18,19 @@ Layout of `run.dir/checkpoints/step_N/`:
     meta.json                 step, tokens consumed, the layout (pp, dp, ep, schedule, expert_slots,
                               zero) and `segments`: bucket key -> [[parameter, offset, numel], ...]
     config.yaml, tokenizer.json
+    SHA256SUMS                the SHA-256 of every file above (`twinpipe.trainer.checksum`)
     COMPLETE                  written last, before the folder gets its final name
 
 A save writes everything into `checkpoints/.tmp-step_N`, then rank 0 writes `COMPLETE` and renames
 the folder to `step_N` (a rename is atomic). A crash mid-write leaves only a `.tmp-*` folder, which
-`resume=auto` ignores and the next save removes, so the newest `step_N` is always whole. The scheduler
-needs no state of its own: the LR, λ and γ are functions of (step, tokens) from meta.json.
+`resume=auto` ignores and the next save removes, so the newest `step_N` is always whole; a failed
+write (a full disk) removes it and raises, naming the previous complete checkpoint, which is untouched.
+Before a checkpoint is read its checksums are verified: `resume=auto` passes over a corrupt one with a
+warning naming the file and takes the previous complete one; a path (resume=PATH, twinpipe-convert,
+-generate, -eval) stops with a one-line error naming the file. `checkpoint.keep` counts the checkpoint
+just written first, so pruning never deletes it (the newest verified one) in favour of a newer-numbered
+folder left from another run. The scheduler needs no state of its own: the LR, λ and γ are functions
+of (step, tokens) from meta.json.
 
 A resume under the saved pp, schedule and ep (any dp) is `load_checkpoint`: one DCP load of the same
 keys. Under another pp, schedule or ep the keys differ; `twinpipe.trainer.reshard` then rebuilds each
@@ -45,8 +52,10 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from twinpipe.model.safetensors_io import CheckpointError
+from twinpipe.trainer.checksum import file_sha256, first_mismatch, hash_files, write_sums
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +90,31 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(resume: str, run_dir: str | Path, key: str = "resume") -> Optional[Path]:
-    """The checkpoint folder to start from: `auto` = newest complete one (or none), `never`, or PATH.
-    `key` is the recipe key the value came from, for the error message."""
+    """The checkpoint folder to start from, its checksums verified: `auto` = the newest complete one
+    that verifies (a corrupt one is passed over with a warning naming its bad file; none: None),
+    `never`, or PATH (a corrupt one is a CheckpointError naming the file). `key` is the recipe key the
+    value came from, for the error messages. With a process group every rank calls this together."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        return found[-1][1] if found else None
+        for _, folder in reversed(complete_checkpoints(run_dir)):
+            problem = first_mismatch(folder)
+            if problem is None:
+                return folder
+            log.warning("resume=auto: %s; falling back to the previous complete checkpoint", problem)
+        return None
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         found = complete_checkpoints(path)  # a run dir is accepted too: its newest checkpoint
-        if found:
-            return found[-1][1]
-        allowed = "; allowed: auto, never, or such a path" if key == "resume" else ""
-        raise FileNotFoundError(f"{key}={resume}: not a complete checkpoint folder (no {COMPLETE} "
-                                f"marker) nor a run dir with one{allowed}")
+        if not found:
+            allowed = "; allowed: auto, never, or such a path" if key == "resume" else ""
+            raise FileNotFoundError(f"{key}={resume}: not a complete checkpoint folder (no {COMPLETE} "
+                                    f"marker) nor a run dir with one{allowed}")
+        path = found[-1][1]
+    problem = first_mismatch(path)
+    if problem is not None:
+        hint = "; resume=auto would fall back to an older checkpoint" if key == "resume" else ""
+        raise CheckpointError(f"{key}={resume}: {problem}{hint}")
     return path
 
 
@@ -118,9 +137,37 @@ def _maybe_fault(stage: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+def _all_ok(ok: bool) -> bool:
+    """True on every rank when `ok` is True on every rank."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _write_failed(root: Path, tmp: Path, step: int, error: BaseException | None) -> CheckpointError:
+    """The one-line error of a failed save (what failed, the free space left), after removing its
+    partial folder (rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, CheckpointException):  # DCP's: the first failing rank's own exception
+        rank, (error, _) = min(error.failures.items())
+        why = f"rank {rank}: {type(error).__name__}: {error}"
+    else:
+        why = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+    free = shutil.disk_usage(root).free / 2**30
+    found = complete_checkpoints(root.parent)
+    kept = f"the previous complete checkpoint {found[-1][1]} is intact" if found else "no earlier checkpoint"
+    return CheckpointError(f"checkpoint step {step} not written ({why.splitlines()[0]}; {free:.1f} GiB free "
+                           f"under {root}); {kept}")
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_state: dict[str, Any],
                     meta: dict[str, Any], config_yaml: str, tokenizer: Any, keep: int) -> Path:
-    """Write checkpoint `step` atomically (all ranks call this together); keep the newest `keep`."""
+    """Write checkpoint `step` atomically (all ranks call this together), with its checksums; keep the
+    newest `keep` (this one first). A failed write raises a CheckpointError on every rank and leaves the
+    earlier checkpoints as they were."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
@@ -129,16 +176,30 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with single_process_quiet():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    torch.save(rank_state, tmp / f"rank_{rank}.pt")
+    error = None
+    try:
+        with single_process_quiet():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        torch.save(rank_state, tmp / f"rank_{rank}.pt")
+    except (Exception, CheckpointException) as exc:  # a full disk, a quota (DCP wraps them in its own type)
+        error = exc
+    if not _all_ok(error is None):
+        raise _write_failed(root, tmp, step, error) from error
     _maybe_fault("save", step)
-    _barrier()
+    digests = hash_files(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
     if rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            (tmp / "config.yaml").write_text(config_yaml)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            written = [p.name for p in tmp.iterdir() if p.is_file() and p.name not in digests]
+            write_sums(tmp, {**digests, **{name: file_sha256(tmp / name) for name in written}})
+        except OSError as exc:
+            error = exc
+    if not _all_ok(error is None):
+        raise _write_failed(root, tmp, step, error) from error
+    if rank == 0:
         with open(tmp / COMPLETE, "w") as f:
             f.write(f"step {step}\n")
             f.flush()
@@ -149,14 +210,16 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
             final.rename(old)
             shutil.rmtree(old)
         tmp.rename(final)
-        _prune(run_dir, keep)
+        _prune(run_dir, keep, final)
         log.info("checkpoint step %d -> %s", step, final)
     _barrier()
     return final
 
 
-def _prune(run_dir: str | Path, keep: int) -> None:
-    for _, d in complete_checkpoints(run_dir)[:-keep]:
+def _prune(run_dir: str | Path, keep: int, newest: Path) -> None:
+    """Keep `newest` (just written and verified) and the newest `keep - 1` other complete ones."""
+    others = [d for _, d in reversed(complete_checkpoints(run_dir)) if d != newest]
+    for d in others[max(keep - 1, 0):]:
         shutil.rmtree(d, ignore_errors=True)
     for d in checkpoint_root(run_dir).glob(".tmp-step_*"):  # leftovers of crashed saves
         shutil.rmtree(d, ignore_errors=True)
