@@ -44,6 +44,16 @@ DEFAULT_MAX_DOC_CHARS = 1_000_000
 _UTF8_CHECKED = ("text", "json")  # builders that decode raw bytes; parquet/arrow strings are UTF-8 already
 
 
+class DataFieldError(KeyError, ValueError):
+    """A data file without the text field: a KeyError, and a ValueError so the CLIs say it in one line."""
+
+    __str__ = Exception.__str__
+
+
+class DataTypeError(TypeError, ValueError):
+    """A text field of another type than str (a TypeError, and a ValueError for the CLIs)."""
+
+
 def builder_for(path: Path) -> str | None:
     """The datasets builder for `path` by suffix (`a.jsonl.gz` -> json), None when unknown."""
     suffixes = [x.lower() for x in path.suffixes[-2:]]
@@ -203,7 +213,7 @@ class TextSource:
                     missing += 1
                     continue
                 if not isinstance(text, str):
-                    raise TypeError(f"data file {f}: field {self.text_field!r} holds "
+                    raise DataTypeError(f"data file {f}: field {self.text_field!r} holds "
                                     f"{type(text).__name__}, expected a string")
                 if text:
                     count += 1
@@ -213,7 +223,7 @@ class TextSource:
         except Exception as err:  # pyarrow / json errors do not say which file they were reading
             raise _unreadable(f, builder, err) from err
         if missing and count == 0 and builder != "text":
-            raise KeyError(f"data file {f}: no record has a {self.text_field!r} value; set "
+            raise DataFieldError(f"data file {f}: no record has a {self.text_field!r} value; set "
                            "data.text_field to the field holding the text")
         if missing:
             log.warning("data file %s: skipped %d records with no %r value", f, missing,
@@ -237,6 +247,6 @@ class TextSource:
                 datasets.enable_progress_bars()
         columns = ds.column_names
         if builder != "text" and columns is not None and self.text_field not in columns:
-            raise KeyError(f"data file {f}: no field {self.text_field!r} (fields: {columns}); set "
+            raise DataFieldError(f"data file {f}: no field {self.text_field!r} (fields: {columns}); set "
                            "data.text_field")
         return ds

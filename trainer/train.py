@@ -47,11 +47,18 @@ def run(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
     try:
-        with config.user_errors("twinpipe-train", ValueError):  # the recipe's errors: one line
+        # a user's error (a recipe value, a missing or malformed data file, a corrupt checkpoint, a
+        # full disk, a non-finite loss under train.on_nonfinite=stop): one line from rank 0, exit 1
+        # on every rank (HYDRA_FULL_ERROR=1: the traceback instead)
+        with config.user_errors("twinpipe-train", ValueError, OSError, FloatingPointError):
             prepare(cfg)
-        from twinpipe.trainer.loop import train
+            from twinpipe.trainer.loop import train
 
-        train(cfg)
+            train(cfg)
+    except SystemExit as stop:
+        if isinstance(stop.code, str) and int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(1) from None
+        raise
     finally:
         import torch.distributed as dist
 
