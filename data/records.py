@@ -14,7 +14,7 @@ and optionally a reference `answer`. Formats (`data.format`), field names config
 - `auto`: the first of these whose fields the record has.
 
 Bad input (`on_bad_record`): a line that is not JSON, a record without the format's fields, a field of the
-wrong type or an unknown role raises `BadRecord("<file>:<line>: <what>")` (`error`), or is skipped and
+wrong type or an unknown role raises `BadRecord("data file <file> line <n>: <what>")` (`error`), or is skipped and
 counted (`skip`). A jsonl line number is found only when something is wrong (a scan of the file up to it);
 parquet/arrow records are named by row.
 """
@@ -39,7 +39,7 @@ ON_BAD_RECORD = ("error", "skip")
 
 
 class BadRecord(ValueError):
-    """A record the SFT reader cannot use; the message starts with `<file>:<line>:`."""
+    """A record the SFT reader cannot use; the message starts with `data file <file> line <n>:`."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class RecordReader:
             for where, raw in self._raw_records(path):
                 try:
                     if isinstance(raw, Exception):
-                        raise BadRecord(f"{where()}: not a JSON object ({raw})")
+                        raise BadRecord(f"{where()}: not valid JSON: {raw.msg} (column {raw.colno})")
                     record = to_record(raw, self.fmt, self.fields, where)
                 except BadRecord as err:
                     if self.on_bad_record == "error":
@@ -168,7 +168,7 @@ class RecordReader:
                 yield where(), record
 
     def _raw_records(self, path: Path) -> Iterator[tuple[Any, Any]]:
-        """(where() -> "file:line", raw dict or an exception) for each record of `path`."""
+        """(where() -> "data file <path> line <n>", raw dict or a JSONDecodeError) per record of `path`."""
         if is_saved_dataset(path):
             yield from self._rows(path, self._load_from_disk(path))
             return
@@ -179,26 +179,26 @@ class RecordReader:
         done = 0
         try:
             for raw in self._load(path, builder):
-                yield (lambda i=done: f"{path}:{jsonl_line_of(path, i)}"), raw
+                yield (lambda i=done: f"data file {path} line {jsonl_line_of(path, i)}"), raw
                 done += 1
         except BadRecord:
             raise
         except Exception as err:  # datasets / pyarrow do not say which line broke them
             if _first_char(path) == "[":
-                raise BadRecord(f"{path}: datasets could not read this JSON array ({err})") from err
+                raise BadRecord(f"data file {path}: datasets could not read this JSON array ({err})") from err
             bad = 0
             for number, raw in _jsonl_lines(path):  # find the bad line; in skip mode, read on by hand
                 bad += isinstance(raw, Exception)
                 if done > 0:
                     done -= 0 if isinstance(raw, Exception) else 1
                     continue
-                yield (lambda n=number: f"{path}:{n}"), raw
+                yield (lambda n=number: f"data file {path} line {n}"), raw
             if bad == 0:
                 log.warning("%s: datasets could not read it (%s); read line by line instead", path, err)
 
     def _rows(self, path: Path, ds: Any) -> Iterator[tuple[Any, Any]]:
         for i, raw in enumerate(ds):
-            yield (lambda i=i: f"{path} row {i + 1}"), raw
+            yield (lambda i=i: f"data file {path} row {i + 1}"), raw
 
     def _load(self, path: Path, builder: str) -> Any:
         import datasets  # heavy import, only when user data is read
@@ -210,7 +210,7 @@ class RecordReader:
         except Exception as err:
             if builder == "json":  # a syntax error: the caller finds its line
                 return _Failing(err)
-            raise BadRecord(f"{path}: datasets could not read it as {builder} ({err})") from err
+            raise BadRecord(f"data file {path}: datasets could not read it as {builder} ({err})") from err
 
     def _load_from_disk(self, path: Path) -> Any:
         import datasets
@@ -218,7 +218,7 @@ class RecordReader:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds and len(ds) != 1:
-                raise BadRecord(f"{path}: a saved DatasetDict with splits {list(ds)}; give one split's "
+                raise BadRecord(f"data folder {path}: a saved DatasetDict with splits {list(ds)}; give one split's "
                                 "folder or name one 'train'")
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return ds.to_iterable_dataset() if self.streaming else ds

@@ -115,18 +115,18 @@ def test_cache_is_reused_and_nothing_half_written(tok, tmp_path, monkeypatch):
     monkeypatch.undo()
     write_jsonl(tmp_path / "bad.jsonl", [chat(1), chat(2), '{"messages": [{"role": "robot"}]}'])
     before = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
-    with pytest.raises(BadRecord, match=r"bad.jsonl:3: messages\[0\] has role 'robot'; allowed system"):
+    with pytest.raises(BadRecord, match=r"bad.jsonl line 3: messages\[0\] has role 'robot'; allowed system"):
         sft_dataset(data_cfg(tmp_path, [tmp_path / "bad.jsonl"]), tok, "train", 32)
     after = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert after == before and not list((tmp_path / "cache").glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"messages": [{"role": "user", "content": "hi"}', r"bad.jsonl:3: not a JSON object"),
-    ('{"messages": "hello"}', r"bad.jsonl:3: 'messages' must be a non-empty list of messages, got str"),
-    ('{"messages": [{"role": "user", "content": 5}]}', r"bad.jsonl:3: messages\[0\] \(user\) content is int"),
-    ('{"question": "x"}', r"bad.jsonl:3: no 'messages', 'prompt'\+'completion' or 'text' field"),
-    ('[1, 2]', r"bad.jsonl:3: a record must be a JSON object, got list"),
+    ('{"messages": [{"role": "user", "content": "hi"}', r"data file .*bad.jsonl line 3: not valid JSON: Expecting"),
+    ('{"messages": "hello"}', r"bad.jsonl line 3: 'messages' must be a non-empty list of messages, got str"),
+    ('{"messages": [{"role": "user", "content": 5}]}', r"bad.jsonl line 3: messages\[0\] \(user\) content is int"),
+    ('{"question": "x"}', r"bad.jsonl line 3: no 'messages', 'prompt'\+'completion' or 'text' field"),
+    ('[1, 2]', r"bad.jsonl line 3: a record must be a JSON object, got list"),
 ])
 def test_bad_records_name_file_and_line(tok, tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [chat(0), "", line, chat(1)])  # line 2 is blank
