@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from twinpipe.fp8 import emulate, quant
+from twinpipe.model.fp8_format import weight_quant
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Backend:
 
 
 def _emulate() -> Backend:
-    return Backend("emulate", quant.act_quant, quant.weight_quant, emulate.emulate_gemm,
+    return Backend("emulate", quant.act_quant, weight_quant, emulate.emulate_gemm,
                    emulate.emulate_grouped_gemm, emulate.emulate_k_grouped_gemm)
 
 
@@ -44,7 +45,7 @@ def _triton() -> Backend:
 
 def _cublas() -> Backend:
     from twinpipe.fp8 import cublas
-    return Backend("cublas", quant.act_quant, quant.weight_quant, cublas.cublas_gemm,
+    return Backend("cublas", quant.act_quant, weight_quant, cublas.cublas_gemm,
                    cublas.cublas_grouped_gemm, cublas.cublas_k_grouped_gemm)
 
 

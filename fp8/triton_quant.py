@@ -1,7 +1,8 @@
 """Triton kernels for 1×128 activation and 128×128 weight quantization.
 
-Operation for operation the arithmetic of `twinpipe.fp8.quant` (correctly rounded divisions via
-`div_rn`, the same clamp and scale floor), so the results are bit-identical to the torch reference.
+Operation for operation the arithmetic of `twinpipe.model.fp8_format` and `twinpipe.fp8.quant`
+(correctly rounded divisions via `div_rn`, the same clamp and scale floor), so the results are
+bit-identical to the torch reference.
 
 Triton's CPU interpreter (`TRITON_INTERPRET=1`) rounds the fp32 -> e4m3 cast wrongly when rounding
 carries into the exponent; with `EXACT_CAST` the value is first rounded to the E4M3 grid in fp32 (so the
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from twinpipe.fp8.quant import AMAX_FLOOR
+from twinpipe.model.fp8_format import AMAX_FLOOR
 
 FP8_MAX = 448.0
 
@@ -120,7 +121,7 @@ def triton_act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False,
 
 def triton_weight_quant(w: torch.Tensor, block_size: int = 128, pow2: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `twinpipe.fp8.quant.weight_quant`: w [..., N, K] -> q, s [..., nbn, nbk]."""
+    """Same contract as `twinpipe.model.fp8_format.weight_quant`: w [..., N, K] -> q, s [..., nbn, nbk]."""
     n, k = w.shape[-2:]
     w3 = w.reshape(-1, n, k)
     if w3.stride(-1) != 1:

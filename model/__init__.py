@@ -8,7 +8,8 @@
     spec = speculative_generate(model, prompts, 16)  # greedy with MTP drafts, spec.acceptance_rate
 
 Files in data-flow order: config, norm, rope, attention (MLA), mlp, gate, experts, moe, block, mtp,
-transformer; kv_cache, generation, speculative; hf (+ safetensors_io) for HF checkpoint folders.
+transformer; kv_cache, generation, speculative; hf (+ safetensors_io, fp8_format) for HF checkpoint
+folders.
 """
 
 from .attention import MLA

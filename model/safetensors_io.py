@@ -9,7 +9,7 @@ folder next to the target and renames it into place only when everything is on d
 
 FP8 checkpoints (DeepSeek-V3 layout) store a weight W[out, in] as `float8_e4m3fn` q with an FP32
 sibling `<name>_scale_inv` s[ceil(out/128), ceil(in/128)], W ≈ q · s per 128×128 block; edge blocks
-are partial when a dimension is not a multiple of 128. The block math is `twinpipe.fp8`'s
+are partial when a dimension is not a multiple of 128. The block math is `fp8_format`'s
 (`weight_quant` / `weight_dequant`: s = max(amax, 1e-4) / 448, q = e4m3(x / s)).
 """
 
@@ -29,14 +29,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twinpipe.fp8 import weight_dequant, weight_quant
+from .fp8_format import FP8_DTYPE, weight_dequant, weight_quant
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPE = torch.float8_e4m3fn
 FP8_BLOCK = 128
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from twinpipe.fp8 import act_dequant, act_quant, weight_dequant, weight_quant
-from twinpipe.fp8.quant import FP8_MAX, round_scale_pow2
+from twinpipe.model.fp8_format import FP8_MAX, round_scale_pow2
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest puts a normal value within 2^-4 of itself (relative);
 # values below the smallest normal (2^-6 in quantized units) are within half a subnormal step, 2^-10.
