@@ -41,6 +41,7 @@ class ModelSchema:
     num_attention_heads: Optional[int] = None
     num_nextn_predict_layers: Optional[int] = None
     max_position_embeddings: Optional[int] = None
+    freeze_router: bool = False  # keep the gate weights fixed (the bias still follows balance.gamma)
     # any other ModelConfig field, e.g. `+model.extra.rope_theta=50000`
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -55,6 +56,19 @@ class DataSchema:
     # otherwise a tokenizer.json file or an HF tokenizer folder.
     tokenizer: str = "default"
     cache_dir: str = "runs/.cache"
+    streaming: bool = False  # source=files / SFT: read files through datasets' streaming mode
+    # pretraining: concat (documents cut across samples) | pad (whole documents, padded);
+    # SFT: pack (conversations side by side, positions restarting) | pad (one per row)
+    packing: str = "concat"
+    reset_position_ids: bool = False  # pretraining: positions (and attention) restart after each eos
+    # SFT records (twinpipe.data.records): format auto | messages | prompt_completion | text
+    format: str = "auto"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    answer_field: str = "answer"  # a reference answer for eval's exact match (optional)
+    on_bad_record: str = "error"  # error (names file:line) | skip (counted)
+    overlong: str = "truncate"  # SFT: a conversation longer than train.seq_len: truncate | drop
 
 
 @dataclass
@@ -149,6 +163,20 @@ class CheckpointSchema:
 
 
 @dataclass
+class SFTSchema:
+    train_on_prompt: bool = False  # the loss also covers system/user tokens
+
+
+@dataclass
+class EvalSchema:
+    every: int = 0  # steps between evaluations; 0 = off
+    paths: List[str] = field(default_factory=list)  # eval records; [] = the data.heldout_percent split
+    batches: int = 8  # held-out micro-batches for the loss (per dp rank)
+    answers: int = 32  # records with data.answer_field for greedy exact match; 0 = off
+    max_new_tokens: int = 32
+
+
+@dataclass
 class RecipeSchema:
     model: ModelSchema = MISSING
     data: DataSchema = MISSING
@@ -163,6 +191,15 @@ class RecipeSchema:
     logging: LoggingSchema = field(default_factory=LoggingSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     resume: str = "auto"  # auto | never | PATH (a checkpoints/step_N folder)
+
+
+@dataclass
+class SFTRecipeSchema(RecipeSchema):
+    """`recipes/sft.yaml`: the training recipe plus where the weights start, SFT and eval keys."""
+
+    init_from: Optional[str] = None  # a twinpipe checkpoint / run dir or an HF DeepSeek-V3 folder
+    sft: SFTSchema = field(default_factory=SFTSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
 
 
 def short_dirname(overrides: str, limit: int = 100) -> str:
@@ -207,6 +244,7 @@ def register() -> None:
         OmegaConf.register_new_resolver("twinpipe_dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(name="recipe_schema", node=RecipeSchema)
+    cs.store(name="sft_recipe_schema", node=SFTRecipeSchema)
     cs.store(group="model", name="model_schema", node=ModelSchema)
     cs.store(group="data", name="data_schema", node=DataSchema)
     cs.store(group="optim", name="optim_schema", node=OptimSchema)
@@ -227,6 +265,15 @@ CHOICES = {
     "train.on_nonfinite": ("skip", "stop"),
     "logging.wandb": ("offline", "online", "disabled"),
 }
+
+SFT_CHOICES = {
+    "data.packing": ("pack", "pad"),
+    "data.format": ("auto", "messages", "prompt_completion", "text"),
+    "data.on_bad_record": ("error", "skip"),
+    "data.overlong": ("truncate", "drop"),
+}
+SFT_NON_NEGATIVE = ("eval.every", "eval.answers", "data.heldout_percent")
+SFT_POSITIVE = ("eval.batches", "eval.max_new_tokens")
 
 POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
             "parallel.pp", "parallel.dp", "parallel.ep", "checkpoint.keep", "logging.every")
@@ -287,6 +334,10 @@ def validate(cfg: DictConfig) -> None:
     """Raise ValueError naming the key, the value seen and what is allowed."""
     reject_unknown_keys(cfg, "twinpipe-train")
     check_values(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
+    if "sft" in cfg:
+        validate_sft(cfg)
+    else:
+        check_values(cfg, {"data.packing": ("concat", "pad")})
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"optim.betas={betas}: need two values in [0, 1)")
@@ -318,3 +369,19 @@ def validate(cfg: DictConfig) -> None:
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")
+
+
+def validate_sft(cfg: DictConfig) -> None:
+    """The SFT recipe's own keys (called by `validate` when the recipe has an `sft` section)."""
+    check_values(cfg, SFT_CHOICES, SFT_POSITIVE, SFT_NON_NEGATIVE)
+    if not cfg.data.paths:
+        raise ValueError("data.paths=[]: the sft recipe needs chat records, e.g. 'data.paths=[chats.jsonl]'")
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        raise ValueError(f"init_from={cfg.init_from}: no such checkpoint or folder; allowed: null, a "
+                         "twinpipe checkpoint / run dir, or an HF DeepSeek-V3 folder")
+    if cfg.eval.every and not cfg.eval.paths and not cfg.data.heldout_percent:
+        raise ValueError(f"eval.every={cfg.eval.every}: evaluation needs eval.paths or a held-out split "
+                         "(data.heldout_percent > 0)")
+    if cfg.data.reset_position_ids:
+        raise ValueError("data.reset_position_ids=true: SFT positions always restart per conversation "
+                         "with data.packing=pack; the key is for pretraining")

@@ -26,6 +26,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._bar = None
+        self._last_eval: dict[str, str] = {}
         self._wandb = None
         if not enabled:
             return
@@ -54,7 +55,10 @@ class MetricsWriter:
         self._file.flush()
         if self._bar is not None:
             self._bar.update(record["step"] - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            # the latest evaluation (SFT's eval_loss / eval_exact_match) stays on the bar between them
+            self._last_eval.update({k: f"{v:.4f}" for k, v in record.items() if k.startswith("eval_")})
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                  **self._last_eval)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in clean.items() if k != "expert_load"}, step=record["step"])
 

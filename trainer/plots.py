@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def make_plots(run_dir: str | Path) -> list[Path]:
-    """Write loss.png (loss, LM loss, MTP loss), lr.png and expert_load.png (one panel per MoE layer:
+    """Write loss.png (loss, LM loss, MTP loss; SFT's held-out loss), eval.png (SFT's held-out exact
+    match, when logged), lr.png and expert_load.png (one panel per MoE layer:
     experts x steps, colour = share of the layer's tokens); return the paths written."""
     import matplotlib
 
@@ -30,6 +31,9 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "loss (LM + λ·MTP)"), ("lm_loss", "LM loss"), ("mtp_loss", "MTP loss")):
         ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in records], label=label)
+    evals = [r for r in records if "eval_loss" in r]  # SFT's held-out loss (eval.every)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out LM loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(f"training loss: {run_dir.name}")
@@ -38,6 +42,17 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     out.append(run_dir / "loss.png")
     fig.savefig(out[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+    matches = [r for r in records if "eval_exact_match" in r]
+    if matches:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot([r["step"] for r in matches], [100 * r["eval_exact_match"] for r in matches], "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.grid(alpha=0.3)
+        out.append(run_dir / "eval.png")
+        fig.savefig(out[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(steps, [r["lr"] for r in records])
