@@ -15,7 +15,7 @@ gradients are split off B where a schedule defers them (our WeightGradStore; tor
 `dualpipe_overlap` / `dualpipev_overlap` run ours with an overlap hook that runs the paired backward on
 a second thread during the forward (F&B = max(F, B)): the case DualPipe is designed for, where one
 chunk's communication hides behind the other's compute. Per rank: busy = time inside F/B/W spans; bubble = step span (first start to last end over all ranks)
-- busy. Formula (REFERENCE.md section 4, with the chunk costs of the schedule's stage, PP = its
+- busy. Formula (docs/reference.md §4, with the chunk costs of the schedule's stage, PP = its
 number of stages, and F&B = F + B since the default overlap hook runs them one after the other):
 1F1B (PP-1)(F+B); DualPipe and DualPipeV (PP/2-1)(F&B+B-3W). Peak activation memory: the most micro-batch activations alive at
 once on a rank, in units of one rank-share activation (a half-size stage counts 1/2).
@@ -212,7 +212,7 @@ def _builder(schedule, stages, ids, n_stages, world, rank, num_chunks, x, target
 
 
 def bubble_formula(schedule: str, stages: int, f: float, b: float, w: float) -> float | None:
-    """REFERENCE.md section 4 with the schedule's own chunk costs and PP = its number of stages
+    """docs/reference.md §4 with the schedule's own chunk costs and PP = its number of stages
     (the table compares schedules at the same stage count): DualPipeV's 2N stages on N ranks use
     PP = 2N."""
     if schedule in ("1f1b", "torch_1f1b"):

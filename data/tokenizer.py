@@ -2,7 +2,7 @@
 
 `TextTokenizer` is a thin wrapper over `tokenizers.Tokenizer` that knows its bos/eos ids. The default
 tokenizer is a byte-level BPE trained on a bounded, deterministic sample of the embedded corpus, with
-DeepSeek-V3's special tokens reserved first so bos = 0 and eos = 1 (REFERENCE §1). It is trained once
+DeepSeek-V3's special tokens reserved first so bos = 0 and eos = 1 (docs/reference.md §1). It is trained once
 per (vocab_size, corpus fingerprint, sample size) and cached as `tokenizer.json`; concurrent ranks
 serialize on a file lock, so they all load the very same file.
 """

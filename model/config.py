@@ -1,7 +1,7 @@
 """The DeepSeek-V3 model configuration: one dataclass with HF `DeepseekV3Config` field names.
 
 Presets: `tiny` (CPU tests and the default recipe), `small` (~0.74B total parameters, one GPU, the
-benchmarks) and `v3_671b` (the published model, REFERENCE.md section 1).
+benchmarks) and `v3_671b` (the published model, docs/reference.md §1).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   v_head_dim=64, max_position_embeddings=4096, n_routed_experts=32,
                   num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
                   routed_scaling_factor=2.5, num_nextn_predict_layers=1),
-    # DeepSeek-V3 as published (REFERENCE.md section 1).
+    # DeepSeek-V3 as published (docs/reference.md §1).
     "v3_671b": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
                     moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
                     num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,

@@ -1,6 +1,6 @@
 """HF DeepSeek-V3 checkpoint folders <-> `Transformer`, both ways, BF16/FP32 or FP8 block-scaled.
 
-Names (REFERENCE.md §1 "HF checkpoint layout" and docs/internals.md "Model tree"): our module tree
+Names (docs/reference.md §1 "HF checkpoint layout" and docs/internals.md "Model tree"): our module tree
 mirrors HF's, so a name is mostly the HF name without its `model.` prefix. Three things differ:
   - routed experts: HF stores one tensor per expert, `...mlp.experts.E.gate_proj.weight` [I, H];
     we hold them stacked, `...mlp.experts.gate_proj` [E, I, H] (same for up_proj and down_proj);

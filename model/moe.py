@@ -20,7 +20,7 @@ from .mlp import MLP
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """L_bal = sum_i f_i P_i per sequence, averaged over sequences (REFERENCE.md section 1).
+    """L_bal = sum_i f_i P_i per sequence, averaged over sequences (docs/reference.md §1).
 
     scores [B, T, E] (unbiased sigmoid), topk_idx [B, T, K];
     f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t s_{i,t} / sum_j s_{j,t}.

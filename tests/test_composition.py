@@ -29,7 +29,7 @@ state), far outside all three bounds.
 
 fp8: FP8 emulation is deterministic and per row / per weight block, yet two effects make it differ
 from the one-process run beyond fp32 rounding, so it is held to looser bounds after step 1:
-1. Activation gradients are quantized per 1x128 tile with s = max(amax, 1e-4)/448 (REFERENCE.md).
+1. Activation gradients are quantized per 1x128 tile with s = max(amax, 1e-4)/448 (docs/reference.md §2).
    The backward seed is loss / (micro-batches on this rank): 1/4 here, 1/16 in one process. A power of
    two would not change FP8 values, but rows whose gradient amax falls below the 1e-4 floor quantize on
    a different grid. Measured at step 1 (same weights): grad_norm differs by 3.4e-5; with the floor

@@ -14,7 +14,7 @@ TRICKY = "héllo  世界 🙂\n\tdef f(x):\r\n    return x  # trailing spaces   
 
 
 def test_special_ids_and_vocab(small_tokenizer):
-    assert small_tokenizer.bos_id == 0 and small_tokenizer.eos_id == 1  # REFERENCE §1
+    assert small_tokenizer.bos_id == 0 and small_tokenizer.eos_id == 1  # docs/reference.md §1
     assert small_tokenizer.vocab_size == 512
     assert small_tokenizer.encode(EOS_TOKEN) == [1]
 

@@ -326,7 +326,7 @@ def test_fp8_swapped_model_saves_the_same_checkpoint(saved, tmp_path):
 
 
 def test_671b_layout_on_the_meta_device():
-    """The published model's names and shapes, derived from REFERENCE.md §1 and counted by hand:
+    """The published model's names and shapes, derived from docs/reference.md §1 and counted by hand:
     3 top-level + 3 dense layers × 12 + 58 MoE layers × 782 + the MTP layer (782 + 6) = 46183 tensors,
     of which 3 × 8 + 59 × 776 = 45808 carry a weight_scale_inv in the FP8 release (91991 entries)."""
     from twinpipe.model.hf import hf_names, is_fp8_weight

@@ -5,7 +5,7 @@ micro-batch by micro-batch. Losses must be bitwise equal (fp32, same ops on the 
 per rank). Gradients are sums over micro-batches taken in a different order (and, for DualPipe, over
 two copies of a stage), so they may differ by rounding: 1 - 2<x,y>/(|x|^2+|y|^2) < 1e-13 (float64
 metric), the bound DualPipe's test uses. Inference (no_grad, return_outputs) must give equal outputs.
-The peak number of micro-batch activations a rank holds is pinned to REFERENCE.md section 4.
+The peak number of micro-batch activations a rank holds is pinned to docs/reference.md §4.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _check_dualpipe(res, world, num_chunks):
     assert torch.equal(last["out"], first["ref_out"][:half * MICRO])
     assert all(r["loss"] is None and r["out"] is None for r in res[1:-1])
     _check_grads(res, lambda r, m: r if m == 0 else world - 1 - r)
-    # activation memory of REFERENCE section 4: PP + 1 micro-batches in flight on every rank
+    # activation memory of docs/reference.md §4: PP + 1 micro-batches in flight on every rank
     assert [r["peak"] for r in res] == [world + 1] * world
 
 

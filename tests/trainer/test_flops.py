@@ -1,4 +1,4 @@
-"""Model FLOPs per token, pinned against a published figure (REFERENCE.md §7)."""
+"""Model FLOPs per token, pinned against a published figure (docs/reference.md §7)."""
 
 import pytest
 
