@@ -68,20 +68,41 @@ def grid_shape_error(world_size: int, pp: int, dp: int, ep: int) -> Optional[str
     return None
 
 
-def init_distributed(backend: str = "auto") -> None:
+# parallel.timeout_s unset: how long a collective may wait for a peer before it fails. NCCL keeps
+# torch's 10 min (the first communicators and checkpoint skew at scale need minutes); CPU/gloo runs
+# are small, so 5 min instead of torch's 30. The trainer's watchdog ends a job whose rank went silent
+# within this time (twinpipe.trainer.watchdog).
+DEFAULT_TIMEOUT_S = {"nccl": 600.0, "gloo": 300.0}
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> nccl when CUDA is available, else gloo; anything else as given."""
+    if backend != "auto":
+        return backend
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def collective_timeout_s(backend: str, timeout_s: Optional[float] = None) -> float:
+    """`parallel.timeout_s`, or the backend's default when unset."""
+    return float(timeout_s) if timeout_s else DEFAULT_TIMEOUT_S.get(resolve_backend(backend), 300.0)
+
+
+def init_distributed(backend: str = "auto", timeout_s: Optional[float] = None) -> None:
     """Join the process group torchrun/srun/run_local describe in the environment, if any and not
-    joined yet. backend auto: nccl when CUDA is available, else gloo."""
+    joined yet, with collectives timing out after `timeout_s` (None: the backend's default).
+    backend auto: nccl when CUDA is available, else gloo."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    if backend == "auto":
-        import torch
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend)
     if backend == "nccl":
         import torch
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    from datetime import timedelta
+
+    dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout_s(backend, timeout_s)))
 
 
 def build_grid(pp: int = 1, dp: int = 1, ep: int = 1) -> Grid:

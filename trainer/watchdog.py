@@ -1,0 +1,128 @@
+"""A watchdog that ends a job whose rank went silent, instead of letting every other rank wait in a
+collective for the backend's timeout (30 min gloo, 10 min NCCL by default).
+
+Each rank runs one daemon thread. Every `interval` seconds it publishes a heartbeat (a counter and the
+training loop's last finished step, `beat(step)`) in the job's TCPStore, through a client connection
+of its own, and reads the heartbeats of the ranks it watches (all of them up to 16 ranks, else its
+next 8 ranks around the ring, so a store serves O(world) reads per interval, not O(world^2)). A
+watched rank whose counter has not moved for `silent_s` = `parallel.timeout_s` / 2 seconds is
+silent: a frozen process (SIGSTOP, a stuck driver call holding the interpreter, a swapped-out node)
+stops its heartbeat thread with it. The watching rank then logs one line naming that rank and its
+last step and exits with status 1 (`os._exit`: the main thread may be blocked in a collective); the
+ranks it leaves notice its death within seconds (a closed connection), so the whole job ends within
+the timeout. A store that stops answering is reported as silent too (under srun rank 0's process
+hosts it; under torchrun the agent does).
+
+A dead rank (SIGKILL, a crash) needs no watchdog: its peers' collectives fail on the closed
+connection within ~2 s. Nothing is lost either way: a checkpoint is complete only once its COMPLETE
+marker is written, so the newest complete one stays valid and `resume=auto` (or torchrun
+`--max-restarts`) continues from it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+WATCH_ALL_UP_TO = 16
+RING_NEIGHBOURS = 8
+_PREFIX = "twinpipe-watchdog/"
+
+
+def watched_ranks(rank: int, world: int) -> list[int]:
+    """The ranks whose heartbeat `rank` checks."""
+    if world <= WATCH_ALL_UP_TO:
+        return [r for r in range(world) if r != rank]
+    return [(rank + i) % world for i in range(1, RING_NEIGHBOURS + 1)]
+
+
+class Watchdog:
+    """Heartbeats of this rank and the check of the watched ones (see the module docstring). Start it
+    on every rank after the process group exists; `beat(step)` after each step; `close()` at the end."""
+
+    def __init__(self, timeout_s: float, rank: int, world: int, host: str, port: int,
+                 store_rank: int | None = 0):
+        self.rank, self.silent_s = rank, timeout_s / 2
+        self.store_rank = store_rank  # the rank whose process hosts the store (None: torchrun's agent)
+        self.interval = min(1.0, timeout_s / 10)
+        self.step = 0
+        self.where = f"{host}:{port}"
+        self._store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                    timeout=timedelta(seconds=max(self.silent_s, 1.0)))
+        self._watched = watched_ranks(rank, world)
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="watchdog-store")
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_process_group(cls, timeout_s: float) -> "Watchdog | None":
+        """A watchdog for the process group torchrun/srun/run_local started (None without one)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return None
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not host or not port:
+            log.warning("watchdog off: MASTER_ADDR/MASTER_PORT not set (a process group not started by "
+                        "torchrun, srun or run_local)")
+            return None
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        return cls(timeout_s, dist.get_rank(), dist.get_world_size(), host, int(port),
+                   store_rank=None if agent else 0)
+
+    def beat(self, step: int) -> None:
+        self.step = step
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=False)
+
+    def _exchange(self, count: int) -> list[bytes]:
+        """Publish this rank's heartbeat; the watched ranks' (b"" for one that has not beaten yet)."""
+        self._store.set(f"{_PREFIX}{self.rank}", f"{count},{self.step}")
+        keys = [f"{_PREFIX}{r}" for r in self._watched]
+        if self._store.check(keys):
+            return self._store.multi_get(keys)
+        return [self._store.get(k) if self._store.check([k]) else b"" for k in keys]
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        seen = {r: (b"", start) for r in self._watched}  # last value, when it last changed
+        count = 0
+        while not self._stop.wait(self.interval if count else 0):
+            count += 1
+            job = self._pool.submit(self._exchange, count)
+            try:
+                values = job.result(timeout=self.silent_s)
+            except Exception as exc:  # noqa: BLE001 (timeout, connection reset: the store is gone)
+                host = "torchrun's agent" if self.store_rank is None else f"rank {self.store_rank}"
+                last = seen.get(self.store_rank, (b"", 0))[0]
+                step = f"; its last finished step: {last.decode().split(',')[1]}" if last else ""
+                self._fail(f"{host} silent: the job's store it hosts at {self.where} did not answer "
+                           f"for {self.silent_s:.1f} s ({type(exc).__name__}){step}")
+                return
+            now = time.monotonic()
+            for r, value in zip(self._watched, values):
+                if value != seen[r][0]:
+                    seen[r] = (value, now)
+                elif now - seen[r][1] > self.silent_s:
+                    last = value.decode().split(",")[1] if value else "none (never beat)"
+                    self._fail(f"rank {r} silent for {now - seen[r][1]:.1f} s (no heartbeat; its last "
+                               f"finished step: {last})")
+                    return
+
+    def _fail(self, what: str) -> None:
+        log.error("watchdog on rank %d: %s; exiting (parallel.timeout_s=%g) so the job ends instead of "
+                  "hanging; resume=auto continues from the newest complete checkpoint", self.rank, what,
+                  2 * self.silent_s)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
