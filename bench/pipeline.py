@@ -39,8 +39,8 @@ from torch import nn
 
 from twinpipe.parallel.dualpipe import DualPipe, DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from twinpipe.parallel.local import run_local
-from twinpipe.parallel.schedule_1f1b import OneFOneB
-from twinpipe.parallel.weight_grad_store import WeightGradStore
+from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
+from twinpipe.parallel.pipeline.weight_grad_store import WeightGradStore
 
 log = logging.getLogger("bench.pipeline")
 RESULTS = Path(__file__).resolve().parent / "results"

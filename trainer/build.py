@@ -18,6 +18,7 @@ def model_config(model: DictConfig) -> Any:
     fields = OmegaConf.to_container(model, resolve=True)
     preset = fields.pop("preset")
     extra = fields.pop("extra") or {}
+    fields.pop("freeze_router", None)  # a training option (trainer/sft.py), not an architecture field
     overrides = {k: v for k, v in fields.items() if v is not None}
     overrides.update(extra)
     known = set(ModelConfig.__dataclass_fields__)
@@ -68,34 +69,23 @@ def build_loader(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) ->
 
 
 def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
-    """The model on `device` (fp32 weights: master weights are fp32, bf16 runs under autocast),
-    initialised from train.seed, with FP8 layers swapped in when fp8.backend is not off.
+    """This rank's part of the model on `device` (fp32 weights: master weights are fp32, bf16 runs under
+    autocast), initialised from train.seed, then parallelised (`twinpipe.parallel.parallelize`:
+    pipeline placement, FP8 swap, expert parallelism with EPLB slots).
 
-    With a `grid` of parallel.pp > 1 only this pipeline rank's stages are kept: the full model is
-    initialised on the CPU (so every parameter gets exactly the value it has with pp = 1: the
-    initialisation draws from one RNG stream in module order, which a per-rank build could not
-    reproduce without drawing the other ranks' values anyway), then every module the rank's stages do
-    not run is moved to the meta device (`stages.keep_local_stages`) *before* anything goes to `device`,
-    so the device only ever holds the local part. The price: host memory holds the whole model once
-    while it is built."""
+    The full model is initialised on the host first, so every parameter gets exactly the value it has
+    in one process (the initialisation draws from one RNG stream in module order); `parallelize` then
+    drops what this rank does not run before anything goes to `device`. The price: host memory holds
+    the whole model once while it is built."""
     from twinpipe.model.transformer import Transformer
+    from twinpipe.parallel.grid import Grid
+    from twinpipe.parallel.parallelize import parallelize
 
     mcfg = model_config(cfg.model)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(mcfg)
     if cfg.train.init_std is not None:
         model.init_weights(cfg.train.init_std)
-    if grid is not None and grid.pp > 1:
-        from twinpipe.parallel.stages import keep_local_stages
-
-        dropped = keep_local_stages(model, cfg.parallel.schedule, grid.pp, grid.pp_rank)
-        log.info("pipeline rank %d: %d modules of other stages left on meta", grid.pp_rank, len(dropped))
-        model._apply(lambda t: t if t.is_meta else t.to(device))  # Module.to refuses meta tensors
-    else:
-        model.to(device)
-    if cfg.fp8.backend != "off":
-        from twinpipe.fp8 import convert_model
-
-        model = convert_model(model, cfg.fp8.backend)
-        log.info("fp8: linear layers and experts converted (backend %s)", cfg.fp8.backend)
-    return model
+    grid = grid if grid is not None else Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
+    return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
+                       num_replicas=cfg.eplb.replicas or None)

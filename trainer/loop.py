@@ -1,8 +1,10 @@
-"""The pretraining loop: one optimizer step per global batch, read top to bottom.
+"""The pretraining loop: its cadence around one `TrainStep` per global batch, read top to bottom.
 
-    micro-batches (batch source) -> step runner (forward + backward) -> reduce gradients over dp
-    -> global grad norm, clip -> ZeRO-1 AdamW step -> router-bias update from the global expert
-    counts -> metrics -> checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1)
+    build: grid -> model (this rank's part, parallelised) -> optimizer -> step runner -> TrainStep
+           -> tokenizer -> batch source (which may be given the model) -> resume
+    loop:  batch size and LR for this step -> micro-batches (batch source) -> TrainStep (step.py:
+           forward + backward, gradient reduction, clip, AdamW, router bias, EPLB) -> metrics
+           -> checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1)
 
 A resume under the saved layout (dp may differ) is one DCP load (`_load_same_layout`); under another
 parallel.pp, parallel.schedule or parallel.ep `trainer/reshard.py` rebuilds each rank's state.
@@ -13,8 +15,8 @@ the process group torchrun/srun/run_local describe, if any.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import os
 import signal
 import time
@@ -28,13 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 from twinpipe.parallel.grid import build_grid, init_distributed
 from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer import reshard
-from twinpipe.trainer.balance import ExpertLoadTracker, global_counts, load_max_over_mean, update_router_bias
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.flops import flops_per_token, peak_flops
 from twinpipe.trainer.loss import PretrainLoss
 from twinpipe.trainer.metrics import MetricsWriter
 from twinpipe.trainer.optim import build_optimizer
 from twinpipe.trainer.runner import select_runner
+from twinpipe.trainer.step import TrainStep
 from twinpipe.trainer.schedule import batch_size_at, gamma_at, lr_at, mtp_lambda_at
 
 log = logging.getLogger(__name__)
@@ -69,15 +71,6 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def _mean_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-        t /= dist.get_world_size(group)
-    return dict(zip(keys, t.tolist()))
-
-
 def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch.Tensor]]:
     """The model's state for checkpoints, what this rank holds under the full model's names (pipeline
     ranks hold their stages; DualPipe's copies are identical and saved once): under expert parallelism
@@ -108,16 +101,27 @@ def _load_same_layout(start: Path, model: torch.nn.Module, optimizer: Any, grid:
     return meta, rank_state
 
 
+def make_batch_source(batch_source: Any, cfg: DictConfig, tokenizer: Any, grid: Any, model: Any) -> Any:
+    """`batch_source(cfg, tokenizer, dp_rank, dp_size)`, with `model=` when it takes one (a rollout
+    source needs the policy)."""
+    factory = batch_source or build_loader
+    params = inspect.signature(factory).parameters
+    takes_model = "model" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {"model": model} if takes_model else {}
+    return factory(cfg, tokenizer, grid.dp_rank, grid.dp, **extra)
+
+
 def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dict[str, Any]:
     """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
     optimizer-state bytes, parameter count and bytes, and the trained `model`: with pp > 1 this rank's
     part, the other stages' modules on meta).
 
     Seams for other recipes (SFT, GRPO): `loss_fn(output, batch) -> (loss, metrics)` (default: the
-    pretraining loss, whose `mtp_lambda` the loop schedules when it has one), and `batch_source`, a
-    callable `(cfg, tokenizer, dp_rank, dp_size) -> source` whose source has `next_step()` (this
-    rank's micro-batches), a settable `global_batch`, `state_dict()` and `load_state_dict()`
-    (default: the packed corpus of data.source)."""
+    pretraining loss, whose `mtp_lambda` the loop schedules when it has one; see loss.py for the
+    global normalisation), and `batch_source`, a callable `(cfg, tokenizer, dp_rank, dp_size[, model])
+    -> source` whose source has `next_step()` (this rank's micro-batches: dicts of tensors with any
+    keys, at least `input_ids`), a settable `global_batch`, `state_dict()` and `load_state_dict()`
+    (default: the packed corpus of data.source). The model is built first, so the source may use it."""
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
     init_distributed(cfg.parallel.backend)
@@ -126,26 +130,19 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
     run_dir = Path(cfg.run.dir)
     mcfg = model_config(cfg.model)
 
-    tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
-    loader = (batch_source or build_loader)(cfg, tokenizer, grid.dp_rank, grid.dp)
-    model = build_model(cfg, device, grid)  # with pp > 1: this rank's stages only
-    rebalancer = None
-    if grid.ep > 1:
-        from twinpipe.parallel.experts.layer import apply_expert_parallel
-
-        # MoE layers of other pipeline ranks' stages are on meta and stay as they are
-        apply_expert_parallel(model, grid.ep_group, num_replicas=cfg.eplb.replicas or None)
+    model = build_model(cfg, device, grid)  # this rank's part: stages, FP8, expert slots
     optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip, cfg.parallel.schedule)
-    tracker = ExpertLoadTracker(model)
-    loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda)
-    runner = select_runner(cfg, model, loss_fn, grid, device)
+    loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda, mcfg.num_nextn_predict_layers)
+    rebalancer = None
     if cfg.eplb.every:
         from twinpipe.parallel.experts.rebalance import ExpertRebalancer
 
         rebalancer = ExpertRebalancer(model)
-        eplb_window = torch.zeros(len(tracker.layers), rebalancer.num_experts, dtype=torch.float64)
-        # rows of the MoE layers this rank holds (the rebalancer's layers; all of them with pp = 1)
-        eplb_rows = [i for i, (_, m) in enumerate(tracker.layers) if not m.gate.weight.is_meta]
+    train_step = TrainStep(model, optimizer, select_runner(cfg, model, grid, device), loss_fn, grid, device,
+                           cfg.train.grad_clip, cfg.train.on_nonfinite, cfg.balance.center, rebalancer,
+                           cfg.eplb.every)
+    tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
+    loader = make_batch_source(batch_source, cfg, tokenizer, grid, model)
 
     step, tokens = 0, 0.0
     layout = reshard.run_layout(cfg, grid, mcfg.n_routed_experts)
@@ -161,6 +158,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
         step, tokens = int(meta["step"]), float(meta["tokens"])
+        train_step.steps_done = step
         log.info("resumed from %s at step %d (%.3g tokens)", start, step, tokens)
     elif grid.is_main:
         log.info("starting %s from scratch: %.2fM parameters", run_dir, mcfg.num_parameters() / 1e6)
@@ -194,45 +192,15 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
             if hasattr(loss_fn, "mtp_lambda"):
                 loss_fn.mtp_lambda = mtp_lambda_at(cfg.loss, tokens)
 
-            optimizer.zero_grad()
-            local = runner.run(micro_batches)
-            optimizer.reduce_gradients()
-            grad_norm = optimizer.grad_norm()
-            metrics = _mean_over(grid.dp_group, local)
-            counts, balance_loss = tracker.take()
-            # [moe layers, E] of the global batch: summed over dp, and over pp where each pipeline
-            # rank ran only its stages' layers (zeros elsewhere), so every rank updates the same biases
-            counts = global_counts(global_counts(counts, grid.dp_group), grid.pp_group)
-
-            finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
-            if finite:
-                clip = min(1.0, cfg.train.grad_clip / (grad_norm + 1e-6)) if cfg.train.grad_clip > 0 else 1.0
-                optimizer.step(lr, clip)
-                update_router_bias(model, counts.to(torch.float32), gamma_at(cfg.balance, tokens),
-                                   cfg.balance.center)
-            elif cfg.train.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"step {step + 1}: loss={metrics['loss']}, grad_norm={grad_norm}; stopping with the "
-                    f"weights of step {step} untouched (train.on_nonfinite=stop; 'skip' drops such steps)")
-            else:
+            metrics = train_step(micro_batches, lr, gamma_at(cfg.balance, tokens))
+            if metrics["skipped"]:
                 log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (weights unchanged)",
-                            step + 1, metrics["loss"], grad_norm)
-            eplb_metrics = {}
-            if rebalancer is not None:
-                eplb_window += counts
-                if (step + 1) % cfg.eplb.every == 0:  # re-place experts, moving weights + AdamW state
-                    eplb_metrics = rebalancer.replan(eplb_window[eplb_rows], optimizer.expert_opt)
-                    eplb_window.zero_()
+                            step + 1, metrics["loss"], metrics["grad_norm"])
             step += 1
             tokens += batch * cfg.train.seq_len
-            elapsed = time.perf_counter() - t0
-            tokens_per_s = batch * cfg.train.seq_len / elapsed
-            last = {"step": step, "loss": metrics["loss"], "lm_loss": metrics["lm_loss"],
-                    "mtp_loss": metrics["mtp_loss"], "balance_loss": balance_loss, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens,
-                    "global_batch": batch, "skipped": not finite,
-                    "expert_load_max_over_mean": load_max_over_mean(counts),
-                    "expert_load": counts.tolist(), **eplb_metrics}
+            tokens_per_s = batch * cfg.train.seq_len / (time.perf_counter() - t0)
+            last = {"step": step, **metrics, "lr": lr, "tokens_per_s": tokens_per_s, "tokens": tokens,
+                    "global_batch": batch}
             if peak:
                 last["mfu"] = tokens_per_s * fpt / (peak * grid.world_size)
             if step % cfg.logging.every == 0 or step == cfg.train.steps:
@@ -252,7 +220,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
             save()
     finally:
         stop.restore()
-        tracker.remove()
+        train_step.close()
         writer.close()
     if grid.is_main and cfg.logging.plots and not stop.requested:
         from twinpipe.trainer.plots import make_plots

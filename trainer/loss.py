@@ -1,10 +1,23 @@
-"""Pretraining loss: next-token cross-entropy + λ · MTP loss (DeepSeek-V3 report §2.2).
+"""Losses and how the trainer normalises them (DeepSeek-V3 report §2.2 for the pretraining loss).
 
-A loss function has the trainer's seam signature `loss_fn(output, batch) -> (loss, metrics)`; SFT and
-GRPO plug in their own. `output` is the model's `TransformerOutput` (`logits[B, T, V]`,
-`mtp_logits[k-1]` = `[B, T-k, V]` predicting `labels[:, i+k]`), `batch` has `labels[B, T]` with -100 on
-ignored positions. The sequence-wise balance loss is not added here: it reaches the gradient inside
-the model's graph (docs/internals.md, MoE routing seam) and the trainer logs it from the MoE layers.
+The seam: `loss_fn(output, batch) -> (loss, metrics)`. `output` has `logits [B, T, V]` and
+`mtp_logits` (`mtp_logits[k-1]` is `[B, T-k, V]`, position i predicting `labels[:, i+k]`); `batch` is
+one micro-batch with every key its batch source gave it (`input_ids`, `labels` with -100 on ignored
+positions, `position_ids`, and whatever else: `loss_mask`, `advantages`, ...), under every runner.
+
+Normalisation over the global batch. A mean per micro-batch, averaged again over micro-batches and
+dp ranks, depends on how a batch with masked tokens is split. So a loss may declare what it averages
+over: `normalizers(batch) -> {name: count}` for one micro-batch (e.g. `{"tokens": valid labels}`).
+Before the step the trainer sums each count over the whole global batch (every micro-batch of every
+dp rank) and hands the totals to every micro-batch as `batch["global_counts"][name]`; the loss then
+returns its micro-batch's *share* of the global mean (sum of per-token losses / global count), and so
+do its metrics. The trainer sums shares over micro-batches and dp ranks, so the result is the global
+mean however the batch is split (torchtitan's `global_valid_tokens`). A loss without `normalizers` is
+a plain per-micro-batch mean; the trainer divides it by the number of micro-batches (the old mean of
+means). Per-sequence normalisation is the same mechanism with a count of sequences.
+
+The sequence-wise balance loss is not added here: it reaches the gradient inside the model's graph
+(docs/internals.md, MoE routing seam) and the trainer logs it from the MoE layers.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+GLOBAL_COUNTS = "global_counts"  # the batch key under which the trainer hands the global totals
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,19 +37,54 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
-class PretrainLoss:
-    """L = CE(main head) + (λ / D) Σ_k CE(MTP head k); λ is set by the trainer from its schedule."""
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE over positions whose label is not -100 (fp32 softmax). logits [B, T, V], labels [B, T]."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
-    def __init__(self, mtp_lambda: float = 0.3):
-        self.mtp_lambda = mtp_lambda
+
+def valid_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Number of positions of `labels [B, T]` that carry a target (int64, 0-d)."""
+    return (labels != IGNORE_INDEX).sum()
+
+
+def global_count(batch: dict[str, Any], name: str) -> torch.Tensor:
+    """The global total of normaliser `name` the trainer put in `batch` (at least 1, so an all-masked
+    global batch gives a zero loss rather than 0/0)."""
+    counts = batch.get(GLOBAL_COUNTS)
+    if counts is None or name not in counts:
+        raise KeyError(f"batch has no {GLOBAL_COUNTS}[{name!r}]: a loss with normalizers() runs under the "
+                       "trainer's step, which sums the counts over the global batch first")
+    return counts[name].clamp(min=1)
+
+
+class PretrainLoss:
+    """L = CE(main head) + (λ / D) Σ_k CE(MTP head k), each CE a mean over the *global* batch's valid
+    targets of its head (head k has T-k positions per row); λ is set by the trainer from its schedule.
+
+    Serves pretraining and SFT alike: SFT labels are -100 outside assistant tokens."""
+
+    def __init__(self, mtp_lambda: float = 0.3, mtp_depths: int = 0):
+        self.mtp_lambda, self.mtp_depths = mtp_lambda, mtp_depths
+
+    def normalizers(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = batch["labels"]  # [B, T]
+        counts = {"tokens": valid_tokens(labels)}
+        for k in range(1, self.mtp_depths + 1):
+            counts[f"mtp{k}_tokens"] = valid_tokens(labels[:, k:])
+        return counts
 
     def __call__(self, output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]  # [B, T]
-        lm_loss = cross_entropy(output.logits, labels)
+        lm_loss = cross_entropy_sum(output.logits, labels) / global_count(batch, "tokens")
         mtp_logits = list(getattr(output, "mtp_logits", None) or [])
+        if len(mtp_logits) != self.mtp_depths:
+            raise ValueError(f"PretrainLoss(mtp_depths={self.mtp_depths}) got {len(mtp_logits)} MTP heads: "
+                             "build it with the model's num_nextn_predict_layers")
         if mtp_logits:
             # head k at position i predicts labels[:, i + k]
-            mtp_losses = [cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]
+            mtp_losses = [cross_entropy_sum(lg, labels[:, k:]) / global_count(batch, f"mtp{k}_tokens")
+                          for k, lg in enumerate(mtp_logits, start=1)]
             mtp_loss = torch.stack(mtp_losses).mean()  # (1/D) Σ_k
             loss = lm_loss + self.mtp_lambda * mtp_loss
         else:

@@ -60,7 +60,7 @@ def owned_by_rank(model: nn.Module, grid: Grid, schedule: str | None) -> Callabl
         return lambda name: True
     if schedule is None:
         raise ValueError(f"parallel.pp={grid.pp}: build_optimizer needs the parallel.schedule")
-    from twinpipe.parallel.stages import owned_module_names
+    from twinpipe.parallel.pipeline.stages import owned_module_names
 
     owned = owned_module_names(model, schedule, grid.pp, grid.pp_rank)
     return lambda name: any(name == m or name.startswith(m + ".") for m in owned)

@@ -71,7 +71,7 @@ def count_mask_calls(monkeypatch) -> list:
     """Count document_causal_mask calls from every module that could make one (one entry per call)."""
     import twinpipe.model.attention as attention
     import twinpipe.model.transformer as transformer
-    import twinpipe.parallel.stages as stages
+    import twinpipe.parallel.pipeline.stages as stages
 
     calls, real = [], attention.document_causal_mask
 

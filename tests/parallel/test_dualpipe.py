@@ -18,9 +18,9 @@ from torch import nn
 from twinpipe.parallel.dualpipe import (DualPipe, DualPipeV, WeightGradStore,
                                         set_p2p_tensor_dtype, set_p2p_tensor_shapes)
 from twinpipe.parallel.local import run_local
-from twinpipe.parallel.pipeline_engine import sequential_forward_backward
-from twinpipe.parallel.schedule_1f1b import OneFOneB
-from twinpipe.parallel.weight_grad_store import linear
+from twinpipe.parallel.pipeline.engine import sequential_forward_backward
+from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
+from twinpipe.parallel.pipeline.weight_grad_store import linear
 
 HIDDEN, MICRO = 16, 3
 LIVE = {"now": 0, "peak": 0}  # micro-batch activations held by this rank's stages (forward done, B not)

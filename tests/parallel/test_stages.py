@@ -19,9 +19,9 @@ from twinpipe.model.config import ModelConfig
 from twinpipe.model.moe import set_aux_loss_scale
 from twinpipe.model.transformer import Transformer
 from twinpipe.parallel.local import run_local
-from twinpipe.parallel.pipeline_runner import PipelineRunner, StageCriterion, sum_gradients
-from twinpipe.parallel.stages import build_stages, set_stage_p2p_shapes, split_layers
-from twinpipe.trainer.loss import PretrainLoss
+from twinpipe.parallel.pipeline.runner import PipelineRunner, StageCriterion, sum_gradients
+from twinpipe.parallel.pipeline.stages import build_stages, set_stage_p2p_shapes, split_layers
+from twinpipe.trainer.loss import GLOBAL_COUNTS, PretrainLoss
 
 MICRO, SEQ = 1, 8
 
@@ -43,16 +43,29 @@ def micro_batches(n: int, vocab: int) -> list[dict[str, torch.Tensor]]:
     return [{k: v[i * MICRO:(i + 1) * MICRO] for k, v in batch.items()} for i in range(n)]
 
 
+class _MeanOfMicroBatches:
+    """The pretraining loss of one micro-batch (normalised by its own valid tokens) / n, as an
+    objective: (loss to back-propagate, metrics)."""
+
+    def __init__(self, n: int) -> None:
+        self.loss_fn, self.n = PretrainLoss(0.3, mtp_depths=1), n
+
+    def __call__(self, output, batch):
+        counts = {k: v.float() for k, v in self.loss_fn.normalizers(batch).items()}
+        loss, metrics = self.loss_fn(output, {**batch, GLOBAL_COUNTS: counts})
+        return loss / self.n, metrics
+
+
 def reference(layers: int, mbs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model = tiny_model(layers)
-    loss_fn = PretrainLoss(0.3)
+    objective = _MeanOfMicroBatches(len(mbs))
     n = len(mbs)
     set_aux_loss_scale(model, 1.0 / n)
     losses = []
     for mb in mbs:
-        loss, _ = loss_fn(model.forward_train(mb["input_ids"], mb["position_ids"]), mb)
-        (loss / n).backward()
-        losses.append((loss / n).detach())
+        loss, _ = objective(model.forward_train(mb["input_ids"], mb["position_ids"]), mb)
+        loss.backward()
+        losses.append(loss.detach())
     return torch.stack(losses), [p.grad.clone() for p in model.parameters()]
 
 
@@ -65,14 +78,12 @@ def _rank(rank, world, schedule, layers, n):
     mbs = micro_batches(n, 128)
     ref_loss, ref_grads = reference(layers, mbs)
     model = tiny_model(layers)
-    runner = PipelineRunner(model, PretrainLoss(0.3), schedule, world, rank, dist.group.WORLD,
-                            torch.device("cpu"))
+    runner = PipelineRunner(model, schedule, world, rank, dist.group.WORLD, torch.device("cpu"))
     # The runner's step, but keeping the per-micro-batch losses step() returns.
     set_aux_loss_scale(runner.stages, 1.0 / n)
     set_stage_p2p_shapes(MICRO, SEQ, model.config.hidden_size)
-    batch = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
-    inputs, labels = runner.feeds(batch)
-    loss, _ = runner.pipe.step(*inputs, num_chunks=n, criterion=StageCriterion(runner.loss_fn, n),
+    inputs, labels = runner.feeds(mbs)
+    loss, _ = runner.pipe.step(*inputs, num_chunks=n, criterion=StageCriterion(_MeanOfMicroBatches(n), mbs),
                                labels=labels)
     sum_gradients(list(model.parameters()), dist.group.WORLD)
     errors = [grad_error(p.grad, r) for p, r in zip(model.parameters(), ref_grads)]
@@ -121,7 +132,7 @@ def test_stage_modules_share_the_models_parameters():
 def test_stages_keep_packed_documents_apart(monkeypatch):
     """Packed documents (positions restarting inside a row) through DualPipeV's two stages on one
     rank equal forward_train bit for bit (same ops, same shapes), each stage computing the mask once."""
-    import twinpipe.parallel.stages as stages
+    import twinpipe.parallel.pipeline.stages as stages
 
     model = tiny_model(2)
     ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
@@ -148,7 +159,7 @@ def test_local_modules_and_owned_ones_count_each_parameter_once(schedule, pp, la
     the `owned` modules of all ranks cover every parameter of the model exactly once."""
     from collections import Counter
 
-    from twinpipe.parallel.stages import keep_local_stages, local_module_names, owned_module_names
+    from twinpipe.parallel.pipeline.stages import keep_local_stages, local_module_names, owned_module_names
 
     full = tiny_model(layers)
     all_params = {n for n, _ in full.named_parameters()}

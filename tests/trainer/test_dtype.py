@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import twinpipe.trainer.loop as loop
-from twinpipe.parallel.pipeline_runner import autocast_context
+from twinpipe.parallel.pipeline.runner import autocast_context
 from twinpipe.trainer.metrics import read_metrics
 from trainer_recipe import make_cfg
 

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel import p2p
-from twinpipe.parallel.weight_grad_store import WeightGradStore
+from twinpipe.parallel.pipeline import p2p
+from twinpipe.parallel.pipeline.weight_grad_store import WeightGradStore
 
 LOCAL = -1  # "the other phase on this rank" as a source or destination
 

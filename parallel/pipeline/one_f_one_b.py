@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from twinpipe.parallel.pipeline_engine import PipelineEngine, Placement
+from twinpipe.parallel.pipeline.engine import PipelineEngine, Placement
 
 
 class OneFOneB(PipelineEngine):

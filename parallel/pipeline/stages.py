@@ -35,29 +35,8 @@ from torch import nn
 
 from twinpipe.model.attention import document_causal_mask
 from twinpipe.model.mtp import mtp_depths
-from twinpipe.parallel.p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
-
-SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
-
-
-def num_stages(schedule: str, pp: int) -> int:
-    """Stages of the model: 2 per rank for DualPipeV's V, 1 per rank otherwise."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"parallel.schedule={schedule!r}: allowed {', '.join(SCHEDULES)}")
-    return 2 * pp if schedule == "dualpipev" else pp
-
-
-def stage_indices(schedule: str, pp: int, pp_rank: int) -> tuple[int, ...]:
-    """The stages pipeline rank `pp_rank` holds, in the order its schedule takes its modules."""
-    if schedule == "dualpipe":
-        if pp % 2:
-            raise ValueError(f"parallel.pp={pp}: DualPipe needs an even number of pipeline ranks")
-        return (pp_rank, pp - 1 - pp_rank)
-    if schedule == "dualpipev":
-        return (pp_rank, 2 * pp - 1 - pp_rank)
-    num_stages(schedule, pp)
-    return (pp_rank,)
-
+from twinpipe.parallel.pipeline.p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from twinpipe.parallel.pipeline.placement import StagePlacement
 
 def split_layers(num_layers: int, stages: int, layer_split: Sequence[int] | None = None) -> list[range]:
     """Blocks of each stage. Default: as even as possible, the extra blocks on the *first* stages,
@@ -116,15 +95,15 @@ class TransformerStage(nn.Module):
 def build_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
                  layer_split: Sequence[int] | None = None) -> tuple[TransformerStage, ...]:
     """This rank's stage modules for `schedule`, in the order DualPipe/DualPipeV/OneFOneB take them."""
-    stages = num_stages(schedule, pp)
+    placement = StagePlacement(schedule, pp)
+    stages = placement.num_stages
     if layer_split is None and len(model.layers) < stages:
         raise ValueError(f"parallel.schedule={schedule} on parallel.pp={pp} ranks makes {stages} stages "
                          f"but model.num_hidden_layers={len(model.layers)}: every stage needs at least "
                          "one block (fewer pipeline ranks, 1f1b/dualpipe instead of dualpipev, or more "
                          "layers)")
     ranges = split_layers(len(model.layers), stages, layer_split)
-    return tuple(TransformerStage(model, ranges[s], s == 0, s == stages - 1)
-                 for s in stage_indices(schedule, pp, pp_rank))
+    return tuple(TransformerStage(model, ranges[s], s == 0, s == stages - 1) for s in placement.stages(pp_rank))
 
 
 def stage_module_names(model: nn.Module, stage: int, stages: int, layers: range,
@@ -139,28 +118,39 @@ def stage_module_names(model: nn.Module, stage: int, stages: int, layers: range,
     return names
 
 
-def _stage_ranges(model: nn.Module, schedule: str, pp: int, layer_split) -> list[range]:
-    return split_layers(len(model.layers), num_stages(schedule, pp), layer_split)
+def _module_names(model: nn.Module, placement: StagePlacement, stages: Sequence[int],
+                  layer_split: Sequence[int] | None, with_mtp_embedding: bool = True) -> set[str]:
+    ranges = split_layers(len(model.layers), placement.num_stages, layer_split)
+    return {n for s in stages for n in stage_module_names(model, s, placement.num_stages, ranges[s],
+                                                          with_mtp_embedding)}
 
 
 def local_module_names(model: nn.Module, schedule: str, pp: int, pp_rank: int,
                        layer_split: Sequence[int] | None = None) -> set[str]:
     """Modules pipeline rank `pp_rank` runs (and so must hold): those of its stages."""
-    ranges, stages = _stage_ranges(model, schedule, pp, layer_split), num_stages(schedule, pp)
-    return {n for s in stage_indices(schedule, pp, pp_rank)
-            for n in stage_module_names(model, s, stages, ranges[s])}
+    placement = StagePlacement(schedule, pp)
+    return _module_names(model, placement, placement.stages(pp_rank), layer_split)
+
+
+def copied_module_names(model: nn.Module, schedule: str, pp: int, pp_rank: int,
+                        layer_split: Sequence[int] | None = None) -> set[str]:
+    """The modules this rank holds that its mirror rank pp-1-r holds too (their gradients are summed
+    over the pair): DualPipe's stages, the embedding of 1F1B with MTP, nothing under DualPipeV."""
+    mirror = StagePlacement(schedule, pp).mirror(pp_rank)
+    if mirror == pp_rank:
+        return set()
+    return (local_module_names(model, schedule, pp, pp_rank, layer_split)
+            & local_module_names(model, schedule, pp, mirror, layer_split))
 
 
 def owned_module_names(model: nn.Module, schedule: str, pp: int, pp_rank: int,
                        layer_split: Sequence[int] | None = None) -> set[str]:
-    """The local modules whose (pipeline-summed) gradient this rank counts in a global norm, so each
-    parameter counts once over the pipeline group: DualPipe's rank r counts stage r only (its copy of
-    stage N-1-r is counted on rank N-1-r); the embedding counts with the first stage only."""
-    ranges, stages = _stage_ranges(model, schedule, pp, layer_split), num_stages(schedule, pp)
-    held = stage_indices(schedule, pp, pp_rank)
-    counted = held[:1] if schedule == "dualpipe" else held
-    return {n for s in counted for n in stage_module_names(model, s, stages, ranges[s],
-                                                           with_mtp_embedding=False)}
+    """The local modules whose (pipeline-summed) gradient this rank *counts* in a global norm, so each
+    parameter counts once over the pipeline group: the stages this rank owns
+    (`StagePlacement.counted_stages`), the embedding with the first stage only."""
+    placement = StagePlacement(schedule, pp)
+    return _module_names(model, placement, placement.counted_stages(pp_rank), layer_split,
+                         with_mtp_embedding=False)
 
 
 def keep_local_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,

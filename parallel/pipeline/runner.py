@@ -1,0 +1,166 @@
+"""The trainer's step runner for pipeline parallelism (`parallel.pp > 1`, `parallel.schedule`).
+
+Same interface as the trainer's plain runner: `run(micro_batches, objective) -> metrics` leaves in
+every parameter's `.grad` the sum over the micro-batches of the gradients of the losses `objective`
+returns, and returns the objective's metrics summed over the micro-batches -- the same numbers a
+single process would compute.
+
+How: each pipeline rank holds only the modules of its stages (the trainer drops the rest with
+`stages.keep_local_stages`; the runner also works on a full model) and runs them under DualPipe,
+DualPipeV or 1F1B, as `StagePlacement` (placement.py) declares: inputs enter where stage 0 sits, the
+objective runs where the last stage sits, on the whole micro-batch (any keys). Gradients are then
+summed over the mirror pair (`Grid.pp_mirror_group`) for the modules both ranks hold
+(`stages.copied_module_names`: DualPipe's stages, 1F1B's embedding with MTP, nothing for DualPipeV).
+Metrics are summed over the pipeline group. The objective is the trainer's, passed in: `parallel`
+never imports `trainer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from twinpipe.parallel.pipeline.dualpipe import DualPipe, DualPipeV
+from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
+from twinpipe.parallel.pipeline.placement import StagePlacement
+from twinpipe.parallel.pipeline.stages import build_stages, copied_module_names, set_stage_p2p_shapes
+
+
+def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`train.dtype`'s compute precision: bf16 autocast (CUDA or CPU; master weights stay fp32) or
+    nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class StageCriterion:
+    """criterion(logits, *mtp_logits, index) for the last stage: the objective on micro-batch `index`.
+
+    The engine hands the last stage the "labels" its rank was fed, which here are the indices of the
+    micro-batches whose loss this rank computes: the criterion reads the whole micro-batch (every key
+    the batch source gave it: labels, masks, advantages, global counts) from the runner's list, so no
+    batch key is fixed by the pipeline. Keeps each micro-batch's metrics for the runner.
+    """
+
+    def __init__(self, objective: Callable, micro_batches: list[dict]) -> None:
+        self.objective, self.micro_batches = objective, micro_batches
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *mtp_logits, index = rest
+        output = SimpleNamespace(logits=logits, mtp_logits=list(mtp_logits))
+        loss, metrics = self.objective(output, self.micro_batches[int(index)])
+        self.records.append(metrics)
+        return loss
+
+
+def sum_gradients(params: list[nn.Parameter], group) -> None:
+    """p.grad <- sum over `group` of p.grad (None counts as zeros), in one flat all-reduce."""
+    params = [p for p in params if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def sum_metrics(records: list[dict[str, torch.Tensor]], group, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each metric summed over `records` and over the ranks of `group` (ranks without the last stage
+    have no records: the names are gathered first, so any loss's metrics pass)."""
+    local = sorted({k for r in records for k in r})
+    names: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, local, group=group)
+    keys = sorted(set().union(*map(set, names)))
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    totals = torch.stack([sum((r[k].float().to(device) for r in records if k in r), zero) for k in keys])
+    dist.all_reduce(totals, group=group)
+    return dict(zip(keys, totals))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The micro-batch with its tensors on `device` (other values, e.g. the global counts, as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class PipelineRunner:
+    """Forward + backward of one global batch's micro-batches through this rank's pipeline stages."""
+
+    SCHEDULES = {"dualpipe": DualPipe, "dualpipev": DualPipeV, "1f1b": OneFOneB}
+
+    def __init__(self, model: nn.Module, schedule: str, pp: int, pp_rank: int, pp_group,
+                 device: torch.device, dtype: str = "fp32", layer_split=None,
+                 overlapped_forward_backward: Callable | None = None, mirror_group=None) -> None:
+        self.placement = StagePlacement(schedule, pp)
+        self.model, self.schedule = model, schedule
+        self.pp, self.pp_rank, self.group, self.device, self.dtype = pp, pp_rank, pp_group, device, dtype
+        self.mirror_group = mirror_group  # Grid.pp_mirror_group: this rank and pp_rank pp-1-r
+        self.stages = build_stages(model, schedule, pp, pp_rank, layer_split)
+        self.copied = sorted(copied_module_names(model, schedule, pp, pp_rank, layer_split))
+        if schedule == "1f1b":
+            self.pipe = OneFOneB(self.stages[0], process_group=pp_group)
+        else:
+            # overlapped_forward_backward: e.g. twinpipe.parallel.overlap's, with expert parallelism
+            self.pipe = self.SCHEDULES[schedule](
+                self.stages, process_group=pp_group,
+                overlapped_forward_backward=overlapped_forward_backward)
+
+    def feeds(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[list, list]:
+        """(inputs, labels) this rank passes to step(): the input ids and positions of the micro-batches
+        entering the pipeline here, and the indices of those whose loss is computed here
+        (`StagePlacement.entries`, `exits`)."""
+        n = len(micro_batches)
+        entering = self.placement.entries(self.pp_rank, n)
+        leaving = self.placement.exits(self.pp_rank, n)
+        inputs = []
+        if len(entering):
+            ids = torch.cat([micro_batches[i]["input_ids"] for i in entering])  # [B * chunks, T]
+            inputs = [ids, torch.cat([positions(micro_batches[i]) for i in entering])]
+        labels = [torch.tensor(list(leaving), dtype=torch.int64)] if len(leaving) else []
+        return inputs, labels
+
+    def copied_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters that have a copy on its mirror rank (same list, same order there)."""
+        params = {id(p): p for name in self.copied for p in self.model.get_submodule(name).parameters()}
+        return list(params.values())
+
+    def sum_copies(self) -> None:
+        """Sum the gradients of copied parameters over the mirror pair (see the module docstring)."""
+        params = self.copied_parameters()
+        if not params:
+            return
+        if self.mirror_group is None:
+            raise ValueError(f"parallel.schedule={self.schedule}, pp_rank {self.pp_rank} of {self.pp}: "
+                             "copied parameters need mirror_group (Grid.pp_mirror_group)")
+        sum_gradients(params, self.mirror_group)
+
+    def run(self, micro_batches: list[dict[str, torch.Tensor]], objective: Callable) -> dict[str, torch.Tensor]:
+        """`objective(output, micro_batch) -> (loss to back-propagate, metrics)` runs where the last stage
+        does; returns the metrics summed over the micro-batches and the pipeline group."""
+        from twinpipe.model.moe import set_aux_loss_scale
+
+        n = len(micro_batches)
+        set_aux_loss_scale(self.stages, 1.0 / n)  # the balance loss is averaged over micro-batches
+        micro_batches = [to_device(mb, self.device) for mb in micro_batches]
+        micro, seq = micro_batches[0]["input_ids"].shape
+        set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size)
+        criterion = StageCriterion(objective, micro_batches)
+        inputs, labels = self.feeds(micro_batches)
+        with autocast_context(self.dtype, self.device):
+            self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
+        self.sum_copies()
+        return sum_metrics(criterion.records, self.group, self.device)
+
+
+def positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The micro-batch's position ids [B, T] (0..T-1 per row when the batch source gives none)."""
+    if "position_ids" in batch:
+        return batch["position_ids"]
+    ids = batch["input_ids"]
+    return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
