@@ -41,7 +41,6 @@ class ModelSchema:
     num_attention_heads: Optional[int] = None
     num_nextn_predict_layers: Optional[int] = None
     max_position_embeddings: Optional[int] = None
-    freeze_router: bool = False  # keep the gate weights fixed (the bias still follows balance.gamma)
     # any other ModelConfig field, e.g. `+model.extra.rope_theta=50000`
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -98,6 +97,9 @@ class ParallelSchema:
     ep: int = 1
     schedule: str = "1f1b"  # dualpipe | dualpipev | 1f1b (used when pp > 1)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    # seconds a collective waits for a peer; the watchdog ends a job whose rank went silent within it.
+    # None: 600 (nccl), 300 (gloo) (twinpipe.parallel.grid.DEFAULT_TIMEOUT_S)
+    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -276,7 +278,7 @@ SFT_NON_NEGATIVE = ("eval.every", "eval.answers", "data.heldout_percent")
 SFT_POSITIVE = ("eval.batches", "eval.max_new_tokens")
 
 POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
-            "parallel.pp", "parallel.dp", "parallel.ep", "checkpoint.keep", "logging.every")
+            "parallel.pp", "parallel.dp", "parallel.ep", "parallel.timeout_s", "checkpoint.keep", "logging.every")
 NON_NEGATIVE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.constant",
                 "optim.decay", "optim.min_lr", "train.grad_clip", "train.threads", "balance.gamma",
                 "loss.mtp_lambda", "loss.mtp_lambda_late", "checkpoint.every", "eplb.every", "eplb.replicas",
