@@ -55,26 +55,20 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from twinpipe.model.safetensors_io import CheckpointError
+from twinpipe.trainer import checkpoint_format as fmt
 from twinpipe.trainer.checksum import file_sha256, first_mismatch, hash_files, write_sums
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-MODEL_KEY = "model"
-_EXPERT_KEY = re.compile(r"^model_experts_ep(\d+)_of(\d+)$")
+COMPLETE = fmt.COMPLETE
+MODEL_KEY = fmt.MODEL
 # fault injection for the crash tests: "save:N" kills the process (SIGKILL) in the middle of
 # writing the checkpoint of step N, after the shards and before COMPLETE
 FAULT_ENV = "TWINPIPE_FAULT"
 
 
-def expert_state_key(ep_rank: int, ep: int) -> str:
-    """The checkpoint key of EP rank `ep_rank`'s expert slots (out of `ep` ranks)."""
-    return f"model_experts_ep{ep_rank}_of{ep}"
-
-
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / fmt.CHECKPOINTS
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -83,7 +77,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for d in root.iterdir():
-            m = _STEP_DIR.match(d.name)
+            m = fmt.STEP_DIR.match(d.name)
             if m and (d / COMPLETE).is_file():
                 found.append((int(m.group(1)), d))
     return sorted(found)
@@ -170,8 +164,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
     earlier checkpoints as they were."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}"
+    final = root / fmt.step_dir(step)
+    tmp = root / (fmt.TMP_PREFIX + fmt.step_dir(step))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -180,7 +174,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
     try:
         with single_process_quiet():
             dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-        torch.save(rank_state, tmp / f"rank_{rank}.pt")
+        torch.save(rank_state, tmp / fmt.rank_state_file(rank))
     except (Exception, CheckpointException) as exc:  # a full disk, a quota (DCP wraps them in its own type)
         error = exc
     if not _all_ok(error is None):
@@ -189,10 +183,10 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
     digests = hash_files(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
     if rank == 0:
         try:
-            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / fmt.CONFIG).write_text(config_yaml)
             if tokenizer is not None:
                 tokenizer.save(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / fmt.META).write_text(json.dumps(meta, indent=1))
             written = [p.name for p in tmp.iterdir() if p.is_file() and p.name not in digests]
             write_sums(tmp, {**digests, **{name: file_sha256(tmp / name) for name in written}})
         except OSError as exc:
@@ -221,20 +215,20 @@ def _prune(run_dir: str | Path, keep: int, newest: Path) -> None:
     others = [d for _, d in reversed(complete_checkpoints(run_dir)) if d != newest]
     for d in others[max(keep - 1, 0):]:
         shutil.rmtree(d, ignore_errors=True)
-    for d in checkpoint_root(run_dir).glob(".tmp-step_*"):  # leftovers of crashed saves
+    for d in checkpoint_root(run_dir).glob(fmt.TMP_PREFIX + fmt.step_dir("*")):  # leftovers of crashed saves
         shutil.rmtree(d, ignore_errors=True)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+    return json.loads((Path(path) / fmt.META).read_text())
 
 
 def read_rank_state(path: Path) -> dict[str, Any]:
     """This rank's per-rank state: rank_<rank>.pt when the checkpoint had this rank, else rank 0's (a
     resume with more ranks than were saved; the data loader re-splits its position itself)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = Path(path) / f"rank_{rank}.pt"
-    return torch.load(own if own.is_file() else Path(path) / "rank_0.pt", weights_only=True)
+    own = Path(path) / fmt.rank_state_file(rank)
+    return torch.load(own if own.is_file() else Path(path) / fmt.rank_state_file(0), weights_only=True)
 
 
 def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -244,7 +238,7 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], 
     meta = read_meta(path)
     saved = saved_tensors(path)
     for top, part in state.items():
-        if top != MODEL_KEY and not _EXPERT_KEY.match(top):
+        if top != MODEL_KEY and not fmt.EXPERT_WEIGHTS.match(top):
             continue
         absent = [f"{top}.{k}" for k in part if f"{top}.{k}" not in saved]
         if absent:
@@ -304,7 +298,7 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     from twinpipe.model import Transformer
     from twinpipe.trainer.build import model_config
 
-    cfg = OmegaConf.load(ckpt / "config.yaml")
+    cfg = OmegaConf.load(ckpt / fmt.CONFIG)
     model = Transformer(model_config(cfg.model))
     model.load_state_dict(_read_model_state(ckpt, model.state_dict(), model.config.n_routed_experts))
     model.to(dtype)
@@ -312,7 +306,7 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
         bias = getattr(module, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             bias.data = bias.data.float()
-    return model.eval(), load_tokenizer(ckpt / "tokenizer.json")
+    return model.eval(), load_tokenizer(ckpt / fmt.TOKENIZER)
 
 
 def saved_tensors(ckpt: Path) -> dict[str, Any]:
@@ -338,7 +332,7 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
     saved = saved_tensors(ckpt)
     ep_keys: dict[int, set[int]] = {}
     for flat in saved:
-        m = _EXPERT_KEY.match(flat.split(".", 1)[0])
+        m = fmt.EXPERT_WEIGHTS.match(flat.split(".", 1)[0])
         if m:
             ep_keys.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
     if not ep_keys:  # no expert parallelism: "model" is the plain model
@@ -353,10 +347,10 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         return state[MODEL_KEY]
     if len(ep_keys) > 1:
         raise CheckpointError(f"{ckpt}: expert slots saved for several EP degrees {sorted(ep_keys)} "
-                              f"(keys {expert_state_key(0, min(ep_keys))}..., {expert_state_key(0, max(ep_keys))}...)")
+                              f"(keys {fmt.expert_weights_key(0, min(ep_keys))}..., {fmt.expert_weights_key(0, max(ep_keys))}...)")
     (ep, ranks), = ep_keys.items()
     if ranks != set(range(ep)):
-        absent = [expert_state_key(r, ep) for r in range(ep) if r not in ranks]
+        absent = [fmt.expert_weights_key(r, ep) for r in range(ep) if r not in ranks]
         raise CheckpointError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
 
     from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT, merge_expert_shards
@@ -369,7 +363,7 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
             continue
         layer, _, param = name.rpartition(".")
         placement = f"{layer}.{PLACEMENT}"
-        wanted = [f"{MODEL_KEY}.{placement}"] + [f"{expert_state_key(r, ep)}.{layer}.{LOCAL}{param}"
+        wanted = [f"{MODEL_KEY}.{placement}"] + [f"{fmt.expert_weights_key(r, ep)}.{layer}.{LOCAL}{param}"
                                                  for r in range(ep)]
         absent = [k for k in wanted if k not in saved]
         if absent:
@@ -378,11 +372,11 @@ def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: i
         shared[placement] = empty_saved(ckpt, saved, wanted[0])
         for r in range(ep):
             shards[r][f"{layer}.{LOCAL}{param}"] = empty_saved(ckpt, saved, wanted[1 + r])
-    state = {MODEL_KEY: shared, **{expert_state_key(r, ep): shards[r] for r in range(ep)}}
+    state = {MODEL_KEY: shared, **{fmt.expert_weights_key(r, ep): shards[r] for r in range(ep)}}
     with single_process_quiet():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     try:
-        return merge_expert_shards(state[MODEL_KEY], [state[expert_state_key(r, ep)] for r in range(ep)],
+        return merge_expert_shards(state[MODEL_KEY], [state[fmt.expert_weights_key(r, ep)] for r in range(ep)],
                                    num_experts)
     except ValueError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from exc

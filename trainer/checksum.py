@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from twinpipe.trainer import checkpoint_format as fmt
+
 log = logging.getLogger(__name__)
 
-SUMS = "SHA256SUMS"
+SUMS = fmt.SUMS
 
 
 def file_sha256(path: Path) -> str:

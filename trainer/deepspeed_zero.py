@@ -22,6 +22,7 @@ from torch import nn
 
 from twinpipe.fp8.weight_cache import invalidate_weight_caches
 from twinpipe.parallel.grid import Grid
+from twinpipe.trainer import checkpoint_format as fmt
 
 
 class DeepSpeedZero1:
@@ -52,7 +53,7 @@ class DeepSpeedZero1:
             self.ds.optimizer.state[fp32] = {  # so a resume can load into it
                 "step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(fp32),
                 "exp_avg_sq": torch.zeros_like(fp32)}
-        self.key = f"deepspeed_pp{grid.pp_rank}_dp{grid.dp_rank}_of{grid.dp}"
+        self.key = fmt.deepspeed_key(grid.pp_rank, grid.dp_rank, grid.dp)
 
     def zero_grad(self) -> None:
         self.ds.zero_grad(set_to_none=True)

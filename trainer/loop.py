@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twinpipe.parallel.grid import build_grid, init_distributed
 from twinpipe.trainer import checkpoint as ckpt
+from twinpipe.trainer import checkpoint_format as fmt
 from twinpipe.trainer import reshard
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.flops import flops_per_token, peak_flops
@@ -71,33 +72,17 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def _model_state(model: torch.nn.Module, grid: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """The model's state for checkpoints, what this rank holds under the full model's names (pipeline
-    ranks hold their stages; DualPipe's copies are identical and saved once): under expert parallelism
-    each ep rank's expert slots go under a key of their own (the ranks hold different experts under the
-    same names; the placement `phy2log` of each layer, the same on every EP rank, stays under "model"),
-    so `ckpt.load_model_for_inference` rebuilds the logical experts from them."""
-    state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
-    if grid.ep == 1:
-        return {ckpt.MODEL_KEY: state}
-    from twinpipe.parallel.experts.layer import is_expert_param
-
-    expert = {n for n, p in model.named_parameters() if is_expert_param(p)}
-    return {ckpt.MODEL_KEY: {k: v for k, v in state.items() if k not in expert},
-            ckpt.expert_state_key(grid.ep_rank, grid.ep): {k: v for k, v in state.items() if k in expert}}
-
-
 def _load_same_layout(start: Path, model: torch.nn.Module, optimizer: Any, grid: Any) -> tuple[dict, dict]:
     """The fast path: the checkpoint's keys are this run's (dp may differ); one DCP load."""
-    state = {**_model_state(model, grid), "optim": optimizer.state_dict()}
+    state = fmt.training_state(model, optimizer, grid.ep_rank, grid.ep)
     meta, rank_state = ckpt.load_checkpoint(start, state)
-    loaded = {k: v for key, part in state.items() if key != "optim" for k, v in part.items()}
+    loaded = {k: v for key, part in state.items() if key != fmt.OPTIM for k, v in part.items()}
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     on_meta = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
     if unexpected or not set(missing) <= on_meta:  # only other stages' modules may be missing
         raise ValueError(f"{start}: state names do not match this rank's model: unexpected "
                          f"{unexpected[:5]}, missing {missing[:5]}")
-    optimizer.load_state_dict(state["optim"])
+    optimizer.load_state_dict(state[fmt.OPTIM])
     return meta, rank_state
 
 
@@ -111,7 +96,7 @@ def make_batch_source(batch_source: Any, cfg: DictConfig, tokenizer: Any, grid: 
     return factory(cfg, tokenizer, grid.dp_rank, grid.dp, **extra)
 
 
-def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dict[str, Any]:
+def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evaluator: Any = None) -> dict[str, Any]:
     """Run (or resume) the recipe; return a summary (step, tokens, last metrics, run_dir, this rank's
     optimizer-state bytes, parameter count and bytes, and the trained `model`: with pp > 1 this rank's
     part, the other stages' modules on meta).
@@ -121,7 +106,10 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
     global normalisation), and `batch_source`, a callable `(cfg, tokenizer, dp_rank, dp_size[, model])
     -> source` whose source has `next_step()` (this rank's micro-batches: dicts of tensors with any
     keys, at least `input_ids`), a settable `global_batch`, `state_dict()` and `load_state_dict()`
-    (default: the packed corpus of data.source). The model is built first, so the source may use it."""
+    (default: the packed corpus of data.source). The model is built first, so the source may use it.
+    `evaluator(cfg, tokenizer, model, grid, device) -> evaluate`, where `evaluate(step) -> metrics` runs
+    after each step (SFT's held-out loss and exact match; {} between evaluations), adds to that step's
+    record (which is then logged whatever logging.every says)."""
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
     init_distributed(cfg.parallel.backend)
@@ -143,6 +131,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
                            cfg.eplb.every)
     tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
     loader = make_batch_source(batch_source, cfg, tokenizer, grid, model)
+    evaluate = evaluator(cfg, tokenizer, model, grid, device) if evaluator is not None else None
 
     step, tokens = 0, 0.0
     layout = reshard.run_layout(cfg, grid, mcfg.n_routed_experts)
@@ -155,9 +144,9 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
             meta, rank_state = reshard.load_resharded(start, model, optimizer, changes, cfg.model)
         else:
             meta, rank_state = _load_same_layout(start, model, optimizer, grid)
-        loader.load_state_dict(rank_state["loader"])
-        ckpt.set_rng_state(rank_state["rng"])
-        step, tokens = int(meta["step"]), float(meta["tokens"])
+        loader.load_state_dict(rank_state[fmt.LOADER])
+        ckpt.set_rng_state(rank_state[fmt.RNG])
+        step, tokens = int(meta[fmt.STEP]), float(meta[fmt.TOKENS])
         train_step.steps_done = step
         log.info("resumed from %s at step %d (%.3g tokens)", start, step, tokens)
     elif grid.is_main:
@@ -176,9 +165,9 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
     saved_at = step
 
     def save() -> None:
-        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state()}
-        meta = {"step": step, "tokens": tokens, **layout, "segments": segments}
-        ckpt.save_checkpoint(run_dir, step, {**_model_state(model, grid), "optim": optimizer.state_dict()},
+        rank_state = {fmt.LOADER: loader.state_dict(), fmt.RNG: ckpt.rng_state()}
+        meta = {fmt.STEP: step, fmt.TOKENS: tokens, **layout, fmt.SEGMENTS: segments}
+        ckpt.save_checkpoint(run_dir, step, fmt.training_state(model, optimizer, grid.ep_rank, grid.ep),
                              rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
                              cfg.checkpoint.keep)
 
@@ -203,7 +192,9 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None) -> dic
                     "global_batch": batch}
             if peak:
                 last["mfu"] = tokens_per_s * fpt / (peak * grid.world_size)
-            if step % cfg.logging.every == 0 or step == cfg.train.steps:
+            evaluated = evaluate(step) if evaluate is not None else {}
+            last.update(evaluated)
+            if step % cfg.logging.every == 0 or step == cfg.train.steps or evaluated:
                 writer.log(last)
 
             stopping = stop.agreed(device)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from twinpipe.parallel.grid import Grid
+from twinpipe.trainer.checkpoint_format import dense_bucket_key
 from twinpipe.trainer.zero import ZeroAdamW
 
 
@@ -98,5 +99,5 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
     return ZeroAdamW(local, no_decay=no_decay, dp_group=grid.dp_group, dp_mesh=grid.dp_mesh,
                      pp_group=grid.pp_group if grid.pp > 1 else None,
                      counted=lambda n, p: counted(n),
-                     key_suffix=f"_pp{grid.pp_rank}_of{grid.pp}" if grid.pp > 1 else "",
+                     dense_key=dense_bucket_key(grid.pp_rank, grid.pp),
                      moment_dtype=moment_dtype, **expert_kwargs, **kwargs)

@@ -48,15 +48,13 @@ from torch import nn
 
 from twinpipe.model.safetensors_io import CheckpointError
 from twinpipe.trainer import checkpoint as ckpt
-
-_MOMENTS = ("master", "exp_avg", "exp_avg_sq")
-
+from twinpipe.trainer import checkpoint_format as fmt
 
 def run_layout(cfg: DictConfig, grid: Any, num_experts: int) -> dict[str, Any]:
     """This run's layout as meta.json records it."""
-    return {"pp": grid.pp, "dp": grid.dp, "ep": grid.ep, "schedule": cfg.parallel.schedule,
-            "expert_slots": (cfg.eplb.replicas or num_experts) if grid.ep > 1 else None,
-            "zero": cfg.optim.zero}
+    values = (grid.pp, grid.dp, grid.ep, cfg.parallel.schedule,
+              (cfg.eplb.replicas or num_experts) if grid.ep > 1 else None, cfg.optim.zero)
+    return dict(zip(fmt.LAYOUT, values))
 
 
 def gather_segments(optimizer: Any) -> dict[str, list[list[Any]]] | None:
@@ -98,11 +96,11 @@ class _SavedState:
         self.path, self.ep = path, int(meta.get("ep", 1))
         self.saved = ckpt.saved_tensors(path)
         self.where: dict[str, tuple[str, int, int]] = {}  # parameter -> (bucket key, offset, numel)
-        for key, table in meta["segments"].items():
+        for key, table in meta[fmt.SEGMENTS].items():
             for name, start, numel in table:
                 self.where.setdefault(name, (key, int(start), int(numel)))
         self.buckets: dict[str, dict[str, torch.Tensor]] = {}
-        self.step = int(self.read({"optim": {"step": 0}})["optim"]["step"])
+        self.step = int(self.read({fmt.OPTIM: {fmt.OPTIM_STEP: 0}})[fmt.OPTIM][fmt.OPTIM_STEP])
 
     def read(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fill a nested state dict from the checkpoint, in this process alone."""
@@ -123,14 +121,14 @@ class _SavedState:
                 raise CheckpointError(f"{self.path}: {name} has {saved_numel} elements in bucket {key}, "
                                       f"{numel} {list(shape)} here: saved under a different model config?")
             if key not in self.buckets:
-                self.buckets[key] = self.read({"optim": {key: {k: self.empty(f"optim.{key}.{k}")
-                                                               for k in _MOMENTS}}})["optim"][key]
+                self.buckets[key] = self.read({fmt.OPTIM: {key: {k: self.empty(f"{fmt.OPTIM}.{key}.{k}")
+                                                               for k in fmt.BUCKET_TENSORS}}})[fmt.OPTIM][key]
             flat = self.buckets[key]
-            return [flat[k][start:start + numel].view(shape) for k in _MOMENTS] + [float(self.step)]
+            return [flat[k][start:start + numel].view(shape) for k in fmt.BUCKET_TENSORS] + [float(self.step)]
         layer, _, param = name.rpartition(".")
         from twinpipe.parallel.experts.logical_state import PLACEMENT
 
-        if self.ep > 1 and f"{ckpt.MODEL_KEY}.{layer}.{PLACEMENT}" in self.saved:
+        if self.ep > 1 and f"{fmt.MODEL}.{layer}.{PLACEMENT}" in self.saved:
             return self._experts(layer, param, shape)
         raise CheckpointError(f"{self.path}: no optimizer state for parameter {name}: in none of the saved "
                               f"buckets ({', '.join(sorted({k for k, _, _ in self.where.values()}))}) and "
@@ -143,14 +141,14 @@ class _SavedState:
         slot = f"{layer}.{LOCAL}{param}"
         ranks = range(self.ep)
         placement = f"{layer}.{PLACEMENT}"
-        weights = {r: ckpt.expert_state_key(r, self.ep) for r in ranks}
+        weights = {r: fmt.expert_weights_key(r, self.ep) for r in ranks}
         state = self.read({
-            ckpt.MODEL_KEY: {placement: self.empty(f"{ckpt.MODEL_KEY}.{placement}")},
+            fmt.MODEL: {placement: self.empty(f"{fmt.MODEL}.{placement}")},
             **{weights[r]: {slot: self.empty(f"{weights[r]}.{slot}")} for r in ranks},
-            "optim": {f"experts_ep{r}": {slot: {k: self.empty(f"optim.experts_ep{r}.{slot}.{k}")
-                                                for k in ("exp_avg", "exp_avg_sq", "step")}} for r in ranks}})
-        phy2log = state[ckpt.MODEL_KEY][placement]                                       # [R]
-        optim = [state["optim"][f"experts_ep{r}"][slot] for r in ranks]
+            fmt.OPTIM: {fmt.expert_optim_key(r): {slot: {k: self.empty(f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{k}")
+                                                          for k in (*fmt.MOMENTS, fmt.OPTIM_STEP)}} for r in ranks}})
+        phy2log = state[fmt.MODEL][placement]                                       # [R]
+        optim = [state[fmt.OPTIM][fmt.expert_optim_key(r)][slot] for r in ranks]
         slots = [torch.cat([state[weights[r]][slot] for r in ranks]),                      # [R, ...]
                  torch.cat([o["exp_avg"] for o in optim]), torch.cat([o["exp_avg_sq"] for o in optim])]
         steps = {float(o["step"]) for o in optim}
@@ -168,7 +166,7 @@ class _SavedState:
 
 
 def _check_model_config(path: Path, model_cfg: DictConfig) -> None:
-    saved = OmegaConf.to_container(OmegaConf.load(Path(path) / "config.yaml").model, resolve=True)
+    saved = OmegaConf.to_container(OmegaConf.load(Path(path) / fmt.CONFIG).model, resolve=True)
     now = OmegaConf.to_container(model_cfg, resolve=True)
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
@@ -187,7 +185,7 @@ def _load_model_state(path: Path, model: nn.Module, saved: _SavedState) -> None:
     params = {n for n, _ in model.named_parameters()}
     want, absent = {}, []
     for key, value in model.state_dict().items():
-        flat = f"{ckpt.MODEL_KEY}.{key}"
+        flat = f"{fmt.MODEL}.{key}"
         if value.is_meta or key.endswith("." + PLACEMENT):
             continue
         if flat in saved.saved:
@@ -200,7 +198,7 @@ def _load_model_state(path: Path, model: nn.Module, saved: _SavedState) -> None:
     if absent:
         raise CheckpointError(f"{path}: no key {absent[0]} ({len(absent)} buffers missing); saved under a "
                               "different model config?")
-    saved.read({ckpt.MODEL_KEY: want})
+    saved.read({fmt.MODEL: want})
     model.load_state_dict(want, strict=False)
 
 
@@ -214,7 +212,7 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
     from twinpipe.parallel.experts.layer import ExpertParallelExperts
 
     meta = ckpt.read_meta(path)
-    if "segments" not in meta or not hasattr(optimizer, "segment_table"):
+    if fmt.SEGMENTS not in meta or not hasattr(optimizer, "segment_table"):
         raise ValueError(f"{path}: resuming with {', '.join(changes)}, but the checkpoint has no parameter "
                          "segment table in meta.json (saved before resumes across layouts existed, or with "
                          "optim.zero=deepspeed): resume with the saved parallel.pp, parallel.schedule and "
@@ -225,9 +223,9 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
     if not any(c.startswith(("parallel.ep", "expert slots")) for c in changes):
         for name, layer in layers.items():  # same ep and slots: keep the saved (EPLB) placement
-            key = f"{ckpt.MODEL_KEY}.{name}.{PLACEMENT}"
-            layer.set_placement(saved.read({ckpt.MODEL_KEY: {f"{name}.{PLACEMENT}": saved.empty(key)}})
-                                [ckpt.MODEL_KEY][f"{name}.{PLACEMENT}"])
+            key = f"{fmt.MODEL}.{name}.{PLACEMENT}"
+            layer.set_placement(saved.read({fmt.MODEL: {f"{name}.{PLACEMENT}": saved.empty(key)}})
+                                [fmt.MODEL][f"{name}.{PLACEMENT}"])
     for b in optimizer.buckets:
         for s in b.segments:
             lo, hi = max(s.start, b.lo), min(s.start + s.param.numel(), b.hi)

@@ -24,8 +24,8 @@ gets the same update from its bucket segment under ep = 1 as from its slot under
 
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
 torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
-parallelism each pipeline rank's bucket holds other parameters: `key_suffix` (the trainer's
-`_pp{rank}_of{pp}`) keeps the ranks' buckets apart in the checkpoint, and `segment_table()` says
+parallelism each pipeline rank's bucket holds other parameters: `dense_key`
+(`checkpoint_format.dense_bucket_key`) keeps the ranks' buckets apart in the checkpoint, and `segment_table()` says
 where each parameter sits in them, so a resume under another pp, schedule or ep can rebuild its own
 buckets parameter by parameter (`twinpipe.trainer.reshard`). `counted(name, param)` picks the
 parameters this rank adds to the global norm (a pipeline copy held on two ranks counts on one); the
@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from twinpipe.trainer import checkpoint_format as fmt
 
 
 @dataclass
@@ -191,8 +193,7 @@ class _Bucket:
                                   shape=torch.Size([self.numel]), stride=(1,))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"master": self._wrap(self.master), "exp_avg": self._wrap(self.exp_avg),
-                "exp_avg_sq": self._wrap(self.exp_avg_sq)}
+        return dict(zip(fmt.BUCKET_TENSORS, map(self._wrap, (self.master, self.exp_avg, self.exp_avg_sq))))
 
 
 class ZeroAdamW:
@@ -206,14 +207,14 @@ class ZeroAdamW:
                  reduce_experts: Optional[Callable[[], None]] = None,
                  expert_grad_sq: Optional[Callable[[], torch.Tensor]] = None, ep_group: Any = None,
                  ep_rank: int = 0, pp_group: Any = None, moment_dtype: torch.dtype = torch.float32,
-                 counted: Callable[[str, nn.Parameter], bool] = lambda n, p: True, key_suffix: str = ""):
+                 counted: Callable[[str, nn.Parameter], bool] = lambda n, p: True, dense_key: str = fmt.dense_bucket_key(0, 1)):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         dense = [(n, p) for n, p in named if not expert_param(n, p)]
         experts = [(n, p) for n, p in named if expert_param(n, p)]
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.ep_group, self.pp_group, self.reduce_experts = ep_group, pp_group, reduce_experts
         self.expert_grad_sq = expert_grad_sq  # this rank's share of the experts' squared grad norm
-        self.buckets = [_Bucket("dense" + key_suffix, dense, no_decay, dp_group, dp_mesh, moment_dtype)]
+        self.buckets = [_Bucket(dense_key, dense, no_decay, dp_group, dp_mesh, moment_dtype)]
         for b in self.buckets:
             for seg in b.segments:  # contiguous counted parameters merge into one range
                 if counted(seg.name, seg.param):
@@ -223,7 +224,7 @@ class ZeroAdamW:
                     b.norm_ranges.append((lo, hi))
         self.expert_names = {p: n for n, p in experts}
         self.expert_counted = [p for n, p in experts if counted(n, p)]
-        self.expert_key = f"experts_ep{ep_rank}"
+        self.expert_key = fmt.expert_optim_key(ep_rank)
         self.expert_opt = None
         if experts:
             groups = [{"params": [p for n, p in experts if not no_decay(n, p)], "weight_decay": weight_decay},
@@ -292,7 +293,7 @@ class ZeroAdamW:
         return {b.key: [[s.name, s.start, s.param.numel()] for s in b.segments] for b in self.buckets}
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"step": self.step_count}
+        out: dict[str, Any] = {fmt.OPTIM_STEP: self.step_count}
         for b in self.buckets:
             out[b.key] = b.state_dict()
         if self.expert_opt is not None:  # a key per ep rank: the ranks hold different experts
@@ -301,7 +302,7 @@ class ZeroAdamW:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Counterpart of state_dict after torch.distributed.checkpoint filled it in place."""
-        self.step_count = int(state["step"])
+        self.step_count = int(state[fmt.OPTIM_STEP])
         for b in self.buckets:
             b.publish()  # master shards were loaded in place; make the parameters agree
         if self.expert_opt is not None:
