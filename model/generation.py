@@ -3,6 +3,15 @@
 Prompts of different lengths share one batch: they are padded on the left or the right, padded slots
 are masked in the cache and do not count as positions, so each sequence sees exactly what it would
 see alone. A sequence stops at `eos_id` (kept in its output) or after `max_new_tokens`.
+
+Sampling draws from counter-based noise keyed by (seed, the prompt's index, the step), not from a
+generator shared by the batch, so a prompt gets the same tokens whichever batch, data-parallel rank
+or pipeline micro-batch it is decoded in (`parallel/inference/` relies on it). The noise is a
+splitmix64 hash in int64 arithmetic: the same numbers on every machine.
+
+`Decoding` is the per-batch state of the token choice (new tokens preallocated [B, N], which rows
+still run); `generate` drives it with the whole model in this process, the distributed drivers with
+the last pipeline stage's logits.
 """
 
 from __future__ import annotations
@@ -11,10 +20,43 @@ import torch
 
 from .kv_cache import LatentKVCache
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 (multiplication wraps like uint64)."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def keyed_uniform(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
+    """keys [B] int64, step -> uniform noise [B, size] float64 in (0, 1), a function of (key, step,
+    column) only."""
+    row = _splitmix64(_splitmix64(keys.long()) ^ step)                                # [B]
+    cols = torch.arange(size, dtype=torch.long, device=keys.device)
+    bits = _shift_right(_splitmix64(row[:, None] ^ _splitmix64(cols)[None, :]), 11)   # [B, size] < 2^53
+    return (bits.double() + 0.5) * 2.0 ** -53
+
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """logits [..., V] -> the distribution sampled from: softmax(logits / temperature), cut to the
-    smallest set of top tokens whose mass reaches top_p (not renormalized; multinomial does that)."""
+    smallest set of top tokens whose mass reaches top_p (not renormalized; the draw does not need it)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)                     # [..., V]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -24,13 +66,29 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> next token ids [B]: argmax when temperature == 0, else nucleus sampling."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor,
+                step: int) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B]: argmax when temperature == 0, else a draw from
+    `sampling_probs` with row b's noise `keyed_uniform(keys, step)[b]` (exponential race:
+    argmax p / -log(u) picks token v with probability p_v / sum p)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_p)                              # [B, V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    race = -torch.log(keyed_uniform(keys, step, probs.shape[-1]))                   # [B, V] Exp(1)
+    return (probs.double() / race).argmax(dim=-1)
+
+
+def sampling_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """The noise key of each prompt: rows [B] (the prompts' indices in the caller's list) mixed with
+    the seed."""
+    return _splitmix64(torch.full_like(rows, seed, dtype=torch.long)) ^ rows.long()
+
+
+def check_sampling(max_new_tokens: int, top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
 
 
 def pad_prompts(prompts: list[list[int]], padding_side: str, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,38 +113,81 @@ def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
     return T - 1 - valid.flip(1).long().argmax(dim=1)
 
 
+def check_context(prompts: list[list[int]], max_new_tokens: int, max_positions: int) -> None:
+    """A prompt whose continuation would pass the model's context is refused, naming it."""
+    for i, p in enumerate(prompts):
+        if len(p) + max_new_tokens > max_positions:
+            raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} > the model's "
+                             f"context max_position_embeddings={max_positions}: shorten it or lower "
+                             "max_new_tokens")
+
+
+class Decoding:
+    """The token choice of one batch: new tokens [B, N] preallocated, `running` [B] bool.
+
+    `choose(logits)` picks each row's next token from its last-position logits [B, V], records it for
+    the rows still running and stops rows at eos; the next forward takes `last` [B, 1] with valid
+    `running[:, None]`. `finished` costs a host sync only when stopping needs one (an eos_id is set).
+    `live` [B] False marks filler rows (kept in step with the others, never recorded).
+    """
+
+    def __init__(self, batch: int, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_id: int | None = None, keys: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu", live: torch.Tensor | None = None):
+        self.max_new_tokens, self.temperature, self.top_p, self.eos_id = max_new_tokens, temperature, top_p, eos_id
+        self.keys = (torch.arange(batch) if keys is None else keys).to(device)
+        self.new = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)   # [B, N]
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)               # [B] recorded
+        self.running = (torch.ones(batch, dtype=torch.bool) if live is None else live.bool()).to(device)
+        self.step = 0
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> next tokens [B]; recorded where running."""
+        nxt = sample_next(logits, self.temperature, self.top_p, self.keys, self.step)  # [B]
+        self.new[:, self.step] = nxt
+        self.length += self.running.long()
+        if self.eos_id is not None:
+            self.running &= nxt != self.eos_id
+        self.step += 1
+        return nxt
+
+    def any_running(self) -> bool:
+        """Whether a row still runs (host sync)."""
+        return bool(self.running.any())
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.max_new_tokens or (self.eos_id is not None and not self.any_running())
+
+    def tokens(self) -> list[list[int]]:
+        """The new tokens of every row (eos included when reached)."""
+        return [row[:n] for row, n in zip(self.new.tolist(), self.length.tolist())]
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, seed: int = 0, padding_side: str = "left",
-             absorb: bool | None = None) -> list[list[int]]:
+             absorb: bool | None = None, rows: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (eos included when reached).
 
     `absorb` forces MLA's absorbed (latent) attention (True) or the naive form (False) over the same
-    cache; None picks the cheaper per step (see `LatentKVCache`).
+    cache; None picks the cheaper per step (see `LatentKVCache`). `rows` are the prompts' indices
+    for the sampling noise (default 0..B-1): a prompt decoded with the same seed and row gets the
+    same tokens in any batch.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+    check_sampling(max_new_tokens, top_p)
+    check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
     device = model.embed_tokens.weight.device
     tokens, valid = pad_prompts(prompts, padding_side)
     tokens, valid = tokens.to(device), valid.to(device)
     B = tokens.shape[0]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    outputs: list[list[int]] = [[] for _ in range(B)]
+    rows_t = torch.arange(B) if rows is None else torch.tensor(rows, dtype=torch.long)
     if max_new_tokens == 0:
-        return outputs
+        return [[] for _ in range(B)]
+    decoding = Decoding(B, max_new_tokens, temperature, top_p, eos_id, sampling_keys(seed, rows_t), device)
     cache = LatentKVCache.for_model(model, B, tokens.shape[1] + max_new_tokens, absorb=absorb)
     logits = model(tokens, cache=cache, valid=valid)                                # [B, P, V]
-    last = logits[torch.arange(B, device=device), last_valid_index(valid)]          # [B, V]
-    running = torch.ones(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        nxt = sample_next(last, temperature, top_p, generator)                      # [B]
-        for b in running.nonzero().flatten().tolist():
-            outputs[b].append(int(nxt[b]))
-        if eos_id is not None:
-            running &= nxt != eos_id
-        if step == max_new_tokens - 1 or not bool(running.any()):
-            break
-        last = model(nxt[:, None], cache=cache, valid=running[:, None])[:, -1]      # [B, V]
-    return outputs
+    nxt = decoding.choose(logits[torch.arange(B, device=device), last_valid_index(valid)])  # [B]
+    while not decoding.finished:
+        nxt = decoding.choose(model(nxt[:, None], cache=cache, valid=decoding.running[:, None])[:, -1])
+    return decoding.tokens()

@@ -4,10 +4,13 @@ Slots are shared by the batch (every sequence advances by the same number of slo
 `valid` mask per slot marks padding, so left- and right-padded prompts and finished sequences are all
 handled per sequence: padded slots are never attended and do not advance a sequence's positions.
 Per token and layer the cache holds kv_lora_rank + qk_rope_head_dim values (576 for DeepSeek-V3),
-against 2 * heads * head_dim for a full K/V cache (see `bytes_per_token`).
+against 2 * heads * head_dim for a full K/V cache (see `bytes_per_token`). A pipeline stage keeps only
+its own layers (`layers`), so a rank's cache grows with the blocks it runs, not with the model.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -15,7 +18,8 @@ from .config import ModelConfig
 
 
 class LatentKVCache:
-    """c_kv [L, B, S, kv_lora_rank] and k_pe [L, B, S, qk_rope_head_dim] for L = main + MTP layers.
+    """c_kv [L, B, S, kv_lora_rank] and k_pe [L, B, S, qk_rope_head_dim] for the L layers it serves:
+    `layers` (the layer_idx of a pipeline stage's blocks), default every main and MTP layer.
 
     A step: `positions = cache.begin(T, valid)`; every layer calls `cache.update(layer, c_kv, k_pe)`
     and reads `cache.mask` [B, 1, T, S] (True = attend); then `cache.commit()`.
@@ -25,8 +29,12 @@ class LatentKVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", absorb: bool | None = None):
-        num_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+                 device: torch.device | str = "cpu", absorb: bool | None = None,
+                 layers: Sequence[int] | None = None):
+        if layers is None:
+            layers = range(config.num_hidden_layers + config.num_nextn_predict_layers)
+        self.row = {layer: i for i, layer in enumerate(layers)}  # layer_idx -> row of c_kv / k_pe
+        num_layers = len(self.row)
         self.max_len = max_len
         self.absorb = absorb
         self.c_kv = torch.zeros(num_layers, batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device)
@@ -40,9 +48,10 @@ class LatentKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int,
-                  absorb: bool | None = None) -> "LatentKVCache":
-        weight = model.embed_tokens.weight
-        return cls(model.config, batch_size, max_len, weight.dtype, weight.device, absorb)
+                  absorb: bool | None = None, layers: Sequence[int] | None = None) -> "LatentKVCache":
+        """A cache in the dtype and on the device of the model's first local block's weights."""
+        weight = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())
+        return cls(model.config, batch_size, max_len, weight.dtype, weight.device, absorb, layers)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, bytes_per_value: int = 2, latent: bool = True) -> int:
@@ -77,10 +86,10 @@ class LatentKVCache:
     def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store c_kv [B, T, r] and k_pe [B, T, dr] of `layer` in the open step; return all slots so
         far: [B, S, r], [B, S, dr]."""
-        start, end = self.length, self.length + self._step
-        self.c_kv[layer, :, start:end] = c_kv
-        self.k_pe[layer, :, start:end] = k_pe
-        return self.c_kv[layer, :, :end], self.k_pe[layer, :, :end]
+        start, end, row = self.length, self.length + self._step, self.row[layer]
+        self.c_kv[row, :, start:end] = c_kv
+        self.k_pe[row, :, start:end] = k_pe
+        return self.c_kv[row, :, :end], self.k_pe[row, :, :end]
 
     def commit(self) -> None:
         """Close the step: the slots become history."""

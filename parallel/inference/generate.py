@@ -1,0 +1,210 @@
+"""Generation on a model spread over ranks: pipeline stages, expert parallelism, data parallelism.
+
+    new = generate_parallel(model, grid, prompts, 64, eos_id=tok.eos_id, schedule="dualpipev")
+
+Every rank gets the whole prompt list and returns the whole result, equal token for token to
+`twinpipe.model.generate` in one process (sampling too: its noise is keyed by prompt index).
+
+- data parallelism: replica r decodes its contiguous share of the prompts (`lockstep.shard_rows`);
+- pipeline parallelism: a replica's prompts are cut into micro-batches (groups); each stage of the
+  schedule's placement (`StagePlacement`: 1F1B, DualPipe, DualPipeV) runs on the rank that holds it,
+  with its own latent cache of its blocks only. Stage s sends stage s+1 a header [1 + B] int64
+  (go-on flag, running rows) and the hidden states [B, T, H]; the rank of the last stage applies the
+  head, chooses the tokens (`model.generation.Decoding`) and sends them back to stage 0. Under
+  DualPipe every stage has two copies: even groups go down ranks 0 -> N-1, odd groups up N-1 -> 0,
+  so both copies work. DualPipeV's V goes down and back up, ending on rank 0;
+- expert parallelism: the EP ranks of a stage run the same (step, stage, group) items in the same
+  order (`lockstep`): the same number of groups (filler rows where a replica has fewer prompts) and a
+  group stops only when the sampling ranks agree that no EP rank has a row of it running.
+
+Each rank works through its items in one global order, (step, stage, group): every receive waits for
+a send issued at an earlier item and every collective is reached by all its ranks at the same item,
+so nothing deadlocks, and while stage s works on group g, stage s-1 already works on group g+1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from twinpipe.model.generation import (Decoding, check_context, check_sampling, last_valid_index, pad_prompts,
+                                       sampling_keys)
+from twinpipe.model.kv_cache import LatentKVCache
+from twinpipe.parallel.grid import Grid
+from twinpipe.parallel.inference.lockstep import any_across, gather_rows, shard_rows, split_groups
+from twinpipe.parallel.pipeline.placement import StagePlacement
+from twinpipe.parallel.pipeline.stages import split_layers
+
+
+def stage_routes(placement: StagePlacement) -> list[tuple[int, ...]]:
+    """The pipeline rank running each stage, per direction: the rank where the stage comes first
+    (`owner`), and under DualPipe also its mirror copy (stage s on rank N-1-s)."""
+    down = tuple(placement.owner(s) for s in range(placement.num_stages))
+    if placement.schedule != "dualpipe":
+        return [down]
+    return [down, tuple(placement.mirror(r) for r in down)]
+
+
+@dataclass
+class _Group:
+    """One micro-batch of prompts on this rank."""
+
+    rows: list[int]                       # prompt indices (empty: filler rows for EP lockstep)
+    tokens: torch.Tensor                  # [B, P] left-padded prompts
+    valid: torch.Tensor                   # [B, P]
+    route: tuple[int, ...]                # pp rank of each stage
+    caches: dict[int, LatentKVCache] = field(default_factory=dict)
+    decoding: Decoding | None = None      # on the rank running the last stage
+    alive: bool = True
+    inbox: dict[int, tuple] = field(default_factory=dict)  # stage -> message from this same rank
+
+
+class _Wire:
+    """Messages between the pp ranks of one replica: (go, running [B] bool, payload), payload the
+    hidden states [B, T, H] (into stage s > 0) or the chosen tokens [B] (into stage 0)."""
+
+    def __init__(self, grid: Grid, device: torch.device, hidden: int, dtype: torch.dtype):
+        self.grid, self.device, self.hidden, self.dtype = grid, device, hidden, dtype
+        self.pending: list = []   # (work, tensor kept alive until sent) of this step
+        self.previous: list = []  # ... of the step before
+
+    def peer(self, pp_rank: int) -> int:
+        return dist.get_global_rank(self.grid.pp_group, pp_rank)
+
+    def send(self, pp_rank: int, go: bool, running: torch.Tensor, payload: torch.Tensor | None) -> None:
+        header = torch.cat([torch.tensor([int(go)], device=self.device), running.long()])  # [1 + B]
+        tensors = [header] + ([payload.contiguous()] if go else [])
+        self.pending += [(dist.isend(t, self.peer(pp_rank)), t) for t in tensors]
+
+    def recv(self, pp_rank: int, batch: int, shape: tuple[int, ...] | None) -> tuple:
+        """shape None: the payload is tokens [batch]; else hidden states of that shape."""
+        header = torch.empty(1 + batch, dtype=torch.long, device=self.device)
+        dist.recv(header, self.peer(pp_rank))
+        go, running = bool(header[0]), header[1:].bool()
+        if not go:
+            return False, running, None
+        payload = (torch.empty(batch, dtype=torch.long, device=self.device) if shape is None
+                   else torch.empty(shape, dtype=self.dtype, device=self.device))
+        dist.recv(payload, self.peer(pp_rank))
+        return True, running, payload
+
+    def end_step(self, last: bool = False) -> None:
+        """Wait for the sends of the step before (a step's last sends are received in the next one);
+        `last`: for all."""
+        for work, _ in self.previous + (self.pending if last else []):
+            work.wait()
+        self.previous, self.pending = ([], []) if last else (self.pending, [])
+
+
+def _run_stage(model: nn.Module, layers: range, first: bool, x: torch.Tensor, valid: torch.Tensor,
+               cache: LatentKVCache) -> torch.Tensor:
+    """Stage blocks `layers` on tokens [B, T] (first stage) or hidden states [B, T, H] -> [B, T, H]."""
+    positions = cache.begin(x.shape[1], valid)                                      # [B, T]
+    h = model.embed(x) if first else x
+    for i in layers:
+        h = model.layers[i](h, positions, cache)
+    cache.commit()
+    return h
+
+
+@torch.no_grad()
+def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], max_new_tokens: int,
+                      temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
+                      schedule: str = "1f1b", micro_batches: int | None = None) -> list[list[int]]:
+    """The new tokens of every prompt (eos included when reached), on every rank; see the module
+    docstring. `model` is this rank's part (`parallelize`d under `grid` and `schedule`);
+    `micro_batches`: groups per replica (default: one per pipeline stage, two per rank for DualPipe)."""
+    check_sampling(max_new_tokens, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
+    check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    placement = StagePlacement(schedule if grid.pp > 1 else "1f1b", grid.pp)
+    routes = stage_routes(placement)
+    num_stages = placement.num_stages
+    layers = split_layers(len(model.layers), num_stages)
+    weight = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())
+    device, dtype, me = weight.device, weight.dtype, grid.pp_rank
+    wire = _Wire(grid, device, model.config.hidden_size, dtype)
+
+    # groups: the same count on every replica (ep lockstep needs it), at most the largest share
+    shares = [len(shard_rows(len(prompts), grid.dp, r)) for r in range(grid.dp)]
+    wanted = micro_batches or num_stages * len(routes)
+    groups: list[_Group] = []
+    for g, rows in enumerate(split_groups(shard_rows(len(prompts), grid.dp, grid.dp_rank), min(wanted, max(shares)))):
+        if not rows and grid.ep == 1:
+            continue
+        tokens, valid = pad_prompts([prompts[r] for r in rows] or [[0]], "left")
+        group = _Group(rows, tokens.to(device), valid.to(device), routes[g % len(routes)])
+        for s in range(num_stages):
+            if group.route[s] == me:
+                group.caches[s] = LatentKVCache.for_model(model, len(tokens), tokens.shape[1] + max_new_tokens,
+                                                          layers=layers[s])
+        if group.route[-1] == me:
+            live = torch.tensor([True] * len(rows) or [False])
+            group.decoding = Decoding(len(tokens), max_new_tokens, temperature, top_p, eos_id,
+                                      sampling_keys(seed, torch.tensor(rows or [0])), device, live)
+        groups.append(group)
+
+    for step in range(max_new_tokens):
+        for s in range(num_stages):
+            for group in groups:
+                if group.alive and group.route[s] == me:
+                    _stage_item(model, group, s, step, layers, wire, grid)
+        wire.end_step(last=step == max_new_tokens - 1)
+    results = {row: tokens for group in groups if group.decoding is not None
+               for row, tokens in zip(group.rows, group.decoding.tokens())}
+    gathered = gather_rows(results)
+    return [gathered[i] for i in range(len(prompts))]
+
+
+def _stage_item(model: nn.Module, group: _Group, s: int, step: int, layers: list[range], wire: _Wire,
+                grid: Grid) -> None:
+    """Stage `s` of `group` at decoding step `step` on this rank: take its input (prompt, local
+    message or receive), run it, pass the output on (or choose the tokens at the last stage)."""
+    me, last = grid.pp_rank, len(group.route) - 1
+    batch = len(group.tokens)
+    if s == 0 and step == 0:
+        go, running, x, valid = True, None, group.tokens, group.valid
+    else:
+        src = group.route[s - 1] if s > 0 else group.route[last]
+        if src == me:
+            go, running, x = group.inbox.pop(s)
+        else:
+            width = group.tokens.shape[1] if step == 0 else 1
+            go, running, x = wire.recv(src, batch, None if s == 0 else (batch, width, wire.hidden))
+        valid = group.valid if step == 0 else running[:, None]
+        if s == 0 and go:
+            x = x[:, None]                                                          # tokens [B, 1]
+    if not go:  # the group has ended: tell the next stage and stop
+        group.alive = False
+        if s < last:
+            _deliver(group, s + 1, wire, me, False, running, None)
+        return
+    h = _run_stage(model, layers[s], s == 0, x, valid, group.caches[s])             # [B, T, H]
+    if s < last:
+        _deliver(group, s + 1, wire, me, True, valid[:, -1], h)
+        return
+    decoding = group.decoding
+    at = last_valid_index(valid) if step == 0 else torch.full((batch,), h.shape[1] - 1, device=h.device)
+    nxt = decoding.choose(model.head(h[torch.arange(batch, device=h.device), at]))  # [B]
+    if decoding.step == decoding.max_new_tokens:
+        group.alive = False  # every rank counts the steps: nothing to say
+        return
+    # a stop also travels the whole chain (stage 0 .. last at the next step), so that every rank
+    # holding a stage of this group hears it
+    go = True if decoding.eos_id is None else any_across(decoding.any_running(), grid.ep_group, h.device)
+    _deliver(group, 0, wire, me, go, decoding.running, nxt)
+
+
+def _deliver(group: _Group, s: int, wire: _Wire, me: int, go: bool, running: torch.Tensor,
+             payload: torch.Tensor | None) -> None:
+    dst = group.route[s]
+    if dst == me:
+        group.inbox[s] = (go, running, payload)
+    else:
+        wire.send(dst, go, running, payload)
