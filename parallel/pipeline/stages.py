@@ -165,11 +165,6 @@ def keep_local_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
     return dropped
 
 
-def is_local(tensor: torch.Tensor) -> bool:
-    """False for the meta placeholders `keep_local_stages` leaves for other ranks' modules."""
-    return not tensor.is_meta
-
-
 def set_stage_p2p_shapes(micro_batch: int, seq_len: int, hidden: int,
                          dtype: torch.dtype = torch.float32) -> None:
     """Declare what a transformer stage sends: h, input_ids, position_ids of one micro-batch."""
