@@ -25,6 +25,7 @@ so nothing deadlocks, and while stage s works on group g, stage s-1 already work
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,9 @@ class _Group:
     valid: torch.Tensor                   # [B, P]
     route: tuple[int, ...]                # pp rank of each stage
     caches: dict[int, LatentKVCache] = field(default_factory=dict)
-    decoding: Decoding | None = None      # on the rank running the last stage
+    decoding: Decoding | None = None      # on the rank running the last stage, when generating
+    finish: Callable | None = None        # on that rank, when scoring
+    results: list | None = None           # per row: new tokens or finish's result (that rank)
     alive: bool = True
     inbox: dict[int, tuple] = field(default_factory=dict)  # stage -> message from this same rank
 
@@ -118,11 +121,30 @@ def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], ma
     docstring. `model` is this rank's part (`parallelize`d under `grid` and `schedule`);
     `micro_batches`: groups per replica (default: one per pipeline stage, two per rank for DualPipe)."""
     check_sampling(max_new_tokens, top_p)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    sampling = (max_new_tokens, temperature, top_p, eos_id, seed)
+    return _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling)
+
+
+@torch.no_grad()
+def score_parallel(model: nn.Module, grid: Grid, sequences: list[list[int]], finish: Callable,
+                   schedule: str = "1f1b", micro_batches: int | None = None) -> list[Any]:
+    """One forward of every sequence through the stages (left-padded into micro-batches, the same
+    placement and lockstep as `generate_parallel`), then on the last stage's rank
+    `finish(model, h [B, T, H] last block's output, tokens [B, T], valid [B, T]) -> one result per row`
+    (e.g. log-likelihoods); returns every sequence's result, on every rank."""
+    check_context(sequences, 0, model.config.max_position_embeddings)
+    return _drive(model, grid, sequences, 1, schedule, micro_batches, finish=finish)
+
+
+def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, schedule: str,
+           micro_batches: int | None, sampling: tuple | None = None, finish: Callable | None = None) -> list[Any]:
+    """Run `steps` forwards of every micro-batch through its route; the last stage samples
+    (`sampling`: max_new_tokens, temperature, top_p, eos_id, seed) or applies `finish` once."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need at least one sequence and every sequence needs >= 1 token")
     placement = StagePlacement(schedule if grid.pp > 1 else "1f1b", grid.pp)
     routes = stage_routes(placement)
     num_stages = placement.num_stages
@@ -142,22 +164,28 @@ def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], ma
         group = _Group(rows, tokens.to(device), valid.to(device), routes[g % len(routes)])
         for s in range(num_stages):
             if group.route[s] == me:
-                group.caches[s] = LatentKVCache.for_model(model, len(tokens), tokens.shape[1] + max_new_tokens,
+                group.caches[s] = LatentKVCache.for_model(model, len(tokens), tokens.shape[1] + steps,
                                                           layers=layers[s])
         if group.route[-1] == me:
-            live = torch.tensor([True] * len(rows) or [False])
-            group.decoding = Decoding(len(tokens), max_new_tokens, temperature, top_p, eos_id,
-                                      sampling_keys(seed, torch.tensor(rows or [0])), device, live)
+            group.finish = finish
+            if sampling is not None:
+                max_new_tokens, temperature, top_p, eos_id, seed = sampling
+                live = torch.tensor([True] * len(rows) or [False])
+                group.decoding = Decoding(len(tokens), max_new_tokens, temperature, top_p, eos_id,
+                                          sampling_keys(seed, torch.tensor(rows or [0])), device, live)
         groups.append(group)
 
-    for step in range(max_new_tokens):
+    for step in range(steps):
         for s in range(num_stages):
             for group in groups:
                 if group.alive and group.route[s] == me:
                     _stage_item(model, group, s, step, layers, wire, grid)
-        wire.end_step(last=step == max_new_tokens - 1)
-    results = {row: tokens for group in groups if group.decoding is not None
-               for row, tokens in zip(group.rows, group.decoding.tokens())}
+        wire.end_step(last=step == steps - 1)
+    for group in groups:
+        if group.decoding is not None:
+            group.results = group.decoding.tokens()
+    results = {row: value for group in groups if group.results is not None
+               for row, value in zip(group.rows, group.results)}
     gathered = gather_rows(results)
     return [gathered[i] for i in range(len(prompts))]
 
@@ -188,6 +216,9 @@ def _stage_item(model: nn.Module, group: _Group, s: int, step: int, layers: list
     h = _run_stage(model, layers[s], s == 0, x, valid, group.caches[s])             # [B, T, H]
     if s < last:
         _deliver(group, s + 1, wire, me, True, valid[:, -1], h)
+        return
+    if group.finish is not None:
+        group.results, group.alive = group.finish(model, h, group.tokens, group.valid), False
         return
     decoding = group.decoding
     at = last_valid_index(valid) if step == 0 else torch.full((batch,), h.shape[1] - 1, device=h.device)
