@@ -5,8 +5,12 @@
 #   launch/torchrun.sh 4 --config-name sft parallel.pp=2 parallel.dp=2
 #   NPROC=8 launch/torchrun.sh parallel.pp=4 parallel.dp=2 parallel.schedule=dualpipev
 #
-# The first argument (when it is a number) or $NPROC is the rank count; the rest goes to
-# `python -m twinpipe.trainer` unchanged (Hydra overrides, --config-name). N must equal
+#   launch/torchrun.sh 4 generate checkpoint=runs/try1 parallel.pp=2 'prompts=[...]'   # twinpipe-generate
+#   launch/torchrun.sh 4 eval checkpoint=runs/try1 parallel.pp=2 parallel.ep=2          # twinpipe-eval
+#
+# The first argument (when it is a number) or $NPROC is the rank count; then `generate` or `eval`
+# picks that tool instead of training; the rest goes to `python -m twinpipe.trainer` (or
+# twinpipe.trainer.generate / .evaluate) unchanged (Hydra overrides, --config-name). N must equal
 # parallel.pp x parallel.dp (the trainer checks it). Backend: NCCL with one rank per GPU when
 # nvidia-smi sees at least N GPUs, else gloo on the CPU with the cores split between the ranks;
 # an explicit parallel.backend=... among the overrides wins.
@@ -17,6 +21,11 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
   shift
 fi
 NPROC=${NPROC:-1}
+module=twinpipe.trainer
+case "${1:-}" in
+  generate) module=twinpipe.trainer.generate; shift ;;
+  eval) module=twinpipe.trainer.evaluate; shift ;;
+esac
 if (( NPROC < 1 )); then
   echo "torchrun.sh: rank count $NPROC; need at least 1" >&2
   exit 2
@@ -51,4 +60,4 @@ fi
 
 export WANDB_MODE=${WANDB_MODE:-offline}
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
-  -m twinpipe.trainer "$@" "${extra[@]}"
+  -m "$module" "$@" "${extra[@]}"

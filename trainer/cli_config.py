@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -28,6 +28,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
+class InferenceParallelSchema:
+    """The layout the tools run under (world = pp x dp; dp = world size / pp, prompts split over it)."""
+
+    pp: int = 1  # pipeline ranks (launch pp x dp processes with launch/torchrun.sh)
+    ep: int = 1  # expert-parallel ranks within the data-parallel ones (divides dp)
+    schedule: str = "1f1b"  # dualpipe | dualpipev | 1f1b: which stages each pipeline rank holds
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
 class GenerateSchema:
     checkpoint: str = MISSING  # a checkpoints/step_N folder, a run dir (its newest checkpoint) or an HF folder
     prompts: List[str] = MISSING  # one continuation per prompt, decoded as a batch
@@ -39,6 +49,7 @@ class GenerateSchema:
     speculative: bool = False  # draft with the MTP layer (needs num_nextn_predict_layers >= 1)
     dtype: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda
+    parallel: InferenceParallelSchema = field(default_factory=InferenceParallelSchema)
 
 
 @dataclass
@@ -51,6 +62,13 @@ class EvalSchema:
     dtype: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     output: Optional[str] = None  # also write the result JSON here
+    harness: bool = False  # run lm-evaluation-harness `tasks` instead of perplexity
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names (with harness=true)
+    include_path: Optional[str] = None  # a folder of lm-eval task YAMLs of your own (local data files)
+    limit: Optional[int] = None  # documents per task (None: all)
+    num_fewshot: Optional[int] = None
+    max_new_tokens: int = 256  # generate_until's cap when a task sets none
+    parallel: InferenceParallelSchema = field(default_factory=InferenceParallelSchema)
 
 
 @dataclass
@@ -74,12 +92,16 @@ class Rules:
     non_negative: tuple[str, ...] = ()
 
 
-_INFERENCE_CHOICES = {"dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+_INFERENCE_CHOICES = {"dtype": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+                      "parallel.schedule": ("dualpipe", "dualpipev", "1f1b"),
+                      "parallel.backend": ("auto", "gloo", "nccl")}
+_PARALLEL = ("parallel.pp", "parallel.ep")
 RULES = {
     "generate": Rules("twinpipe-generate checkpoint=runs/try1 'prompts=[\"def main(\"]'", _INFERENCE_CHOICES,
-                      positive=("max_new_tokens", "top_p"), non_negative=("temperature",)),
+                      positive=("max_new_tokens", "top_p", *_PARALLEL), non_negative=("temperature",)),
     "eval": Rules("twinpipe-eval checkpoint=runs/try1", _INFERENCE_CHOICES,
-                  positive=("seq_len", "batch_size", "max_tokens")),
+                  positive=("seq_len", "batch_size", "max_tokens", "limit", "max_new_tokens", *_PARALLEL),
+                  non_negative=("num_fewshot",)),
     "convert": Rules("twinpipe-convert src=runs/try1 dst=out/hf to=hf",
                      {"to": ("hf", "hf-fp8"), "dtype": ("bf16", "fp16", "fp32")}, positive=("max_shard_gb",)),
 }
@@ -113,16 +135,26 @@ def device_of(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_for_inference(cfg: DictConfig) -> tuple[Any, Any]:
-    """(model on `cfg.device` in `cfg.dtype`, tokenizer) from `cfg.checkpoint`."""
+def load_for_inference(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, grid) from `cfg.checkpoint` (any saved layout): the process grid of
+    `cfg.parallel` (joined from torchrun's environment; one process: all sizes 1) and this rank's part
+    of the model under it (`parallelize`: pipeline stages, expert slots) in `cfg.dtype` on `cfg.device`."""
+    from twinpipe.parallel.grid import build_grid, init_distributed
+    from twinpipe.parallel.parallelize import parallelize
     from twinpipe.trainer.checkpoint import load_model_for_inference
 
     device = device_of(cfg.device)
     if not Path(cfg.checkpoint).is_dir():
         raise ValueError(f"checkpoint={cfg.checkpoint}: no such folder (a checkpoints/step_N folder, a run "
                          "dir or an HF folder)")
+    init_distributed(cfg.parallel.backend)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    grid = build_grid(cfg.parallel.pp, max(1, world // cfg.parallel.pp), cfg.parallel.ep)
     model, tokenizer = load_model_for_inference(cfg.checkpoint, DTYPES[cfg.dtype])
-    return model.to(device), tokenizer
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"checkpoint={cfg.checkpoint}: its tokenizer has {tokenizer.vocab_size} ids but the "
+                         f"model's vocab_size is {model.config.vocab_size} (tokenizer of another model?)")
+    return parallelize(model, grid, device, cfg.parallel.schedule).eval(), tokenizer, grid
 
 
 def launch(tool: str, task: Callable[[DictConfig], Any], argv: list[str] | None = None) -> None:

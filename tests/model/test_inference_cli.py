@@ -145,3 +145,12 @@ def test_eval_cli_scores_the_heldout_split(model, tokenizer, run_dir, cwd, capsy
             break
     expected = eval_cli.perplexity(model, ids[:600], seq_len=64)
     assert printed["nll"] == pytest.approx(expected["nll"], rel=1e-6)
+
+
+def test_layout_and_context_errors_are_one_line(run_dir, cwd, fails):
+    ok = [f"checkpoint={run_dir}", "prompts=[x]"]
+    assert "world size 1 != parallel.pp x parallel.dp" in fails(gen_cli.main, [*ok, "parallel.pp=2"])
+    said = fails(gen_cli.main, [*ok, "parallel.schedule=gpipe"])
+    assert "parallel.schedule='gpipe': allowed values are dualpipe, dualpipev, 1f1b" in said
+    said = fails(gen_cli.main, [*ok, "max_new_tokens=5000"])
+    assert "prompt 0 has 1 tokens + max_new_tokens=5000 > the model's context max_position_embeddings=2048" in said
