@@ -31,7 +31,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class ExpertLoadTracker:
-    """Accumulates `last_counts` [E] and `last_balance_loss` of each MoE layer after every forward."""
+    """Accumulates `last_counts` [E] and `last_balance_loss` of each MoE layer after every training-mode
+    forward (`model.eval()` forwards, e.g. SFT's evaluation, are not counted)."""
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers(model)
@@ -42,6 +43,8 @@ class ExpertLoadTracker:
 
     def _hook(self, i: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not module.training:  # evaluation / generation during a run moves no router bias
+                return
             c = module.last_counts.detach().to(torch.int64)
             self.counts[i] = c.clone() if self.counts[i] is None else self.counts[i] + c
             bal = getattr(module, "last_balance_loss", None)

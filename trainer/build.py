@@ -35,8 +35,8 @@ def build_tokenizer(cfg: DictConfig, vocab_size: int) -> Any:
 
     from twinpipe.data.tokenizer import default_tokenizer, load_tokenizer
 
-    if cfg.data.tokenizer == "default":
-        return default_tokenizer(vocab_size, cfg.data.cache_dir)
+    if cfg.data.tokenizer == "default":  # the SFT recipe's also reserves DeepSeek-V3's chat tokens
+        return default_tokenizer(vocab_size, cfg.data.cache_dir, chat="sft" in cfg)
     path = Path(cfg.data.tokenizer)
     if not path.exists():
         raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: no such file or folder; allowed: "
@@ -49,23 +49,13 @@ def build_tokenizer(cfg: DictConfig, vocab_size: int) -> Any:
 
 
 def build_loader(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) -> Any:
-    """The resumable data-parallel loader over the packed training split (a batch source: its
-    `next_step()` gives this rank's micro-batches of one global batch; `state_dict()` is checkpointed)."""
-    from twinpipe.data.loader import PackedDataset, PackedLoader
+    """The resumable data-parallel loader over the packed training split of the recipe's `data` section
+    (`twinpipe.data.build.train_loader`: data.source, paths, packing, reset_position_ids, streaming...);
+    a batch source: its `next_step()` gives this rank's micro-batches of one global batch."""
+    from twinpipe.data.build import train_loader
 
-    if cfg.data.source == "files":
-        from twinpipe.data.sources import TextSource
-
-        source = TextSource(list(cfg.data.paths), text_field=cfg.data.text_field, cache_dir=cfg.data.cache_dir)
-        dataset = PackedDataset.from_files(source, tokenizer, "train", cfg.train.seq_len, cfg.data.cache_dir,
-                                           heldout_percent=cfg.data.heldout_percent)
-    else:
-        dataset = PackedDataset.from_embedded(tokenizer, "train", cfg.train.seq_len, cfg.data.cache_dir)
-    if len(dataset) == 0:
-        raise ValueError(f"data.source={cfg.data.source}: no training samples of train.seq_len="
-                         f"{cfg.train.seq_len} tokens (is the data empty?)")
-    return PackedLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank=dp_rank,
-                        dp_size=dp_size, seed=cfg.train.seed)
+    return train_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.global_batch, cfg.train.micro_batch,
+                        dp_rank, dp_size, cfg.train.seed)
 
 
 def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
@@ -86,6 +76,16 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
     model = Transformer(mcfg)
     if cfg.train.init_std is not None:
         model.init_weights(cfg.train.init_std)
+    if cfg.get("init_from"):  # SFT: start from a checkpoint or an HF folder (trainer/init_from.py)
+        from twinpipe.trainer.init_from import load_initial_weights
+
+        load_initial_weights(model, cfg.init_from)
+    if cfg.model.get("freeze_router"):  # the gate weights (MTP's too) get no gradient, no optimizer state
+        from twinpipe.model.gate import Gate
+
+        for module in model.modules():
+            if isinstance(module, Gate):
+                module.weight.requires_grad_(False)
     grid = grid if grid is not None else Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
     return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
                        num_replicas=cfg.eplb.replicas or None)

@@ -41,6 +41,7 @@ class ModelSchema:
     num_attention_heads: Optional[int] = None
     num_nextn_predict_layers: Optional[int] = None
     max_position_embeddings: Optional[int] = None
+    freeze_router: bool = False  # keep the gate weights fixed (the bias still follows balance.gamma)
     # any other ModelConfig field, e.g. `+model.extra.rope_theta=50000`
     extra: Dict[str, Any] = field(default_factory=dict)
 
