@@ -9,12 +9,16 @@ and one order, applied from outside the model (the model holds no process-group 
 3. expert parallelism: each MoE layer's experts become this ep rank's slots (`experts.layer.
    apply_expert_parallel`, EPLB replicas when `num_replicas` > experts), dispatching with
    all-to-all over the ep group. It comes after the FP8 swap so the local experts it selects keep
-   the FP8 class. MoE layers of other pipeline ranks' stages are on meta and stay as they are.
+   the FP8 class. MoE layers of other pipeline ranks' stages are on meta and stay as they are;
+4. selective recomputation (`recompute.apply_recompute`, `train.recompute`): the chosen modules'
+   classes become subclasses that recompute them in the backward; last, so it wraps the classes the
+   steps above chose.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
-                fp8_backend: str = "off", num_replicas: int | None = None) -> nn.Module:
+                fp8_backend: str = "off", num_replicas: int | None = None,
+                recompute: Any = "none") -> nn.Module:
     """Apply placement, FP8 and expert parallelism to a model built on the host; returns the model
     (the same object, changed in place, unless the FP8 swap had to replace it)."""
     if grid.pp > 1:
@@ -45,4 +50,8 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
         from twinpipe.parallel.experts.layer import apply_expert_parallel
 
         apply_expert_parallel(model, grid.ep_group, num_replicas=num_replicas)
+    if recompute != "none":
+        from twinpipe.parallel.recompute import apply_recompute
+
+        apply_recompute(model, recompute)
     return model

@@ -1,0 +1,154 @@
+"""Selective recomputation (`twinpipe.parallel.recompute`) changes memory, not arithmetic.
+
+Every option (norms, mla_up, moe, full and their combination) gives a loss and gradients *bit-identical*
+(torch.equal) to no recomputation, in fp32: the backward reruns the same forward ops on the same inputs
+and back-propagates through the same graph. Checked in one process (with MTP and a packed-document
+mask), with the FP8 emulation, and under each pipeline schedule (2 gloo ranks each, the runner's
+own micro-batch order on both sides, so the comparison stays exact). The expert-load tracker must not
+count a recomputed forward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from twinpipe.model.config import ModelConfig
+from twinpipe.model.transformer import Transformer
+from twinpipe.parallel.local import run_local
+from twinpipe.parallel.recompute import apply_recompute, parse_options
+
+OPTIONS = ["norms", "mla_up", "moe", "full", ["norms", "mla_up", "moe"]]
+
+
+def _config(layers: int = 2) -> ModelConfig:
+    return ModelConfig.preset("tiny", vocab_size=96, hidden_size=64, num_hidden_layers=layers,
+                              intermediate_size=96, moe_intermediate_size=32, num_attention_heads=2,
+                              num_nextn_predict_layers=1)
+
+
+def _batch(config: ModelConfig, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=g)        # [B, T]
+    positions = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16)  # two packed documents
+    return tokens, positions
+
+
+def _loss_and_grads(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model.forward_train(tokens, positions)
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    for k, lg in enumerate(out.mtp_logits, start=1):
+        loss = loss + 0.3 * ce(lg[:, :-1].reshape(-1, lg.shape[-1]), tokens[:, 1 + k:].reshape(-1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_identical(ref, got, what: str) -> None:
+    (ref_loss, ref_grads), (loss, grads) = ref, got
+    assert torch.equal(ref_loss, loss), f"{what}: loss {loss.item()} != {ref_loss.item()}"
+    assert grads.keys() == ref_grads.keys(), what
+    for name in ref_grads:
+        assert torch.equal(ref_grads[name], grads[name]), f"{what}: gradient of {name} differs"
+
+
+@pytest.mark.parametrize("fp8", ["off", "emulate"])
+def test_every_option_is_bit_identical(fp8, monkeypatch):
+    from twinpipe.parallel import recompute
+
+    reruns = []
+    original_rerun = recompute._rerun
+    monkeypatch.setattr(recompute, "_rerun", lambda: (reruns.append(1), original_rerun())[1])
+    torch.manual_seed(0)
+    config = _config()
+    base = Transformer(config)
+    if fp8 != "off":
+        from twinpipe.fp8 import convert_model
+
+        base = convert_model(base, fp8)
+    tokens, positions = _batch(config)
+    ref = _loss_and_grads(base, tokens, positions)
+    for option in OPTIONS:
+        model = copy.deepcopy(base)
+        counts = apply_recompute(model, option)
+        assert all(counts.values()), f"{option}: nothing wrapped ({counts})"
+        reruns.clear()
+        _assert_identical(ref, _loss_and_grads(model, tokens, positions), f"recompute={option} fp8={fp8}")
+        assert len(reruns) >= sum(counts.values()), f"{option}: {len(reruns)} recomputations for {counts}"
+        # the state dict (names, values) is untouched; a second application wraps nothing twice
+        assert list(model.state_dict()) == list(base.state_dict())
+        kinds = {type(m) for m in model.modules()}
+        apply_recompute(model, option)
+        assert {type(m) for m in model.modules()} == kinds
+
+
+def test_recomputed_forward_is_not_counted():
+    """Under `full` the MoE layers run again in the backward; the tracker must count one forward."""
+    from twinpipe.trainer.balance import ExpertLoadTracker
+
+    torch.manual_seed(0)
+    config = _config()
+    plain = Transformer(config)
+    full = copy.deepcopy(plain)
+    apply_recompute(full, "full")
+    tokens, positions = _batch(config)
+    taken = []
+    for model in (plain, full):
+        tracker = ExpertLoadTracker(model)
+        _loss_and_grads(model, tokens, positions)
+        taken.append(tracker.take())
+        tracker.remove()
+    assert torch.equal(taken[0][0], taken[1][0]) and taken[0][1] == taken[1][1]
+    assert int(taken[0][0].sum()) > 0
+
+
+def test_options_are_checked():
+    assert parse_options("none") == []
+    assert parse_options(["moe", "norms", "moe"]) == ["norms", "moe"]
+    with pytest.raises(ValueError, match=r"train.recompute=attn: unknown option 'attn'"):
+        parse_options("attn")
+    with pytest.raises(ValueError, match="'none' cannot be combined"):
+        parse_options(["none", "full"])
+
+
+def _pipeline(rank, world, schedule):
+    from twinpipe.parallel.grid import build_grid
+    from twinpipe.parallel.pipeline.runner import PipelineRunner
+
+    grid = build_grid(pp=world, dp=1, ep=1)
+    torch.manual_seed(0)
+    config = _config(layers=4)
+    base = Transformer(config)
+    g = torch.Generator().manual_seed(3)
+    micro_batches = [{"input_ids": torch.randint(0, config.vocab_size, (1, 16), generator=g)}
+                     for _ in range(4)]
+
+    def objective(output, mb):
+        ce = torch.nn.functional.cross_entropy
+        ids = mb["input_ids"]
+        loss = ce(output.logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
+        for k, lg in enumerate(output.mtp_logits, start=1):
+            loss = loss + 0.3 * ce(lg[:, :-1].reshape(-1, config.vocab_size), ids[:, 1 + k:].reshape(-1))
+        return loss, {"loss": loss.detach()}
+
+    results = []
+    for option in ("none", ["norms", "mla_up", "moe", "full"]):
+        model = copy.deepcopy(base)
+        if option != "none":
+            apply_recompute(model, option)
+        runner = PipelineRunner(model, schedule, grid.pp, grid.pp_rank, grid.pp_group, torch.device("cpu"),
+                                mirror_group=grid.pp_mirror_group)
+        metrics = runner.run(micro_batches, objective)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((metrics["loss"], grads))
+    _assert_identical(results[0], results[1], f"{schedule} rank {rank}")
+    return len(results[0][1])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe", "dualpipev"])
+def test_pipeline_schedules_bit_identical(schedule):
+    counted = run_local(_pipeline, 2, schedule, timeout_s=120)
+    assert all(n > 0 for n in counted)
