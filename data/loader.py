@@ -114,9 +114,11 @@ class PackedDataset:
                            self.eos_id, self.reset_position_ids)
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        """Stack samples into `input_ids[B, T]`, `labels[B, T]`, `position_ids[B, T]` (int64)."""
+        """Stack samples into `input_ids[B, T]`, `labels[B, T]` and, when some row's positions restart
+        (`reset_position_ids`), `position_ids[B, T]` (int64; see `plain_positions_dropped`)."""
         samples = [self.sample(i) for i in indices]
-        return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+        stacked = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        return {k: torch.from_numpy(v) for k, v in plain_positions_dropped(stacked).items()}
 
 
 class PackedLoader:

@@ -67,11 +67,15 @@ class PretrainLoss:
     def __init__(self, mtp_lambda: float = 0.3, mtp_depths: int = 0):
         self.mtp_lambda, self.mtp_depths = mtp_lambda, mtp_depths
 
+    def mtp_labels(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        """The targets of MTP head k: `labels[:, k:]` [B, T-k] (head k at position i predicts
+        labels[:, i + k]); SFT's loss also ignores those in the next packed conversation."""
+        return batch["labels"][:, k:]
+
     def normalizers(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        labels = batch["labels"]  # [B, T]
-        counts = {"tokens": valid_tokens(labels)}
+        counts = {"tokens": valid_tokens(batch["labels"])}
         for k in range(1, self.mtp_depths + 1):
-            counts[f"mtp{k}_tokens"] = valid_tokens(labels[:, k:])
+            counts[f"mtp{k}_tokens"] = valid_tokens(self.mtp_labels(batch, k))
         return counts
 
     def __call__(self, output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,8 +86,7 @@ class PretrainLoss:
             raise ValueError(f"PretrainLoss(mtp_depths={self.mtp_depths}) got {len(mtp_logits)} MTP heads: "
                              "build it with the model's num_nextn_predict_layers")
         if mtp_logits:
-            # head k at position i predicts labels[:, i + k]
-            mtp_losses = [cross_entropy_sum(lg, labels[:, k:]) / global_count(batch, f"mtp{k}_tokens")
+            mtp_losses = [cross_entropy_sum(lg, self.mtp_labels(batch, k)) / global_count(batch, f"mtp{k}_tokens")
                           for k, lg in enumerate(mtp_logits, start=1)]
             mtp_loss = torch.stack(mtp_losses).mean()  # (1/D) Σ_k
             loss = lm_loss + self.mtp_lambda * mtp_loss

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 4 -m twinpipe.trainer parallel.dp=4
     twinpipe-train --multirun train.seed=0,1
 
-Hydra composes `recipes/pretrain.yaml` (or `--config-name ...`) against the schema in
+Hydra composes `recipes/pretrain.yaml` (or `--config-name sft|...`) against the schema in
 `trainer/config.py`, does not change the working directory, and the resolved recipe goes to `train`.
 """
 
@@ -35,12 +35,26 @@ def prepare(cfg: DictConfig) -> None:
     config.validate(cfg)
 
 
+def entry(cfg: DictConfig):
+    """The training function of a recipe: `sft.run` / `grpo.run` for one with an `sft` / `grpo` section,
+    else `loop.train`."""
+    if "sft" in cfg:
+        from twinpipe.trainer.sft import run as train_sft
+
+        return train_sft
+    if "grpo" in cfg:
+        from twinpipe.trainer.grpo import run as train_grpo
+
+        return train_grpo
+    from twinpipe.trainer.loop import train
+
+    return train
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate a composed recipe and train (also the entry for tests and other recipes)."""
     prepare(cfg)
-    from twinpipe.trainer.loop import train
-
-    return train(cfg)
+    return entry(cfg)(cfg)
 
 
 @hydra.main(config_path="pkg://twinpipe.recipes", config_name="pretrain", version_base=None)
@@ -52,9 +66,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         # on every rank (HYDRA_FULL_ERROR=1: the traceback instead)
         with config.user_errors("twinpipe-train", ValueError, OSError, FloatingPointError):
             prepare(cfg)
-            from twinpipe.trainer.loop import train
-
-            train(cfg)
+            entry(cfg)(cfg)
     except SystemExit as stop:
         if isinstance(stop.code, str) and int(os.environ.get("RANK", "0")) != 0:
             raise SystemExit(1) from None

@@ -56,9 +56,21 @@ def test_micro_batch_shapes_and_counts():
     mbs = loader.next_step()
     assert len(mbs) == loader.num_micro_batches == 2
     for mb in mbs:
-        assert set(mb) == {"input_ids", "labels", "position_ids"}
+        # position_ids only when some row restarts (after an eos): otherwise the causal path, no sync
+        assert {"input_ids", "labels"} <= set(mb) <= {"input_ids", "labels", "position_ids"}
+        assert "position_ids" not in mb or (mb["position_ids"][:, 1:] == 0).any()
         assert all(v.shape == (2, SEQ) and v.dtype == torch.int64 for v in mb.values())
     assert loader.state_dict()["next_sample"] == 8
+
+
+def test_position_ids_only_when_documents_restart():
+    flat = PackedLoader(synthetic_dataset(), global_batch=8, micro_batch=8, seed=0).next_step()[0]
+    assert set(flat) == {"input_ids", "labels"}  # reset_position_ids=False: every row counts 0..T-1
+    reset = synthetic_dataset(reset_position_ids=True)
+    batch = reset.batch(list(range(len(reset))))
+    assert (batch["position_ids"][:, 1:] == 0).any()
+    plain = [i for i in range(len(reset)) if reset.sample(i)["position_ids"][-1] == SEQ - 1]
+    assert plain and set(reset.batch(plain[:1])) == {"input_ids", "labels"}
 
 
 @pytest.mark.parametrize("dp_size,micro_batch", [(2, 2), (4, 1), (2, 4)])

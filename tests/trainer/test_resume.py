@@ -9,7 +9,7 @@ import pytest
 from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer.loop import train
 from twinpipe.trainer.metrics import read_metrics
-from trainer_recipe import make_cfg
+from trainer_recipe import killed_run, make_cfg
 
 STEPS = 6
 COMMON = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2"]
@@ -17,15 +17,7 @@ COMMON = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2"]
 
 def _killed_run(data_dir, run_dir, fault):
     """Train in a forked child that SIGKILLs itself at `fault`; return the child's exit code."""
-    def child():
-        os.environ[ckpt.FAULT_ENV] = fault
-        train(make_cfg(data_dir, run_dir, *COMMON))
-        os._exit(0)
-
-    proc = mp.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(timeout=300)
-    return proc.exitcode
+    return killed_run(train, make_cfg(data_dir, run_dir, *COMMON), fault)
 
 
 def test_kill_and_resume_is_exact(data_dir, tmp_path):

@@ -5,7 +5,6 @@ pp=2 x dp=2 x ep=2 against one process, and bad input as one line naming file an
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from one_process import assert_matches_one_process
-from trainer_recipe import TINY
+from trainer_recipe import TINY, killed_run
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer import config as recipe_config
@@ -131,21 +130,9 @@ STEPS = 4
 RESUME = [f"train.steps={STEPS}", "checkpoint.every=2", "eval.every=2", "eval.answers=0"]
 
 
-def _killed(cfg, fault: str) -> int:
-    def child():
-        os.environ[ckpt.FAULT_ENV] = fault
-        run(cfg)
-        os._exit(0)
-
-    proc = mp.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(timeout=300)
-    return proc.exitcode
-
-
 def test_kill_and_resume_is_exact(sft_data, tmp_path):
     run(sft_cfg(sft_data, tmp_path / "straight", *RESUME, "resume=never"))
-    assert _killed(sft_cfg(sft_data, tmp_path / "killed", *RESUME), "step:3") == -9
+    assert killed_run(run, sft_cfg(sft_data, tmp_path / "killed", *RESUME), "step:3") == -9
     run(sft_cfg(sft_data, tmp_path / "killed", *RESUME, "resume=auto"))
     ref, got = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 from pathlib import Path
+from typing import Callable
 
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
@@ -31,3 +34,19 @@ def make_cfg(data_dir: Path, run_dir: Path, *overrides: str) -> DictConfig:
                                              f"run.dir={run_dir}", *overrides])
     recipe_config.validate(cfg)
     return cfg
+
+
+def killed_run(train: Callable, cfg: DictConfig, fault: str) -> int:
+    """`train(cfg)` in a forked child that SIGKILLs itself at `fault` (`checkpoint.FAULT_ENV`, e.g.
+    "step:3" or "save:4"); returns the child's exit code (-9 when the fault fired)."""
+    from twinpipe.trainer import checkpoint as ckpt
+
+    def child():
+        os.environ[ckpt.FAULT_ENV] = fault
+        train(cfg)
+        os._exit(0)
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(timeout=300)
+    return proc.exitcode
