@@ -2,17 +2,25 @@
 and one order, applied from outside the model (the model holds no process-group code):
 
 1. pipeline placement: with pp > 1 every module this rank's stages do not run goes to meta
-   (`pipeline.stages.keep_local_stages`, as `pipeline.placement.StagePlacement` declares), before
-   anything moves to `device`, so the device only ever holds the local part;
-2. the FP8 swap (`twinpipe.fp8.convert_model`): Linear layers and experts become FP8 subclasses with
-   the same parameters;
-3. expert parallelism: each MoE layer's experts become this ep rank's slots (`experts.layer.
-   apply_expert_parallel`, EPLB replicas when `num_replicas` > experts), dispatching with
-   all-to-all over the ep group. It comes after the FP8 swap so the local experts it selects keep
-   the FP8 class. MoE layers of other pipeline ranks' stages are on meta and stay as they are;
-4. selective recomputation (`recompute.apply_recompute`, `train.recompute`): the chosen modules'
+   (`pipeline.stages.keep_local_stages`, as `pipeline.placement.StagePlacement` declares);
+2. expert parallelism: each MoE layer this rank holds keeps only this ep rank's expert slots
+   (`experts.layer.apply_expert_parallel`, EPLB replicas when `num_replicas` > experts), dispatching
+   with all-to-all over the ep group;
+3. the FP8 swap (`twinpipe.fp8.convert_model`): Linear layers and experts (the local slots included)
+   become FP8 subclasses with the same parameters;
+4. zero-bubble W split (pp > 1 under DualPipe/DualPipeV; `pipeline.zero_bubble`): Linear layers and
+   experts (FP8 or not) become subclasses that leave their weight-gradient GEMMs to the schedule's W
+   chunks; it matches exact classes, so it comes after the FP8 swap and before recomputation;
+5. selective recomputation (`recompute.apply_recompute`, `train.recompute`): the chosen modules'
    classes become subclasses that recompute them in the backward; last, so it wraps the classes the
    steps above chose.
+
+A model built on the meta device (`torch.device("meta")`, as the trainer builds it) is *materialised*
+between 2 and 3: only this rank's modules and expert slots get memory on `device`, each parameter
+initialised from (seed, its name in the full model[, its logical expert]) by
+`twinpipe.model.init.init_by_name`, so any layout holds exactly the weights of the one-process run and
+a rank's memory is proportional to what it owns. A model built on the host (`seed=None`) keeps its
+weights: non-local modules go to meta and the rest moves to `device` before the expert slots are cut.
 """
 
 from __future__ import annotations
@@ -27,31 +35,96 @@ from twinpipe.parallel.grid import Grid
 
 log = logging.getLogger(__name__)
 
+TOP_LEVEL = ("embed_tokens", "layers", "norm", "lm_head", "mtp")
+
 
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
-                fp8_backend: str = "off", num_replicas: int | None = None,
-                recompute: Any = "none") -> nn.Module:
-    """Apply placement, FP8 and expert parallelism to a model built on the host; returns the model
-    (the same object, changed in place, unless the FP8 swap had to replace it)."""
+                fp8_backend: str = "off", num_replicas: int | None = None, seed: int | None = None,
+                std: float | None = None, recompute: Any = "none") -> nn.Module:
+    """Apply placement, expert parallelism and FP8 to `model`; returns it (the same object, changed in
+    place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
+    initializer_range) initialises a model built on meta; without it the model must hold its weights."""
+    on_meta = all(p.is_meta for p in model.parameters())
+    if on_meta and seed is None:
+        raise ValueError("parallelize: the model was built on meta; pass seed= to initialise this rank's part")
+    local = _local_modules(model, grid, schedule)
     if grid.pp > 1:
         from twinpipe.parallel.pipeline.stages import keep_local_stages
 
         dropped = keep_local_stages(model, schedule, grid.pp, grid.pp_rank)
         log.info("pipeline rank %d: %d modules of other stages left on meta", grid.pp_rank, len(dropped))
+    if not on_meta:
         model._apply(lambda t: t if t.is_meta else t.to(device))  # Module.to refuses meta tensors
-    else:
-        model.to(device)
+    if grid.ep > 1:
+        from twinpipe.parallel.experts.layer import apply_expert_parallel
+
+        apply_expert_parallel(model, grid.ep_group, num_replicas=num_replicas, device=device,
+                              holds=lambda name: _is_under(name, local))
+    if on_meta:
+        std = model.config.initializer_range if std is None else std
+        materialize(model, local, device, seed, std)
     if fp8_backend != "off":
         from twinpipe.fp8 import convert_model
 
         model = convert_model(model, fp8_backend)
         log.info("fp8: linear layers and experts converted (backend %s)", fp8_backend)
-    if grid.ep > 1:
-        from twinpipe.parallel.experts.layer import apply_expert_parallel
+    if grid.pp > 1 and schedule in ("dualpipe", "dualpipev"):
+        from twinpipe.parallel.pipeline.zero_bubble import split_weight_gradients
 
-        apply_expert_parallel(model, grid.ep_group, num_replicas=num_replicas)
+        split_weight_gradients(model)
     if recompute != "none":
         from twinpipe.parallel.recompute import apply_recompute
 
         apply_recompute(model, recompute)
     return model
+
+
+def _local_modules(model: nn.Module, grid: Grid, schedule: str) -> set[str]:
+    """Names of the modules this rank holds (its stages' with pp > 1, every top-level one otherwise)."""
+    if grid.pp == 1:
+        return {name for name, _ in model.named_children()}
+    from twinpipe.parallel.pipeline.stages import local_module_names
+
+    return local_module_names(model, schedule, grid.pp, grid.pp_rank)
+
+
+def _is_under(name: str, roots: set[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, local: set[str], device: torch.device, seed: int, std: float) -> None:
+    """Give the meta parameters of the modules under `local` memory on `device` and their initial values
+    (`init_by_name`); expert slots row by row through their layer's slot -> expert table; router biases
+    zeros. Parameter attributes (e.g. the expert-slot marker) carry over."""
+    from twinpipe.model.init import init_by_name, is_stacked_experts
+
+    slot_rows = _expert_slot_rows(model)
+    for module_name, module in model.named_modules():
+        if not _is_under(module_name, local):
+            continue
+        rows = slot_rows.get(module_name)
+        if rows is None and is_stacked_experts(module):
+            rows = list(range(module.gate_proj.shape[0]))
+        logical = module_name.replace(".experts.local", ".experts")  # the slots' names in the full model
+        for pname, old in list(module._parameters.items()):
+            if old is None or not old.is_meta:
+                continue
+            new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                               requires_grad=old.requires_grad)
+            new.__dict__.update(old.__dict__)
+            init_by_name(new, f"{logical}.{pname}", seed, std, expert_rows=rows)
+            module._parameters[pname] = new
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                if bname != "e_score_correction_bias":
+                    raise ValueError(f"materialize: no initial value known for buffer {module_name}.{bname}")
+                module._buffers[bname] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+
+
+def _expert_slot_rows(model: nn.Module) -> dict[str, list[int]]:
+    """`<layer>.experts.local` -> the logical expert of each of this rank's slots."""
+    from twinpipe.parallel.experts.layer import ExpertParallelExperts
+
+    return {f"{name}.local": m.local_logical_ids().tolist() for name, m in model.named_modules()
+            if isinstance(m, ExpertParallelExperts)}

@@ -18,7 +18,7 @@ Expert parameters are flagged (`mark_expert_param`) so data-parallel reduction l
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, ep_group: dist.ProcessGroup | None,
                  phy2log: torch.Tensor | None = None, fp8_dispatch: bool = False,
-                 fp8_block_size: int = 128) -> None:
+                 fp8_block_size: int = 128, device: torch.device | None = None) -> None:
         super().__init__()
         self.num_experts = int(experts.gate_proj.shape[0])
         self.ep_group = ep_group
@@ -48,7 +48,8 @@ class ExpertParallelExperts(nn.Module):
         self.ep_rank = dist.get_rank(ep_group)
         if phy2log is None:
             phy2log = torch.arange(self.num_experts)
-        phy2log = phy2log.to(device=experts.gate_proj.device, dtype=torch.int64).flatten()
+        # the tables live on `device` (default: the experts'; a model built on meta passes its target)
+        phy2log = phy2log.to(device=device or experts.gate_proj.device, dtype=torch.int64).flatten()
         if phy2log.numel() % self.ep_size:
             raise ValueError(f"num physical slots R={phy2log.numel()} is not a multiple of ep={self.ep_size}")
         self.num_slots = phy2log.numel()
@@ -123,14 +124,18 @@ def _is_experts(module: nn.Module) -> bool:
 
 def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
                           num_replicas: int | None = None, fp8_dispatch: bool = False,
-                          num_nodes: int = 1) -> nn.Module:
+                          num_nodes: int = 1, holds: Callable[[str], bool] | None = None,
+                          device: torch.device | None = None) -> nn.Module:
     """Replace every MoE layer's `experts` with an `ExpertParallelExperts` (in place; returns model).
 
     num_replicas: physical slots R per layer (default E, no redundancy); with R > E the initial
       placement is slot p -> expert p % E until the first EPLB re-plan.
     num_nodes: nodes spanned by the EP group; checked against the gate's `n_group` when the model
       has a `config` with that field (node-limited routing, see `group_to_nodes`).
-    MoE layers whose experts are on the meta device (another pipeline rank's stages) are left alone.
+    MoE layers whose experts are on the meta device (another pipeline rank's stages) are left alone,
+    unless `holds(module name)` says this rank holds them: a model built on meta is parallelised before
+    its weights exist (`parallel.parallelize`), the slots stay on meta for the caller to materialise,
+    and the placement tables go to `device`.
     """
     ep_size = dist.get_world_size(ep_group)
     replaced = elsewhere = 0
@@ -138,7 +143,7 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
         experts = getattr(module, "experts", None)
         if experts is None or isinstance(experts, ExpertParallelExperts) or not _is_experts(experts):
             continue
-        if experts.gate_proj.is_meta:
+        if not (holds(name) if holds is not None else not experts.gate_proj.is_meta):
             elsewhere += 1
             continue
         num_experts = int(experts.gate_proj.shape[0])
@@ -150,7 +155,8 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
         if slots < num_experts:
             raise ValueError(f"num_replicas={slots} < n_routed_experts={num_experts} in {name}")
         phy2log = torch.arange(slots) % num_experts
-        module.experts = ExpertParallelExperts(experts, ep_group, phy2log, fp8_dispatch=fp8_dispatch)
+        module.experts = ExpertParallelExperts(experts, ep_group, phy2log, fp8_dispatch=fp8_dispatch,
+                                               device=device)
         replaced += 1
     if replaced == 0 and elsewhere == 0:
         raise ValueError("apply_expert_parallel: the model has no MoE layer with an `experts` module")

@@ -1,4 +1,4 @@
-"""DualPipe and DualPipeV: bidirectional pipeline schedules of DeepSeek-V3 (REFERENCE.md section 4).
+"""DualPipe and DualPipeV: bidirectional pipeline schedules of DeepSeek-V3 (docs/reference.md §4).
 
 One schedule, two stage placements. On every rank the schedule runs two phases: phase 0 carries
 micro-batches from this rank's *outer* end towards the middle of the pipeline, phase 1 carries them
@@ -17,7 +17,7 @@ back out. Only where the turn in the middle is differs:
 
 With h = half the length of one direction (N/2 for DualPipe, N for DualPipeV), p = this rank's
 distance from its outer end, and K = micro-batches per direction, every rank runs the eight steps
-below (`_schedule`), the counts of REFERENCE.md section 4. B chunks marked zero-bubble only compute
+below (`_schedule`), the counts of docs/reference.md §4. B chunks marked zero-bubble only compute
 input gradients; their weight gradients wait in WeightGradStore for a W chunk.
 
 The API follows deepseek-ai/DualPipe: `step(*inputs, num_chunks, criterion, labels, return_outputs)`

@@ -5,7 +5,7 @@ Rank r of N holds stage r. Rank 0 takes the inputs, rank N-1 the labels and retu
     warm-up    N-r-1 forwards
     steady     C-(N-r-1) times: one forward, then the oldest chunk's backward
     cool-down  N-r-1 backwards
-Bubble (PP-1)(F+B) per rank (REFERENCE.md section 4); no weight gradients are deferred.
+Bubble (PP-1)(F+B) per rank (docs/reference.md §4); no weight gradients are deferred.
 """
 
 from __future__ import annotations

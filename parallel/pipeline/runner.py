@@ -18,7 +18,6 @@ never imports `trainer`.
 from __future__ import annotations
 
 import contextlib
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from twinpipe.model.transformer import TransformerOutput
 from twinpipe.parallel.pipeline.dualpipe import DualPipe, DualPipeV
 from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
 from twinpipe.parallel.pipeline.placement import StagePlacement
@@ -41,7 +41,9 @@ def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractCon
 
 
 class StageCriterion:
-    """criterion(logits, *mtp_logits, index) for the last stage: the objective on micro-batch `index`.
+    """criterion(hidden, *mtp_hidden, index) for the last stage: the objective on micro-batch `index`,
+    given a `TransformerOutput` of the stage's head inputs and `head_weight` (lm_head.weight), as
+    `Transformer.forward_train` gives one process (its `logits` computed on demand).
 
     The engine hands the last stage the "labels" its rank was fed, which here are the indices of the
     micro-batches whose loss this rank computes: the criterion reads the whole micro-batch (every key
@@ -49,13 +51,13 @@ class StageCriterion:
     batch key is fixed by the pipeline. Keeps each micro-batch's metrics for the runner.
     """
 
-    def __init__(self, objective: Callable, micro_batches: list[dict]) -> None:
-        self.objective, self.micro_batches = objective, micro_batches
+    def __init__(self, objective: Callable, micro_batches: list[dict], head_weight: torch.Tensor) -> None:
+        self.objective, self.micro_batches, self.head_weight = objective, micro_batches, head_weight
         self.records: list[dict[str, torch.Tensor]] = []
 
-    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        *mtp_logits, index = rest
-        output = SimpleNamespace(logits=logits, mtp_logits=list(mtp_logits))
+    def __call__(self, hidden: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *mtp_hidden, index = rest
+        output = TransformerOutput(hidden, self.head_weight, list(mtp_hidden))
         loss, metrics = self.objective(output, self.micro_batches[int(index)])
         self.records.append(metrics)
         return loss
@@ -106,7 +108,7 @@ class PipelineRunner:
         if schedule == "1f1b":
             self.pipe = OneFOneB(self.stages[0], process_group=pp_group)
         else:
-            # overlapped_forward_backward: e.g. twinpipe.parallel.overlap's, with expert parallelism
+            # overlapped_forward_backward: e.g. twinpipe.parallel.experts.overlap's, with expert parallelism
             self.pipe = self.SCHEDULES[schedule](
                 self.stages, process_group=pp_group,
                 overlapped_forward_backward=overlapped_forward_backward)
@@ -150,7 +152,7 @@ class PipelineRunner:
         micro_batches = [to_device(mb, self.device) for mb in micro_batches]
         micro, seq = micro_batches[0]["input_ids"].shape
         set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size)
-        criterion = StageCriterion(objective, micro_batches)
+        criterion = StageCriterion(objective, micro_batches, self.model.lm_head.weight)
         inputs, labels = self.feeds(micro_batches)
         with autocast_context(self.dtype, self.device):
             self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
