@@ -153,7 +153,8 @@ class LoggingSchema:
     wandb: str = "offline"  # offline | online | disabled
     project: str = "twinpipe"
     every: int = 1  # steps between metrics.jsonl lines
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, else a plain line every `every_s` seconds
+    every_s: float = 10.0  # seconds between plain progress lines (output to a file, a pipe, SLURM)
     plots: bool = True  # PNG plots in run.dir at the end
     peak_tflops: Optional[float] = None  # for MFU; None: detected from the GPU name (none on CPU)
 
@@ -279,7 +280,8 @@ SFT_NON_NEGATIVE = ("eval.every", "eval.answers", "data.heldout_percent")
 SFT_POSITIVE = ("eval.batches", "eval.max_new_tokens")
 
 POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
-            "parallel.pp", "parallel.dp", "parallel.ep", "parallel.timeout_s", "checkpoint.keep", "logging.every")
+            "parallel.pp", "parallel.dp", "parallel.ep", "parallel.timeout_s", "checkpoint.keep", "logging.every",
+            "logging.every_s")
 NON_NEGATIVE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.constant",
                 "optim.decay", "optim.min_lr", "train.grad_clip", "train.threads", "balance.gamma",
                 "loss.mtp_lambda", "loss.mtp_lambda_late", "checkpoint.every", "eplb.every", "eplb.replicas",

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from twinpipe.parallel.grid import build_grid, init_distributed
 from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer import checkpoint_format as fmt
-from twinpipe.trainer import reshard
+from twinpipe.trainer import preflight, reshard
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.flops import flops_per_token, peak_flops
 from twinpipe.trainer.loss import PretrainLoss
@@ -110,6 +110,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     `evaluator(cfg, tokenizer, model, grid, device) -> evaluate`, where `evaluate(step) -> metrics` runs
     after each step (SFT's held-out loss and exact match; {} between evaluations), adds to that step's
     record (which is then logged whatever logging.every says)."""
+    preflight.check(cfg)  # what would otherwise fail at the first step: one line, before any rank waits
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
     init_distributed(cfg.parallel.backend)
@@ -155,7 +156,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     writer = MetricsWriter(run_dir, cfg.train.steps, step, enabled=grid.is_main,
                            wandb_mode=cfg.logging.wandb, project=cfg.logging.project, run_name=str(run_dir),
-                           config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.logging.progress)
+                           config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.logging.progress,
+                           every_s=cfg.logging.every_s, start_tokens=tokens)
     fpt = flops_per_token(mcfg, cfg.train.seq_len)
     peak = peak_flops(cfg.logging.peak_tflops, fp8=cfg.fp8.backend != "off")
     stop = StopRequest()
@@ -217,6 +219,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
         from twinpipe.trainer.plots import make_plots
 
         make_plots(run_dir)
+    writer.finish(step, tokens, stopped=stop.requested)  # summary.json and the closing line (rank 0)
     local = [p for p in model.parameters() if not p.is_meta]
     return {"step": step, "tokens": tokens, "last": last, "run_dir": str(run_dir),
             "optimizer_state_bytes": optimizer.state_bytes(), "num_params": sum(p.numel() for p in local),

@@ -1,19 +1,76 @@
-"""PNG plots of a run from its metrics.jsonl: loss curves, learning rate, expert-load heatmap."""
+"""PNG plots of a run from its metrics.jsonl: loss curves (raw faintly, an EMA over them), evaluation,
+reward/accuracy, learning rate, expert-load heatmap; x in steps (bottom) and tokens (top)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Optional
 
-from twinpipe.trainer.metrics import read_metrics
+from twinpipe.trainer.metrics import CURVES, curve, ema, ema_window, read_metrics
 
 log = logging.getLogger(__name__)
+
+# file -> (title, y label, curves drawn in it, scale); a file is written when the run logged one of them
+CURVE_FIGURES = {
+    "loss.png": ("training loss", "cross-entropy (nats)", ("loss", "lm_loss", "mtp_loss", "eval_loss"), 1.0),
+    "eval.png": ("held-out exact match", "exact match (%)", ("eval_exact_match",), 100.0),  # SFT's answers
+    "reward.png": ("rollouts", "reward / accuracy", ("reward", "accuracy"), 1.0),  # RL
+}
+LABELS = {"loss": "loss (LM + λ·MTP)", "eval_loss": "held-out LM loss"}
+
+
+def tokens_axis(ax: Any, records: list[dict[str, Any]]) -> None:
+    """A top x axis in training tokens, for a bottom axis in steps (none before two records)."""
+    import numpy as np
+
+    points = [(r["step"], r["tokens"]) for r in records if "tokens" in r]
+    if len(points) < 2:
+        return
+    steps, tokens = (np.array(v, dtype=np.float64) for v in zip(*points))
+    top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, tokens),
+                                               lambda t: np.interp(t, tokens, steps)))
+    top.set_xlabel("tokens")
+
+
+def curve_figure(records: list[dict[str, Any]], keys: tuple[str, ...], ylabel: str, scale: float = 1.0,
+                 title: str = "") -> Optional[Any]:
+    """One axes with, per logged key, the raw values (faint) and their EMA (solid, its window in the
+    legend, in steps); None when the records have none of `keys`."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for i, key in enumerate(keys):
+        steps, values = curve(records, key)
+        if not values:
+            continue
+        color, label = f"C{i}", LABELS.get(key, CURVES[key][0])
+        window = ema_window(len(values))
+        span = round(window * (steps[-1] - steps[0]) / max(len(steps) - 1, 1)) or 1  # in steps
+        sparse = len(values) < len(records)  # e.g. an evaluation every eval.every steps: markers
+        ax.plot(steps, [scale * v for v in values], ".-" if sparse else "-", color=color, alpha=0.25,
+                linewidth=0.8, label=f"{label} (raw)")
+        ax.plot(steps, [scale * v for v in ema(values, window)], color=color, linewidth=1.8,
+                label=f"{label}, EMA over {span} steps")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    tokens_axis(ax, records)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def make_plots(run_dir: str | Path) -> list[Path]:
     """Write loss.png (loss, LM loss, MTP loss; SFT's held-out loss), eval.png (SFT's held-out exact
-    match, when logged), lr.png and expert_load.png (one panel per MoE layer:
-    experts x steps, colour = share of the layer's tokens); return the paths written."""
+    match), reward.png (reward / accuracy), each when logged, lr.png and expert_load.png (one panel per
+    MoE layer: experts x steps, colour = share of the layer's tokens); return the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,36 +85,18 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     steps = [r["step"] for r in records]
     out = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "loss (LM + λ·MTP)"), ("lm_loss", "LM loss"), ("mtp_loss", "MTP loss")):
-        ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in records], label=label)
-    evals = [r for r in records if "eval_loss" in r]  # SFT's held-out loss (eval.every)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out LM loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(f"training loss: {run_dir.name}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    out.append(run_dir / "loss.png")
-    fig.savefig(out[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-    matches = [r for r in records if "eval_exact_match" in r]
-    if matches:
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.plot([r["step"] for r in matches], [100 * r["eval_exact_match"] for r in matches], "o-")
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out exact match (%)")
-        ax.grid(alpha=0.3)
-        out.append(run_dir / "eval.png")
-        fig.savefig(out[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
+    for name, (title, ylabel, keys, scale) in CURVE_FIGURES.items():
+        fig = curve_figure(records, keys, ylabel, scale, f"{title}: {run_dir.name}")
+        if fig is not None:
+            out.append(run_dir / name)
+            fig.savefig(out[-1], dpi=110, bbox_inches="tight")
+            plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(steps, [r["lr"] for r in records])
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
+    tokens_axis(ax, records)
     ax.grid(alpha=0.3)
     out.append(run_dir / "lr.png")
     fig.savefig(out[-1], dpi=110, bbox_inches="tight")
