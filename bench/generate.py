@@ -11,6 +11,7 @@
   forwards, wall time, and whether the outputs are identical (they must be).
 
     python bench/generate.py [--presets tiny small] [--threads 1] [--device cpu] [--checkpoint RUN]
+    python bench/generate.py --vs-hf     # ours vs transformers' generate, batch 32: generate_vs_hf.json
 
 Prints one line per run and writes bench/results/generate_<device>.json.
 """
@@ -100,6 +101,63 @@ def speculative(checkpoint: str, device: torch.device, num_prompts: int = 8, pro
             "identical_output": plain == spec.tokens}
 
 
+VS_HF = {  # the issue's shapes: tiny, and a 10-50M-parameter config; batch 32, greedy, fp32
+    "tiny": {},
+    "mid": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                num_hidden_layers=6, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
+                qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16),
+}
+
+
+@torch.no_grad()
+def vs_hf(name: str, batch: int = 32, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0) -> dict:
+    """Our `generate` and transformers' `generate` on the same exported weights (save_hf, fp32), in this
+    process, greedy: end-to-end seconds and decode tokens/s (the N-token run minus the 1-token run,
+    i.e. prefill removed), and how many rows' tokens agree (fp32 rounding differs, so near-ties may
+    flip a row of a random model)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from twinpipe.model import save_hf
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("tiny", **VS_HF[name])
+    model = Transformer(cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(model, folder, dtype=None)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    ids = prompts
+
+    def ours(n: int) -> tuple[float, list]:
+        start = time.perf_counter()
+        out = generate(model, prompts.tolist(), n)
+        return time.perf_counter() - start, out
+
+    def theirs(n: int) -> tuple[float, list]:
+        start = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start, out[:, prompt_len:].tolist()
+
+    ours(2), theirs(2)  # warm-up
+    result = {"preset": name, "params": cfg.num_parameters(), "batch": batch, "prompt_len": prompt_len,
+              "new_tokens": new_tokens, "dtype": "float32"}
+    for label, run in (("twinpipe", ours), ("transformers", theirs)):
+        one = min(run(1)[0] for _ in range(2))
+        full, out = min((run(new_tokens) for _ in range(2)), key=lambda r: r[0])
+        result[label] = {"end_to_end_s": full, "prefill_s": one,
+                         "decode_tokens_per_s": batch * (new_tokens - 1) / (full - one)}
+        result[f"{label}_tokens"] = out
+    result["decode_speedup"] = (result["twinpipe"]["decode_tokens_per_s"]
+                                / result["transformers"]["decode_tokens_per_s"])
+    result["end_to_end_speedup"] = result["transformers"]["end_to_end_s"] / result["twinpipe"]["end_to_end_s"]
+    same = sum(a == b for a, b in zip(result.pop("twinpipe_tokens"), result.pop("transformers_tokens")))
+    result["rows_identical"] = f"{same}/{batch}"
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(SETTINGS))
@@ -107,9 +165,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default=None, help="trained model for the speculative-decoding run")
+    ap.add_argument("--vs-hf", action="store_true",
+                    help="ours vs transformers' generate at batch 32 (tiny and mid), bench/results/generate_vs_hf.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.vs_hf:
+        runs = [vs_hf(name, seed=args.seed) for name in VS_HF]
+        for r in runs:
+            print(f"{r['preset']:5s} ({r['params'] / 1e6:.1f}M params) batch {r['batch']}: decode "
+                  f"{r['twinpipe']['decode_tokens_per_s']:.0f} tok/s vs transformers "
+                  f"{r['transformers']['decode_tokens_per_s']:.0f} -> {r['decode_speedup']:.2f}x "
+                  f"(end to end {r['end_to_end_speedup']:.2f}x), rows identical {r['rows_identical']}")
+        out = Path(__file__).resolve().parent / "results" / "generate_vs_hf.json"
+        out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
+                                   "transformers": __import__("transformers").__version__,
+                                   "machine": platform.machine(), "load_avg_1min": os.getloadavg()[0],
+                                   "runs": runs}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     results = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
                "machine": platform.machine(), "cpu_count": os.cpu_count(),
                "load_avg_1min": os.getloadavg()[0], "runs": [], "kv_cache": kv_cache_sizes()}
