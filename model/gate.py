@@ -57,10 +57,16 @@ class Gate(nn.Module):
         expert_mask = group_mask.unsqueeze(-1).expand(N, self.n_group, per_group).reshape(N, -1)
         biased = biased.masked_fill(~expert_mask, float("-inf"))
         topk_idx = biased.topk(self.top_k, dim=-1, sorted=False).indices          # [N, K]
+        return self.pick_weights(scores, topk_idx), topk_idx, scores
+
+    def pick_weights(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """The gate values of given picks: scores [N, E] (unbiased), topk_idx [N, K] -> [N, K] fp32.
+        Also how picks made elsewhere (a rollout's routes, replayed) get their weights from live scores,
+        so the router keeps its gradient."""
         topk_weight = scores.gather(1, topk_idx)                                  # [N, K]
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_weight * self.routed_scaling_factor, topk_idx, scores
+        return topk_weight * self.routed_scaling_factor
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)

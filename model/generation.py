@@ -16,6 +16,8 @@ the last pipeline stage's logits.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from .kv_cache import LatentKVCache
@@ -84,6 +86,14 @@ def sampling_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
     return _splitmix64(torch.full_like(rows, seed, dtype=torch.long)) ^ rows.long()
 
 
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [..., V], tokens [...] -> log softmax(logits / temperature)[token] [...] fp32 (temperature
+    <= 0: of the logits as they are). The rollout records it per sampled token and RL losses recompute it
+    the same way on the training forward."""
+    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 def check_sampling(max_new_tokens: int, top_p: float) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
@@ -129,22 +139,28 @@ class Decoding:
     the rows still running and stops rows at eos; the next forward takes `last` [B, 1] with valid
     `running[:, None]`. `finished` costs a host sync only when stopping needs one (an eos_id is set).
     `live` [B] False marks filler rows (kept in step with the others, never recorded).
+    `record_logprobs`: also keep each chosen token's `chosen_logprobs` in `logprobs` [B, N] fp32.
     """
 
     def __init__(self, batch: int, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  eos_id: int | None = None, keys: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu", live: torch.Tensor | None = None):
+                 device: torch.device | str = "cpu", live: torch.Tensor | None = None,
+                 record_logprobs: bool = False):
         self.max_new_tokens, self.temperature, self.top_p, self.eos_id = max_new_tokens, temperature, top_p, eos_id
         self.keys = (torch.arange(batch) if keys is None else keys).to(device)
         self.new = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)   # [B, N]
         self.length = torch.zeros(batch, dtype=torch.long, device=device)               # [B] recorded
         self.running = (torch.ones(batch, dtype=torch.bool) if live is None else live.bool()).to(device)
         self.step = 0
+        self.logprobs = (torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+                         if record_logprobs else None)                                 # [B, N]
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> next tokens [B]; recorded where running."""
         nxt = sample_next(logits, self.temperature, self.top_p, self.keys, self.step)  # [B]
         self.new[:, self.step] = nxt
+        if self.logprobs is not None:
+            self.logprobs[:, self.step] = chosen_logprobs(logits, nxt, self.temperature)
         self.length += self.running.long()
         if self.eos_id is not None:
             self.running &= nxt != self.eos_id
@@ -167,13 +183,16 @@ class Decoding:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, seed: int = 0, padding_side: str = "left",
-             absorb: bool | None = None, rows: list[int] | None = None) -> list[list[int]]:
+             absorb: bool | None = None, rows: list[int] | None = None, logprobs: bool = False,
+             agree: Callable[[bool], bool] | None = None) -> Any:
     """Continue each prompt; returns the new tokens per prompt (eos included when reached).
 
     `absorb` forces MLA's absorbed (latent) attention (True) or the naive form (False) over the same
     cache; None picks the cheaper per step (see `LatentKVCache`). `rows` are the prompts' indices
     for the sampling noise (default 0..B-1): a prompt decoded with the same seed and row gets the
-    same tokens in any batch.
+    same tokens in any batch. `logprobs`: return (new tokens, their `chosen_logprobs`) per prompt.
+    `agree(any row running) -> bool` (with eos_id): whether to go on, agreed with the other processes
+    that must run as many forwards (an expert-parallel group decoding other prompts).
     """
     check_sampling(max_new_tokens, top_p)
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
@@ -183,11 +202,16 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     B = tokens.shape[0]
     rows_t = torch.arange(B) if rows is None else torch.tensor(rows, dtype=torch.long)
     if max_new_tokens == 0:
-        return [[] for _ in range(B)]
-    decoding = Decoding(B, max_new_tokens, temperature, top_p, eos_id, sampling_keys(seed, rows_t), device)
+        return ([[] for _ in range(B)], [[] for _ in range(B)]) if logprobs else [[] for _ in range(B)]
+    decoding = Decoding(B, max_new_tokens, temperature, top_p, eos_id, sampling_keys(seed, rows_t), device,
+                        record_logprobs=logprobs)
     cache = LatentKVCache.for_model(model, B, tokens.shape[1] + max_new_tokens, absorb=absorb)
     logits = model(tokens, cache=cache, valid=valid)                                # [B, P, V]
     nxt = decoding.choose(logits[torch.arange(B, device=device), last_valid_index(valid)])  # [B]
-    while not decoding.finished:
+    while not (decoding.finished if agree is None or eos_id is None
+               else decoding.step >= max_new_tokens or not agree(decoding.any_running())):
         nxt = decoding.choose(model(nxt[:, None], cache=cache, valid=decoding.running[:, None])[:, -1])
-    return decoding.tokens()
+    if not logprobs:
+        return decoding.tokens()
+    new = decoding.tokens()
+    return new, [row[:len(t)] for row, t in zip(decoding.logprobs.tolist(), new)]

@@ -36,7 +36,7 @@ def build_tokenizer(cfg: DictConfig, vocab_size: int) -> Any:
     from twinpipe.data.tokenizer import default_tokenizer, load_tokenizer
 
     if cfg.data.tokenizer == "default":  # the SFT recipe's also reserves DeepSeek-V3's chat tokens
-        return default_tokenizer(vocab_size, cfg.data.cache_dir, chat="sft" in cfg)
+        return default_tokenizer(vocab_size, cfg.data.cache_dir, chat="sft" in cfg or "grpo" in cfg)
     path = Path(cfg.data.tokenizer)
     if not path.exists():
         raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: no such file or folder; allowed: "

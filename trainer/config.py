@@ -249,6 +249,9 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="recipe_schema", node=RecipeSchema)
     cs.store(name="sft_recipe_schema", node=SFTRecipeSchema)
+    from twinpipe.trainer.grpo_config import GRPORecipeSchema
+
+    cs.store(name="grpo_recipe_schema", node=GRPORecipeSchema)
     cs.store(group="model", name="model_schema", node=ModelSchema)
     cs.store(group="data", name="data_schema", node=DataSchema)
     cs.store(group="optim", name="optim_schema", node=OptimSchema)
@@ -341,6 +344,10 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
     if "sft" in cfg:
         validate_sft(cfg)
+    elif "grpo" in cfg:
+        from twinpipe.trainer.grpo_config import validate_grpo
+
+        validate_grpo(cfg)
     else:
         check_values(cfg, {"data.packing": ("concat", "pad")})
     betas = list(cfg.optim.betas)

@@ -87,12 +87,12 @@ def _load_same_layout(start: Path, model: torch.nn.Module, optimizer: Any, grid:
 
 
 def make_batch_source(batch_source: Any, cfg: DictConfig, tokenizer: Any, grid: Any, model: Any) -> Any:
-    """`batch_source(cfg, tokenizer, dp_rank, dp_size)`, with `model=` when it takes one (a rollout
-    source needs the policy)."""
+    """`batch_source(cfg, tokenizer, dp_rank, dp_size)`, with `model=` and `grid=` when it takes them (a
+    rollout source needs the policy and the process grid)."""
     factory = batch_source or build_loader
     params = inspect.signature(factory).parameters
-    takes_model = "model" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    extra = {"model": model} if takes_model else {}
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in (("model", model), ("grid", grid)) if k in params or takes_all}
     return factory(cfg, tokenizer, grid.dp_rank, grid.dp, **extra)
 
 
