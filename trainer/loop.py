@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from twinpipe.parallel.grid import build_grid, init_distributed
+from twinpipe.parallel.grid import build_grid, collective_timeout_s, init_distributed
 from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer import checkpoint_format as fmt
 from twinpipe.trainer import preflight, reshard
@@ -39,6 +39,7 @@ from twinpipe.trainer.optim import build_optimizer
 from twinpipe.trainer.runner import select_runner
 from twinpipe.trainer.step import TrainStep
 from twinpipe.trainer.schedule import batch_size_at, gamma_at, lr_at, mtp_lambda_at
+from twinpipe.trainer.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     preflight.check(cfg)  # what would otherwise fail at the first step: one line, before any rank waits
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    # a rank that goes silent ends the job within parallel.timeout_s, named (trainer/watchdog.py)
+    watchdog = Watchdog.for_process_group(collective_timeout_s(cfg.parallel.backend, cfg.parallel.timeout_s))
     grid = build_grid(cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.ep)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     run_dir = Path(cfg.run.dir)
@@ -188,6 +191,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
                 log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (weights unchanged)",
                             step + 1, metrics["loss"], metrics["grad_norm"])
             step += 1
+            if watchdog is not None:
+                watchdog.beat(step)
             tokens += batch * cfg.train.seq_len
             tokens_per_s = batch * cfg.train.seq_len / (time.perf_counter() - t0)
             last = {"step": step, **metrics, "lr": lr, "tokens_per_s": tokens_per_s, "tokens": tokens,
@@ -212,6 +217,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
         if cfg.checkpoint.at_end and saved_at != step:
             save()
     finally:
+        if watchdog is not None:
+            watchdog.close()
         stop.restore()
         train_step.close()
         writer.close()

@@ -96,19 +96,21 @@ class Watchdog:
     def _run(self) -> None:
         start = time.monotonic()
         seen = {r: (b"", start) for r in self._watched}  # last value, when it last changed
-        count = 0
+        count, failing_since = 0, None
         while not self._stop.wait(self.interval if count else 0):
             count += 1
             job = self._pool.submit(self._exchange, count)
             try:
                 values = job.result(timeout=self.silent_s)
-            except Exception as exc:  # noqa: BLE001 (timeout, connection reset: the store is gone)
-                host = "torchrun's agent" if self.store_rank is None else f"rank {self.store_rank}"
-                last = seen.get(self.store_rank, (b"", 0))[0]
-                step = f"; its last finished step: {last.decode().split(',')[1]}" if last else ""
-                self._fail(f"{host} silent: the job's store it hosts at {self.where} did not answer "
-                           f"for {self.silent_s:.1f} s ({type(exc).__name__}){step}")
-                return
+            except Exception as exc:  # noqa: BLE001 (a hung store: timeout; a closed one: refused)
+                # a store that refuses connections for a moment is the job ending (its host leaves
+                # first); one that hangs, or refuses for silent_s, is a silent host
+                failing_since = failing_since or time.monotonic()
+                if isinstance(exc, TimeoutError) or time.monotonic() - failing_since > self.silent_s:
+                    self._store_silent(exc, seen)
+                    return
+                continue
+            failing_since = None
             now = time.monotonic()
             for r, value in zip(self._watched, values):
                 if value != seen[r][0]:
@@ -118,6 +120,13 @@ class Watchdog:
                     self._fail(f"rank {r} silent for {now - seen[r][1]:.1f} s (no heartbeat; its last "
                                f"finished step: {last})")
                     return
+
+    def _store_silent(self, exc: BaseException, seen: dict[int, tuple[bytes, float]]) -> None:
+        host = "torchrun's agent" if self.store_rank is None else f"rank {self.store_rank}"
+        last = seen.get(self.store_rank, (b"", 0.0))[0]
+        step = f"; its last finished step: {last.decode().split(',')[1]}" if last else ""
+        self._fail(f"{host} silent: the job's store it hosts at {self.where} did not answer for "
+                   f"{self.silent_s:.1f} s ({type(exc).__name__}){step}")
 
     def _fail(self, what: str) -> None:
         log.error("watchdog on rank %d: %s; exiting (parallel.timeout_s=%g) so the job ends instead of "
