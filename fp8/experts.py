@@ -4,15 +4,19 @@ Forward, per segment e (tokens sorted by expert):  g = x·Wgᵀ, u = x·Wuᵀ, h
 every GEMM in E4M3 with 1×128 activation tiles and 128×128 weight blocks. Saved for backward, all in
 FP8: the expert input x and the SwiGLU input (g, u); SwiGLU is recomputed in backward (DeepSeek-V3
 §3.3). Dgrad runs as grouped GEMMs on the transposed weight blocks; Wgrad as one k-grouped FP8 GEMM
-with both operands tiled 1×128 along each expert's own tokens.
+with both operands tiled 1×128 along each expert's own tokens; a zero-bubble pipeline may defer those
+Wgrad GEMMs (`defer_weight_grad`, as in `twinpipe.fp8.linear`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
+from twinpipe.fp8.linear import deferred
 from twinpipe.fp8.quant import GRAD_AMAX_FLOOR, act_dequant
 from twinpipe.fp8.weight_cache import WeightCache
 from twinpipe.model.experts import Experts
@@ -59,7 +63,8 @@ def _grouped_wgrad(backend: Backend, grad: torch.Tensor, x_q: torch.Tensor, x_s:
 class FP8GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                offsets: torch.Tensor, caches: dict[str, WeightCache], backend: Backend) -> torch.Tensor:
+                offsets: torch.Tensor, caches: dict[str, WeightCache], backend: Backend,
+                defer: Callable | None = None) -> torch.Tensor:
         x_q, x_s = backend.act_quant(x)                                     # [M, H] fp8, [M, nbh]
         wg, wu, wd = (caches[n].get(w, backend) for n, w in zip(_PROJS, (w_gate, w_up, w_down)))
         gate = backend.grouped_gemm(x_q, x_s, wg.q, wg.s, offsets, torch.float32)   # [M, I]
@@ -69,7 +74,8 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         h_q, h_s = backend.act_quant(F.silu(gate) * up)                     # [M, I]
         y = backend.grouped_gemm(h_q, h_s, wd.q, wd.s, offsets, x.dtype)    # [M, H]
         ctx.save_for_backward(x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets)
-        ctx.caches, ctx.backend, ctx.x_dtype = caches, backend, x.dtype
+        ctx.caches, ctx.backend, ctx.x_dtype, ctx.defer = caches, backend, x.dtype, defer
+        ctx.params = (w_gate, w_up, w_down)  # the Parameters themselves for a deferred Wgrad
         return y
 
     @staticmethod
@@ -88,7 +94,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         d_gate = dh * up * sig * (1 + gate * (1 - sig))                     # [M, I]
         d_up = dh * silu                                                    # [M, I]
 
-        grad_x = grad_gate = grad_up = grad_down = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             dg_q, dg_s = backend.act_quant(d_gate, amax_floor=GRAD_AMAX_FLOOR)
             du_q, du_s = backend.act_quant(d_up, amax_floor=GRAD_AMAX_FLOOR)
@@ -97,18 +103,21 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
             grad_x = (backend.grouped_gemm(dg_q, dg_s, wg_t.q, wg_t.s, offsets, torch.float32)
                       + backend.grouped_gemm(du_q, du_s, wu_t.q, wu_t.s, offsets, torch.float32)
                       ).to(ctx.x_dtype)                                     # [M, H]
-        if ctx.needs_input_grad[1]:
-            grad_gate = _grouped_wgrad(backend, d_gate, x_q, x_s, offsets, w_gate.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_up = _grouped_wgrad(backend, d_up, x_q, x_s, offsets, w_up.dtype)
-        if ctx.needs_input_grad[3]:
-            h_q, h_s = backend.act_quant(h)
-            grad_down = _grouped_wgrad(backend, grad_y, h_q, h_s, offsets, w_down.dtype)
-        return grad_x, grad_gate, grad_up, grad_down, None, None, None
+        p_gate, p_up, p_down = ctx.params
+        wgrads = {  # [E, I, H], [E, I, H], [E, H, I]
+            1: (p_gate, lambda: _grouped_wgrad(backend, d_gate, x_q, x_s, offsets, w_gate.dtype)),
+            2: (p_up, lambda: _grouped_wgrad(backend, d_up, x_q, x_s, offsets, w_up.dtype)),
+            3: (p_down, lambda: _grouped_wgrad(backend, grad_y, *backend.act_quant(h), offsets, w_down.dtype)),
+        }
+        grad_w = {i: compute() for i, (w, compute) in wgrads.items()
+                  if ctx.needs_input_grad[i] and not deferred(ctx.defer, w, compute)}
+        return grad_x, grad_w.get(1), grad_w.get(2), grad_w.get(3), None, None, None, None
 
 
 class FP8Experts(Experts):
     """`Experts` with `grouped_swiglu` in FP8; parameters and state-dict names unchanged."""
+
+    defer_weight_grad: Callable | None = None  # see the module docstring
 
     def _init_fp8(self, backend: str) -> None:
         if backend not in BACKENDS:
@@ -133,7 +142,7 @@ class FP8Experts(Experts):
         offsets = F.pad(counts.cumsum(0), (1, 0))                           # [E + 1]
         backend = get_backend(self.fp8_backend, x_sorted.device)
         return FP8GroupedSwiGLU.apply(x_sorted, self.gate_proj, self.up_proj, self.down_proj, offsets,
-                                      self.fp8_weight_caches, backend)
+                                      self.fp8_weight_caches, backend, self.defer_weight_grad)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8_backend={self.fp8_backend}"

@@ -7,9 +7,15 @@
 The input is saved for backward in FP8 (q + 1×128 scales), not in BF16; for Wgrad it is dequantized
 and requantized along the token dimension (the report's 1×128 -> 128×1 tile conversion). The weight is
 quantized once per optimizer step (`twinpipe.fp8.weight_cache`).
+
+Zero-bubble pipelines take the Wgrad GEMM out of the backward: a subclass sets `defer_weight_grad`, a
+callable `(param, compute) -> bool` that queues `compute` (the Wgrad GEMM, run later) and says whether
+it did (`twinpipe.parallel.pipeline.zero_bubble`); the values are the same either way.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,10 +33,15 @@ def wgrad(backend: Backend, grad_out: torch.Tensor, x_q: torch.Tensor, x_s: torc
     return backend.gemm(gt_q, gt_s, xt_q, xt_s, torch.float32)     # [N, K]
 
 
+def deferred(defer: Callable | None, param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
+    """Whether `defer` took the weight gradient `compute` of `param` away to run later."""
+    return defer is not None and defer(param, compute)
+
+
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                cache: WeightCache, backend: Backend) -> torch.Tensor:
+                cache: WeightCache, backend: Backend, defer: Callable | None = None) -> torch.Tensor:
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)                             # [T, K]
         x_q, x_s = backend.act_quant(x2)                            # [T, K] fp8, [T, nbk]
@@ -42,7 +53,8 @@ class FP8LinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(x_q, x_s, weight)
-        ctx.cache, ctx.backend = cache, backend
+        ctx.cache, ctx.backend, ctx.defer = cache, backend, defer
+        ctx.param = weight  # the Parameter itself for a deferred Wgrad (a saved tensor may be a copy)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -56,15 +68,21 @@ class FP8LinearFunction(torch.autograd.Function):
             g_q, g_s = backend.act_quant(g, amax_floor=GRAD_AMAX_FLOOR)  # [T, N], [T, nbn]
             w_t = ctx.cache.get_transposed(weight, backend)         # [K, N] fp8, [nbk, nbn]
             grad_x = backend.gemm(g_q, g_s, w_t.q, w_t.s, ctx.x_dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = wgrad(backend, g, x_q, x_s).to(weight.dtype)  # [N, K]
+
+        def weight_grad() -> torch.Tensor:
+            return wgrad(backend, g, x_q, x_s).to(weight.dtype)    # [N, K]
+
+        if ctx.needs_input_grad[1] and not deferred(ctx.defer, ctx.param, weight_grad):
+            grad_w = weight_grad()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.float().sum(0).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in FP8; same parameters and state dict as nn.Linear."""
+
+    defer_weight_grad: Callable | None = None  # see the module docstring
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  backend: str = "auto"):
@@ -86,7 +104,8 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = get_backend(self.fp8_backend, x.device)
-        return FP8LinearFunction.apply(x, self.weight, self.bias, self.fp8_weight_caches["weight"], backend)
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.fp8_weight_caches["weight"], backend,
+                                       self.defer_weight_grad)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8_backend={self.fp8_backend}"

@@ -2,10 +2,14 @@
 
 A backward pass splits into B (gradients of the stage inputs, which the previous stage waits for) and W
 (gradients of the weights, which nobody waits for). While `WeightGradStore.enabled` is set, layers that
-support the split (`linear` below) compute only their input gradient and queue a closure for the weight
-gradient; `flush()` closes the queue of one backward chunk and `pop()` later runs one closed chunk, where
-the schedule has a bubble to fill. Layers that do not support it compute both at once, which stays
-correct and only forgoes the gain.
+support the split compute only their input gradient and hand the weight gradient to `defer`, which
+queues it; `flush()` closes the queue of one backward chunk and `pop()` later runs one closed chunk,
+where the schedule has a bubble to fill. Layers that do not support it compute both at once, which
+stays correct and only forgoes the gain.
+
+Layers with the split: `linear` below, the grouped expert GEMMs (`zero_bubble.grouped_mm`) and the FP8
+Linear/experts (their Wgrad GEMMs, through `defer`); `zero_bubble.split_weight_gradients` puts them in
+a model from outside.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import queue
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 class WeightGradStore:
@@ -26,6 +31,15 @@ class WeightGradStore:
     @classmethod
     def put(cls, func: Callable[[], None]) -> None:
         cls.cache.append(func)
+
+    @classmethod
+    def defer(cls, param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
+        """Queue `param.grad += compute()` when the store is enabled (True); else do nothing (False)
+        and the caller returns the gradient to autograd itself."""
+        if not cls.enabled:
+            return False
+        cls.put(lambda: accumulate(param, compute()))
+        return True
 
     @classmethod
     def flush(cls) -> None:
@@ -48,45 +62,55 @@ class WeightGradStore:
         cls.funcs_queue = queue.Queue()
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad (in the parameter's dtype), as autograd's AccumulateGrad does."""
+    grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
     else:
         param.grad += grad
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on for its device."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class _SplitLinear(torch.autograd.Function):
-    """y = x W^T + b whose weight gradient is deferred to WeightGradStore when it is enabled."""
+    """F.linear whose weight gradient goes to WeightGradStore when it is enabled.
+
+    Under autocast the operands are cast first and the cast copies saved, as autocast's F.linear does,
+    so the forward is F.linear's to the bit and the gradients are those of autograd up to summation
+    order.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        dtype = compute_dtype(x)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        ctx.save_for_backward(xc, wc)
         # The parameters themselves, so a deferred W can write into their .grad.
         ctx.params = (weight, bias)
-        ctx.has_bias = bias is not None
-        y = x @ weight.t()  # [..., out]
-        return y + bias if bias is not None else y
+        ctx.x_dtype = x.dtype
+        return F.linear(xc, wc, bc)  # [..., out]
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: [..., out]
-        x, weight = ctx.saved_tensors
-        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None  # [..., in]
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        xc, wc = ctx.saved_tensors
+        weight, bias = ctx.params
+        grad_y = grad_y.to(wc.dtype)
+        grad_x = (grad_y @ wc).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [..., in]
+        x2 = xc.reshape(-1, xc.shape[-1])  # [tokens, in]
         g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [tokens, out]
-        if WeightGradStore.enabled:
-            # Write straight into .grad later; autograd gets None for the weight now.
-            w_param, b_param = ctx.params
-            need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-
-            def weight_grad():
-                if need_w:
-                    _accumulate(w_param, g2.t() @ x2)
-                if need_b:
-                    _accumulate(b_param, g2.sum(0))
-            WeightGradStore.put(weight_grad)
-            return grad_x, None, None
-        grad_w = g2.t() @ x2 if ctx.needs_input_grad[1] else None  # [out, in]
-        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1] and not WeightGradStore.defer(weight, lambda: g2.t() @ x2):
+            grad_w = (g2.t() @ x2).to(weight.dtype)  # [out, in]
+        if bias is not None and ctx.needs_input_grad[2] and not WeightGradStore.defer(bias, lambda: g2.sum(0)):
+            grad_b = g2.sum(0).to(bias.dtype)  # [out]
         return grad_x, grad_w, grad_b
 
 
