@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import document_causal_mask
@@ -21,12 +23,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class TransformerOutput:
-    """What `Transformer.forward_train` returns (docs/internals.md, forward contracts)."""
+    """What `Transformer.forward_train` (and the pipeline's last stage) returns (docs/internals.md,
+    forward contracts): the heads' *inputs* and the head weight, so a loss can take the logits in
+    chunks (trainer/chunked_ce.py) instead of holding [B, T, V]; `logits` / `mtp_logits` compute
+    them whole on first use, for losses that want them."""
 
-    logits: torch.Tensor                                      # [B, T, V]
-    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # k-th: [B, T-k], predicts labels[:, i+k]
+    hidden: torch.Tensor                                      # [B, T, H] main head input (after the final norm)
+    head_weight: torch.Tensor                                 # [V, H] lm_head.weight (shared with MTP)
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # k-th: [B, T-k, H] after MTP norm k
     expert_counts: torch.Tensor | None = None                 # [num MoE layers incl. MTP, E] int64
     balance_loss: torch.Tensor | None = None                  # scalar, detached, summed over MoE layers
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """[B, T, V] of the main head."""
+        return F.linear(self.hidden, self.head_weight)
+
+    @cached_property
+    def mtp_logits(self) -> list[torch.Tensor]:
+        """k-th: [B, T-k, V], position i predicts labels[:, i+k]."""
+        return [F.linear(h, self.head_weight) for h in self.mtp_hidden]
 
 
 class Transformer(nn.Module):
@@ -106,8 +122,9 @@ class Transformer(nn.Module):
         return self.head(h)
 
     def forward_train(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> TransformerOutput:
-        """Main logits, MTP logits (depth k: [B, T-k, V], position i predicts labels[:, i+k]),
-        per-layer expert counts and the summed balance loss."""
+        """The main head's input, the MTP heads' inputs (depth k: [B, T-k, H], position i predicts
+        labels[:, i+k]) and the head weight (their logits on demand), per-layer expert counts and the
+        summed balance loss."""
         B, T = tokens.shape
         mask = None if position_ids is None else document_causal_mask(position_ids)  # [B, 1, T, T]
         if position_ids is None:
@@ -116,11 +133,10 @@ class Transformer(nn.Module):
         for moe in moes:
             moe.last_counts = moe.last_balance_loss = None
         h = self._blocks(self.embed(tokens), position_ids, mask)                    # [B, T, H]
-        logits = self.head(h)
-        mtp_logits = []
+        mtp_hidden = []
         if len(self.mtp):
             depths = mtp_depths(self.mtp, h, self.embed(tokens), position_ids, mask)  # h_k [B, T-k, H]
-            mtp_logits = [self.mtp_head(k, h_k) for k, h_k in enumerate(depths, start=1)]
+            mtp_hidden = [self.mtp[k].norm(h_k) for k, h_k in enumerate(depths)]
         E = self.config.n_routed_experts
         counts = torch.zeros(len(moes), E, dtype=torch.long, device=tokens.device)
         balance = torch.zeros((), device=tokens.device)
@@ -128,4 +144,4 @@ class Transformer(nn.Module):
             if moe.last_counts is not None:  # an MTP depth is skipped when T <= k
                 counts[row] = moe.last_counts
                 balance = balance + moe.last_balance_loss
-        return TransformerOutput(logits, mtp_logits, counts, balance)
+        return TransformerOutput(self.norm(h), self.lm_head.weight, mtp_hidden, counts, balance)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from twinpipe.parallel.recompute import recomputing
+
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of each MoE layer in module order: modules with a `gate` holding the bias buffer."""
@@ -44,6 +46,8 @@ class ExpertLoadTracker:
     def _hook(self, i: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not module.training:  # evaluation / generation during a run moves no router bias
+                return
+            if recomputing():  # a block recomputed in the backward (train.recompute=full) is no new forward
                 return
             c = module.last_counts.detach().to(torch.int64)
             self.counts[i] = c.clone() if self.counts[i] is None else self.counts[i] + c

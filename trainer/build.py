@@ -88,4 +88,4 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
                 module.weight.requires_grad_(False)
     grid = grid if grid is not None else Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
     return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
-                       num_replicas=cfg.eplb.replicas or None)
+                       num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute)

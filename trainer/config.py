@@ -120,6 +120,10 @@ class TrainSchema:
     on_nonfinite: str = "skip"  # skip | stop: what a NaN/inf loss or gradient does
     init_std: Optional[float] = None  # None: the model's own initialisation
     threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
+    # recomputed in the backward: none | norms | mla_up | moe | full, or a list, e.g. [norms,mla_up]
+    # (twinpipe.parallel.recompute)
+    recompute: Any = "none"
+    ema_decay: float = 0.0  # EMA of the weights kept on the CPU (trainer/ema.py); 0 = off, else in (0, 1)
 
 
 @dataclass
@@ -127,6 +131,8 @@ class LossSchema:
     mtp_lambda: float = 0.3  # weight of the MTP loss
     mtp_lambda_late: float = 0.1  # ... after mtp_switch_tokens
     mtp_switch_tokens: float = 10e12
+    # cross-entropy in chunks of this many MiB of fp32 logits (trainer/chunked_ce.py); 0 = whole logits
+    ce_chunk_mib: float = 256.0
 
 
 @dataclass
@@ -164,6 +170,9 @@ class CheckpointSchema:
     every: int = 100  # steps; 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept
     at_end: bool = True
+    # write in a background thread from a host copy while training goes on (`async` is a Python keyword)
+    async_save: bool = False
+    host_gib: float = 0.0  # async_save: a state larger than this (per rank) is written synchronously; 0 = no bound
 
 
 @dataclass
@@ -287,7 +296,7 @@ POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq
             "logging.every_s")
 NON_NEGATIVE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.constant",
                 "optim.decay", "optim.min_lr", "train.grad_clip", "train.threads", "balance.gamma",
-                "loss.mtp_lambda", "loss.mtp_lambda_late", "checkpoint.every", "eplb.every", "eplb.replicas",
+                "loss.mtp_lambda", "loss.mtp_lambda_late", "loss.ce_chunk_mib", "checkpoint.every", "checkpoint.host_gib", "eplb.every", "eplb.replicas",
                 "optim.ramp_start", "optim.ramp_tokens")
 
 
@@ -378,6 +387,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ValueError("data.paths=[]: data.source=files needs at least one file or folder, e.g. "
                          "'data.paths=[corpus/,extra.jsonl]'")
+    from twinpipe.parallel.recompute import parse_options
+
+    if "full" in parse_options(t.recompute) and p.ep > 1:
+        raise ValueError(f"train.recompute={t.recompute} with parallel.ep={p.ep}: recomputing whole blocks would "
+                         "repeat their all-to-alls in the backward; use [norms,mla_up,moe] (collective-free)")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")

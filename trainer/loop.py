@@ -124,7 +124,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
 
     model = build_model(cfg, device, grid)  # this rank's part: stages, FP8, expert slots
     optimizer = build_optimizer(model, cfg.optim, grid, cfg.train.grad_clip, cfg.parallel.schedule)
-    loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda, mcfg.num_nextn_predict_layers)
+    loss_fn = loss_fn if loss_fn is not None else PretrainLoss(cfg.loss.mtp_lambda, mcfg.num_nextn_predict_layers,
+                                                                   cfg.loss.ce_chunk_mib)
     rebalancer = None
     if cfg.eplb.every:
         from twinpipe.parallel.experts.rebalance import ExpertRebalancer

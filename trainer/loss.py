@@ -1,7 +1,9 @@
 """Losses and how the trainer normalises them (DeepSeek-V3 report §2.2 for the pretraining loss).
 
 The seam: `loss_fn(output, batch) -> (loss, metrics)`. `output` has `logits [B, T, V]` and
-`mtp_logits` (`mtp_logits[k-1]` is `[B, T-k, V]`, position i predicting `labels[:, i+k]`); `batch` is
+`mtp_logits` (`mtp_logits[k-1]` is `[B, T-k, V]`, position i predicting `labels[:, i+k]`), computed on
+first use from the heads' inputs `hidden [B, T, H]`, `mtp_hidden` and `head_weight [V, H]`, which
+PretrainLoss reads instead, taking the cross-entropy in chunks (trainer/chunked_ce.py); `batch` is
 one micro-batch with every key its batch source gave it (`input_ids`, `labels` with -100 on ignored
 positions, `position_ids`, and whatever else: `loss_mask`, `advantages`, ...), under every runner.
 
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from twinpipe.trainer.chunked_ce import linear_cross_entropy_sum, rows_for_budget
 
 IGNORE_INDEX = -100
 GLOBAL_COUNTS = "global_counts"  # the batch key under which the trainer hands the global totals
@@ -64,8 +68,16 @@ class PretrainLoss:
 
     Serves pretraining and SFT alike: SFT labels are -100 outside assistant tokens."""
 
-    def __init__(self, mtp_lambda: float = 0.3, mtp_depths: int = 0):
+    def __init__(self, mtp_lambda: float = 0.3, mtp_depths: int = 0, ce_chunk_mib: float = 256.0):
         self.mtp_lambda, self.mtp_depths = mtp_lambda, mtp_depths
+        self.ce_chunk_mib = ce_chunk_mib  # fp32 logits per chunk (trainer/chunked_ce.py); 0: whole logits
+
+    def head_cross_entropy_sum(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`cross_entropy_sum(hidden @ weight^T, labels)`: hidden [B, T, H] (a head's input), weight [V, H],
+        in chunks of `ce_chunk_mib` MiB of fp32 logits unless that is 0."""
+        if not self.ce_chunk_mib:
+            return cross_entropy_sum(F.linear(hidden, weight), labels)
+        return linear_cross_entropy_sum(hidden, weight, labels, rows_for_budget(self.ce_chunk_mib, weight.shape[0]))
 
     def mtp_labels(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         """The targets of MTP head k: `labels[:, k:]` [B, T-k] (head k at position i predicts
@@ -80,14 +92,22 @@ class PretrainLoss:
 
     def __call__(self, output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]  # [B, T]
-        lm_loss = cross_entropy_sum(output.logits, labels) / global_count(batch, "tokens")
-        mtp_logits = list(getattr(output, "mtp_logits", None) or [])
-        if len(mtp_logits) != self.mtp_depths:
-            raise ValueError(f"PretrainLoss(mtp_depths={self.mtp_depths}) got {len(mtp_logits)} MTP heads: "
+        if hasattr(output, "hidden"):  # the heads' inputs and weight (TransformerOutput): chunked CE
+            heads = [output.hidden, *output.mtp_hidden]                       # [B, T-k, H]
+
+            def ce_sum(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                return self.head_cross_entropy_sum(hidden, output.head_weight, targets)
+        else:  # logits only
+            heads = [output.logits, *(getattr(output, "mtp_logits", None) or [])]  # [B, T-k, V]
+            ce_sum = cross_entropy_sum
+        lm_loss = ce_sum(heads[0], labels) / global_count(batch, "tokens")
+        mtp_heads = heads[1:]
+        if len(mtp_heads) != self.mtp_depths:
+            raise ValueError(f"PretrainLoss(mtp_depths={self.mtp_depths}) got {len(mtp_heads)} MTP heads: "
                              "build it with the model's num_nextn_predict_layers")
-        if mtp_logits:
-            mtp_losses = [cross_entropy_sum(lg, self.mtp_labels(batch, k)) / global_count(batch, f"mtp{k}_tokens")
-                          for k, lg in enumerate(mtp_logits, start=1)]
+        if mtp_heads:
+            mtp_losses = [ce_sum(head, self.mtp_labels(batch, k)) / global_count(batch, f"mtp{k}_tokens")
+                          for k, head in enumerate(mtp_heads, start=1)]
             mtp_loss = torch.stack(mtp_losses).mean()  # (1/D) Σ_k
             loss = lm_loss + self.mtp_lambda * mtp_loss
         else:

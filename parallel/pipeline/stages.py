@@ -60,8 +60,10 @@ class TransformerStage(nn.Module):
     """Blocks `layers` of `model`, plus the embedding (first stage) and norm/head/MTP (last stage).
 
     forward(input_ids, position_ids) on the first stage, forward(h, input_ids, position_ids) on the
-    others; returns (h, input_ids, position_ids) except on the last stage, which returns
-    (logits [B, T, V], *mtp_logits) with mtp_logits[k-1] = [B, T-k, V] as `Transformer.forward_train`.
+    others; returns (h, input_ids, position_ids) except on the last stage, which returns the heads'
+    inputs (hidden [B, T, H] after the final norm, *mtp_hidden) with mtp_hidden[k-1] = [B, T-k, H] after
+    MTP norm k, as `Transformer.forward_train`'s output holds them: the loss applies `lm_head` itself,
+    in chunks when it likes (the runner hands it the head weight), so no stage holds [B, T, V] logits.
     """
 
     def __init__(self, model: nn.Module, layers: range, is_first: bool, is_last: bool) -> None:
@@ -85,10 +87,10 @@ class TransformerStage(nn.Module):
             h = layer(h, position_ids, mask=mask)  # [B, T, H]
         if not self.is_last:
             return h, input_ids, position_ids
-        outputs = [self.lm_head(self.norm(h))]  # [B, T, V]
+        outputs = [self.norm(h)]  # [B, T, H]
         if len(self.mtp):
             depths = mtp_depths(self.mtp, h, self.embed_tokens(input_ids), position_ids, mask)  # [B, T-k, H]
-            outputs += [self.lm_head(layer.norm(h_k)) for layer, h_k in zip(self.mtp, depths)]  # [B, T-k, V]
+            outputs += [layer.norm(h_k) for layer, h_k in zip(self.mtp, depths)]  # [B, T-k, H]
         return tuple(outputs)
 
 

@@ -83,7 +83,7 @@ def _rank(rank, world, schedule, layers, n):
     set_aux_loss_scale(runner.stages, 1.0 / n)
     set_stage_p2p_shapes(MICRO, SEQ, model.config.hidden_size)
     inputs, labels = runner.feeds(mbs)
-    loss, _ = runner.pipe.step(*inputs, num_chunks=n, criterion=StageCriterion(_MeanOfMicroBatches(n), mbs),
+    loss, _ = runner.pipe.step(*inputs, num_chunks=n, criterion=StageCriterion(_MeanOfMicroBatches(n), mbs, model.lm_head.weight),
                                labels=labels)
     sum_gradients(list(model.parameters()), dist.group.WORLD)
     errors = [grad_error(p.grad, r) for p, r in zip(model.parameters(), ref_grads)]
@@ -147,10 +147,10 @@ def test_stages_keep_packed_documents_apart(monkeypatch):
 
         monkeypatch.setattr(stages, "document_causal_mask", counted)
         first, last = build_stages(model, "dualpipev", 1, 0)
-        logits, *mtp = last(*first(ids, pos))
+        hidden, *mtp = last(*first(ids, pos))  # the heads' inputs: the loss applies lm_head
     assert len(calls) == 2
-    assert torch.equal(logits, want.logits)
-    assert len(mtp) == 1 and torch.equal(mtp[0], want.mtp_logits[0])
+    assert torch.equal(hidden, want.hidden)
+    assert len(mtp) == 1 and torch.equal(mtp[0], want.mtp_hidden[0])
 
 
 @pytest.mark.parametrize("schedule,pp,layers", [("dualpipe", 4, 4), ("dualpipev", 2, 4), ("1f1b", 3, 5)])
