@@ -71,7 +71,6 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
 
-
     def finish(self, step: int, tokens: float, stopped: bool = False) -> None:
         """The run ended (all steps, or stopped by a signal): write `summary.json` and log its line."""
         if self.enabled:

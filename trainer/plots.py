@@ -23,14 +23,26 @@ LABELS = {"loss": "loss (LM + λ·MTP)", "eval_loss": "held-out LM loss"}
 def tokens_axis(ax: Any, records: list[dict[str, Any]]) -> None:
     """A top x axis in training tokens, for a bottom axis in steps (none before two records)."""
     import numpy as np
+    from matplotlib.ticker import EngFormatter
 
     points = [(r["step"], r["tokens"]) for r in records if "tokens" in r]
     if len(points) < 2:
         return
     steps, tokens = (np.array(v, dtype=np.float64) for v in zip(*points))
-    top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, tokens),
-                                               lambda t: np.interp(t, tokens, steps)))
+    top = ax.secondary_xaxis("top", functions=(lambda s: _interp(s, steps, tokens),
+                                               lambda t: _interp(t, tokens, steps)))
+    top.xaxis.set_major_formatter(EngFormatter())  # 300k, 1.2M, 14.8T
     top.set_xlabel("tokens")
+
+
+def _interp(x: Any, xp: Any, fp: Any) -> Any:
+    """np.interp, extended linearly past both ends (the axes' margins lie outside the data)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    head = fp[0] + (x - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
+    tail = fp[-1] + (x - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    return np.where(x < xp[0], head, np.where(x > xp[-1], tail, np.interp(x, xp, fp)))
 
 
 def curve_figure(records: list[dict[str, Any]], keys: tuple[str, ...], ylabel: str, scale: float = 1.0,
