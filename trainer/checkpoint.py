@@ -277,17 +277,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float32,
-                             key: str = "checkpoint") -> tuple[Any, Any]:
+                             key: str = "checkpoint", ema: bool = False) -> tuple[Any, Any]:
     """(Transformer in eval mode, TextTokenizer) from one of our checkpoints or an HF DeepSeek-V3 folder.
 
     `path` may be a `checkpoints/step_N` folder, a run dir (its newest complete checkpoint) or an HF
-    folder (config.json + safetensors, loaded with `twinpipe.model.load_hf`); errors name it `key`."""
+    folder (config.json + safetensors, loaded with `twinpipe.model.load_hf`); errors name it `key`.
+    `ema`: the parameters are the checkpoint's EMA of the weights (`checkpoint_format.EMA`)."""
     from omegaconf import OmegaConf
 
     from twinpipe.data.tokenizer import load_tokenizer
 
     path = Path(path)
     if (path / "config.json").is_file() and not (path / COMPLETE).is_file():
+        if ema:
+            raise CheckpointError(f"{key}={path}: an HF folder has no EMA of the weights; ema=true reads "
+                                  "twinpipe checkpoints of runs with train.ema_decay > 0")
         from twinpipe.model import load_hf
 
         model = load_hf(path, dtype=dtype)
@@ -301,12 +305,28 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
     cfg = OmegaConf.load(ckpt / fmt.CONFIG)
     model = Transformer(model_config(cfg.model))
     model.load_state_dict(_read_model_state(ckpt, model.state_dict(), model.config.n_routed_experts))
+    if ema:
+        model.load_state_dict(_read_ema(ckpt, model, key), strict=False)
     model.to(dtype)
     for module in model.modules():  # router biases stay fp32 (as in HF checkpoints)
         bias = getattr(module, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             bias.data = bias.data.float()
     return model.eval(), load_tokenizer(ckpt / fmt.TOKENIZER)
+
+
+def _read_ema(ckpt: Path, model: torch.nn.Module, key: str) -> dict[str, torch.Tensor]:
+    """The EMA of every parameter of `model` saved in `ckpt` (fp32), by parameter name."""
+    saved = saved_tensors(ckpt)
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if f"{fmt.EMA}.{n}" not in saved]
+    if missing:
+        raise CheckpointError(f"{key}={ckpt}: no EMA of the weights (no key {fmt.EMA}.{missing[0]}): the run had "
+                              "train.ema_decay=0; ema=false reads its weights")
+    state = {fmt.EMA: {n: empty_saved(ckpt, saved, f"{fmt.EMA}.{n}") for n in names}}
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    return state[fmt.EMA]
 
 
 def saved_tensors(ckpt: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@
                                       rank saves what it holds; router biases and each EP layer's
                                       placement `...experts.phy2log` are buffers in it)
         "model_experts_ep{r}_of{ep}"  EP rank r's physical expert slots (`...experts.local.*`)
+        "ema"                         with train.ema_decay > 0: the EMA of this rank's parameters (fp32)
         "optim"                       the optimizer: "step"; ZeRO-1 buckets "dense" (pp = 1) or
                                       "dense_pp{r}_of{pp}" (flat DTensors sharded over dp, with
                                       "exp_avg", "exp_avg_sq"); "experts_ep{r}" (per-slot AdamW
@@ -52,6 +53,7 @@ def rank_state_file(rank: int) -> str:
 # top-level keys of the DCP state
 MODEL = "model"
 OPTIM = "optim"
+EMA = "ema"  # the CPU EMA of the weights (train.ema_decay > 0; trainer/ema.py): parameter name -> fp32
 EXPERT_WEIGHTS = re.compile(r"^model_experts_ep(\d+)_of(\d+)$")
 
 

@@ -60,6 +60,7 @@ class EvalSchema:
     batch_size: int = 8  # windows per forward
     max_tokens: Optional[int] = None  # score only the first max_tokens tokens of the text (None: all)
     dtype: str = "fp32"  # fp32 | bf16
+    ema: bool = False  # the checkpoint's EMA of the weights (a run with train.ema_decay > 0)
     device: str = "auto"  # auto | cpu | cuda
     output: Optional[str] = None  # also write the result JSON here
     harness: bool = False  # run lm-evaluation-harness `tasks` instead of perplexity
@@ -150,7 +151,7 @@ def load_for_inference(cfg: DictConfig) -> tuple[Any, Any, Any]:
     init_distributed(cfg.parallel.backend)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     grid = build_grid(cfg.parallel.pp, max(1, world // cfg.parallel.pp), cfg.parallel.ep)
-    model, tokenizer = load_model_for_inference(cfg.checkpoint, DTYPES[cfg.dtype])
+    model, tokenizer = load_model_for_inference(cfg.checkpoint, DTYPES[cfg.dtype], ema=bool(cfg.get("ema", False)))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"checkpoint={cfg.checkpoint}: its tokenizer has {tokenizer.vocab_size} ids but the "
                          f"model's vocab_size is {model.config.vocab_size} (tokenizer of another model?)")

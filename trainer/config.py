@@ -170,9 +170,6 @@ class CheckpointSchema:
     every: int = 100  # steps; 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept
     at_end: bool = True
-    # write in a background thread from a host copy while training goes on (`async` is a Python keyword)
-    async_save: bool = False
-    host_gib: float = 0.0  # async_save: a state larger than this (per rank) is written synchronously; 0 = no bound
 
 
 @dataclass
@@ -296,7 +293,7 @@ POSITIVE = ("train.steps", "train.global_batch", "train.micro_batch", "train.seq
             "logging.every_s")
 NON_NEGATIVE = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.constant",
                 "optim.decay", "optim.min_lr", "train.grad_clip", "train.threads", "balance.gamma",
-                "loss.mtp_lambda", "loss.mtp_lambda_late", "loss.ce_chunk_mib", "checkpoint.every", "checkpoint.host_gib", "eplb.every", "eplb.replicas",
+                "loss.mtp_lambda", "loss.mtp_lambda_late", "loss.ce_chunk_mib", "checkpoint.every", "eplb.every", "eplb.replicas",
                 "optim.ramp_start", "optim.ramp_tokens")
 
 
@@ -394,6 +391,9 @@ def validate(cfg: DictConfig) -> None:
                          "repeat their all-to-alls in the backward; use [norms,mla_up,moe] (collective-free)")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")
+    if t.ema_decay and p.ep > 1:
+        raise ValueError(f"train.ema_decay={t.ema_decay} with parallel.ep={p.ep}: the EMA is not kept for "
+                         "expert-parallel slots yet; use parallel.ep=1 or train.ema_decay=0")
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")

@@ -32,6 +32,7 @@ from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer import checkpoint_format as fmt
 from twinpipe.trainer import preflight, reshard
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
+from twinpipe.trainer.ema import CPUEMA
 from twinpipe.trainer.flops import flops_per_token, peak_flops
 from twinpipe.trainer.loss import PretrainLoss
 from twinpipe.trainer.metrics import MetricsWriter
@@ -156,6 +157,9 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
         log.info("resumed from %s at step %d (%.3g tokens)", start, step, tokens)
     elif grid.is_main:
         log.info("starting %s from scratch: %.2fM parameters", run_dir, mcfg.num_parameters() / 1e6)
+    ema = CPUEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # trainer/ema.py
+    if ema is not None and start is not None:
+        ema.resume(start)
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     writer = MetricsWriter(run_dir, cfg.train.steps, step, enabled=grid.is_main,
@@ -173,8 +177,10 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     def save() -> None:
         rank_state = {fmt.LOADER: loader.state_dict(), fmt.RNG: ckpt.rng_state()}
         meta = {fmt.STEP: step, fmt.TOKENS: tokens, **layout, fmt.SEGMENTS: segments}
-        ckpt.save_checkpoint(run_dir, step, fmt.training_state(model, optimizer, grid.ep_rank, grid.ep),
-                             rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
+        state = fmt.training_state(model, optimizer, grid.ep_rank, grid.ep)
+        if ema is not None:
+            state[fmt.EMA] = ema.state_dict()
+        ckpt.save_checkpoint(run_dir, step, state, rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
                              cfg.checkpoint.keep)
 
     try:
@@ -188,6 +194,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
                 loss_fn.mtp_lambda = mtp_lambda_at(cfg.loss, tokens)
 
             metrics = train_step(micro_batches, lr, gamma_at(cfg.balance, tokens))
+            if ema is not None and not metrics["skipped"]:
+                ema.update()  # copies the weights out; the average is folded in a background thread
             if metrics["skipped"]:
                 log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (weights unchanged)",
                             step + 1, metrics["loss"], metrics["grad_norm"])
@@ -218,6 +226,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
         if cfg.checkpoint.at_end and saved_at != step:
             save()
     finally:
+        if ema is not None:
+            ema.close()
         if watchdog is not None:
             watchdog.close()
         stop.restore()
