@@ -27,7 +27,7 @@ import torch
 from twinpipe.model.config import ModelConfig
 from twinpipe.model.transformer import Transformer
 from twinpipe.trainer.flops import flops_per_token, peak_flops
-from twinpipe.trainer.loss import PretrainLoss
+from twinpipe.trainer.loss import GLOBAL_COUNTS, PretrainLoss
 from twinpipe.trainer.zero import ZeroAdamW
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,9 +57,10 @@ def bench(preset: str, batch: int, seq_len: int, steps: int, warmup: int, device
 
         convert_model(model, fp8)
     opt = ZeroAdamW(model.named_parameters())  # decay all but norms (trainer/optim.py)
-    loss_fn = PretrainLoss(0.3)
+    loss_fn = PretrainLoss(0.3, mtp_depths=cfg.num_nextn_predict_layers)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
     mb = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    mb[GLOBAL_COUNTS] = loss_fn.normalizers(mb)  # one micro-batch: its own counts are the global ones
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bf16" and device.type == "cuda"
            else torch.autocast("cpu", enabled=False))
     rss0 = _rss_mb()
