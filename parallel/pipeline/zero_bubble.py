@@ -51,9 +51,9 @@ def segment_outer(g: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> tor
     torch._grouped_mm's k-grouped form where it takes the operands, else one padded bmm.
     """
     num_experts = counts.numel()
-    if _grouped_mm_ok(x.t(), g) and (x.shape[1] * x.element_size()) % 16 == 0:  # M, N and K aligned
+    if _grouped_mm_ok(g.t(), x) and (g.shape[1] * g.element_size()) % 16 == 0:  # M, K and N aligned
         offs = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x.t(), g, offs=offs).transpose(1, 2)                   # [E, N, K]
+        return torch._grouped_mm(g.t(), x, offs=offs)                                   # [E, N, K]
     expert_of_row, row_in_expert, max_count = _padded_rows(counts, x.shape[0])
     gp = g.new_zeros(num_experts, max_count, g.shape[1])                                 # [E, C, N]
     xp = x.new_zeros(num_experts, max_count, x.shape[1])                                 # [E, C, K]
