@@ -11,10 +11,11 @@ Two runs of `train(cfg, loss_fn=..., batch_source=...)` (the public seam) over t
   normalises by a fractional global count (the sum of the weights) and returns its own metric names,
   under pp 2 (DualPipeV), pp 4 (DualPipe, 1F1B), dp 2 and dp 2 × ep 2, against one process.
 
-Gradients are read off the parameters after one optimizer step with AdamW's lr = 1e6, eps = 1000 and
-no weight decay or clipping: Adam's first update is lr·g/(|g| + eps) = 1000·g·(1 − |g|/1000), so
-p0 − p1 is 1000× the gradient up to a map that is the same in every run (|g| < 0.1 here), large
-enough against the weights' fp32 spacing to resolve gradients of 1e-7.
+Gradients are read off the parameters after one optimizer step with AdamW's lr = 1e9, eps = 1000 and
+no weight decay or clipping: Adam's first update is lr·g/(|g| + eps) = 1e6·g·(1 − |g|/1000), so
+p0 − p1 is 1e6× the gradient up to a map that is the same in every run (|g| < 0.1 here). The factor
+matters for RMSNorm gains (weights 1.0, fp32 spacing 1.2e-7): their gradients of ~1e-7 move them by
+~0.1, so the readout resolves the gradient to ~1e-6 even there.
 
 Tolerance. The runs differ only in the order of fp32 sums (matmul shapes, micro-batch accumulation,
 all-reduces): the dense model of the first test has no router, so nothing discrete can flip, and the
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_recipe import make_cfg  # noqa: E402
 
 GLOBAL, SEQ, VOCAB = 8, 32, 512
-GRADIENT_READOUT = ["train.steps=1", "optim.warmup_steps=0", "optim.lr=1e6", "optim.eps=1000",
+GRADIENT_READOUT = ["train.steps=1", "optim.warmup_steps=0", "optim.lr=1e9", "optim.eps=1000",
                     "optim.weight_decay=0", "train.grad_clip=0", "checkpoint.every=0",
                     "checkpoint.at_end=false", "resume=never", "model.num_hidden_layers=4"]
 DENSE = ["model.first_k_dense_replace=4"]
