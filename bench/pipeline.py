@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pipeline.py                      # PP=4 and PP=8, all schedules
     .venv/bin/python bench/pipeline.py --pp 4 --f-ms 50 --b-ms 100 --w-ms 40 --schedules dualpipe 1f1b
+    .venv/bin/python bench/pipeline.py --stages v3         # real V3 blocks, measured F/B/W (pipeline_v3.py)
 
 Ours (DualPipe, DualPipeV, 1F1B from twinpipe.parallel) and torch.distributed.pipelining's
 (Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV) run the same model:
@@ -19,7 +20,9 @@ chunk's communication hides behind the other's compute. Per rank: busy = time in
 number of stages, and F&B = F + B since the default overlap hook runs them one after the other):
 1F1B (PP-1)(F+B); DualPipe and DualPipeV (PP/2-1)(F&B+B-3W). Peak activation memory: the most micro-batch activations alive at
 once on a rank, in units of one rank-share activation (a half-size stage counts 1/2).
-Writes bench/results/pipeline.json and one PNG timeline per schedule and PP.
+Writes bench/results/pipeline.json and one PNG timeline per schedule and PP (pipeline_v3* for
+`--stages v3`, whose formula takes the F, B, W medians measured in the same run and whose JSON adds W's
+share of the backward).
 """
 
 from __future__ import annotations
@@ -234,19 +237,23 @@ def union_length(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def analyse(schedule: str, pp: int, costs: dict, num_chunks: int, results: list[dict]) -> dict:
+def analyse(schedule: str, pp: int, costs: dict, num_chunks: int, results: list[dict],
+            measured: bool = False) -> dict:
+    """Step span, busy time and bubble per rank, against the formula. `costs` (seconds): a rank's
+    share of F, B, W (sleep stages), or with `measured` one stage's measured F, B, W (V3 stages)."""
     start = min(r["t0"] for r in results)
     end = max(max((e[3] for e in r["events"]), default=r["t1"]) for r in results)
     span = end - start
     busy = [union_length([(e[2], e[3]) for e in r["events"]]) for r in results]
     bubbles = [span - b for b in busy]
     n_stages, _ = placement(schedule, pp, 0)
-    scale = pp / n_stages
+    scale = 1.0 if measured else pp / n_stages
     f, b, w = costs["f"] * scale, costs["b"] * scale, costs["w"] * scale
     formula = bubble_formula(schedule, n_stages, f, b, w)
     return {"schedule": schedule, "pp": pp, "num_chunks": num_chunks, "stages": n_stages,
             "stage_costs_ms": {"F": f * 1e3, "B": b * 1e3, "W": w * 1e3},
-            "step_ms": span * 1e3, "ideal_busy_ms": num_chunks * (costs["f"] + costs["b"]) * 1e3,
+            "w_share_of_backward": w / b if b else None,
+            "step_ms": span * 1e3, "ideal_busy_ms": num_chunks * (f + b) * n_stages / pp * 1e3,
             "busy_ms_per_rank": [x * 1e3 for x in busy],
             "bubble_ms_per_rank": [x * 1e3 for x in bubbles],
             "bubble_ms_mean": sum(bubbles) / len(bubbles) * 1e3, "bubble_ms_max": max(bubbles) * 1e3,
@@ -262,7 +269,7 @@ def plot(entry: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868"}
+    colors = {"F": "#4c72b0", "B": "#dd8452", "b": "#f0b27a", "W": "#55a868"}  # b: input-grad-only B
     pp = entry["pp"]
     fig, ax = plt.subplots(figsize=(12, 0.45 * pp + 1.2))
     for rank, events in enumerate(entry["timeline"]):
@@ -291,8 +298,17 @@ def main() -> None:
     parser.add_argument("--w-ms", type=float, default=160.0)
     parser.add_argument("--chunks-per-rank", type=int, default=2, help="num_chunks = this x PP")
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
+    parser.add_argument("--stages", choices=["sleep", "v3"], default="sleep",
+                        help="sleep: stages of the given costs; v3: real DeepSeek-V3 blocks, costs measured "
+                             "(our schedules only; bench/pipeline_v3.py)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/pipeline.json (pipeline_v3.json for --stages v3)")
     args = parser.parse_args()
+    v3 = args.stages == "v3"
+    prefix = "pipeline_v3" if v3 else "pipeline"
+    args.out = args.out or RESULTS / f"{prefix}.json"
+    if v3:
+        args.schedules = [s for s in args.schedules if s in OURS]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,18 +317,32 @@ def main() -> None:
     for pp in args.pp:
         num_chunks = args.chunks_per_rank * pp
         for schedule in args.schedules:
-            results = run_local(_run, pp, schedule, costs, num_chunks, args.reps, timeout_s=300)
-            entry = analyse(schedule, pp, costs, num_chunks, results)
-            plot(entry, args.out.parent / f"pipeline_{schedule}_pp{pp}.png")
+            if v3:
+                from twinpipe.bench.pipeline_v3 import measured_costs, run_rank
+
+                results = run_local(run_rank, pp, schedule, num_chunks, args.reps, timeout_s=900)
+                entry = analyse(schedule, pp, measured_costs(results), num_chunks, results, measured=True)
+            else:
+                results = run_local(_run, pp, schedule, costs, num_chunks, args.reps, timeout_s=300)
+                entry = analyse(schedule, pp, costs, num_chunks, results)
+            plot(entry, args.out.parent / f"{prefix}_{schedule}_pp{pp}.png")
             formula = entry["bubble_formula_ms"]
             print(f"PP={pp} {schedule:24s} step {entry['step_ms']:7.1f} ms  bubble mean "
                   f"{entry['bubble_ms_mean']:6.1f} max {entry['bubble_ms_max']:6.1f} ms  formula "
-                  f"{formula if formula is None else round(formula, 1)}  peak act "
-                  f"{max(entry['peak_activations_per_rank']):.1f}", flush=True)
+                  f"{formula if formula is None else round(formula, 1)}  W share "
+                  f"{entry['w_share_of_backward']:.2f}  peak act {entry['peak_activations_per_rank']}", flush=True)
             entries.append(entry)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"costs_ms": {"F": args.f_ms, "B": args.b_ms, "W": args.w_ms}, "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "note": "sleep-based stage costs on gloo CPU ranks"}
+    if v3:
+        from twinpipe.bench.pipeline_v3 import SEQ, v3_config
+
+        meta = {"model": {k: v for k, v in vars(v3_config(1)).items() if isinstance(v, (int, float, str))},
+                "seq_len": SEQ, "micro_batch": 1, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                "note": "real V3 blocks (2 per rank) on gloo CPU ranks, one thread each; stage costs are the "
+                        "medians measured in the same run; with more ranks than cores the ranks share cores"}
+    else:
+        meta = {"costs_ms": {"F": args.f_ms, "B": args.b_ms, "W": args.w_ms}, "torch": torch.__version__,
+                "cpu_count": os.cpu_count(), "note": "sleep-based stage costs on gloo CPU ranks"}
     args.out.write_text(json.dumps({"meta": meta, "runs": entries}, indent=1))
     print(f"wrote {args.out}")
 
