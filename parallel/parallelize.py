@@ -8,12 +8,9 @@ and one order, applied from outside the model (the model holds no process-group 
    with all-to-all over the ep group;
 3. the FP8 swap (`twinpipe.fp8.convert_model`): Linear layers and experts (the local slots included)
    become FP8 subclasses with the same parameters;
-4. zero-bubble W split (pp > 1 under DualPipe/DualPipeV; `pipeline.zero_bubble`): Linear layers and
-   experts (FP8 or not) become subclasses that leave their weight-gradient GEMMs to the schedule's W
-   chunks; it matches exact classes, so it comes after the FP8 swap and before recomputation;
-5. selective recomputation (`recompute.apply_recompute`, `train.recompute`): the chosen modules'
-   classes become subclasses that recompute them in the backward; last, so it wraps the classes the
-   steps above chose.
+4. zero-bubble weight-gradient split under DualPipe / DualPipeV (`pipeline.zero_bubble`): the layers'
+   weight gradients wait for the schedule's W chunks;
+5. selective recomputation (`recompute`, `train.recompute`).
 
 A model built on the meta device (`torch.device("meta")`, as the trainer builds it) is *materialised*
 between 2 and 3: only this rank's modules and expert slots get memory on `device`, each parameter
@@ -41,7 +38,7 @@ TOP_LEVEL = ("embed_tokens", "layers", "norm", "lm_head", "mtp")
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
                 fp8_backend: str = "off", num_replicas: int | None = None, seed: int | None = None,
                 std: float | None = None, recompute: Any = "none") -> nn.Module:
-    """Apply placement, expert parallelism and FP8 to `model`; returns it (the same object, changed in
+    """Apply the transforms above to `model`; returns it (the same object, changed in
     place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
     initializer_range) initialises a model built on meta; without it the model must hold its weights."""
     on_meta = all(p.is_meta for p in model.parameters())

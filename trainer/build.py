@@ -60,26 +60,28 @@ def build_loader(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) ->
 
 def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
     """This rank's part of the model on `device` (fp32 weights: master weights are fp32, bf16 runs under
-    autocast), initialised from train.seed, then parallelised (`twinpipe.parallel.parallelize`:
-    pipeline placement, FP8 swap, expert parallelism with EPLB slots).
+    autocast), parallelised (`twinpipe.parallel.parallelize`: pipeline placement, expert parallelism
+    with EPLB slots, FP8 swap, recomputation).
 
-    The full model is initialised on the host first, so every parameter gets exactly the value it has
-    in one process (the initialisation draws from one RNG stream in module order); `parallelize` then
-    drops what this rank does not run before anything goes to `device`. The price: host memory holds
-    the whole model once while it is built."""
+    From scratch the model is built on meta and `parallelize` materialises only this rank's stages and
+    expert slots, each parameter drawn from (train.seed, its name[, its expert]) (`model/init.py`): any
+    layout holds exactly the one-process weights and a rank's memory is what it owns. With `init_from`
+    the whole model is built and loaded on the host first (a rank holds it once while it starts)."""
     from twinpipe.model.transformer import Transformer
     from twinpipe.parallel.grid import Grid
     from twinpipe.parallel.parallelize import parallelize
 
     mcfg = model_config(cfg.model)
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(mcfg)
-    if cfg.train.init_std is not None:
-        model.init_weights(cfg.train.init_std)
-    if cfg.get("init_from"):  # SFT: start from a checkpoint or an HF folder (trainer/init_from.py)
+    seed = None
+    if cfg.get("init_from"):  # SFT / GRPO: start from a checkpoint or an HF folder (trainer/init_from.py)
         from twinpipe.trainer.init_from import load_initial_weights
 
+        model = Transformer(mcfg)
         load_initial_weights(model, cfg.init_from)
+    else:
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        seed = cfg.train.seed
     if cfg.model.get("freeze_router"):  # the gate weights (MTP's too) get no gradient, no optimizer state
         from twinpipe.model.gate import Gate
 
@@ -88,4 +90,5 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
                 module.weight.requires_grad_(False)
     grid = grid if grid is not None else Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
     return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
-                       num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute)
+                       num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=seed,
+                       std=cfg.train.init_std)
