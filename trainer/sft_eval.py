@@ -54,7 +54,10 @@ class SFTEvaluator:
             return
         self.rows = sft_dataset(cfg.data, tokenizer, "heldout", cfg.train.seq_len,
                                 cfg.sft.train_on_prompt, paths)
-        if cfg.eval.answers and grid.ep == 1:
+        if cfg.eval.answers and grid.ep > 1:
+            log.warning("eval.answers=%d: greedy exact match runs with parallel.ep=1 only; held-out loss "
+                        "only", cfg.eval.answers)
+        elif cfg.eval.answers:
             self.answers = answer_prompts(cfg.data, tokenizer, cfg.eval.answers, paths)
 
     def __call__(self, step: int) -> dict[str, float]:
