@@ -200,6 +200,7 @@ class RecipeSchema:
     run: RunSchema = field(default_factory=RunSchema)
     logging: LoggingSchema = field(default_factory=LoggingSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)  # every recipe: held-out loss, MTP acceptance
     resume: str = "auto"  # auto | never | PATH (a checkpoints/step_N folder)
 
 
@@ -209,7 +210,6 @@ class SFTRecipeSchema(RecipeSchema):
 
     init_from: Optional[str] = None  # a twinpipe checkpoint / run dir or an HF DeepSeek-V3 folder
     sft: SFTSchema = field(default_factory=SFTSchema)
-    eval: EvalSchema = field(default_factory=EvalSchema)
 
 
 def short_dirname(overrides: str, limit: int = 100) -> str:

@@ -111,7 +111,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     (default: the packed corpus of data.source). The model is built first, so the source may use it.
     `evaluator(cfg, tokenizer, model, grid, device) -> evaluate`, where `evaluate(step) -> metrics` runs
     after each step (SFT's held-out loss and exact match; {} between evaluations), adds to that step's
-    record (which is then logged whatever logging.every says)."""
+    record (which is then logged whatever logging.every says); by default, with eval.every > 0, the
+    held-out loss and MTP acceptance rate of `trainer/evaluator.py`."""
     preflight.check(cfg)  # what would otherwise fail at the first step: one line, before any rank waits
     if cfg.train.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads)
@@ -137,6 +138,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
                            cfg.eplb.every)
     tokenizer = build_tokenizer(cfg, mcfg.vocab_size)
     loader = make_batch_source(batch_source, cfg, tokenizer, grid, model)
+    if evaluator is None and cfg.eval.every:  # held-out loss and MTP acceptance (trainer/evaluator.py)
+        from twinpipe.trainer.evaluator import evaluator
     evaluate = evaluator(cfg, tokenizer, model, grid, device) if evaluator is not None else None
 
     step, tokens = 0, 0.0

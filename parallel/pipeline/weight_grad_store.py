@@ -52,8 +52,9 @@ class WeightGradStore:
         """Run the oldest closed W chunk."""
         if cls.funcs_queue.empty():
             raise RuntimeError("WeightGradStore.pop(): no deferred weight-gradient chunk is queued")
-        for func in cls.funcs_queue.get():
-            func()
+        with torch.no_grad():  # outside autograd's backward: a gradient must not record a graph
+            for func in cls.funcs_queue.get():
+                func()
 
     @classmethod
     def clear(cls) -> None:

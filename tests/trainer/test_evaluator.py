@@ -52,3 +52,26 @@ def test_metrics_equal_the_training_forward_on_any_layout():
     for ranks in run_local(_pipeline, 2):
         assert ranks["eval_loss"] == pytest.approx(got["eval_loss"], rel=1e-5)
         assert ranks["eval_mtp_acceptance"] == pytest.approx(got["eval_mtp_acceptance"], abs=1e-12)
+
+
+def test_every_recipe_evaluates_during_training(tmp_path):
+    """The pretraining recipe with eval.every=2: eval_loss and eval_mtp_acceptance land in metrics.jsonl at
+    steps 1, 2 and 4 (and only there), through the loop's default evaluator."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trainer_recipe import make_cfg
+
+    from twinpipe.trainer.loop import train
+    from twinpipe.trainer.metrics import read_metrics
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train_bpe(iter(["def add(a, b):\n    return a + b\n" * 30]), vocab_size=512).save(data / "tok")
+    train(make_cfg(data, tmp_path / "run", "train.steps=4", "eval.every=2", "eval.batches=1",
+                   "checkpoint.every=0", "checkpoint.at_end=false", "resume=never"))
+    records = read_metrics(tmp_path / "run")
+    evaluated = [r["step"] for r in records if "eval_loss" in r]
+    assert evaluated == [1, 2, 4]
+    assert all(0 < r["eval_loss"] < 10 and 0 <= r["eval_mtp_acceptance"] <= 1 for r in records if "eval_loss" in r)
