@@ -221,3 +221,23 @@ def test_packed_loss_equals_unpacked(sft_data, tmp_path, train_on_prompt):
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=0)
     if train_on_prompt:
         assert not torch.isclose(loss(PretrainLoss(0.3, 1), rows)["mtp_loss"], want["mtp_loss"], rtol=1e-4)
+
+
+def test_pretraining_data_keys_reach_the_loader(data_dir, tmp_path):
+    """Issue 10's data item: the trainer's loader is data/build.py's, so data.packing and
+    data.reset_position_ids act; without restarts a micro-batch has no position_ids (no mask sync)."""
+    from trainer_recipe import make_cfg
+
+    from twinpipe.data.tokenizer import load_tokenizer
+    from twinpipe.trainer.build import build_loader
+
+    tok = load_tokenizer(data_dir / "tok")
+    plain = build_loader(make_cfg(data_dir, tmp_path / "a"), tok, 0, 1)
+    assert (plain.dataset.packing, plain.dataset.reset_position_ids) == ("concat", False)
+    assert all("position_ids" not in mb for mb in plain.next_step())
+    reset = build_loader(make_cfg(data_dir, tmp_path / "b", "data.reset_position_ids=true"), tok, 0, 1)
+    assert reset.dataset.reset_position_ids
+    across = int(reset.dataset.tokens.doc_ends[0]) // reset.dataset.seq_len  # holds the first eos
+    assert "position_ids" in reset.dataset.batch([across])
+    padded = build_loader(make_cfg(data_dir, tmp_path / "c", "data.packing=pad"), tok, 0, 1)
+    assert padded.dataset.packing == "pad"
