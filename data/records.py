@@ -189,8 +189,8 @@ class RecordReader:
             bad = 0
             for number, raw in _jsonl_lines(path):  # find the bad line; in skip mode, read on by hand
                 bad += isinstance(raw, Exception)
-                if done > 0:
-                    done -= 0 if isinstance(raw, Exception) else 1
+                if done and not isinstance(raw, Exception):  # datasets gave these records already
+                    done -= 1
                     continue
                 yield (lambda n=number: f"data file {path} line {n}"), raw
             if bad == 0:
@@ -209,7 +209,7 @@ class RecordReader:
                                          streaming=self.streaming, cache_dir=self.cache_dir)
         except Exception as err:
             if builder == "json":  # a syntax error: the caller finds its line
-                return _Failing(err)
+                raise
             raise BadRecord(f"data file {path}: datasets could not read it as {builder} ({err})") from err
 
     def _load_from_disk(self, path: Path) -> Any:
@@ -222,16 +222,6 @@ class RecordReader:
                                 "folder or name one 'train'")
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return ds.to_iterable_dataset() if self.streaming else ds
-
-
-class _Failing:
-    """An iterable that raises the load error when iterated (so the caller's fallback handles it)."""
-
-    def __init__(self, err: Exception):
-        self.err = err
-
-    def __iter__(self):
-        raise self.err
 
 
 def _first_char(path: Path) -> str:

@@ -155,7 +155,7 @@ class SFTDataset:
         lengths = np.diff(examples.ends, prepend=0)  # [num_examples]
         keep = lengths <= seq_len
         over = np.flatnonzero(~keep)
-        self.counts = {"examples": len(examples), "over seq_len": len(over), "dropped": 0}
+        self.counts = {"examples": len(examples), "over seq_len": len(over)}
         if overlong == "truncate":  # keep those with a target left among their first seq_len tokens
             starts = examples.ends[over] - lengths[over]
             left = [bool(examples.targets[s + 1:s + seq_len].any()) for s in starts.tolist()]

@@ -128,11 +128,12 @@ def test_cache_is_reused_and_nothing_half_written(tok, tmp_path, monkeypatch):
     ('{"question": "x"}', r"bad.jsonl line 3: no 'messages', 'prompt'\+'completion' or 'text' field"),
     ('[1, 2]', r"bad.jsonl line 3: a record must be a JSON object, got list"),
 ])
-def test_bad_records_name_file_and_line(tok, tmp_path, line, message):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_records_name_file_and_line(tok, tmp_path, line, message, streaming):
     path = write_jsonl(tmp_path / "bad.jsonl", [chat(0), "", line, chat(1)])  # line 2 is blank
     with pytest.raises(BadRecord, match=message):
-        list(RecordReader([path]))
-    reader = RecordReader([path], on_bad_record="skip")
+        list(RecordReader([path], streaming=streaming))
+    reader = RecordReader([path], on_bad_record="skip", streaming=streaming)
     assert [r.answer for _, r in reader] == ["0", "2"]
     assert reader.stats.counts == {"records": 2, "bad records skipped": 1}
 
