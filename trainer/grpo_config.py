@@ -64,7 +64,8 @@ def validate_grpo(cfg: DictConfig) -> None:
                          "(rows hold prompt + completion)")
     if g.top_p > 1:
         raise ValueError(f"grpo.top_p={g.top_p}: must be in (0, 1]")
-    if p.pp > 1:
-        raise ValueError(f"parallel.pp={p.pp}: GRPO rollouts run with parallel.pp=1 (dp and ep allowed)")
+    if p.pp > 1 and g.routing_replay:
+        raise ValueError(f"grpo.routing_replay=true with parallel.pp={p.pp}: routing replay runs with "
+                         "parallel.pp=1 (dp and ep allowed)")
     if cfg.optim.ramp_start:
         raise ValueError(f"optim.ramp_start={cfg.optim.ramp_start}: GRPO rollouts have a fixed batch; use 0")

@@ -5,8 +5,12 @@ prompts (shuffled per epoch from `train.seed`) and:
 
     each prompt x group_size -> sequences 0..N-1; dp rank r decodes its contiguous share (whole groups)
     -> `model.generation.generate` in eval mode, latent KV cache, keyed sampling noise (seed of this
-       rollout, sequence index: the same tokens under any dp / ep), each token's logprob recorded
-       (`old_logprobs`, pi_old), EP ranks stepping in lockstep; with routing replay the routes too
+       rollout, sequence index: the same tokens under any dp / ep / pp), each token's logprob recorded
+       (`old_logprobs`, pi_old), EP ranks stepping in lockstep; with routing replay the routes too;
+       under pp > 1 `parallel.inference.generate_parallel` through the stages of `parallel.schedule`
+       (every rank gets every sequence, keeps its replica's share), and the reference's logprobs
+       through `score_parallel` (routing replay is refused there: the routes would have to reach
+       the stage holding each MoE layer)
     -> rewards of this rank's completions, gathered over dp -> group advantages (`advantages`)
     -> rows [micro_batch, seq_len]: prompt + completion (+ eos padding), `labels` on completion tokens,
        `loss_mask` (0 for filtered zero-std groups), `old_logprobs`, `ref_logprobs` (beta > 0: the
@@ -32,6 +36,7 @@ from omegaconf import DictConfig
 from twinpipe.data.prompts import load_prompts
 from twinpipe.data.records import Fields
 from twinpipe.model.generation import chosen_logprobs, generate
+from twinpipe.parallel.inference import generate_parallel, score_parallel
 from twinpipe.parallel.inference.lockstep import any_across, shard_rows
 from twinpipe.parallel.pipeline.runner import autocast_context
 from twinpipe.trainer.loss import IGNORE_INDEX
@@ -166,9 +171,15 @@ class RolloutSource:
         try:
             with torch.no_grad(), (recorder or contextlib.nullcontext()), \
                     autocast_context(self.cfg.train.dtype, self.device):
-                new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                      self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True,
-                                      agree=lambda running: any_across(running, grid.ep_group, self.device))
+                if grid.pp > 1:  # through the stages; every rank gets every sequence's tokens
+                    new, logps = generate_parallel(
+                        self.model, grid, [s.ids for s in seqs], g.max_new_tokens, g.temperature, g.top_p,
+                        self.tokenizer.eos_id, seed=seed, schedule=self.cfg.parallel.schedule, logprobs=True)
+                    new, logps = new[mine.start:mine.stop], logps[mine.start:mine.stop]
+                else:
+                    new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
+                                          self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True,
+                                          agree=lambda running: any_across(running, grid.ep_group, self.device))
         finally:
             self.model.train(was_training)
         rollout_s = time.perf_counter() - t0
@@ -226,9 +237,36 @@ class RolloutSource:
     @torch.no_grad()
     def _add_ref_logprobs(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """`ref_logprobs` [B, T] of every micro-batch from the frozen reference (same count of forwards
-        on every rank, so EP ranks stay in step)."""
+        on every rank, so EP ranks stay in step). Under pp the rows of every dp replica go through the
+        reference's stages (`score_parallel`), whose last stage gives each position's logprob of both
+        label kinds: the next token (completion targets) and token 0 (where labels are -100, clamped to
+        0 as the loss reads them)."""
+        if self.grid.pp > 1:
+            mine = torch.cat([mb["input_ids"] for mb in batches])                  # [n, T]
+            rows = _gather(mine.to(self.device), self.grid.dp_group).tolist()      # [N, T]
+            with autocast_context(self.cfg.train.dtype, self.device):
+                scored = score_parallel(self.ref, self.grid, rows, self._next_and_zero_logprobs,
+                                        self.cfg.parallel.schedule)
+            start = self.grid.dp_rank * len(mine)
+            both = torch.stack(scored[start: start + len(mine)])                    # [n, T, 2]
+            i = 0
+            for mb in batches:
+                pick = (mb["labels"] == IGNORE_INDEX).long()[..., None]            # [B, T, 1]
+                mb["ref_logprobs"] = both[i: i + len(pick)].gather(-1, pick).squeeze(-1)
+                i += len(pick)
+            return
         for mb in batches:
             with autocast_context(self.cfg.train.dtype, self.device):
                 logits = self.ref(mb["input_ids"].to(self.device))                  # [B, T, V]
             mb["ref_logprobs"] = chosen_logprobs(logits, mb["labels"].to(self.device).clamp(min=0),
                                                  self.g.temperature).cpu()
+
+    def _next_and_zero_logprobs(self, model: torch.nn.Module, h: torch.Tensor, tokens: torch.Tensor,
+                                valid: torch.Tensor) -> list[torch.Tensor]:
+        """`score_parallel`'s finish: h [B, T, H], tokens [B, T] -> per row [T, 2] logprobs of (the next
+        token, token 0) at each position (the last position's "next token" is 0 too; it is no target)."""
+        logits = model.head(h)                                                      # [B, T, V]
+        nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)        # [B, T]
+        both = torch.stack([nxt, torch.zeros_like(nxt)], -1)                        # [B, T, 2]
+        logps = chosen_logprobs(logits[:, :, None].expand(-1, -1, 2, -1), both, self.g.temperature)
+        return list(logps.float().cpu())

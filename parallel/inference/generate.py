@@ -116,16 +116,20 @@ def _run_stage(model: nn.Module, layers: range, first: bool, x: torch.Tensor, va
 @torch.no_grad()
 def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], max_new_tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
-                      schedule: str = "1f1b", micro_batches: int | None = None) -> list[list[int]]:
+                      schedule: str = "1f1b", micro_batches: int | None = None, logprobs: bool = False) -> Any:
     """The new tokens of every prompt (eos included when reached), on every rank; see the module
     docstring. `model` is this rank's part (`parallelize`d under `grid` and `schedule`);
-    `micro_batches`: groups per replica (default: one per pipeline stage, two per rank for DualPipe)."""
+    `micro_batches`: groups per replica (default: one per pipeline stage, two per rank for DualPipe).
+    `logprobs`: return (new tokens, their `chosen_logprobs`) per prompt, as `generate(logprobs=True)`."""
     check_sampling(max_new_tokens, top_p)
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
     if max_new_tokens == 0:
-        return [[] for _ in prompts]
-    sampling = (max_new_tokens, temperature, top_p, eos_id, seed)
-    return _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling)
+        return ([[] for _ in prompts], [[] for _ in prompts]) if logprobs else [[] for _ in prompts]
+    sampling = (max_new_tokens, temperature, top_p, eos_id, seed, logprobs)
+    results = _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling)
+    if not logprobs:
+        return results
+    return [new for new, _ in results], [lp for _, lp in results]
 
 
 @torch.no_grad()
@@ -142,7 +146,7 @@ def score_parallel(model: nn.Module, grid: Grid, sequences: list[list[int]], fin
 def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, schedule: str,
            micro_batches: int | None, sampling: tuple | None = None, finish: Callable | None = None) -> list[Any]:
     """Run `steps` forwards of every micro-batch through its route; the last stage samples
-    (`sampling`: max_new_tokens, temperature, top_p, eos_id, seed) or applies `finish` once."""
+    (`sampling`: max_new_tokens, temperature, top_p, eos_id, seed, logprobs) or applies `finish` once."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("need at least one sequence and every sequence needs >= 1 token")
     placement = StagePlacement(schedule if grid.pp > 1 else "1f1b", grid.pp)
@@ -169,10 +173,11 @@ def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, s
         if group.route[-1] == me:
             group.finish = finish
             if sampling is not None:
-                max_new_tokens, temperature, top_p, eos_id, seed = sampling
+                max_new_tokens, temperature, top_p, eos_id, seed, logprobs = sampling
                 live = torch.tensor([True] * len(rows) or [False])
                 group.decoding = Decoding(len(tokens), max_new_tokens, temperature, top_p, eos_id,
-                                          sampling_keys(seed, torch.tensor(rows or [0])), device, live)
+                                          sampling_keys(seed, torch.tensor(rows or [0])), device, live,
+                                          record_logprobs=logprobs)
         groups.append(group)
 
     for step in range(steps):
@@ -184,6 +189,9 @@ def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, s
     for group in groups:
         if group.decoding is not None:
             group.results = group.decoding.tokens()
+            if group.decoding.logprobs is not None:  # (tokens, their logprobs) per row
+                group.results = [(new, row[:len(new)]) for new, row in
+                                 zip(group.results, group.decoding.logprobs.tolist())]
     results = {row: value for group in groups if group.results is not None
                for row, value in zip(group.rows, group.results)}
     gathered = gather_rows(results)

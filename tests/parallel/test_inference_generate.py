@@ -57,11 +57,15 @@ def test_greedy_equals_one_process(pp, dp, ep, schedule):
 
 
 def test_sampling_equals_one_process():
-    kwargs = {"temperature": 1.0, "top_p": 0.9, "seed": 7}
-    want = generate(build(), PROMPTS, NEW, **kwargs)
+    """Sampled tokens equal; their logprobs (`logprobs=True`, the rollout's pi_old) within fp32
+    rounding of the same logits computed on other row counts and paddings: 1e-5 on values of order 1."""
+    kwargs = {"temperature": 1.0, "top_p": 0.9, "seed": 7, "logprobs": True}
+    want, want_logps = generate(build(), PROMPTS, NEW, **kwargs)
     assert want != generate(build(), PROMPTS, NEW)
-    for got in run_local(_rank, 4, 2, 2, "1f1b", kwargs):
+    for got, logps in run_local(_rank, 4, 2, 2, "1f1b", kwargs):
         assert got == want
+        assert [len(lp) for lp in logps] == [len(t) for t in want]
+        torch.testing.assert_close(torch.tensor(sum(logps, [])), torch.tensor(sum(want_logps, [])), rtol=0, atol=1e-5)
 
 
 def test_dp_alone_and_more_micro_batches_than_prompts():

@@ -1,6 +1,6 @@
-"""GRPO across processes and time: dp=2 x ep=2 equals one process (same rollouts, same losses), a run
-killed by SIGKILL mid-rollout resumes exactly, and routing replay makes the training forward route
-every token as the rollout did, including a forced near-tie that flips without it."""
+"""GRPO across processes and time: dp=4 x ep=2 and pp=2 (DualPipeV) equal one process (same rollouts,
+same losses), a run killed by SIGKILL mid-rollout resumes exactly, and routing replay makes the training
+forward route every token as the rollout did, including a forced near-tie that flips without it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ PARALLEL = ["train.steps=3", "train.micro_batch=2", "resume=never", "grpo.beta=0
 ROLLOUT = ("reward_mean", "reward_std", "response_length_mean", "frac_zero_std_groups", "accuracy")
 
 
+def _assert_same_run(ref: list[dict], got: list[dict]) -> None:
+    """Rollout metrics exactly, losses as `assert_matches_one_process` says; `loss` itself absolutely (a
+    GRPO loss is ~0, a relative tolerance means nothing)."""
+    assert_matches_one_process(ref, got, keys=("entropy", "kl", "grad_norm"), first_grad=1e-5, first_flip_picks=8)
+    for a, b in zip(ref, got):
+        assert {k: b[k] for k in ROLLOUT} == {k: a[k] for k in ROLLOUT}, a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["logprob_diff_max"] <= 1e-5
+
+
 def _rank(rank: int, world: int, data: Path, run_dir: Path) -> None:
     run(grpo_cfg(data, run_dir, *PARALLEL, "parallel.dp=4", "parallel.ep=2"))
 
@@ -34,15 +44,27 @@ def test_dp4_ep2_equals_one_process(grpo_data, tmp_path):
     """Each dp rank rolls out its one group (EP pairs in lockstep), the reference runs in the same
     layout. The rollouts are the same tokens (sampling noise keyed by sequence index): rollout metrics
     equal exactly. Losses within `assert_matches_one_process`'s tolerances (the same sums in another
-    order); `loss` itself is compared absolutely (a GRPO loss is ~0, a relative tolerance means nothing)."""
+    order)."""
     run(grpo_cfg(grpo_data, tmp_path / "one", *PARALLEL))
     run_local(_rank, 4, grpo_data, tmp_path / "four")
-    ref, got = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four")
-    assert_matches_one_process(ref, got, keys=("entropy", "kl", "grad_norm"), first_grad=1e-5, first_flip_picks=8)
-    for a, b in zip(ref, got):
-        assert {k: b[k] for k in ROLLOUT} == {k: a[k] for k in ROLLOUT}, a["step"]
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
-        assert b["logprob_diff_max"] <= 1e-5
+    _assert_same_run(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four"))
+
+
+PIPELINE = [*PARALLEL, "model.num_hidden_layers=4"]  # DualPipeV: 2 ranks x 2 stages, one block each
+
+
+def _pp_rank(rank: int, world: int, data: Path, run_dir: Path) -> None:
+    run(grpo_cfg(data, run_dir, *PIPELINE, "parallel.pp=2", "parallel.schedule=dualpipev"))
+
+
+def test_pp2_dualpipev_equals_one_process(grpo_data, tmp_path):
+    """Rollouts through DualPipeV's two stages (`generate_parallel`), the reference's logprobs through
+    `score_parallel`: the same tokens (keyed noise), so rollout metrics equal exactly; pi_old and the
+    reference logprobs come from the same logits computed on other micro-batch shapes (fp32 rounding:
+    `logprob_diff_max` stays <= 1e-5), so losses within `assert_matches_one_process`'s tolerances."""
+    run(grpo_cfg(grpo_data, tmp_path / "one", *PIPELINE))
+    run_local(_pp_rank, 2, grpo_data, tmp_path / "pp")
+    _assert_same_run(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp"))
 
 
 RESUME = ["train.steps=4", "grpo.updates_per_rollout=2", "checkpoint.every=3", "grpo.beta=0.05"]
