@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel.experts import dispatch
+from twinpipe.parallel.experts import dispatch, overlap
 from twinpipe.parallel.experts.slots import group_to_nodes, placement_tables
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,8 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
         phy2log = torch.arange(slots) % num_experts
         module.experts = ExpertParallelExperts(experts, ep_group, phy2log, fp8_dispatch=fp8_dispatch,
                                                device=device)
+        # the block around the MoE marks its input: the overlap cuts backwards there (`overlap.py`)
+        model.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(overlap.mark_block_input)
         replaced += 1
     if replaced == 0 and elsewhere == 0:
         raise ValueError("apply_expert_parallel: the model has no MoE layer with an `experts` module")

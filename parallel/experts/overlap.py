@@ -1,88 +1,169 @@
-"""Overlapped forward-backward of two micro-batches: one's all-to-alls progress while the other computes.
+"""Overlapped forward-backward of two micro-batches on one thread: one's all-to-alls fly while the other computes.
 
-The forward of micro-batch 0 (on the calling thread) and the backward of micro-batch 1 (on one
-long-lived helper thread) run as two coroutines with a strict hand-off: exactly one of them runs
-Python/torch work at a time. Whenever one side issues an asynchronous collective (the MoE dispatch or
-combine, forward or backward, see `all_to_all.py`), it calls `wait(work)`, which hands the CPU to the
-other side *before* waiting; the collective then progresses in the communication backend's threads
-while the other side computes its next chunk (attention, experts, ...). When the other side reaches
-its own collective it hands back, and the first side waits for what is usually an already finished
-transfer.
+The forward of micro-batch 0 runs as a plain module call. Its all-to-alls (the MoE dispatch and
+combine, `all_to_all.py`) are issued with `async_op=True` and finished through `wait(work)`; inside an
+overlapped region, `wait` first runs the *next segment of micro-batch 1's backward*, then waits for
+what is by then usually a finished transfer. Nothing else ever runs concurrently on the CPU: no Python
+thread is started, the hand-off is an ordinary call.
 
-The backward starts, so the chunks pair up as in DeepSeek-V3's overlap (report §3.2.1,
-docs/reference.md §4): the backward's combine is in flight while the forward computes attention and
-the gate; the forward's dispatch while the backward computes the experts; the backward's dispatch
-while the forward computes the experts; the forward's combine while the backward computes attention.
-The small count exchange before each dispatch is waited for without a hand-off (`wait(work,
-switch=False)`).
+The backward of micro-batch 1 is driven explicitly, segment by segment, over block boundaries. Every
+block holding an expert-parallel MoE passes its input through `mark_block_input` (an identity autograd
+node, registered by `apply_expert_parallel`), so micro-batch 1's graph carries its block boundaries,
+whatever forward recorded it. `_segments` walks the graph from the backward's roots and cuts it at
+those markers into levels: level 0 is everything from the roots down to the first markers (the loss,
+the head, the last MoE block), level k+1 everything from the markers of level k down to the next
+ones. Segment k is one `torch.autograd.grad` call from level k's roots (the loss / the stage outputs,
+then the markers' incoming gradients) to the next markers and the leaves (parameters, stage inputs)
+of level k, whose gradients are then accumulated into `.grad` as `AccumulateGrad` would.
 
-The hand-off order is a pure function of the program, so every rank of an expert-parallel group issues
-its collectives in the same order (a requirement of all collectives on one process group), and the
-arithmetic is exactly that of running the forward and then the backward: results are bit-identical.
+Exactness: a cut is taken only where every path into the next level goes through its markers (each
+node belongs to one level; otherwise the region falls back to one plain backward after the forward).
+Then every node runs once, on the same incoming gradients summed within one engine call in the same
+order, so outputs, losses and gradients are bit-identical to the forward followed by the backward.
 
-`overlapped_forward_backward` has DualPipe's hook signature (docs/reference.md §4), so the pipeline
-engine can plug it in; outside such a region `wait` just waits.
+Pairing: per forward all-to-all one backward segment (about one block: its combine and dispatch
+backward, experts, gate, attention) computes while the forward's bytes move; the remaining segments
+run after the forward. The backward's own all-to-alls are waited inside their segment (the forward is
+suspended then), so they are not hidden: that needs sub-block segments (attention | dispatch | experts
+| combine) with the backward all-to-alls issued by this driver, not built here. The count exchanges
+are waited without a hand-off (`wait(work, switch=False)`). Every rank of an EP group runs the same
+program, so collectives are issued in the same order on every rank.
 
-Scope: this is the CPU/gloo form, where autograd runs a backward on the thread that calls it. On CUDA
-the engine runs backward nodes on its own device thread, where `wait` does not hand off: the result is
-still correct but the backward's collectives are not overlapped; a GPU overlap wants the all-to-alls
-on a side CUDA stream (DeepEP-style) instead, which is not built here.
+On CUDA the same program overlaps on the device: NCCL runs the all-to-all on its own stream (issued
+behind the compute that produced its input), `work.wait()` only makes the compute stream wait, and
+the backward segment's kernels queue on the compute stream meanwhile (the autograd engine's device
+thread is torch's own; no thread is started here either).
+
+`overlapped_forward_backward` has DualPipe's hook signature (docs/reference.md §4); outside a region
+`wait` just waits.
 """
 
 from __future__ import annotations
 
-import os
-import queue
-import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, Node
 
-_ACTIVE: "_Pair | None" = None
-_ACTIVE_LOCK = threading.Lock()
+
+class _BlockInput(torch.autograd.Function):
+    """Identity that marks a block boundary in the autograd graph (a view: no copy, no arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
-class _Pair:
-    """Two threads taking turns: `switch()` gives the turn to the other one until it gives it back."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.sides: list[int] = []          # thread idents, in start order
-        self.turn: int | None = None
-        self.finished: set[int] = set()
-        self.num_switches = 0
-
-    def _other(self, me: int) -> int | None:
-        for ident in self.sides:
-            if ident != me:
-                return ident
+def mark_block_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a block: pass its first argument (the residual stream h [B, T, H]) through
+    the boundary marker when autograd records."""
+    if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled() \
+            or not args[0].requires_grad:
         return None
+    return (_BlockInput.apply(args[0]),) + tuple(args[1:])
 
-    def owns(self, me: int) -> bool:
-        return me in self.sides
 
-    def take_turn(self, me: int) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.turn == me)
+def _is_marker(node: Node) -> bool:
+    return isinstance(node, _BlockInput._backward_cls)
 
-    def switch(self, me: int) -> None:
-        with self.cond:
-            other = self._other(me)
-            if other is None or other in self.finished:
-                return
-            self.turn = other
-            self.num_switches += 1
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: self.turn == me)
 
-    def finish(self, me: int) -> None:
-        with self.cond:
-            self.finished.add(me)
-            other = self._other(me)
-            if other is not None and other not in self.finished:
-                self.turn = other
-            self.cond.notify_all()
+def _levels(roots: list[Node]) -> list[tuple[list[Node], list[Node]]] | None:
+    """roots -> per level (its markers ending it, its AccumulateGrad leaves); None if a node is
+    reachable from two levels (a path around a marker: no exact cut)."""
+    level_of: dict[Node, int] = {}
+    levels = []
+    frontier = roots
+    while frontier:
+        here = len(levels)
+        for node in frontier:
+            level_of[node] = here
+        markers: list[Node] = []
+        leaves: list[Node] = []
+        stack = list(frontier)
+        while stack:
+            node = stack.pop()
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                if _is_marker(nxt):
+                    if nxt in level_of:   # a marker of this level or an earlier one: reached around
+                        return None
+                    if nxt not in markers:
+                        markers.append(nxt)
+                elif nxt in level_of:
+                    if level_of[nxt] != here:
+                        return None
+                else:
+                    level_of[nxt] = here
+                    if hasattr(nxt, "variable"):
+                        leaves.append(nxt)
+                    stack.append(nxt)
+        levels.append((markers, leaves))
+        frontier = markers
+    return levels
+
+
+def _accumulate(leaf: torch.Tensor, grad: torch.Tensor) -> None:
+    """What `AccumulateGrad` does with a leaf's gradient outside grad mode."""
+    if leaf.grad is None:
+        leaf.grad = grad
+    else:
+        leaf.grad += grad
+
+
+def _segments(loss: torch.Tensor | None, outputs: Sequence[torch.Tensor],
+              output_grads: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Micro-batch 1's backward, one level per step (see the module docstring)."""
+    if loss is not None:
+        roots, grads = [loss], [None]
+    else:
+        roots, grads = list(outputs), list(output_grads)
+    if not roots:
+        return
+    levels = _levels([t.grad_fn for t in roots]) if all(t.grad_fn is not None for t in roots) else None
+    if levels is None:  # no exact cut: one plain backward
+        backward_chunk(loss, outputs, output_grads)
+        yield
+        return
+    for markers, leaves in levels:
+        edges = [GradientEdge(m, 0) for m in markers]
+        variables = [leaf.variable for leaf in leaves]
+        got = torch.autograd.grad(roots, edges + variables, grads, allow_unused=True) \
+            if edges or variables else ()
+        for variable, grad in zip(variables, got[len(edges):]):
+            if grad is not None:
+                _accumulate(variable, grad)
+        kept = [(e, g) for e, g in zip(edges, got[:len(edges)]) if g is not None]
+        roots, grads = [e for e, _ in kept], [g for _, g in kept]
+        yield
+        if not roots:
+            return
+
+
+class _Region:
+    """Micro-batch 1's backward segments, stepped from the forward's waits."""
+
+    def __init__(self, segments: Iterator[None]) -> None:
+        self.segments = segments
+        self.running = False      # inside a segment: its own waits do not hand off
+        self.switches = 0
+
+    def step(self) -> bool:
+        """Run the next backward segment; False when none is left."""
+        self.running = True
+        try:
+            next(self.segments)
+        except StopIteration:
+            return False
+        finally:
+            self.running = False
+        return True
 
 
 class CommStats:
@@ -108,95 +189,20 @@ class CommStats:
 
 COMM_STATS = CommStats()
 LAST_REGION = {"switches": 0}
-"""Hand-offs made in the last overlapped region (each one a chunk boundary at a collective)."""
+"""Backward segments run inside the forward's waits in the last overlapped region."""
+
+_ACTIVE: _Region | None = None
 
 
 def wait(work: Any, switch: bool = True) -> None:
-    """Wait for an async collective; inside an overlapped region (and with `switch`), let the other
-    micro-batch run its next chunk first. Small exchanges needed at once (counts) pass switch=False."""
-    pair = _ACTIVE
-    me = threading.get_ident()
-    if switch and pair is not None and pair.owns(me):
-        pair.switch(me)
+    """Wait for an async collective; inside an overlapped region's forward (and with `switch`), run
+    the next backward segment first. Small exchanges needed at once (counts) pass switch=False."""
+    region = _ACTIVE
+    if switch and region is not None and not region.running and region.step():
+        region.switches += 1
     t0 = time.perf_counter()
     work.wait()
     COMM_STATS.record(time.perf_counter() - t0)
-
-
-class _Helper:
-    """One long-lived helper thread per process (re-created after a fork), running submitted calls."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="twinpipe-overlap", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            self.tasks.get()()
-
-
-_HELPER: _Helper | None = None
-
-
-def _helper() -> _Helper:
-    global _HELPER
-    if _HELPER is None or _HELPER.pid != os.getpid() or not _HELPER.thread.is_alive():
-        _HELPER = _Helper()
-    return _HELPER
-
-
-def _run_pair(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
-    """Run two callables as turn-taking coroutines: `first` on the calling thread, `second` (which
-    starts) on the helper thread."""
-    global _ACTIVE
-    helper = _helper()
-    pair = _Pair()
-    me = threading.get_ident()
-    pair.sides = [me, helper.thread.ident]
-    pair.turn = helper.thread.ident
-    results: list[Any] = [None, None]
-    errors: list[BaseException | None] = [None, None]
-    second_done = threading.Event()
-    num_threads = torch.get_num_threads()
-    grad_enabled = torch.is_grad_enabled()
-
-    def run_second() -> None:
-        ident = threading.get_ident()
-        torch.set_num_threads(num_threads)  # OpenMP's thread count is per thread: keep the caller's
-        try:
-            pair.take_turn(ident)
-            with torch.set_grad_enabled(grad_enabled):
-                results[1] = second()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
-            errors[1] = exc
-        finally:
-            pair.finish(ident)
-            second_done.set()
-
-    with _ACTIVE_LOCK:
-        if _ACTIVE is not None:
-            raise RuntimeError("overlapped_forward_backward: regions cannot nest")
-        _ACTIVE = pair
-    try:
-        helper.tasks.put(run_second)
-        try:
-            pair.take_turn(me)
-            results[0] = first()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the helper is done
-            errors[0] = exc
-        finally:
-            pair.finish(me)
-        second_done.wait()
-    finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE = None
-        LAST_REGION["switches"] = pair.num_switches
-    for err in errors:
-        if err is not None:
-            raise err
-    return results[0], results[1]
 
 
 def forward_chunk(module: torch.nn.Module, inputs: Sequence[Any], criterion: Callable | None,
@@ -230,12 +236,16 @@ def overlapped_forward_backward(module0: torch.nn.Module, inputs0: Sequence[Any]
     the backward of micro-batch 1 starts from `loss1` when given, else from `outputs1`/`output_grads1`,
     and leaves its gradients in `.grad` exactly as a plain backward would.
     """
-    def forward() -> tuple[Any, torch.Tensor | None]:
-        return forward_chunk(module0, inputs0, criterion0, labels0)
-
-    def backward() -> None:
-        backward_chunk(loss1, outputs1, output_grads1)
-
-    (outputs0, loss0), _ = _run_pair(forward, backward)
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("overlapped_forward_backward: regions cannot nest")
+    region = _Region(_segments(loss1, list(outputs1), list(output_grads1)))
+    _ACTIVE = region
+    try:
+        outputs0, loss0 = forward_chunk(module0, inputs0, criterion0, labels0)
+    finally:
+        _ACTIVE = None
+        LAST_REGION["switches"] = region.switches
+    while region.step():
+        pass
     return outputs0, loss0
-

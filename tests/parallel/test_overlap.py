@@ -3,12 +3,15 @@
 Two ranks form one EP group; the stage is two DeepSeek-V3 blocks with expert-parallel MoE (attention,
 gate, dispatch, experts, combine). Micro-batch 1 has been run forward already; then micro-batch 0's
 forward and micro-batch 1's backward run (a) one after the other and (b) through
-`overlapped_forward_backward`, which interleaves them at every all-to-all. The arithmetic is the same
-operations on the same values, only interleaved, so outputs, losses, parameter gradients and input
-gradients must be *equal* (torch.equal), and the region must really have switched between the two.
+`overlapped_forward_backward`, which runs micro-batch 1's backward block by block inside micro-batch
+0's all-to-all waits. The arithmetic is the same operations on the same values, only interleaved, so
+outputs, losses, parameter gradients and input gradients must be *equal* (torch.equal), the region
+must really have run backward segments inside the forward, and no thread may be started.
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -39,9 +42,25 @@ def _inputs(seed: int, config: ModelConfig) -> torch.Tensor:
     return torch.randn(2, 12, config.hidden_size, generator=g).requires_grad_()
 
 
-def _run(rank: int, world: int, last_stage: bool, overlapped: bool):
+class _Skip(nn.Module):
+    """Blocks plus a skip connection from the stage input to its output, around every block marker:
+    no exact cut exists, so the overlap must fall back to one plain backward."""
+
+    def __init__(self, blocks: nn.Sequential) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:   # [B, T, H]
+        return self.blocks(h) + 0.5 * h
+
+
+def _no_thread_start(self) -> None:
+    raise AssertionError(f"a thread was started: {self.name}")
+
+
+def _run(rank: int, world: int, last_stage: bool, overlapped: bool, skip: bool = False):
     config = ModelConfig.preset("tiny", num_hidden_layers=3, num_nextn_predict_layers=0)
-    stage = _stage(config)
+    stage = _Skip(_stage(config)) if skip else _stage(config)
     inputs1 = _inputs(10 + rank, config)
     outputs1 = stage(inputs1)
     target = torch.randn(outputs1.shape, generator=torch.Generator().manual_seed(20 + rank))
@@ -51,8 +70,14 @@ def _run(rank: int, world: int, last_stage: bool, overlapped: bool):
         loss1, out1, grads1, criterion0, labels0 = None, [outputs1], [target], None, []
     inputs0 = _inputs(30 + rank, config)
     if overlapped:
-        outputs0, loss0 = overlap.overlapped_forward_backward(stage, [inputs0], criterion0, labels0,
-                                                              stage, loss1, out1, grads1)
+        threads, start = set(threading.enumerate()), threading.Thread.start
+        threading.Thread.start = _no_thread_start
+        try:
+            outputs0, loss0 = overlap.overlapped_forward_backward(stage, [inputs0], criterion0, labels0,
+                                                                  stage, loss1, out1, grads1)
+        finally:
+            threading.Thread.start = start
+        assert set(threading.enumerate()) == threads
         switches = overlap.LAST_REGION["switches"]
     else:
         outputs0, loss0 = overlap.forward_chunk(stage, [inputs0], criterion0, labels0)
@@ -65,9 +90,9 @@ def _run(rank: int, world: int, last_stage: bool, overlapped: bool):
             inputs0.grad.clone(), grads, switches)
 
 
-def _compare(rank: int, world: int, last_stage: bool):
-    seq = _run(rank, world, last_stage, overlapped=False)
-    ovl = _run(rank, world, last_stage, overlapped=True)
+def _compare(rank: int, world: int, last_stage: bool, skip: bool = False):
+    seq = _run(rank, world, last_stage, overlapped=False, skip=skip)
+    ovl = _run(rank, world, last_stage, overlapped=True, skip=skip)
     for a, b in zip(seq[:4], ovl[:4]):
         assert (a is None and b is None) or torch.equal(a, b)
     assert seq[4].keys() == ovl[4].keys() and len(seq[4]) > 0
@@ -79,9 +104,16 @@ def _compare(rank: int, world: int, last_stage: bool):
 @pytest.mark.parametrize("last_stage", [False, True])
 def test_overlapped_forward_backward_equals_sequential(last_stage):
     switches = run_local(_compare, 2, last_stage)
-    # Every data all-to-all hands off: forward 2 MoE layers x (dispatch + combine), backward 2 x
-    # (combine + dispatch) = 8 (the count exchanges do not hand off).
-    assert switches == [8, 8], switches
+    # Two MoE blocks mark their inputs: 3 backward segments (root to block 2's input, block 2's to
+    # block 1's, block 1's to the stage input), each run inside one of the forward's 4 data waits
+    # (dispatch, combine x 2 layers; the count exchanges do not hand off).
+    assert switches == [3, 3], switches
+
+
+def test_overlap_without_exact_cut_runs_one_backward():
+    # A skip connection around the blocks reaches the stage input from the root and from the markers:
+    # the region refuses the cut and runs micro-batch 1's backward whole in the first wait.
+    assert run_local(_compare, 2, True, True) == [1, 1]
 
 
 def test_overlap_propagates_errors():
