@@ -37,12 +37,14 @@ TOP_LEVEL = ("embed_tokens", "layers", "norm", "lm_head", "mtp")
 
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
                 fp8_backend: str = "off", num_replicas: int | None = None, seed: int | None = None,
-                std: float | None = None, recompute: Any = "none") -> nn.Module:
+                std: float | None = None, recompute: Any = "none", materialize_meta: bool = True) -> nn.Module:
     """Apply the transforms above to `model`; returns it (the same object, changed in
     place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
-    initializer_range) initialises a model built on meta; without it the model must hold its weights."""
+    initializer_range) initialises a model built on meta; without it the model must hold its weights.
+    `materialize_meta=False` leaves a meta model on meta (this rank's stages and expert slots cut, the
+    placement tables on `device`): `twinpipe-plan` counts what a rank would hold without allocating it."""
     on_meta = all(p.is_meta for p in model.parameters())
-    if on_meta and seed is None:
+    if on_meta and seed is None and materialize_meta:
         raise ValueError("parallelize: the model was built on meta; pass seed= to initialise this rank's part")
     local = _local_modules(model, grid, schedule)
     if grid.pp > 1:
@@ -57,7 +59,7 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
 
         apply_expert_parallel(model, grid.ep_group, num_replicas=num_replicas, device=device,
                               holds=lambda name: _is_under(name, local))
-    if on_meta:
+    if on_meta and materialize_meta:
         std = model.config.initializer_range if std is None else std
         materialize(model, local, device, seed, std)
     if fp8_backend != "off":

@@ -1,0 +1,380 @@
+"""`twinpipe-plan`: a dry run of a training job of any size, one rank at a time, on the meta device.
+
+    twinpipe-plan model=v3_671b parallel.pp=16 parallel.dp=128 parallel.ep=64 parallel.schedule=dualpipe \
+        train.seq_len=4096 train.global_batch=15360 train.micro_batch=1 --gpu H800 --json plan.json
+
+Same recipe and overrides as `twinpipe-train`. For each planned rank (default: dp rank 0 of every
+pipeline rank: the other dp ranks hold the same shapes) it joins torch.distributed's *fake* process
+group (`world = parallel.pp x parallel.dp`; collectives are no-ops), builds the model on meta, runs
+`parallelize` without materialising (pipeline placement and expert slots cut exactly as in the run),
+and counts, per rank, in bytes:
+
+- weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast);
+- gradients: `p.grad` (fp32) of each trainable parameter, plus ZeRO-1's flat fp32 gradient bucket of
+  the replicated (non-expert) ones (`trainer/zero.py`);
+- optimizer: ZeRO-1 shard over dp of the replicated parameters (fp32 master copy + two moments in
+  optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again);
+- activations saved for backward, per micro-batch and stage (`activation_elements`, MLA + MoE as
+  `model/` computes them), times the micro-batches in flight: DualPipe / DualPipeV pp + 1, 1F1B
+  pp - pp_rank, no pipeline 1;
+- the latent KV cache of rollouts (GRPO): (kv_lora_rank + qk_rope_head_dim) bf16 per token and layer;
+- all-to-all bytes per step sent by the rank (dispatch + combine, forward and backward, every top-k pick
+  sent as its own row, as `parallel/experts/dispatch.py` does).
+
+Then a roofline step time with a stated GPU (`GPUS`): per micro-batch and stage, the forward takes
+max(FLOPs / peak, bytes / HBM bandwidth), backward twice that; all-to-all at NVLink speed inside a node
+and IB between nodes, hidden behind compute under DualPipe (its point) and added under 1F1B; the bubble
+of the schedule (DualPipe paper, Table 2, with B = 2F, W = F, no F&B overlap gain); the ZeRO-1 gradient
+all-reduce and master all-gather over dp after the backward. Out: tokens/s per GPU, MFU and GPU-hours
+per trillion tokens. It is a bound, not a prediction: kernels at 100% of peak, no stragglers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """Dense peak FLOP/s, HBM and per-GPU link bandwidths (one direction), as the vendors/DeepSeek state."""
+
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float
+    hbm_gb: float  # decimal GB, as sold
+    hbm_tb_s: float
+    nvlink_gb_s: float  # per GPU, one direction, inside a node
+    ib_gb_s: float  # per GPU, one direction, between nodes (one 400 Gb/s NIC per GPU)
+    gpus_per_node: int = 8
+
+
+# H100/H200 SXM datasheets; H800: DeepSeek-V3 report §3.1 (NVLink 160 GB/s, IB 50 GB/s per GPU).
+GPUS = {
+    "H100": GPUSpec("H100 SXM", 989.0, 1979.0, 80.0, 3.35, 450.0, 50.0),
+    "H200": GPUSpec("H200 SXM", 989.0, 1979.0, 141.0, 4.8, 450.0, 50.0),
+    "H800": GPUSpec("H800 SXM", 989.0, 1979.0, 80.0, 3.35, 160.0, 50.0),
+}
+
+
+def activation_elements(c: Any, layer: int, tokens: int, seq_len: int, attention: str,
+                        recompute: tuple[str, ...] = ()) -> float:
+    """Elements saved for backward by block `layer` for `tokens` tokens in sequences of `seq_len`
+    (fp32 elements; int64 indices count 2). Read off the autograd graph of `model/`: RMSNorm saves its
+    input, 1/rms and the normalised x; each Linear its input; SwiGLU gate, up, silu(gate) and the
+    product; MLA the q/kv latents, RoPE's cos/sin, k and q after the cat, v and the attention output;
+    attention="math" (CPU) also the [heads, T, T] probabilities, "fused" (flash/efficient kernels) only
+    a logsumexp per head; the router's scores and indices and the routed experts' gathered rows.
+    `recompute` (train.recompute's options, parallel/recompute.py) keeps only the recomputed parts'
+    inputs; `full` keeps the block input (the block rerun in the backward is added by the caller)."""
+    h, nh, r, dr = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    qk, dv = c.qk_nope_head_dim + dr, c.v_head_dim
+    if "full" in recompute:
+        return float(tokens) * h
+    norm = (lambda w: w) if "norms" in recompute else (lambda w: 2 * w + 1)
+    if "mla_up" in recompute:  # the query path keeps x; the attention core its q, c_kv, k_pe
+        q, core = 0, nh * qk + nh * dr + dr
+    else:
+        q = h if c.q_lora_rank is None else norm(c.q_lora_rank) + c.q_lora_rank  # q_a out, norm, q_b in
+        core = r + 2 * nh * qk + nh * dv + (nh * seq_len if attention == "math" else nh)
+    attn = norm(h) + h + q + (r + dr) + 1 + r + dr + core + nh * dv
+    ffn = norm(h) + h
+    swiglu = 0 if "moe" in recompute else 4
+    if c.is_moe_layer(layer):
+        k, e, i = c.num_experts_per_tok, c.n_routed_experts, c.moe_intermediate_size
+        gate = e + 4 * c.n_group + 2 * c.topk_group + e / 4 + 3 * k + 1
+        ffn += gate + 3 * k * h + swiglu * (k + c.n_shared_experts) * i + 3 * k
+    else:
+        ffn += swiglu * c.intermediate_size
+    return float(tokens) * (attn + ffn)
+
+
+def forward_flops(c: Any, layer: int, seq_len: int) -> float:
+    """Forward FLOPs per token of block `layer` (trainer/flops.py's count, one block)."""
+    from twinpipe.trainer.flops import active_matmul_params
+
+    attn_core = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len  # 2 x causal half
+    return 2.0 * active_matmul_params(c, layer) + attn_core
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    pp_rank: int
+    blocks: list[int]  # block indices held (MTP blocks numbered from num_hidden_layers)
+    holds_head: bool  # the output head (the main one and the MTP heads' shared weight)
+    params: int
+    expert_params: int
+    weights_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes_per_micro_batch: int
+    micro_batches_in_flight: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    all_to_all_bytes_per_step: int
+    total_bytes: int
+
+
+def fake_grid(world: int, rank: int, pp: int, dp: int, ep: int) -> Any:
+    """Join torch.distributed's fake process group as `rank` of `world` and build the run's grid."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from twinpipe.parallel.grid import build_grid
+
+    if dist.is_initialized():
+        raise ValueError("twinpipe-plan: a process group is already joined; the plan runs in a plain process "
+                         "(it joins a fake one per planned rank)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    return build_grid(pp, dp, ep)
+
+
+def held_parameters(cfg: DictConfig, grid: Any) -> tuple[Any, set[str]]:
+    """This rank's model on meta, parallelised as the trainer would (no FP8 swap: same parameters), and
+    the names of the modules it holds."""
+    from twinpipe.model.transformer import Transformer
+    from twinpipe.parallel.parallelize import _local_modules, parallelize
+    from twinpipe.trainer.build import model_config
+
+    with torch.device("meta"):
+        model = Transformer(model_config(cfg.model))
+    local = _local_modules(model, grid, cfg.parallel.schedule)
+    model = parallelize(model, grid, torch.device("cpu"), cfg.parallel.schedule, "off",
+                        num_replicas=cfg.eplb.replicas or None, materialize_meta=False)
+    return model, local
+
+
+def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, int]) -> RankPlan:
+    """Everything `RankPlan` lists for `rank` of the recipe's layout (see the module docstring)."""
+    from twinpipe.parallel.experts.layer import is_expert_param
+    from twinpipe.parallel.parallelize import _is_under
+    from twinpipe.trainer.build import model_config
+
+    p, t, c = cfg.parallel, cfg.train, model_config(cfg.model)
+    grid = fake_grid(p.pp * p.dp, rank, p.pp, p.dp, p.ep)
+    try:
+        model, local = held_parameters(cfg, grid)
+    finally:
+        dist.destroy_process_group()
+    if cfg.model.get("freeze_router"):
+        from twinpipe.model.gate import Gate
+
+        for m in model.modules():
+            if isinstance(m, Gate):
+                m.weight.requires_grad_(False)
+    dense = experts = frozen = 0
+    for name, param in model.named_parameters():
+        if not _is_under(name.rsplit(".", 1)[0], local):
+            continue
+        n = param.numel()
+        if not param.requires_grad:
+            frozen += n
+        elif is_expert_param(param):
+            experts += n
+        else:
+            dense += n
+    moment = 2 if cfg.optim.moment_dtype == "bf16" else 4
+    blocks = sorted(range(c.num_hidden_layers) if "layers" in local else
+                    {int(n.split(".")[1]) for n in local if n.startswith("layers.")})
+    blocks += [c.num_hidden_layers + k for k in range(c.num_nextn_predict_layers) if "mtp" in local]
+    stages = 2 if p.pp > 1 and p.schedule in ("dualpipe", "dualpipev") else 1
+    tokens = t.micro_batch * t.seq_len
+    from twinpipe.parallel.recompute import parse_options
+
+    recompute = tuple(parse_options(t.recompute))
+    act_elements = sum(activation_elements(c, b, tokens, t.seq_len, attention, recompute) for b in blocks)
+    act_bytes = 4 if t.dtype == "fp32" else 2
+    per_micro = int(act_elements / stages * act_bytes)
+    in_flight = micro_batches_in_flight(p.pp, grid.pp_rank, p.schedule, chunks(cfg))
+    rerun = 0  # `full`: one block's activations exist again while its backward runs
+    if "full" in recompute and blocks:
+        rerun = int(max(activation_elements(c, b, tokens, t.seq_len, attention) for b in blocks) * act_bytes)
+    moe_passes = sum(c.is_moe_layer(b) for b in blocks) / stages * chunks(cfg)
+    dispatch = 1 if cfg.fp8.backend != "off" else 2
+    a2a = moe_passes * tokens * c.num_experts_per_tok * c.hidden_size * (p.ep - 1) / p.ep * (dispatch + 2 + 4)
+    batch, length = rollout
+    kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
+    params = dense + experts + frozen
+    out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params, expert_params=experts,
+                   weights_bytes=4 * params, grad_bytes=4 * (dense + experts) + 4 * dense,
+                   optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * 2 * moment,
+                   activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
+                   activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,
+                   all_to_all_bytes_per_step=int(a2a), total_bytes=0)
+    out.total_bytes = out.weights_bytes + out.grad_bytes + out.optimizer_bytes + out.activation_bytes
+    return out
+
+
+def chunks(cfg: DictConfig) -> int:
+    """Micro-batches per data-parallel rank per step."""
+    return cfg.train.global_batch // (cfg.train.micro_batch * cfg.parallel.dp)
+
+
+def micro_batches_in_flight(pp: int, pp_rank: int, schedule: str, num_chunks: int) -> int:
+    """Micro-batches whose activations a rank holds at its peak under the schedule."""
+    if pp == 1:
+        return 1
+    if schedule in ("dualpipe", "dualpipev"):
+        return min(pp + 1, num_chunks)
+    return min(pp - pp_rank, num_chunks)
+
+
+def bubble_units(pp: int, schedule: str) -> float:
+    """Idle time per step in forward-chunk units F (DualPipe paper Table 2 with B = 2F, W = F and F&B =
+    F + B): 1F1B (PP-1)(F+B); DualPipe/DualPipeV (PP/2-1)(F&B + B - 3W)."""
+    if pp == 1:
+        return 0.0
+    if schedule in ("dualpipe", "dualpipev"):
+        return (pp / 2 - 1) * 2.0
+    return (pp - 1) * 3.0
+
+
+def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, float]:
+    """Step time of the slowest planned rank and what follows from it (see the module docstring)."""
+    from twinpipe.trainer.build import model_config
+    from twinpipe.trainer.flops import flops_per_token
+
+    p, t, c = cfg.parallel, cfg.train, model_config(cfg.model)
+    fp8 = cfg.fp8.backend != "off"
+    peak = (gpu.fp8_tflops if fp8 else gpu.bf16_tflops) * 1e12
+    tokens = t.micro_batch * t.seq_len
+    stages = 2 if p.pp > 1 and p.schedule in ("dualpipe", "dualpipev") else 1
+    step_times = []
+    for r in ranks:
+        flops = sum(forward_flops(c, b, t.seq_len) for b in r.blocks) * tokens / stages
+        if r.holds_head:
+            flops += 2.0 * c.vocab_size * c.hidden_size * tokens * (1 + c.num_nextn_predict_layers) / stages
+        weight_read = (r.params - r.expert_params) * 2 / stages + r.expert_params * (1 if fp8 else 2) / stages
+        f_time = max(flops / peak, (weight_read + r.activation_bytes_per_micro_batch) / (gpu.hbm_tb_s * 1e12))
+        compute = chunks(cfg) * 3 * f_time
+        inside = min(p.ep, gpu.gpus_per_node)
+        link = (inside / p.ep) / (gpu.nvlink_gb_s * 1e9) + (1 - inside / p.ep) / (gpu.ib_gb_s * 1e9)
+        a2a = r.all_to_all_bytes_per_step * link
+        overlapped = max(compute, a2a) if stages == 2 else compute + a2a
+        dense = r.params - r.expert_params
+        edp = p.dp // p.ep
+        dp_comm = ((3 * 4 * dense * (p.dp - 1) / p.dp) + 2 * 4 * r.expert_params * (edp - 1) / edp) / (gpu.ib_gb_s * 1e9)
+        optimizer = 3 * (r.optimizer_bytes + r.weights_bytes) / (gpu.hbm_tb_s * 1e12)
+        step_times.append(dict(rank=r.rank, compute_s=compute, all_to_all_s=a2a,
+                               bubble_s=bubble_units(p.pp, p.schedule) * f_time, dp_comm_s=dp_comm,
+                               optimizer_s=optimizer,
+                               step_s=overlapped + bubble_units(p.pp, p.schedule) * f_time + dp_comm + optimizer))
+    slowest = max(step_times, key=lambda s: s["step_s"])
+    world = p.pp * p.dp
+    tps = t.global_batch * t.seq_len / slowest["step_s"] / world
+    model_flops = flops_per_token(c, t.seq_len)
+    return dict(**slowest, bubble_fraction=slowest["bubble_s"] / slowest["step_s"], tokens_per_s_per_gpu=tps,
+                mfu_bf16=tps * model_flops / (gpu.bf16_tflops * 1e12), flops_per_token=model_flops,
+                gpu_hours_per_trillion_tokens=1e12 / tps / 3600)
+
+
+def plan(cfg: DictConfig, gpu: str = "H800", ranks: list[int] | None = None, attention: str = "fused",
+         rollout: tuple[int, int] | None = None, world: int | None = None, check_fit: bool = True) -> dict:
+    """The plan of `ranks` (default: dp rank 0 of every pipeline rank) as a JSON-ready dict; raises
+    ValueError in one line for an impossible layout or a rank over the GPU's memory."""
+    from twinpipe.parallel.grid import grid_shape_error
+    from twinpipe.trainer import preflight
+
+    if gpu not in GPUS:
+        raise ValueError(f"--gpu {gpu}: unknown; allowed: {', '.join(GPUS)}")
+    p = cfg.parallel
+    error = grid_shape_error(world or p.pp * p.dp, p.pp, p.dp, p.ep)
+    if error:
+        raise ValueError(error.replace("world size", "--world"))
+    preflight.check(cfg)
+    spec = GPUS[gpu]
+    ranks = ranks if ranks is not None else [s * p.dp for s in range(p.pp)]
+    bad = [r for r in ranks if not 0 <= r < p.pp * p.dp]
+    if bad:
+        raise ValueError(f"--rank {bad[0]}: outside the world of parallel.pp x parallel.dp = {p.pp * p.dp}")
+    rollout = rollout or (cfg.train.micro_batch, cfg.train.seq_len)
+    planned = [plan_rank(cfg, r, attention, rollout) for r in ranks]
+    result = dict(gpu=asdict(spec), world=p.pp * p.dp, pp=p.pp, dp=p.dp, ep=p.ep, schedule=p.schedule,
+                  attention=attention, ranks=[asdict(r) for r in planned], step=roofline(cfg, planned, spec))
+    if check_fit:
+        check_fits(result, cfg)
+    return result
+
+
+def check_fits(result: dict, cfg: DictConfig) -> None:
+    """ValueError naming the rank and its bytes when a planned rank needs more than the GPU's memory."""
+    worst = max(result["ranks"], key=lambda r: r["total_bytes"])
+    gpu = result["gpu"]
+    if worst["total_bytes"] > gpu["hbm_gb"] * 1e9:
+        raise ValueError(f"rank {worst['rank']} (pp rank {worst['pp_rank']}) needs {worst['total_bytes'] / GIB:.1f} "
+                         f"GiB > {gpu['hbm_gb']:.0f} GB of the {gpu['name']}: raise parallel.pp or parallel.ep, "
+                         f"lower train.micro_batch={cfg.train.micro_batch}, or set optim.moment_dtype=bf16")
+
+
+def report(result: dict) -> str:
+    """The plan as a table, one line per rank, then the step estimate."""
+    lines = [f"{result['world']} GPUs ({result['gpu']['name']}): pp {result['pp']} x dp {result['dp']} "
+             f"(ep {result['ep']}), {result['schedule']}",
+             f"{'rank':>6} {'pp':>3} {'params':>8} {'weights':>8} {'grads':>8} {'optim':>8} {'act':>8} "
+             f"{'(mb)':>5} {'kv':>7} {'total':>8} {'a2a/step':>9}   (GiB)"]
+    for r in result["ranks"]:
+        g = lambda k: r[k] / GIB  # noqa: E731
+        lines.append(f"{r['rank']:>6} {r['pp_rank']:>3} {r['params'] / 1e9:>7.2f}B {g('weights_bytes'):>8.2f} "
+                     f"{g('grad_bytes'):>8.2f} {g('optimizer_bytes'):>8.2f} {g('activation_bytes'):>8.2f} "
+                     f"{r['micro_batches_in_flight']:>5} {g('kv_cache_bytes'):>7.2f} {g('total_bytes'):>8.2f} "
+                     f"{g('all_to_all_bytes_per_step'):>9.1f}")
+    s = result["step"]
+    lines.append(f"step {s['step_s']:.2f} s (compute {s['compute_s']:.2f}, all-to-all {s['all_to_all_s']:.2f}, "
+                 f"bubble {s['bubble_s']:.2f}, dp {s['dp_comm_s']:.2f}, optimizer {s['optimizer_s']:.2f}): "
+                 f"{s['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, MFU {100 * s['mfu_bf16']:.1f}% of BF16 "
+                 f"peak, {s['gpu_hours_per_trillion_tokens'] / 1e3:.0f}K GPU-hours per trillion tokens")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_module
+
+    from twinpipe.trainer import config
+
+    parser = argparse.ArgumentParser(prog="twinpipe-plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, as for twinpipe-train")
+    parser.add_argument("--config-name", default="pretrain")
+    parser.add_argument("--gpu", default="H800", help=f"one of {', '.join(GPUS)}")
+    parser.add_argument("--world", type=int, default=None, help="GPUs of the job (checked = pp x dp)")
+    parser.add_argument("--rank", type=int, action="append", help="plan this rank (repeatable)")
+    parser.add_argument("--all-ranks", action="store_true", help="every rank of the world in turn")
+    parser.add_argument("--attention", choices=("fused", "math"), default="fused")
+    parser.add_argument("--rollout", type=int, nargs=2, metavar=("BATCH", "LEN"), default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    config.set_offline_defaults()
+    config.register()
+    try:
+        with initialize_config_module("twinpipe.recipes", version_base=None):
+            cfg = compose(args.config_name, overrides=["run.dir=plan", *args.overrides])
+        config.validate(cfg)
+        ranks = list(range(cfg.parallel.pp * cfg.parallel.dp)) if args.all_ranks else args.rank
+        result = plan(cfg, args.gpu, ranks, args.attention, tuple(args.rollout) if args.rollout else None,
+                      args.world, check_fit=False)
+        print(report(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        check_fits(result, cfg)  # after the table and the JSON: the user sees what does not fit
+    except ValueError as e:
+        print(f"twinpipe-plan: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
