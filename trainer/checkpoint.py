@@ -32,6 +32,9 @@ just written first, so pruning never deletes it (the newest verified one) in fav
 folder left from another run. The scheduler needs no state of its own: the LR, λ and γ are functions
 of (step, tokens) from meta.json.
 
+With checkpoint.async_save=true `checkpoint_writer.CheckpointWriter` stages the state to host memory and
+runs `save_checkpoint` in a writer thread (collectives over a gloo group of its own) while training goes on.
+
 A resume under the saved pp, schedule and ep (any dp) is `load_checkpoint`: one DCP load of the same
 keys. Under another pp, schedule or ep the keys differ; `twinpipe.trainer.reshard` then rebuilds each
 rank's state parameter by parameter from the `segments` table and the saved expert placements.
@@ -120,9 +123,9 @@ def single_process_quiet() -> Iterator[None]:
         yield
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _maybe_fault(stage: str, step: int) -> None:
@@ -131,12 +134,12 @@ def _maybe_fault(stage: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
-def _all_ok(ok: bool) -> bool:
-    """True on every rank when `ok` is True on every rank."""
+def _all_ok(ok: bool, group: Any = None) -> bool:
+    """True on every rank (of `group`) when `ok` is True on every rank."""
     if not dist.is_initialized():
         return ok
     flag = torch.tensor([1 if ok else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
@@ -158,10 +161,11 @@ def _write_failed(root: Path, tmp: Path, step: int, error: BaseException | None)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_state: dict[str, Any],
-                    meta: dict[str, Any], config_yaml: str, tokenizer: Any, keep: int) -> Path:
+                    meta: dict[str, Any], config_yaml: str, tokenizer: Any, keep: int, group: Any = None) -> Path:
     """Write checkpoint `step` atomically (all ranks call this together), with its checksums; keep the
     newest `keep` (this one first). A failed write raises a CheckpointError on every rank and leaves the
-    earlier checkpoints as they were."""
+    earlier checkpoints as they were. `group`: the process group of its collectives (default: the
+    world's; `checkpoint_writer` writes from a thread of its own over a gloo group of its own)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoint_root(run_dir)
     final = root / fmt.step_dir(step)
@@ -169,18 +173,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    _barrier(group)
     error = None
     try:
         with single_process_quiet():
-            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+            dcp.save(state, checkpoint_id=tmp, process_group=group, no_dist=not dist.is_initialized())
         torch.save(rank_state, tmp / fmt.rank_state_file(rank))
     except (Exception, CheckpointException) as exc:  # a full disk, a quota (DCP wraps them in its own type)
         error = exc
-    if not _all_ok(error is None):
+    if not _all_ok(error is None, group):
         raise _write_failed(root, tmp, step, error) from error
     _maybe_fault("save", step)
-    digests = hash_files(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+    digests = hash_files(tmp, [p.name for p in tmp.iterdir() if p.is_file()], group)
     if rank == 0:
         try:
             (tmp / fmt.CONFIG).write_text(config_yaml)
@@ -191,7 +195,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
             write_sums(tmp, {**digests, **{name: file_sha256(tmp / name) for name in written}})
         except OSError as exc:
             error = exc
-    if not _all_ok(error is None):
+    if not _all_ok(error is None, group):
         raise _write_failed(root, tmp, step, error) from error
     if rank == 0:
         with open(tmp / COMPLETE, "w") as f:
@@ -206,7 +210,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], rank_
         tmp.rename(final)
         _prune(run_dir, keep, final)
         log.info("checkpoint step %d -> %s", step, final)
-    _barrier()
+    _barrier(group)
     return final
 
 

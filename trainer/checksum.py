@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -32,25 +33,25 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _share(names: list[str]) -> list[str]:
+def _share(names: list[str], group: Any = None) -> list[str]:
     """This rank's files of `names` (all of them without a process group)."""
     if not dist.is_initialized():
         return names
-    return names[dist.get_rank()::dist.get_world_size()]
+    return names[dist.get_rank(group)::dist.get_world_size(group)]
 
 
-def _merged(part: dict[str, str]) -> dict[str, str]:
-    """Every rank's `part` merged (on every rank)."""
+def _merged(part: dict[str, str], group: Any = None) -> dict[str, str]:
+    """Every rank's `part` merged (on every rank of `group`, default the world)."""
     if not dist.is_initialized():
         return part
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, part, group=group)
     return {k: v for p in parts for k, v in p.items()}
 
 
-def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
-    """name -> SHA-256 of `folder/name` for every name, the ranks sharing the work (all ranks call)."""
-    return _merged({name: file_sha256(folder / name) for name in _share(sorted(names))})
+def hash_files(folder: Path, names: list[str], group: Any = None) -> dict[str, str]:
+    """name -> SHA-256 of `folder/name` for every name, the ranks of `group` sharing the work (all call)."""
+    return _merged({name: file_sha256(folder / name) for name in _share(sorted(names), group)}, group)
 
 
 def write_sums(folder: Path, digests: dict[str, str]) -> None:

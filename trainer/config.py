@@ -170,6 +170,9 @@ class CheckpointSchema:
     every: int = 100  # steps; 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept
     at_end: bool = True
+    # true: written by a thread while the next steps run (trainer/checkpoint_writer.py); one staged copy
+    # of the state in host memory. Not `async`: a Python keyword
+    async_save: bool = False
 
 
 @dataclass

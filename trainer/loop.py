@@ -31,6 +31,7 @@ from twinpipe.parallel.grid import build_grid, collective_timeout_s, init_distri
 from twinpipe.trainer import checkpoint as ckpt
 from twinpipe.trainer import checkpoint_format as fmt
 from twinpipe.trainer import preflight, reshard
+from twinpipe.trainer.checkpoint_writer import CheckpointWriter
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.ema import CPUEMA
 from twinpipe.trainer.flops import flops_per_token, peak_flops
@@ -176,6 +177,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     multiple = cfg.train.micro_batch * grid.dp
     last: dict[str, Any] = {}
     saved_at = step
+    saver = CheckpointWriter(cfg.checkpoint.async_save)  # trainer/checkpoint_writer.py
 
     def save() -> None:
         rank_state = {fmt.LOADER: loader.state_dict(), fmt.RNG: ckpt.rng_state()}
@@ -183,8 +185,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
         state = fmt.training_state(model, optimizer, grid.ep_rank, grid.ep)
         if ema is not None:
             state[fmt.EMA] = ema.state_dict()
-        ckpt.save_checkpoint(run_dir, step, state, rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
-                             cfg.checkpoint.keep)
+        saver.save(run_dir, step, state, rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
+                   cfg.checkpoint.keep)
 
     try:
         while step < cfg.train.steps:
@@ -214,6 +216,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
             evaluated = evaluate(step) if evaluate is not None else {}
             last.update(evaluated)
             if step % cfg.logging.every == 0 or step == cfg.train.steps or evaluated:
+                last.update(saver.report())  # the stall and write speed of the checkpoints since the last record
                 writer.log(last)
 
             stopping = stop.agreed(device)
@@ -229,6 +232,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
         if cfg.checkpoint.at_end and saved_at != step:
             save()
     finally:
+        saver.close()  # the write in flight finishes (checkpoint.async_save)
         if ema is not None:
             ema.close()
         if watchdog is not None:
