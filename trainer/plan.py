@@ -16,7 +16,9 @@ and counts, per rank, in bytes:
   optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again);
 - activations saved for backward, per micro-batch and stage (`activation_elements`, MLA + MoE as
   `model/` computes them), times the micro-batches in flight: DualPipe / DualPipeV pp + 1, 1F1B
-  pp - pp_rank, no pipeline 1;
+  pp - pp_rank, no pipeline 1. train.dtype=fp32 is checked against the autograd graph on CPU;
+  bf16 counts 2 bytes per saved element (the GPU target, fused attention): CPU autocast saves more
+  (RMSNorm's fp32 intermediates, fp32 attention, and a bf16 copy of each weight per micro-batch);
 - the latent KV cache of rollouts (GRPO): (kv_lora_rank + qk_rope_head_dim) bf16 per token and layer;
 - all-to-all bytes per step sent by the rank (dispatch + combine, forward and backward, every top-k pick
   sent as its own row, as `parallel/experts/dispatch.py` does).

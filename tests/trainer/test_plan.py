@@ -72,13 +72,14 @@ def test_plan_bytes_match_allocations_on_ranks(size, layout):
             assert got[key] == pytest.approx(want, rel=0.10), (layout, rank, key, got[key], want)
 
 
-@pytest.mark.parametrize("size", ["tiny", "mid"])
-def test_plan_activations_and_grads_match_one_forward(size):
-    """Saved-for-backward bytes of the blocks in one micro-batch's forward (fp32, CPU math attention)
-    and the gradients its backward leaves, against the plan of the same recipe."""
+@pytest.mark.parametrize("size,recompute", [("tiny", "none"), ("mid", "none"), ("mid", "[norms,mla_up,moe]"),
+                                             ("mid", "full")])
+def test_plan_activations_and_grads_match_one_forward(size, recompute):
+    """Saved-for-backward bytes of the blocks in one micro-batch's forward (fp32, CPU math attention,
+    with and without train.recompute) and the gradients its backward leaves, against the plan."""
     from twinpipe.trainer.build import build_model
 
-    cfg = recipe(*(TINY if size == "tiny" else MID), "train.global_batch=2")
+    cfg = recipe(*(TINY if size == "tiny" else MID), "train.global_batch=2", f"train.recompute={recompute}")
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}
