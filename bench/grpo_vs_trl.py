@@ -15,7 +15,9 @@ own way): the reward curves are two samples of the same process, not the same nu
 
 Rollout tokens/s: completion tokens (eos included) generated in steps 2..n over the time spent
 generating them — twinpipe's `rollout_s` (latent-cache decode through `model.generation.generate`),
-TRL's `_generate_single_turn` (transformers' `generate`, KV cache).
+TRL's `_generate_single_turn` (transformers' `generate`, KV cache). A third run, twinpipe with
+`grpo.speculative=true` (the MTP layer drafts, exact by rejection), gives the acceptance rate and the
+rollout speed-up over the plain twinpipe run (its reward curve is a third sample of the same process).
 
     pip install -e '.[bench]'; python bench/grpo_vs_trl.py
     python bench/grpo_vs_trl.py --sft-steps 5 --steps 2 --prompts 2 --group 2   # a smoke run
@@ -56,7 +58,8 @@ def export(sft: Path, folder: Path) -> Path:
     return folder
 
 
-def run_twinpipe(args: argparse.Namespace, folder: Path, prompts: Path, run_dir: Path) -> list[dict]:
+def run_twinpipe(args: argparse.Namespace, folder: Path, prompts: Path, run_dir: Path,
+                 *extra: str) -> list[dict]:
     n = args.prompts * args.group
     command = [sys.executable, "-m", "twinpipe.trainer", "--config-name", "grpo", f"init_from={folder}",
                f"data.paths=[{prompts}]", f"run.dir={run_dir}", "resume=never", "model.vocab_size=512",
@@ -68,7 +71,8 @@ def run_twinpipe(args: argparse.Namespace, folder: Path, prompts: Path, run_dir:
                f"optim.min_lr={args.lr}", "optim.warmup_steps=0", "optim.decay=0", "optim.constant=1e9",
                "optim.weight_decay=0", "train.grad_clip=1.0", "balance.gamma=0", "checkpoint.every=0",
                "checkpoint.at_end=false", "logging.wandb=disabled", "logging.progress=false",
-               "logging.plots=false", f"train.threads={args.threads}", f"data.cache_dir={run_dir.parent / 'cache'}"]
+               "logging.plots=false", f"train.threads={args.threads}", f"data.cache_dir={run_dir.parent / 'cache'}",
+               *extra]
     subprocess.run(command, check=True)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -164,21 +168,29 @@ def main() -> None:
     folder = export(sft, work / "hf")
     prompts = prompts_file(train, work / "prompts.jsonl")
     ours = run_twinpipe(args, folder, prompts, work / f"twinpipe-{int(time.time())}")
+    spec = run_twinpipe(args, folder, prompts, work / f"twinpipe-speculative-{int(time.time())}",
+                        "grpo.speculative=true")
     trl = run_trl(args, folder, prompts, work / "trl")
     n = args.prompts * args.group
-    ours_tokens = sum(r["response_length_mean"] * n for r in ours[1:])
+
+    def tokens_per_s(rows: list[dict]) -> float:
+        return sum(r["response_length_mean"] * n for r in rows[1:]) / max(sum(r["rollout_s"] for r in rows[1:]), 1e-9)
+
     trl_seconds, trl_tokens = (sum(x) for x in zip(*trl["rollouts"][1:])) if len(trl["rollouts"]) > 1 else (0, 0)
     result = {
         "model": f"SFT checkpoint {sft} exported to {folder} (fp32)", "steps": args.steps,
         "completions_per_step": n, "args": vars(args), "torch": torch.__version__,
         "trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__,
         "first_prompt_ids_equal": twinpipe_first_prompt(folder, prompts) == list(trl["first_prompt_ids"]),
-        "rollout_tokens_per_s": {"twinpipe": ours_tokens / max(sum(r["rollout_s"] for r in ours[1:]), 1e-9),
-                                 "trl": trl_tokens / max(trl_seconds, 1e-9)},
+        "rollout_tokens_per_s": {"twinpipe": tokens_per_s(ours), "trl": trl_tokens / max(trl_seconds, 1e-9),
+                                 "twinpipe_speculative": tokens_per_s(spec)},
+        "speculative_acceptance_mean": statistics.mean(r["speculative_acceptance"] for r in spec),
+        "speculative_speedup": tokens_per_s(spec) / tokens_per_s(ours),
         "rollout_tokens_counted": "completion tokens (eos included) of steps 2..n over their generation time",
         "step_s_median": {"twinpipe": statistics.median(r["rollout_s"] + r["update_s"] for r in ours),
                           "trl": statistics.median(trl["step_s"])},
-        "reward_mean": {"twinpipe": [r["reward_mean"] for r in ours], "trl": [r["reward"] for r in trl["rows"]]},
+        "reward_mean": {"twinpipe": [r["reward_mean"] for r in ours], "trl": [r["reward"] for r in trl["rows"]],
+                        "twinpipe_speculative": [r["reward_mean"] for r in spec]},
         "response_length_mean": {"twinpipe": [r["response_length_mean"] for r in ours],
                                  "trl": [r.get("completions/mean_length") for r in trl["rows"]]},
         "command": " ".join(sys.argv),
@@ -195,12 +207,13 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, name in zip(axes, ("twinpipe", "trl")):
+    names = list(result["reward_mean"])  # twinpipe, trl, twinpipe_speculative
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True)
+    for ax, name in zip(axes, names):
         rewards = result["reward_mean"][name]
         ax.plot(range(1, len(rewards) + 1), rewards, marker=".")
         ax.set(xlabel="step", title=f"{name}: {result['rollout_tokens_per_s'][name]:.0f} rollout tok/s")
-    axes[0].set_ylabel("reward (exact match), mean over the step's completions")
+    axes[0].set_ylabel("mean reward (exact match)")
     fig.suptitle(f"GRPO, same model/task/reward/settings ({result['completions_per_step']} completions per step)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

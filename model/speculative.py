@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import pad_prompts, sampling_probs
+from .generation import chosen_logprobs, pad_prompts, sampling_probs
 from .kv_cache import LatentKVCache
 
 
@@ -28,6 +28,7 @@ class SpeculativeResult:
     drafted: int              # drafts checked (one per running sequence per step)
     accepted: int             # drafts the main model accepted
     forwards: int             # main-model forwards, prefill included
+    logprobs: list[list[float]] | None = None  # per new token its `chosen_logprobs` under the main model
 
     @property
     def acceptance_rate(self) -> float:
@@ -67,8 +68,10 @@ def _mtp_logits(model, h: torch.Tensor, next_tokens: torch.Tensor, positions: to
 
 @torch.no_grad()
 def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                         top_p: float = 1.0, eos_id: int | None = None, seed: int = 0) -> SpeculativeResult:
-    """Decode left-padded prompts with MTP drafts; see the module docstring."""
+                         top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
+                         logprobs: bool = False) -> SpeculativeResult:
+    """Decode left-padded prompts with MTP drafts; see the module docstring. `logprobs`: also each new
+    token's `chosen_logprobs` from the main model's logits that verified it (an RL rollout's pi_old)."""
     if not len(model.mtp):
         raise ValueError("speculative decoding needs an MTP layer (num_nextn_predict_layers >= 1)")
     if max_new_tokens < 1:
@@ -83,30 +86,37 @@ def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, t
     rows = torch.arange(B, device=device)
     cache = LatentKVCache.for_model(model, B, P + 2 * max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
+    logps: list[list[float]] = [[] for _ in range(B)]
     running = torch.ones(B, dtype=torch.bool, device=device)
 
-    def emit(mask: torch.Tensor, ids: torch.Tensor) -> None:
+    def emit(mask: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append ids [B] where mask [B]; logits [B, V]: the main model's that chose them."""
+        lp = chosen_logprobs(logits, ids, temperature).tolist() if logprobs else None  # [B]
         for b in mask.nonzero().flatten().tolist():
             out[b].append(int(ids[b]))
+            if lp is not None:
+                logps[b].append(lp[b])
             if (eos_id is not None and out[b][-1] == eos_id) or len(out[b]) == max_new_tokens:
                 running[b] = False
 
     # Prefill: the main model over the prompt, then MTP over it (the next token of the last one is x).
     positions = cache.begin(P, valid)
     h = model.hidden(tokens, positions, cache)                                      # [B, P, H]
-    x = sampler.draw(sampler.probs(model.head(h[:, -1])))                           # [B]
+    first = model.head(h[:, -1])                                                    # [B, V]
+    x = sampler.draw(sampler.probs(first))                                          # [B]
     q = sampler.probs(_mtp_logits(model, h, torch.cat([tokens[:, 1:], x[:, None]], 1), positions,
                                   cache)[:, -1])                                    # [B, V] draft dist
     draft = sampler.draw(q)
     cache.commit()
     drafted = accepted = 0
     forwards = 1
-    emit(running.clone(), x)
+    emit(running.clone(), x, first)
     while bool(running.any()):
         start = cache.length
         positions = cache.begin(2, running[:, None].expand(B, 2))
         h = model.hidden(torch.stack([x, draft], 1), positions, cache)              # [B, 2, H]
-        p = sampler.probs(model.head(h))                                            # [B, 2, V]
+        logits = model.head(h)                                                      # [B, 2, V]
+        p = sampler.probs(logits)
         forwards += 1
         p_draft, q_draft = p[rows, 0, draft], q[rows, draft]                        # [B]
         ok = running & (sampler.uniform(B, device) * q_draft < p_draft)             # u < p/q
@@ -119,9 +129,9 @@ def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, t
         q_next = sampler.probs(_mtp_logits(model, h, torch.stack([y0, y1], 1), positions, cache))
         cache.valid[running & ~ok, start + 1] = False                               # drop rejected drafts
         cache.commit()
-        emit(running.clone(), y0)
-        emit(ok & running, y1)
+        emit(running.clone(), y0, logits[:, 0])
+        emit(ok & running, y1, logits[:, 1])
         x = torch.where(ok, y1, y0)
         q = torch.where(ok[:, None], q_next[:, 1], q_next[:, 0])
         draft = sampler.draw(q)
-    return SpeculativeResult(out, drafted, accepted, forwards)
+    return SpeculativeResult(out, drafted, accepted, forwards, logps if logprobs else None)

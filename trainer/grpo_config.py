@@ -31,6 +31,7 @@ class GRPOSchema:
     leave_one_out: bool = False  # baseline: mean of the group's other samples
     filter_zero_std: bool = False  # groups whose rewards are all equal leave the loss (DAPO)
     routing_replay: bool = False  # training routes each token to the rollout's experts
+    speculative: bool = False  # rollouts drafted by the MTP layer, exact by rejection (model/speculative.py)
 
 
 @dataclass
@@ -67,5 +68,13 @@ def validate_grpo(cfg: DictConfig) -> None:
     if p.pp > 1 and g.routing_replay:
         raise ValueError(f"grpo.routing_replay=true with parallel.pp={p.pp}: routing replay runs with "
                          "parallel.pp=1 (dp and ep allowed)")
+    if g.speculative:
+        if p.pp > 1 or p.ep > 1 or g.routing_replay:
+            raise ValueError(f"grpo.speculative=true with parallel.pp={p.pp}, parallel.ep={p.ep}, "
+                             f"grpo.routing_replay={g.routing_replay}: MTP-drafted rollouts run with pp=1, ep=1 "
+                             "and no routing replay (dp allowed)")
+        if cfg.model.get("num_nextn_predict_layers") == 0:  # None: the preset's (speculative_generate checks)
+            raise ValueError("grpo.speculative=true with model.num_nextn_predict_layers=0: the MTP layer is "
+                             "the drafter; use a model with >= 1")
     if cfg.optim.ramp_start:
         raise ValueError(f"optim.ramp_start={cfg.optim.ramp_start}: GRPO rollouts have a fixed batch; use 0")

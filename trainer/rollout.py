@@ -10,7 +10,9 @@ prompts (shuffled per epoch from `train.seed`) and:
        under pp > 1 `parallel.inference.generate_parallel` through the stages of `parallel.schedule`
        (every rank gets every sequence, keeps its replica's share), and the reference's logprobs
        through `score_parallel` (routing replay is refused there: the routes would have to reach
-       the stage holding each MoE layer)
+       the stage holding each MoE layer); with `grpo.speculative` `model.speculative.speculative_generate`
+       (MTP drafts accepted with min(1, p/q), else resampled from the residual: the main model's
+       distribution exactly, though not the keyed noise's tokens; `speculative_acceptance` logged)
     -> rewards of this rank's completions, gathered over dp -> group advantages (`advantages`)
     -> rows [micro_batch, seq_len]: prompt + completion (+ eos padding), `labels` on completion tokens,
        `loss_mask` (0 for filtered zero-std groups), `old_logprobs`, `ref_logprobs` (beta > 0: the
@@ -36,6 +38,7 @@ from omegaconf import DictConfig
 from twinpipe.data.prompts import load_prompts
 from twinpipe.data.records import Fields
 from twinpipe.model.generation import chosen_logprobs, generate
+from twinpipe.model.speculative import speculative_generate
 from twinpipe.parallel.inference import generate_parallel, score_parallel
 from twinpipe.parallel.inference.lockstep import any_across, shard_rows
 from twinpipe.parallel.pipeline.runner import autocast_context
@@ -171,7 +174,12 @@ class RolloutSource:
         try:
             with torch.no_grad(), (recorder or contextlib.nullcontext()), \
                     autocast_context(self.cfg.train.dtype, self.device):
-                if grid.pp > 1:  # through the stages; every rank gets every sequence's tokens
+                drafts = None
+                if g.speculative:  # MTP drafts, main-model verification (one process per replica)
+                    spec = speculative_generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
+                                                self.tokenizer.eos_id, seed=seed + mine.start, logprobs=True)
+                    new, logps, drafts = spec.tokens, spec.logprobs, (spec.drafted, spec.accepted)
+                elif grid.pp > 1:  # through the stages; every rank gets every sequence's tokens
                     new, logps = generate_parallel(
                         self.model, grid, [s.ids for s in seqs], g.max_new_tokens, g.temperature, g.top_p,
                         self.tokenizer.eos_id, seed=seed, schedule=self.cfg.parallel.schedule, logprobs=True)
@@ -211,6 +219,9 @@ class RolloutSource:
                    "rollout_tokens_per_s": float(lengths.sum()) / max(slowest, 1e-9), "rollout_s": slowest}
         if R > 1:
             metrics.update({_metric_name(n): float(table[:, i].mean()) for i, n in enumerate(self.rewards.names)})
+        if drafts is not None:
+            drafted, accepted = _gather(torch.tensor([drafts], device=self.device), grid.dp_group).sum(0).tolist()
+            metrics["speculative_acceptance"] = accepted / max(drafted, 1)
         if self.rewards.correctness is not None:
             metrics["accuracy"] = float((table[:, self.rewards.correctness] > 0).double().mean())
         return batches, metrics

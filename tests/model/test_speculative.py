@@ -85,3 +85,20 @@ def test_sampled_tokens_follow_the_main_model():
     for x, y in result.tokens:
         counts[x, y] += 1
     assert 0.5 * (counts / N - exact).abs().sum() < 0.08
+
+
+def test_logprobs_are_the_main_models():
+    """`logprobs=True` gives each new token's log-probability under the main model at the sampling
+    temperature, accepted draft or not: the full forward's over prompt + new tokens, within fp32
+    rounding of the latent-cache decode (1e-5, the bound GRPO's logprob_diff_max is held to)."""
+    from twinpipe.model.generation import chosen_logprobs
+
+    model = markov_model(0.05, vocab_size=16, std=0.2)
+    result = speculative_generate(model, PROMPTS, 6, temperature=0.7, seed=3, logprobs=True)
+    assert 0 < result.acceptance_rate < 1
+    for prompt, new, logps in zip(PROMPTS, result.tokens, result.logprobs):
+        assert len(logps) == len(new) == 6
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + new]))[0, len(prompt) - 1: -1]  # [6, V]
+        torch.testing.assert_close(torch.tensor(logps), chosen_logprobs(logits, torch.tensor(new), 0.7),
+                                   rtol=0, atol=1e-5)

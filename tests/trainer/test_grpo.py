@@ -139,6 +139,21 @@ def test_learns_with_exact_logprobs(grpo_data, tmp_path):
     assert last > first + 0.04, (first, last)
 
 
+def test_speculative_rollouts_have_exact_logprobs(grpo_data, tmp_path):
+    """grpo.speculative=true: the MTP layer drafts, the main model verifies (the sampling distribution's
+    exactness is tested in tests/model/test_speculative.py); the logprobs recorded from the verifying
+    logits equal the training forward's to 1e-5 in fp32 (mu = 1: nothing moved) on every rollout, and
+    the acceptance rate is logged."""
+    run(grpo_cfg(grpo_data, tmp_path / "run", "train.steps=3", "grpo.speculative=true"))
+    records = read_metrics(tmp_path / "run")
+    assert all(0 < r["logprob_diff_max"] <= 1e-5 for r in records)
+    assert all(0 < r["speculative_acceptance"] <= 1 for r in records)
+    assert all(r["response_length_max"] <= 6 for r in records)
+    with pytest.raises(ValueError, match="grpo.speculative=true with parallel.pp=1, parallel.ep=2, "
+                                         "grpo.routing_replay=False: MTP-drafted rollouts run with pp=1, ep=1"):
+        grpo_cfg(grpo_data, tmp_path, "grpo.speculative=true", "parallel.ep=2", "parallel.dp=2")
+
+
 def test_reference_kl_and_updates_per_rollout(grpo_data, tmp_path):
     """beta > 0: the reference is the initial policy, so the first step's KL is ~0 (same weights, two
     forwards of the same arithmetic) and grows after updates; mu = 2 reuses each rollout once, where
