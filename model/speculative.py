@@ -5,7 +5,9 @@ draft for the token after x). Greedy: the main model's argmax after x is emitted
 draft is accepted and the argmax after d is emitted too (two tokens for one forward). Sampling
 (temperature > 0): d is accepted with probability min(1, p(d) / q(d)) (p: main model, q: MTP, both
 with the same temperature and top-p); on rejection the token comes from norm(max(p - q, 0)), so every
-emitted token follows the main model's distribution exactly (Leviathan et al. 2023).
+emitted token follows the main model's distribution exactly (Leviathan et al. 2023). The noise of
+every draw is keyed by (seed, the prompt's row, the draw's index) as in `generation.py`, so a prompt
+gets the same tokens in any batch or data-parallel rank.
 
 A rejected draft's cache slot is marked invalid for that sequence only, so sequences accept
 independently in one batch. The MTP layer then runs on the new positions (main hidden state +
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import chosen_logprobs, pad_prompts, sampling_probs
+from .generation import chosen_logprobs, keyed_uniform, pad_prompts, sampling_keys, sampling_probs
 from .kv_cache import LatentKVCache
 
 
@@ -36,11 +38,20 @@ class SpeculativeResult:
 
 
 class _Sampler:
-    """Token choice from logits: argmax (temperature 0) or seeded sampling from sampling_probs."""
+    """Token choice from logits: argmax (temperature 0) or draws from sampling_probs. The noise of draw
+    n is `keyed_uniform(keys, n)`: a function of (seed, the prompt's row, n) only, and every step makes
+    the same draws whatever the batch holds, so a prompt gets the same tokens in any batch or
+    data-parallel rank (as with `generation.generate`)."""
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+    def __init__(self, temperature: float, top_p: float, keys: torch.Tensor):
         self.greedy = temperature <= 0
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.temperature, self.top_p, self.keys = temperature, top_p, keys       # keys [B] int64
+        self.draws = 0
+
+    def _noise(self, size: int) -> torch.Tensor:
+        """Fresh uniforms [B, size] float64 in (0, 1)."""
+        self.draws += 1
+        return keyed_uniform(self.keys, self.draws - 1, size)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V] -> normalized distribution (one-hot at the argmax when greedy)."""
@@ -50,13 +61,14 @@ class _Sampler:
         return probs / probs.sum(-1, keepdim=True)
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs [B, V] -> ids [B]."""
+        """probs [B, V] -> ids [B] (exponential race: v with probability p_v / sum p)."""
         if self.greedy:
             return probs.argmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return (probs.double() / -torch.log(self._noise(probs.shape[-1]))).argmax(-1)
 
-    def uniform(self, n: int, device: torch.device) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, device=device)
+    def uniform(self) -> torch.Tensor:
+        """[B] float64 in (0, 1)."""
+        return self._noise(1)[:, 0]
 
 
 def _mtp_logits(model, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
@@ -69,9 +81,10 @@ def _mtp_logits(model, h: torch.Tensor, next_tokens: torch.Tensor, positions: to
 @torch.no_grad()
 def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                          top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
-                         logprobs: bool = False) -> SpeculativeResult:
+                         logprobs: bool = False, rows: list[int] | None = None) -> SpeculativeResult:
     """Decode left-padded prompts with MTP drafts; see the module docstring. `logprobs`: also each new
-    token's `chosen_logprobs` from the main model's logits that verified it (an RL rollout's pi_old)."""
+    token's `chosen_logprobs` from the main model's logits that verified it (an RL rollout's pi_old).
+    `rows`: the prompts' indices for the sampling noise (default 0..B-1), as in `generate`."""
     if not len(model.mtp):
         raise ValueError("speculative decoding needs an MTP layer (num_nextn_predict_layers >= 1)")
     if max_new_tokens < 1:
@@ -79,11 +92,12 @@ def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, t
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p}: must be in (0, 1]")
     device = model.embed_tokens.weight.device
-    sampler = _Sampler(temperature, top_p, torch.Generator(device=device).manual_seed(seed))
     tokens, valid = pad_prompts(prompts, "left")
+    rows_t = torch.arange(len(prompts)) if rows is None else torch.tensor(rows, dtype=torch.long)
+    sampler = _Sampler(temperature, top_p, sampling_keys(seed, rows_t).to(device))
     tokens, valid = tokens.to(device), valid.to(device)
     B, P = tokens.shape
-    rows = torch.arange(B, device=device)
+    idx = torch.arange(B, device=device)
     cache = LatentKVCache.for_model(model, B, P + 2 * max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
@@ -118,8 +132,8 @@ def speculative_generate(model, prompts: list[list[int]], max_new_tokens: int, t
         logits = model.head(h)                                                      # [B, 2, V]
         p = sampler.probs(logits)
         forwards += 1
-        p_draft, q_draft = p[rows, 0, draft], q[rows, draft]                        # [B]
-        ok = running & (sampler.uniform(B, device) * q_draft < p_draft)             # u < p/q
+        p_draft, q_draft = p[idx, 0, draft], q[idx, draft]                          # [B]
+        ok = running & (sampler.uniform() * q_draft < p_draft)                      # u < p/q
         residual = (p[:, 0] - q).clamp(min=0)                                       # [B, V]
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, 0])
         y0 = torch.where(ok, draft, sampler.draw(residual))                         # token after x

@@ -12,7 +12,8 @@ prompts (shuffled per epoch from `train.seed`) and:
        through `score_parallel` (routing replay is refused there: the routes would have to reach
        the stage holding each MoE layer); with `grpo.speculative` `model.speculative.speculative_generate`
        (MTP drafts accepted with min(1, p/q), else resampled from the residual: the main model's
-       distribution exactly, though not the keyed noise's tokens; `speculative_acceptance` logged)
+       distribution exactly, with noise keyed by sequence too, but not `generate`'s tokens;
+       `speculative_acceptance` logged)
     -> rewards of this rank's completions, gathered over dp -> group advantages (`advantages`)
     -> rows [micro_batch, seq_len]: prompt + completion (+ eos padding), `labels` on completion tokens,
        `loss_mask` (0 for filtered zero-std groups), `old_logprobs`, `ref_logprobs` (beta > 0: the
@@ -175,9 +176,9 @@ class RolloutSource:
             with torch.no_grad(), (recorder or contextlib.nullcontext()), \
                     autocast_context(self.cfg.train.dtype, self.device):
                 drafts = None
-                if g.speculative:  # MTP drafts, main-model verification (one process per replica)
+                if g.speculative:  # MTP drafts, main-model verification (keyed noise: any dp)
                     spec = speculative_generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                                self.tokenizer.eos_id, seed=seed + mine.start, logprobs=True)
+                                                self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True)
                     new, logps, drafts = spec.tokens, spec.logprobs, (spec.drafted, spec.accepted)
                 elif grid.pp > 1:  # through the stages; every rank gets every sequence's tokens
                     new, logps = generate_parallel(

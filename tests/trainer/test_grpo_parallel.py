@@ -1,6 +1,7 @@
-"""GRPO across processes and time: dp=4 x ep=2 and pp=2 (DualPipeV) equal one process (same rollouts,
-same losses), a run killed by SIGKILL mid-rollout resumes exactly, and routing replay makes the training
-forward route every token as the rollout did, including a forced near-tie that flips without it."""
+"""GRPO across processes and time: dp=4 x ep=2, pp=2 (DualPipeV) and MTP-drafted rollouts under dp=2
+equal one process (same rollouts, same losses), a run killed by SIGKILL mid-rollout resumes exactly,
+and routing replay makes the training forward route every token as the rollout did, including a
+forced near-tie that flips without it."""
 
 from __future__ import annotations
 
@@ -65,6 +66,20 @@ def test_pp2_dualpipev_equals_one_process(grpo_data, tmp_path):
     run(grpo_cfg(grpo_data, tmp_path / "one", *PIPELINE))
     run_local(_pp_rank, 2, grpo_data, tmp_path / "pp")
     _assert_same_run(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp"))
+
+
+def _speculative_rank(rank: int, world: int, data: Path, run_dir: Path) -> None:
+    run(grpo_cfg(data, run_dir, *PARALLEL, "grpo.speculative=true", "parallel.dp=2"))
+
+
+def test_speculative_dp2_equals_one_process(grpo_data, tmp_path):
+    """MTP-drafted rollouts draw with noise keyed by sequence: each dp rank's half of the sequences gets
+    the tokens and the accept/reject decisions it gets in one process (acceptance equal exactly)."""
+    run(grpo_cfg(grpo_data, tmp_path / "one", *PARALLEL, "grpo.speculative=true"))
+    run_local(_speculative_rank, 2, grpo_data, tmp_path / "dp")
+    ref, got = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "dp")
+    _assert_same_run(ref, got)
+    assert [r["speculative_acceptance"] for r in got] == [r["speculative_acceptance"] for r in ref]
 
 
 RESUME = ["train.steps=4", "grpo.updates_per_rollout=2", "checkpoint.every=3", "grpo.beta=0.05"]
