@@ -23,7 +23,7 @@ weights: non-local modules go to meta and the rest moves to `device` before the 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,14 +37,17 @@ TOP_LEVEL = ("embed_tokens", "layers", "norm", "lm_head", "mtp")
 
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
                 fp8_backend: str = "off", num_replicas: int | None = None, seed: int | None = None,
-                std: float | None = None, recompute: Any = "none", materialize_meta: bool = True) -> nn.Module:
+                std: float | None = None, recompute: Any = "none", materialize_meta: bool = True,
+                fill: Callable[..., None] | None = None) -> nn.Module:
     """Apply the transforms above to `model`; returns it (the same object, changed in
     place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
     initializer_range) initialises a model built on meta; without it the model must hold its weights.
+    `fill(tensor, name, expert_rows, buffer)` gives a meta model's local tensors their values instead
+    (`trainer/init_from.py`: read from a checkpoint, each rank only what it holds).
     `materialize_meta=False` leaves a meta model on meta (this rank's stages and expert slots cut, the
     placement tables on `device`): `twinpipe-plan` counts what a rank would hold without allocating it."""
     on_meta = all(p.is_meta for p in model.parameters())
-    if on_meta and seed is None and materialize_meta:
+    if on_meta and seed is None and fill is None and materialize_meta:
         raise ValueError("parallelize: the model was built on meta; pass seed= to initialise this rank's part")
     local = _local_modules(model, grid, schedule)
     if grid.pp > 1:
@@ -61,7 +64,7 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
                               holds=lambda name: _is_under(name, local))
     if on_meta and materialize_meta:
         std = model.config.initializer_range if std is None else std
-        materialize(model, local, device, seed, std)
+        materialize(model, local, device, fill or init_fill(seed, std))
     if fp8_backend != "off":
         from twinpipe.fp8 import convert_model
 
@@ -91,12 +94,27 @@ def _is_under(name: str, roots: set[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
 
+def init_fill(seed: int, std: float) -> Callable[..., None]:
+    """The `fill` of a run from scratch: `init_by_name` for parameters, zeros for the router bias."""
+    from twinpipe.model.init import init_by_name
+
+    def fill(tensor: torch.Tensor, name: str, rows: list[int] | None, buffer: bool) -> None:
+        if not buffer:
+            init_by_name(tensor, name, seed, std, expert_rows=rows)
+        elif name.endswith(".e_score_correction_bias"):
+            tensor.zero_()
+        else:
+            raise ValueError(f"materialize: no initial value known for buffer {name}")
+    return fill
+
+
 @torch.no_grad()
-def materialize(model: nn.Module, local: set[str], device: torch.device, seed: int, std: float) -> None:
-    """Give the meta parameters of the modules under `local` memory on `device` and their initial values
-    (`init_by_name`); expert slots row by row through their layer's slot -> expert table; router biases
-    zeros. Parameter attributes (e.g. the expert-slot marker) carry over."""
-    from twinpipe.model.init import init_by_name, is_stacked_experts
+def materialize(model: nn.Module, local: set[str], device: torch.device, fill: Callable[..., None]) -> None:
+    """Give the meta parameters and buffers of the modules under `local` memory on `device` and their
+    values from `fill(tensor, name in the full model, expert_rows, buffer)` (`init_fill`: initial
+    values); stacked expert weights with the logical expert of each row (a layer's slot -> expert
+    table under expert parallelism). Parameter attributes (e.g. the expert-slot marker) carry over."""
+    from twinpipe.model.init import is_stacked_experts
 
     slot_rows = _expert_slot_rows(model)
     for module_name, module in model.named_modules():
@@ -112,13 +130,13 @@ def materialize(model: nn.Module, local: set[str], device: torch.device, seed: i
             new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
                                requires_grad=old.requires_grad)
             new.__dict__.update(old.__dict__)
-            init_by_name(new, f"{logical}.{pname}", seed, std, expert_rows=rows)
+            fill(new, f"{logical}.{pname}", rows, False)
             module._parameters[pname] = new
         for bname, buf in list(module._buffers.items()):
             if buf is not None and buf.is_meta:
-                if bname != "e_score_correction_bias":
-                    raise ValueError(f"materialize: no initial value known for buffer {module_name}.{bname}")
-                module._buffers[bname] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+                new = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+                fill(new, f"{logical}.{bname}", None, True)
+                module._buffers[bname] = new
 
 
 def _expert_slot_rows(model: nn.Module) -> dict[str, list[int]]:

@@ -66,22 +66,19 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
     From scratch the model is built on meta and `parallelize` materialises only this rank's stages and
     expert slots, each parameter drawn from (train.seed, its name[, its expert]) (`model/init.py`): any
     layout holds exactly the one-process weights and a rank's memory is what it owns. With `init_from`
-    the whole model is built and loaded on the host first (a rank holds it once while it starts)."""
+    the same, each rank reading its tensors from the checkpoint (`init_from.local_fill`)."""
     from twinpipe.model.transformer import Transformer
     from twinpipe.parallel.grid import Grid
     from twinpipe.parallel.parallelize import parallelize
 
     mcfg = model_config(cfg.model)
-    seed = None
+    fill = None
     if cfg.get("init_from"):  # SFT / GRPO: start from a checkpoint or an HF folder (trainer/init_from.py)
-        from twinpipe.trainer.init_from import load_initial_weights
+        from twinpipe.trainer.init_from import local_fill
 
+        fill = local_fill(cfg.init_from, mcfg)
+    with torch.device("meta"):
         model = Transformer(mcfg)
-        load_initial_weights(model, cfg.init_from)
-    else:
-        with torch.device("meta"):
-            model = Transformer(mcfg)
-        seed = cfg.train.seed
     if cfg.model.get("freeze_router"):  # the gate weights (MTP's too) get no gradient, no optimizer state
         from twinpipe.model.gate import Gate
 
@@ -90,5 +87,5 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
                 module.weight.requires_grad_(False)
     grid = grid if grid is not None else Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
     return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
-                       num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=seed,
-                       std=cfg.train.init_std)
+                       num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=cfg.train.seed,
+                       std=cfg.train.init_std, fill=fill)

@@ -1,11 +1,15 @@
 """`init_from`: start a run's weights from a twinpipe checkpoint or an HF DeepSeek-V3 folder.
 
-`init_from` may be a `checkpoints/step_N` folder or a run dir (its newest complete checkpoint; any saved
-layout: pipeline ranks, expert shards and EPLB slots are merged by `checkpoint.load_model_for_inference`),
-or an HF folder (config.json + safetensors, BF16 or FP8 with `weight_scale_inv`, dequantised on load).
-The weights go into the freshly built full model on the host, before `parallelize` places stages,
-experts and FP8 layers, so every layout starts from the same values. The optimizer and LR schedule
-start fresh; `resume` (a checkpoint of this run) takes precedence over `init_from`.
+`init_from` may be a `checkpoints/step_N` folder or a run dir (its newest complete checkpoint, saved
+under any layout), or an HF folder (config.json + safetensors, BF16 or FP8 with `weight_scale_inv`,
+dequantised on read). Each rank reads only what it holds (`local_fill`, the `fill` of
+`parallel.parallelize`: the model is built on meta and this rank's stages and expert slots are filled
+tensor by tensor): from an HF folder through the memory-mapped safetensors, an expert slot from its
+logical expert's own tensor (EPLB replicas read it again); from a twinpipe checkpoint with
+torch.distributed.checkpoint, one tensor at a time (a layer's experts at most: slots saved under expert
+parallelism are merged for that one parameter, `checkpoint._read_model_state`). Every layout starts
+from the same values. The optimizer and LR schedule start fresh; `resume` (a checkpoint of this run)
+takes precedence over `init_from`.
 
 The recipe's architecture must be the checkpoint's: a field that shapes parameters or the forward
 (`ARCHITECTURE_FREE` excepted) that differs is refused naming `model.<field>` and both values. The
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,7 +58,8 @@ def tokenizer_path(path: str) -> Path:
 
 
 def load_initial_weights(model: torch.nn.Module, path: str) -> None:
-    """Copy `init_from`'s weights (fp32) into `model`, a full `Transformer` not yet parallelized."""
+    """Copy `init_from`'s weights (fp32) into `model`, a full `Transformer` on the host, in one process
+    (the whole checkpoint read; the trainer reads per rank through `local_fill`)."""
     from twinpipe.trainer.checkpoint import load_model_for_inference
 
     saved, _ = load_model_for_inference(path, torch.float32, key="init_from")
@@ -64,3 +69,58 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
         raise ValueError(f"init_from={path}: its weights do not fit the recipe's model (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]})")
     log.info("weights from init_from=%s", path)
+
+
+def local_fill(path: str, recipe: Any) -> Callable[..., None]:
+    """The `fill(tensor, name, expert_rows, buffer)` that reads `init_from`'s value of each tensor a rank
+    holds (`name`: its name in the full model; `expert_rows`: the logical expert of each row of a
+    stacked expert weight). Refuses a checkpoint whose architecture is not the recipe's `ModelConfig`."""
+    from twinpipe.trainer.checkpoint import COMPLETE
+
+    folder = Path(path)
+    if (folder / "config.json").is_file() and not (folder / COMPLETE).is_file():
+        return _hf_fill(folder, recipe)
+    return _checkpoint_fill(path, recipe)
+
+
+def _hf_fill(folder: Path, recipe: Any) -> Callable[..., None]:
+    from twinpipe.model.config import ModelConfig
+    from twinpipe.model.hf import _read_config, ours_to_hf
+    from twinpipe.model.safetensors_io import CheckpointReader
+
+    hf_cfg = _read_config(folder)
+    check_architecture(recipe, ModelConfig.from_hf_dict(hf_cfg), str(folder))
+    reader = CheckpointReader(folder)  # shard files memory-mapped on first use, kept open for the run
+
+    @torch.no_grad()
+    def fill(tensor: torch.Tensor, name: str, rows: list[int] | None, buffer: bool) -> None:
+        hf = ours_to_hf(name, recipe.num_hidden_layers, recipe.n_routed_experts)  # [(HF name, expert)]
+        if rows is None:
+            tensor.copy_(reader.get_weight(hf[0][0], tensor.dtype))
+            return
+        for i, expert in enumerate(rows):  # [S, ...]: slot i holds logical expert rows[i]
+            tensor[i].copy_(reader.get_weight(hf[expert][0], tensor.dtype))
+    log.info("init_from=%s: each rank reads its own tensors from the HF folder", folder)
+    return fill
+
+
+def _checkpoint_fill(path: str, recipe: Any) -> Callable[..., None]:
+    from omegaconf import OmegaConf
+
+    from twinpipe.trainer import checkpoint_format as fmt
+    from twinpipe.trainer.build import model_config
+    from twinpipe.trainer.checkpoint import _read_model_state, resolve_resume
+
+    ckpt = resolve_resume(path, Path(path), "init_from")
+    if ckpt is None:
+        raise FileNotFoundError(f"init_from={path}: neither a twinpipe checkpoint nor an HF folder with config.json")
+    check_architecture(recipe, model_config(OmegaConf.load(ckpt / fmt.CONFIG).model), path)
+
+    @torch.no_grad()
+    def fill(tensor: torch.Tensor, name: str, rows: list[int] | None, buffer: bool) -> None:
+        shape = tuple(tensor.shape) if rows is None else (recipe.n_routed_experts, *tensor.shape[1:])
+        saved = _read_model_state(ckpt, {name: torch.empty(shape, dtype=torch.float32)},
+                                  recipe.n_routed_experts)[name]
+        tensor.copy_(saved if rows is None else saved[torch.as_tensor(rows)])
+    log.info("init_from=%s: each rank reads its own tensors from %s", path, ckpt)
+    return fill
