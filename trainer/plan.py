@@ -19,7 +19,9 @@ and counts, per rank, in bytes:
   pp - pp_rank, no pipeline 1. train.dtype=fp32 is checked against the autograd graph on CPU;
   bf16 counts 2 bytes per saved element (the GPU target, fused attention): CPU autocast saves more
   (RMSNorm's fp32 intermediates, fp32 attention, and a bf16 copy of each weight per micro-batch);
-- the latent KV cache of rollouts (GRPO): (kv_lora_rank + qk_rope_head_dim) bf16 per token and layer;
+- the latent KV cache of rollouts (GRPO): (kv_lora_rank + qk_rope_head_dim) per token and layer, in
+  the weights' dtype (fp32: `LatentKVCache.for_model`), for this rank's rollouts (`--rollout`; default
+  a GRPO recipe's global_batch / dp sequences of train.seq_len, else one micro-batch);
 - all-to-all bytes per step sent by the rank (dispatch + combine, forward and backward, every top-k pick
   sent as its own row, as `parallel/experts/dispatch.py` does).
 
@@ -209,7 +211,7 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     dispatch = 1 if cfg.fp8.backend != "off" else 2
     a2a = moe_passes * tokens * c.num_experts_per_tok * c.hidden_size * (p.ep - 1) / p.ep * (dispatch + 2 + 4)
     batch, length = rollout
-    kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
+    kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
     params = dense + experts + frozen
     out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params, expert_params=experts,
                    weights_bytes=4 * params, grad_bytes=4 * (dense + experts) + 4 * dense,
@@ -303,7 +305,9 @@ def plan(cfg: DictConfig, gpu: str = "H800", ranks: list[int] | None = None, att
     bad = [r for r in ranks if not 0 <= r < p.pp * p.dp]
     if bad:
         raise ValueError(f"--rank {bad[0]}: outside the world of parallel.pp x parallel.dp = {p.pp * p.dp}")
-    rollout = rollout or (cfg.train.micro_batch, cfg.train.seq_len)
+    if rollout is None:
+        per_rank = cfg.train.global_batch // p.dp if "grpo" in cfg else cfg.train.micro_batch
+        rollout = (per_rank, cfg.train.seq_len)
     planned = [plan_rank(cfg, r, attention, rollout) for r in ranks]
     result = dict(gpu=asdict(spec), world=p.pp * p.dp, pp=p.pp, dp=p.dp, ep=p.ep, schedule=p.schedule,
                   attention=attention, ranks=[asdict(r) for r in planned], step=roofline(cfg, planned, spec))

@@ -106,6 +106,19 @@ def test_plan_activations_and_grads_match_one_forward(size, recompute):
     assert grads == pytest.approx(planned["weights_bytes"], rel=0.10)  # p.grad: fp32, one per weight
 
 
+def test_plan_kv_cache_is_the_rollout_cache():
+    from twinpipe.model.kv_cache import LatentKVCache
+    from twinpipe.trainer.build import model_config
+
+    cfg = recipe(*MID, "parallel.pp=2", "parallel.schedule=1f1b", "train.global_batch=4")
+    result = planner.plan(cfg, rollout=(3, 40), check_fit=False)
+    c = model_config(cfg.model)
+    for r in result["ranks"]:  # 1F1B: pp rank 0 holds layers 0-1, rank 1 layers 2-3 (+ MTP: no cache)
+        layers = [b for b in r["blocks"] if b < c.num_hidden_layers]
+        cache = LatentKVCache(c, 3, 40, torch.float32, layers=layers)
+        assert r["kv_cache_bytes"] == cache.c_kv.nbytes + cache.k_pe.nbytes
+
+
 V3 = ["model=v3_671b", "parallel.pp=16", "parallel.dp=128", "parallel.ep=64", "parallel.schedule=dualpipe",
       "train.seq_len=4096", "train.global_batch=15360", "train.micro_batch=1", "fp8.backend=emulate",
       "train.dtype=bf16", "train.recompute=[norms,mla_up,moe]", "run.dir=plan"]
