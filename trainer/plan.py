@@ -166,6 +166,7 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     """Everything `RankPlan` lists for `rank` of the recipe's layout (see the module docstring)."""
     from twinpipe.parallel.experts.layer import is_expert_param
     from twinpipe.parallel.parallelize import _is_under
+    from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
 
     p, t, c = cfg.parallel, cfg.train, model_config(cfg.model)
@@ -195,10 +196,8 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     blocks = sorted(range(c.num_hidden_layers) if "layers" in local else
                     {int(n.split(".")[1]) for n in local if n.startswith("layers.")})
     blocks += [c.num_hidden_layers + k for k in range(c.num_nextn_predict_layers) if "mtp" in local]
-    stages = 2 if p.pp > 1 and p.schedule in ("dualpipe", "dualpipev") else 1
+    stages = stages_held(cfg)
     tokens = t.micro_batch * t.seq_len
-    from twinpipe.parallel.recompute import parse_options
-
     recompute = tuple(parse_options(t.recompute))
     act_elements = sum(activation_elements(c, b, tokens, t.seq_len, attention, recompute) for b in blocks)
     act_bytes = 4 if t.dtype == "fp32" else 2
@@ -213,7 +212,8 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     batch, length = rollout
     kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
     params = dense + experts + frozen
-    out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params, expert_params=experts,
+    out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params,
+                   expert_params=experts,
                    weights_bytes=4 * params, grad_bytes=4 * (dense + experts) + 4 * dense,
                    optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * 2 * moment,
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
@@ -221,6 +221,11 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
                    all_to_all_bytes_per_step=int(a2a), total_bytes=0)
     out.total_bytes = out.weights_bytes + out.grad_bytes + out.optimizer_bytes + out.activation_bytes
     return out
+
+
+def stages_held(cfg: DictConfig) -> int:
+    """Pipeline stages per rank: two under DualPipe / DualPipeV (a stage and its mirror), else one."""
+    return 2 if cfg.parallel.pp > 1 and cfg.parallel.schedule in ("dualpipe", "dualpipev") else 1
 
 
 def chunks(cfg: DictConfig) -> int:
@@ -256,7 +261,7 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
     fp8 = cfg.fp8.backend != "off"
     peak = (gpu.fp8_tflops if fp8 else gpu.bf16_tflops) * 1e12
     tokens = t.micro_batch * t.seq_len
-    stages = 2 if p.pp > 1 and p.schedule in ("dualpipe", "dualpipev") else 1
+    stages = stages_held(cfg)
     step_times = []
     for r in ranks:
         flops = sum(forward_flops(c, b, t.seq_len) for b in r.blocks) * tokens / stages
@@ -271,7 +276,9 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
         overlapped = max(compute, a2a) if stages == 2 else compute + a2a
         dense = r.params - r.expert_params
         edp = p.dp // p.ep
-        dp_comm = ((3 * 4 * dense * (p.dp - 1) / p.dp) + 2 * 4 * r.expert_params * (edp - 1) / edp) / (gpu.ib_gb_s * 1e9)
+        # ZeRO-1: fp32 gradient all-reduce (2x) + master all-gather (1x) over dp; experts all-reduced over edp
+        dp_bytes = 3 * 4 * dense * (p.dp - 1) / p.dp + 2 * 4 * r.expert_params * (edp - 1) / edp
+        dp_comm = dp_bytes / (gpu.ib_gb_s * 1e9)
         optimizer = 3 * (r.optimizer_bytes + r.weights_bytes) / (gpu.hbm_tb_s * 1e12)
         step_times.append(dict(rank=r.rank, compute_s=compute, all_to_all_s=a2a,
                                bubble_s=bubble_units(p.pp, p.schedule) * f_time, dp_comm_s=dp_comm,
