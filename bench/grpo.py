@@ -1,4 +1,4 @@
-"""GRPO benchmark: from the SFT benchmark's checkpoint on its task (reverse letters, `bench/sft.py`),
+"""GRPO benchmark: from the SFT benchmark's checkpoint on its task (addition, `bench/sft.py`),
 GRPO with the exact-match reward should raise held-out greedy exact match; mean and spread over seeds.
 
     python bench/grpo.py                          # SFT stage once (~6 min), then 3 GRPO seeds
@@ -12,8 +12,8 @@ GRPO with the exact-match reward should raise held-out greedy exact match; mean 
 3. Held-out greedy exact match (`model.generation.generate`, the same check as SFT's eval) of the SFT
    checkpoint and of every GRPO checkpoint, on `--eval-records` records of another seed.
 
-Writes bench/results/grpo_reverse.json (per seed: held-out accuracy by step, reward and training
-accuracy curves, wall times; mean and spread of the gain) and grpo_reverse.png.
+Writes bench/results/grpo_addition.json (per seed: held-out accuracy by step, reward and training
+accuracy curves, wall times; mean and spread of the gain) and grpo_addition.png.
 """
 
 from __future__ import annotations
@@ -98,12 +98,13 @@ def main() -> None:
     parser.add_argument("--eval-records", type=int, default=200)
     parser.add_argument("--train-records", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--digits", type=int, default=1, help="addends below 10**digits (bench/sft.py's task)")
     parser.add_argument("--work", default="runs/bench-grpo")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train = make_task(work / "train.jsonl", args.train_records, seed=1, length=4)
-    held = make_task(work / "heldout.jsonl", args.eval_records, seed=2, length=4)
+    train = make_task(work / "train.jsonl", args.train_records, seed=1, digits=args.digits)
+    held = make_task(work / "heldout.jsonl", args.eval_records, seed=2, digits=args.digits)
     sft = run_sft(args, work, train, held)
     start_accuracy = heldout_exact_match(sft, held)
     prompts = prompts_file(train, work / "prompts.jsonl")
@@ -119,13 +120,13 @@ def main() -> None:
                        "rollout_tokens_per_s_median": statistics.median(r["rollout_tokens_per_s"] for r in rows),
                        "logprob_diff_max": max(r.get("logprob_diff_max", 0.0) for r in rows)}
     gains = [100 * (list(s["heldout_accuracy"].values())[-1] - start_accuracy) for s in seeds.values()]
-    result = {"task": "reverse 4 letters (bench/sft.py)", "sft_checkpoint": str(sft), "sft_steps": args.sft_steps,
+    result = {"task": f"addition of numbers below 10**{args.digits} (bench/sft.py)", "sft_checkpoint": str(sft), "sft_steps": args.sft_steps,
               "heldout_start": start_accuracy, "gain_points_mean": statistics.mean(gains),
               "gain_points_spread": [min(gains), max(gains)], "seeds": seeds, "args": vars(args),
               "command": " ".join(sys.argv)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grpo_reverse.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "grpo_reverse.png")
+    (RESULTS / "grpo_addition.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / "grpo_addition.png")
     print(json.dumps({k: v for k, v in result.items() if k != "seeds"}))
 
 
