@@ -1,8 +1,8 @@
 """A watchdog that ends a job whose rank went silent, instead of letting every other rank wait in a
 collective for the backend's timeout (30 min gloo, 10 min NCCL by default).
 
-Each rank runs one daemon thread. Every `interval` seconds it publishes a heartbeat (a counter and the
-training loop's last finished step, `beat(step)`) in the job's TCPStore, through a client connection
+Each rank runs one daemon thread. Every `interval` seconds, and at once after each `beat(step)`, it
+publishes a heartbeat (a counter and the training loop's last finished step) in the job's TCPStore, through a client connection
 of its own, and reads the heartbeats of the ranks it watches (all of them up to 16 ranks, else its
 next 8 ranks around the ring, so a store serves O(world) reads per interval, not O(world^2)). A
 watched rank whose counter has not moved for `silent_s` = `parallel.timeout_s` / 2 seconds is
@@ -59,6 +59,7 @@ class Watchdog:
                                     timeout=timedelta(seconds=max(self.silent_s, 1.0)))
         self._watched = watched_ranks(rank, world)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by beat(): publish the new step now
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="watchdog-store")
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._thread.start()
@@ -79,9 +80,11 @@ class Watchdog:
 
     def beat(self, step: int) -> None:
         self.step = step
+        self._wake.set()
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join()
         self._pool.shutdown(wait=False)
 
@@ -97,7 +100,12 @@ class Watchdog:
         start = time.monotonic()
         seen = {r: (b"", start) for r in self._watched}  # last value, when it last changed
         count, failing_since = 0, None
-        while not self._stop.wait(self.interval if count else 0):
+        while True:
+            if count:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+            if self._stop.is_set():
+                return
             count += 1
             job = self._pool.submit(self._exchange, count)
             try:

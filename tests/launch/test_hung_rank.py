@@ -94,7 +94,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_and_resume_continues_exa
     assert took < TIMEOUT_S, took  # the watchdog, before gloo's own timeout
     said = [line for line in err.splitlines() if "watchdog on rank 0: rank 1 silent" in line]
     assert len(said) == 1 and "its last finished step: " in said[0], err[-4000:]
-    assert int(re.search(r"its last finished step: (\d+)", said[0]).group(1)) >= 2
+    assert 1 <= int(re.search(r"its last finished step: (\d+)", said[0]).group(1)) < STEPS
     assert ckpt.resolve_resume("auto", run) is not None  # the newest complete checkpoint verifies
 
     proc = _torchrun(data_dir, run, env)
