@@ -3,8 +3,8 @@
 `step_N/SHA256SUMS` lists the SHA-256 of every file of the checkpoint but `COMPLETE` (written after it)
 and itself, in the format `sha256sum -c SHA256SUMS` reads, so a user can check a copied checkpoint
 with coreutils too. The ranks share the hashing: rank r hashes every world-th file of the sorted
-list, so a save or a resume costs each rank its share (measured: 1.14 s per GB per rank on an AMD
-EPYC core, files in the page cache; `python -m twinpipe.trainer.checksum FOLDER` verifies one folder
+list, so a save or a resume costs each rank its share (measured: 0.50 s per GB per rank on a quiet
+AMD EPYC core, 1.1 s with the machine loaded; files in the page cache; `python -m twinpipe.trainer.checksum FOLDER` verifies one folder
 and prints its figure). A flipped byte, a truncated or missing file all show as a mismatch
 naming the file; a checkpoint written before checksums existed has no SHA256SUMS and is read
 unverified (with a warning).
