@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def prompts_file(records: Path, out: Path) -> Path:
 
 def run_grpo(args: argparse.Namespace, work: Path, sft: Path, prompts: Path, seed: int) -> tuple[Path, float]:
     run_dir = work / f"grpo-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: no metrics or checkpoints of an earlier one
     command = [sys.executable, "-m", "twinpipe.trainer", "--config-name", "grpo", f"init_from={sft}",
                f"data.paths=[{prompts}]", f"run.dir={run_dir}", "resume=never", "model.vocab_size=512",
                f"train.seed={seed}", f"train.steps={args.steps}", f"train.global_batch={args.prompts * args.group}",
@@ -89,12 +91,12 @@ def run_grpo(args: argparse.Namespace, work: Path, sft: Path, prompts: Path, see
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sft-steps", type=int, default=60)  # ~44% held-out: room to improve
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-records", type=int, default=200)
     parser.add_argument("--train-records", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=2)
