@@ -77,7 +77,7 @@ def speculative(checkpoint: str, device: torch.device, num_prompts: int = 8, pro
                 new_tokens: int = 48) -> dict:
     """MTP drafts vs plain greedy decoding of held-out prompts with a trained model."""
     from twinpipe.data.corpus import embedded_corpus_files
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(checkpoint, torch.float32)
     model = model.to(device)

@@ -40,7 +40,7 @@ def heldout_exact_match(checkpoint: Path, held: Path, max_new_tokens: int = 16) 
     from twinpipe.data.chat import ChatTemplate, prompt_ids
     from twinpipe.data.records import RecordReader
     from twinpipe.model.generation import generate
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     model, tok = load_model_for_inference(checkpoint, torch.float32)
     template = ChatTemplate.for_tokenizer(tok)

@@ -49,7 +49,7 @@ def export(sft: Path, folder: Path) -> Path:
     """The SFT checkpoint as an HF folder (fp32) with its tokenizer and chat template."""
     from twinpipe.data.chat import DEEPSEEK_V3_TEMPLATE
     from twinpipe.model import save_hf
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(sft, torch.float32)
     save_hf(model, folder, dtype=torch.float32, overwrite=True)
@@ -82,7 +82,7 @@ def run_trl(args: argparse.Namespace, folder: Path, prompts: Path, out: Path) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from twinpipe.trainer.rewards import exact_match
+    from twinpipe.trainer.grpo.rewards import exact_match
 
     class TimedRollouts(GRPOTrainer):
         """Times transformers' generate and counts the completion tokens it returned (eos included)."""

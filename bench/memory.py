@@ -16,7 +16,7 @@ Sections (--sections, default all):
               --vocabs: plain (lm_head then cross-entropy: fp32 [tokens, vocab] logits) against chunked.
   checkpoint  --saves checkpoints of the --preset model (weights + AdamW state) with --steps-between
               training steps between saves, synchronous against checkpoint.async_save: the step loop's
-              stall per save (trainer/checkpoint_writer.py), the write speed, the step time meanwhile.
+              stall per save (trainer/checkpoint/writer.py), the write speed, the step time meanwhile.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated over what was allocated before the measured steps
 (weights, optimizer state, after a warm-up step); on CPU the process's peak RSS (VmHWM, reset before the
@@ -52,7 +52,7 @@ from twinpipe.model.transformer import Transformer
 from twinpipe.parallel.recompute import apply_recompute
 from twinpipe.trainer.chunked_ce import linear_cross_entropy_sum, rows_for_budget
 from twinpipe.trainer.loss import GLOBAL_COUNTS, PretrainLoss, cross_entropy_sum
-from twinpipe.trainer.zero import ZeroAdamW
+from twinpipe.trainer.optim.zero import ZeroAdamW
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECOMPUTE = ["none", "norms", "mla_up", "moe", "full", ["norms", "mla_up"]]
@@ -186,9 +186,9 @@ def ce_case(vocab: int, tokens: int, hidden: int, ce_chunk_mib: float, device: t
 
 def checkpoint_case(preset: str, seq_len: int, batch: int, async_save: bool, saves: int, steps_between: int,
                     folder: str, device: torch.device) -> dict:
-    from twinpipe.trainer import checkpoint as ckpt
-    from twinpipe.trainer import checkpoint_format as fmt
-    from twinpipe.trainer.checkpoint_writer import CheckpointWriter
+    from twinpipe.trainer.checkpoint import io as ckpt
+    from twinpipe.trainer.checkpoint import format as fmt
+    from twinpipe.trainer.checkpoint.writer import CheckpointWriter
 
     _, model, opt, step = _train_setup(preset, seq_len, batch, "none", 256.0, device)
     step()

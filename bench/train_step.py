@@ -28,7 +28,7 @@ from twinpipe.model.config import ModelConfig
 from twinpipe.model.transformer import Transformer
 from twinpipe.trainer.flops import flops_per_token, peak_flops
 from twinpipe.trainer.loss import GLOBAL_COUNTS, PretrainLoss
-from twinpipe.trainer.zero import ZeroAdamW
+from twinpipe.trainer.optim.zero import ZeroAdamW
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -56,7 +56,7 @@ def bench(preset: str, batch: int, seq_len: int, steps: int, warmup: int, device
         from twinpipe.fp8 import convert_model
 
         convert_model(model, fp8)
-    opt = ZeroAdamW(model.named_parameters())  # decay all but norms (trainer/optim.py)
+    opt = ZeroAdamW(model.named_parameters())  # decay all but norms (trainer/optim/optimizer.py)
     loss_fn = PretrainLoss(0.3, mtp_depths=cfg.num_nextn_predict_layers)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
     mb = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

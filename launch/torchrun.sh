@@ -10,7 +10,7 @@
 #
 # The first argument (when it is a number) or $NPROC is the rank count; then `generate` or `eval`
 # picks that tool instead of training; the rest goes to `python -m twinpipe.trainer` (or
-# twinpipe.trainer.generate / .evaluate) unchanged (Hydra overrides, --config-name). N must equal
+# twinpipe.trainer.cli.generate / .evaluate) unchanged (Hydra overrides, --config-name). N must equal
 # parallel.pp x parallel.dp (the trainer checks it). Backend: NCCL with one rank per GPU when
 # nvidia-smi sees at least N GPUs, else gloo on the CPU with the cores split between the ranks;
 # an explicit parallel.backend=... among the overrides wins.
@@ -23,8 +23,8 @@ fi
 NPROC=${NPROC:-1}
 module=twinpipe.trainer
 case "${1:-}" in
-  generate) module=twinpipe.trainer.generate; shift ;;
-  eval) module=twinpipe.trainer.evaluate; shift ;;
+  generate) module=twinpipe.trainer.cli.generate; shift ;;
+  eval) module=twinpipe.trainer.cli.evaluate; shift ;;
 esac
 if (( NPROC < 1 )); then
   echo "torchrun.sh: rank count $NPROC; need at least 1" >&2

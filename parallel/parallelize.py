@@ -43,7 +43,7 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
     place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
     initializer_range) initialises a model built on meta; without it the model must hold its weights.
     `fill(tensor, name, expert_rows, buffer)` gives a meta model's local tensors their values instead
-    (`trainer/init_from.py`: read from a checkpoint, each rank only what it holds).
+    (`trainer/checkpoint/init_from.py`: read from a checkpoint, each rank only what it holds).
     `materialize_meta=False` leaves a meta model on meta (this rank's stages and expert slots cut, the
     placement tables on `device`): `twinpipe-plan` counts what a rank would hold without allocating it."""
     on_meta = all(p.is_meta for p in model.parameters())

@@ -18,7 +18,7 @@ def model_config(model: DictConfig) -> Any:
     fields = OmegaConf.to_container(model, resolve=True)
     preset = fields.pop("preset")
     extra = fields.pop("extra") or {}
-    fields.pop("freeze_router", None)  # a training option (trainer/sft.py), not an architecture field
+    fields.pop("freeze_router", None)  # a training option (trainer/sft/recipe.py), not an architecture field
     overrides = {k: v for k, v in fields.items() if v is not None}
     overrides.update(extra)
     known = set(ModelConfig.__dataclass_fields__)
@@ -73,8 +73,8 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
 
     mcfg = model_config(cfg.model)
     fill = None
-    if cfg.get("init_from"):  # SFT / GRPO: start from a checkpoint or an HF folder (trainer/init_from.py)
-        from twinpipe.trainer.init_from import local_fill
+    if cfg.get("init_from"):  # SFT / GRPO: start from a checkpoint or an HF folder (trainer/checkpoint/init_from.py)
+        from twinpipe.trainer.checkpoint.init_from import local_fill
 
         fill = local_fill(cfg.init_from, mcfg)
     with torch.device("meta"):

@@ -170,7 +170,7 @@ class CheckpointSchema:
     every: int = 100  # steps; 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept
     at_end: bool = True
-    # true: written by a thread while the next steps run (trainer/checkpoint_writer.py); one staged copy
+    # true: written by a thread while the next steps run (trainer/checkpoint/writer.py); one staged copy
     # of the state in host memory. Not `async`: a Python keyword
     async_save: bool = False
 
@@ -258,7 +258,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="recipe_schema", node=RecipeSchema)
     cs.store(name="sft_recipe_schema", node=SFTRecipeSchema)
-    from twinpipe.trainer.grpo_config import GRPORecipeSchema
+    from twinpipe.trainer.grpo.config import GRPORecipeSchema
 
     cs.store(name="grpo_recipe_schema", node=GRPORecipeSchema)
     cs.store(group="model", name="model_schema", node=ModelSchema)
@@ -354,7 +354,7 @@ def validate(cfg: DictConfig) -> None:
     if "sft" in cfg:
         validate_sft(cfg)
     elif "grpo" in cfg:
-        from twinpipe.trainer.grpo_config import validate_grpo
+        from twinpipe.trainer.grpo.config import validate_grpo
 
         validate_grpo(cfg)
     else:

@@ -79,8 +79,8 @@ class CPUEMA:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
-        from twinpipe.trainer import checkpoint_format as fmt
-        from twinpipe.trainer.checkpoint import saved_tensors, single_process_quiet
+        from twinpipe.trainer.checkpoint import format as fmt
+        from twinpipe.trainer.checkpoint.io import saved_tensors, single_process_quiet
 
         saved = saved_tensors(path)
         absent = [n for n in self.average if f"{fmt.EMA}.{n}" not in saved]

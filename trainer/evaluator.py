@@ -46,7 +46,7 @@ class Evaluator:
     """`evaluate(step) -> metrics` ({} between evaluations)."""
 
     def __init__(self, cfg: Any, tokenizer: Any, model: torch.nn.Module, grid: Any, schedule: str = "1f1b"):
-        from twinpipe.trainer.evaluate import heldout_ids
+        from twinpipe.trainer.cli.evaluate import heldout_ids
 
         self.model, self.grid, self.schedule = model, grid, schedule
         self.every, seq = int(cfg.eval.every), int(cfg.train.seq_len)

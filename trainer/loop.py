@@ -7,7 +7,7 @@
            -> checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1)
 
 A resume under the saved layout (dp may differ) is one DCP load (`_load_same_layout`); under another
-parallel.pp, parallel.schedule or parallel.ep `trainer/reshard.py` rebuilds each rank's state.
+parallel.pp, parallel.schedule or parallel.ep `trainer/checkpoint/reshard.py` rebuilds each rank's state.
 
 `train(cfg)` needs a resolved, validated recipe (`trainer/train.py` makes one from Hydra) and joins
 the process group torchrun/srun/run_local describe, if any.
@@ -28,19 +28,20 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from twinpipe.parallel.grid import build_grid, collective_timeout_s, init_distributed
-from twinpipe.trainer import checkpoint as ckpt
-from twinpipe.trainer import checkpoint_format as fmt
-from twinpipe.trainer import preflight, reshard
-from twinpipe.trainer.checkpoint_writer import CheckpointWriter
+from twinpipe.trainer.checkpoint import io as ckpt
+from twinpipe.trainer.checkpoint import format as fmt
+from twinpipe.trainer import preflight
+from twinpipe.trainer.checkpoint import reshard
+from twinpipe.trainer.checkpoint.writer import CheckpointWriter
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.ema import CPUEMA
 from twinpipe.trainer.flops import flops_per_token, peak_flops
 from twinpipe.trainer.loss import PretrainLoss
 from twinpipe.trainer.metrics import MetricsWriter
-from twinpipe.trainer.optim import build_optimizer
+from twinpipe.trainer.optim.optimizer import build_optimizer
 from twinpipe.trainer.runner import select_runner
 from twinpipe.trainer.step import TrainStep
-from twinpipe.trainer.schedule import batch_size_at, gamma_at, lr_at, mtp_lambda_at
+from twinpipe.trainer.optim.schedule import batch_size_at, gamma_at, lr_at, mtp_lambda_at
 from twinpipe.trainer.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     multiple = cfg.train.micro_batch * grid.dp
     last: dict[str, Any] = {}
     saved_at = step
-    saver = CheckpointWriter(cfg.checkpoint.async_save)  # trainer/checkpoint_writer.py
+    saver = CheckpointWriter(cfg.checkpoint.async_save)  # trainer/checkpoint/writer.py
 
     def save() -> None:
         rank_state = {fmt.LOADER: loader.state_dict(), fmt.RNG: ckpt.rng_state()}

@@ -55,7 +55,7 @@ def problems(cfg: DictConfig) -> list[str]:
 def batch_sizes(cfg: DictConfig) -> list[tuple[int, int]]:
     """(first step, global batch) of every batch size the run uses, in order: the optim.ramp_start
     ramp as the loop computes it (`schedule.batch_size_at`), then train.global_batch."""
-    from twinpipe.trainer.schedule import batch_size_at
+    from twinpipe.trainer.optim.schedule import batch_size_at
 
     t = cfg.train
     multiple = t.micro_batch * cfg.parallel.dp

@@ -72,7 +72,7 @@ def sum_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
 class TrainStep:
     """One optimizer step over one global batch; every loop calls it the same way.
 
-    `model`, `optimizer` (trainer/optim.py), `runner` (trainer/runner.py), `loss_fn`, `grid`,
+    `model`, `optimizer` (trainer/optim/optimizer.py), `runner` (trainer/runner.py), `loss_fn`, `grid`,
     `grad_clip`, `on_nonfinite` ('skip' or 'stop'), `center_bias` (balance.center) and, with EPLB,
     `rebalancer` + `eplb_every`."""
 

@@ -85,7 +85,7 @@ def closing_line(summary: dict[str, Any], path: Path) -> str:
 def write_summary(run_dir: Path, step: int, tokens: float, steps_this_run: int, tokens_this_run: float,
                   wall_s: float, stopped: bool = False) -> dict[str, Any]:
     """Write `run_dir/summary.json` (replaced by each run that ends) and log the closing line."""
-    from twinpipe.trainer.checkpoint import complete_checkpoints
+    from twinpipe.trainer.checkpoint.io import complete_checkpoints
 
     saved = complete_checkpoints(run_dir)
     summary = summarize(read_metrics(run_dir), step, tokens, steps_this_run, tokens_this_run, wall_s,

@@ -39,11 +39,11 @@ def entry(cfg: DictConfig):
     """The training function of a recipe: `sft.run` / `grpo.run` for one with an `sft` / `grpo` section,
     else `loop.train`."""
     if "sft" in cfg:
-        from twinpipe.trainer.sft import run as train_sft
+        from twinpipe.trainer.sft.recipe import run as train_sft
 
         return train_sft
     if "grpo" in cfg:
-        from twinpipe.trainer.grpo import run as train_grpo
+        from twinpipe.trainer.grpo.recipe import run as train_grpo
 
         return train_grpo
     from twinpipe.trainer.loop import train

@@ -11,7 +11,7 @@ expert and divided by `dp`. With redundant EPLB replicas the copies of one logic
 different slots (and ranks), so their gradients are summed per logical expert over the whole DP group
 and written back to every copy, which keeps the replicas identical (what `rebalance.py` relies on).
 
-The trainer's ZeRO-1 optimizer (`twinpipe.trainer.optim`) leaves the expert parameters
+The trainer's ZeRO-1 optimizer (`twinpipe.trainer.optim.optimizer`) leaves the expert parameters
 (`layer.is_expert_param`) to a local AdamW and calls `reduce_expert_grads` after the backward.
 """
 

@@ -5,7 +5,7 @@ After `apply_expert_parallel` each rank holds only its slots (`...mlp.experts.lo
 dicts differ and change with every EPLB move. `slots_to_logical` (every slot of the EP group -> one
 copy of each logical expert) and `local_slot_rows` (logical experts -> this rank's slots) are the two
 directions of that mapping for one tensor; a resume under another ep or slot count moves weights and
-AdamW moments with them (`twinpipe.trainer.reshard`). `merge_expert_shards` applies the first
+AdamW moments with them (`twinpipe.trainer.checkpoint.reshard`). `merge_expert_shards` applies the first
 offline, in one process without a process group, to the state dicts the EP ranks wrote: that is how a
 checkpoint of an EP run (EPLB-replanned or not, any pp) loads for inference or converts to HF.
 """

@@ -63,7 +63,7 @@ def _torchrun(data_dir: Path, run: Path, env: dict) -> subprocess.Popen:
 
 
 def test_a_stopped_rank_ends_the_job_within_the_timeout_and_resume_continues_exactly(data_dir, tmp_path):
-    from twinpipe.trainer import checkpoint as ckpt
+    from twinpipe.trainer.checkpoint import io as ckpt
     from twinpipe.trainer.metrics import read_metrics
 
     assert run_local(_reference, 2, data_dir, tmp_path / "straight") == [STEPS, STEPS]

@@ -167,7 +167,7 @@ def _reference(rank, world, data_dir, run_dir):
 
 
 def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, data_dir, tmp_path):
-    from twinpipe.trainer import checkpoint as ckpt
+    from twinpipe.trainer.checkpoint import io as ckpt
     from twinpipe.trainer.metrics import read_metrics
 
     assert run_local(_reference, 2, data_dir, tmp_path / "straight") == [STEPS, STEPS]

@@ -17,8 +17,8 @@ from twinpipe.data.tokenizer import train_bpe  # noqa: E402
 from twinpipe.model import ModelConfig, Transformer, generate, save_hf  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from twinpipe.trainer import evaluate as eval_cli  # noqa: E402
-from twinpipe.trainer.harness import TwinpipeLM, check_tasks  # noqa: E402
+from twinpipe.trainer.cli import evaluate as eval_cli  # noqa: E402
+from twinpipe.trainer.cli.harness import TwinpipeLM, check_tasks  # noqa: E402
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n" * 20
 MC = [{"question": "def add(a, b):", "choices": ["return a + b", "class Point", "x = 0"], "answer": 0},

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from twinpipe.model.config import ModelConfig
 from twinpipe.model.hf import load_hf, save_hf
 from twinpipe.model.transformer import Transformer
-from twinpipe.trainer.convert import main
+from twinpipe.trainer.cli.convert import main
 
 SIZES = dict(vocab_size=160, hidden_size=144, intermediate_size=200, moe_intermediate_size=72,
              num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=136,
@@ -97,7 +97,7 @@ def test_convert_errors_exit_nonzero_and_name_the_problem(model_and_folder, tmp_
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp in one process, on purpose
 def test_twinpipe_checkpoint_to_hf(tmp_path):
     from twinpipe.data.tokenizer import load_tokenizer, train_bpe
-    from twinpipe.trainer.checkpoint import save_checkpoint
+    from twinpipe.trainer.checkpoint.io import save_checkpoint
 
     torch.manual_seed(1)
     model = Transformer(ModelConfig.preset("tiny")).eval()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from twinpipe.data.corpus import embedded_corpus_files
 from twinpipe.data.tokenizer import train_bpe
 from twinpipe.model import ModelConfig, Transformer, generate, save_hf
-from twinpipe.trainer import evaluate as eval_cli
-from twinpipe.trainer import generate as gen_cli
+from twinpipe.trainer.cli import evaluate as eval_cli
+from twinpipe.trainer.cli import generate as gen_cli
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n" * 20
 
@@ -40,7 +40,7 @@ def run_dir(model, tokenizer, tmp_path_factory):
     """A twinpipe run dir holding one checkpoint of `model` (what `make train` leaves behind)."""
     from omegaconf import OmegaConf
 
-    from twinpipe.trainer.checkpoint import save_checkpoint
+    from twinpipe.trainer.checkpoint.io import save_checkpoint
 
     run = tmp_path_factory.mktemp("run")
     model_yaml = OmegaConf.to_yaml({"model": {"preset": "tiny", "vocab_size": 300, "extra": {}}})

@@ -27,7 +27,7 @@ from twinpipe.parallel.experts.grad_reduction import reduce_expert_grads
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.experts.layer import apply_expert_parallel, expert_parallel_layers, is_expert_param
 from twinpipe.parallel.local import run_local
-from twinpipe.trainer.zero import ExpertAdamW
+from twinpipe.trainer.optim.zero import ExpertAdamW
 
 WORLD, EP, SLOTS = 4, 2, 12
 

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from twinpipe.data.tokenizer import train_bpe
 from twinpipe.model import ModelConfig, Transformer
 from twinpipe.parallel.local import run_local
-from twinpipe.trainer import evaluate as eval_cli
-from twinpipe.trainer import generate as gen_cli
-from twinpipe.trainer.checkpoint import save_checkpoint
+from twinpipe.trainer.cli import evaluate as eval_cli
+from twinpipe.trainer.cli import generate as gen_cli
+from twinpipe.trainer.checkpoint.io import save_checkpoint
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n" * 20
 PROMPTS = 'prompts=["def add(", "class", "x", "return a"]'

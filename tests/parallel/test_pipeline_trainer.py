@@ -171,7 +171,7 @@ def test_pipeline_checkpoint_resumes_exactly(schedule, data_dir, tmp_path):
 
     import torch
 
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
     from twinpipe.trainer.loop import train
     from twinpipe.trainer.metrics import read_metrics
 

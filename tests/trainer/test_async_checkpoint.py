@@ -1,4 +1,4 @@
-"""Asynchronous checkpoints (checkpoint.async_save=true, trainer/checkpoint_writer.py): the loop goes on
+"""Asynchronous checkpoints (checkpoint.async_save=true, trainer/checkpoint/writer.py): the loop goes on
 while a writer thread writes the state as it was at the save; a SIGKILL mid-write leaves the previous
 complete checkpoint, from which resume=auto continues exactly (fp32: the same arithmetic, so equal
 losses); asynchronous and synchronous checkpoints of the same run hold the same tensors."""
@@ -11,10 +11,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from twinpipe.parallel.local import run_local
-from twinpipe.trainer import checkpoint as ckpt
-from twinpipe.trainer import checkpoint_format as fmt
-from twinpipe.trainer import checkpoint_writer
-from twinpipe.trainer.checksum import first_mismatch
+from twinpipe.trainer.checkpoint import io as ckpt
+from twinpipe.trainer.checkpoint import format as fmt
+from twinpipe.trainer.checkpoint import writer as checkpoint_writer
+from twinpipe.trainer.checkpoint.checksum import first_mismatch
 from twinpipe.trainer.loop import train
 from twinpipe.trainer.metrics import read_metrics
 from trainer_recipe import killed_run, make_cfg

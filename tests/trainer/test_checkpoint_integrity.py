@@ -16,9 +16,9 @@ import subprocess
 import pytest
 
 from twinpipe.model.safetensors_io import CheckpointError
-from twinpipe.trainer import checkpoint as ckpt
-from twinpipe.trainer.checksum import SUMS, read_sums
-from twinpipe.trainer.convert import main as convert_main
+from twinpipe.trainer.checkpoint import io as ckpt
+from twinpipe.trainer.checkpoint.checksum import SUMS, read_sums
+from twinpipe.trainer.cli.convert import main as convert_main
 from twinpipe.trainer.loop import train
 from twinpipe.trainer.metrics import read_metrics
 from trainer_recipe import make_cfg
@@ -76,7 +76,7 @@ def test_corrupt_newest_falls_back_and_resumes_exactly(damage, straight, data_di
         convert_main([f"src={bad}", f"dst={tmp_path / 'hf'}"])
     assert str(info.value.code).startswith(f"twinpipe-convert: src={bad}: {target}: ")
 
-    with caplog.at_level(logging.WARNING, logger="twinpipe.trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="twinpipe.trainer.checkpoint.io"):
         summary = train(make_cfg(data_dir, run, "train.steps=8", *EVERY2, "checkpoint.keep=1", "resume=auto"))
     assert summary["step"] == 8
     assert any(str(target) in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from twinpipe.model.safetensors_io import CheckpointError
-from twinpipe.trainer import checkpoint as ckpt
+from twinpipe.trainer.checkpoint import io as ckpt
 from twinpipe.trainer.ema import CPUEMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -69,7 +69,7 @@ def ep_run(data_dir, tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp in one process, on purpose
 def test_ep_checkpoint_loads_for_inference(ep_run):
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     ckpt, out = ep_run
     placements = out[0]["placements"]
@@ -103,7 +103,7 @@ def test_ep_checkpoint_loads_for_inference(ep_run):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_ep_checkpoint_converts_to_hf(ep_run, tmp_path):
     from twinpipe.model import load_hf
-    from twinpipe.trainer.convert import main
+    from twinpipe.trainer.cli.convert import main
 
     ckpt, out = ep_run
     main([f"src={ckpt}", f"dst={tmp_path / 'hf'}", "dtype=fp32"])
@@ -122,8 +122,8 @@ def test_ep_checkpoint_missing_pieces_are_named(ep_run, data_dir, tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from twinpipe.trainer import checkpoint as ckpt_mod
-    from twinpipe.trainer.convert import main
+    from twinpipe.trainer.checkpoint import io as ckpt_mod
+    from twinpipe.trainer.cli.convert import main
     from twinpipe.trainer.loop import train
 
     ckpt, _ = ep_run
@@ -180,7 +180,7 @@ def test_pipeline_ep_checkpoint_loads_for_inference(data_dir, tmp_path):
     re-planned twice) loads into one model holding exactly every rank's trained weights."""
     from twinpipe.model.experts import Experts
     from twinpipe.parallel.experts.layer import ExpertParallelExperts
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     out = run_local(_pp_ep_rank, 4, data_dir, tmp_path)
     model, _ = load_model_for_inference(tmp_path / "checkpoints" / f"step_{STEPS}")

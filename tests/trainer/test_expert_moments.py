@@ -29,8 +29,8 @@ from torch import nn
 
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer.metrics import read_metrics
-from twinpipe.trainer.optim import no_decay
-from twinpipe.trainer.zero import ZeroAdamW
+from twinpipe.trainer.optim.optimizer import no_decay
+from twinpipe.trainer.optim.zero import ZeroAdamW
 from one_process import assert_matches_one_process
 from trainer_recipe import make_cfg
 

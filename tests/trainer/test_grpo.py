@@ -15,10 +15,10 @@ import torch
 
 from grpo_recipe import grpo_cfg, make_data
 from trainer_recipe import TINY
-from twinpipe.trainer.grpo_loss import GRPOLoss
+from twinpipe.trainer.grpo.loss import GRPOLoss
 from twinpipe.trainer.metrics import read_metrics
-from twinpipe.trainer.rewards import Rewards
-from twinpipe.trainer.rollout import group_advantages
+from twinpipe.trainer.grpo.rewards import Rewards
+from twinpipe.trainer.grpo.rollout import group_advantages
 from twinpipe.trainer.step import add_global_counts
 from twinpipe.trainer.train import run
 

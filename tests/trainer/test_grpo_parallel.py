@@ -106,8 +106,8 @@ def test_routing_replay(grpo_data, tmp_path):
     route flips; with replay 100% of the training routes are the rollout's."""
     from twinpipe.data.tokenizer import load_tokenizer
     from twinpipe.trainer.build import build_model
-    from twinpipe.trainer.rollout import RolloutSource
-    from twinpipe.trainer.routing_replay import RouteReplay, main_gates
+    from twinpipe.trainer.grpo.rollout import RolloutSource
+    from twinpipe.trainer.grpo.routing_replay import RouteReplay, main_gates
 
     cfg = grpo_cfg(grpo_data, tmp_path, "grpo.routing_replay=true")
     model = build_model(cfg, torch.device("cpu"))

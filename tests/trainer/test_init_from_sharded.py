@@ -51,7 +51,7 @@ def check_layout(path: str, layout: str) -> None:
     from pathlib import Path
 
     from twinpipe.model import load_hf
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     if (Path(path) / "config.json").is_file():  # what load_model_for_inference loads, without a tokenizer
         full = load_hf(path, dtype=torch.float32).state_dict()

@@ -29,7 +29,7 @@ class NaNAtCall(PretrainLoss):
 def test_nan_step_is_skipped_and_training_goes_on(data_dir, tmp_path, monkeypatch):
     import torch
 
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     loop.train(make_cfg(data_dir, tmp_path / "one", "train.steps=1", "checkpoint.every=0"))
     monkeypatch.setattr(loop, "PretrainLoss", NaNAtCall)

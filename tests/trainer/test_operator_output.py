@@ -205,7 +205,7 @@ def test_recipes_that_run_pass(data_dir, tmp_path, overrides):
 
 
 def test_ramp_batch_sizes_are_the_loops(data_dir, tmp_path):
-    from twinpipe.trainer.schedule import batch_size_at
+    from twinpipe.trainer.optim.schedule import batch_size_at
 
     cfg = make_cfg(data_dir, tmp_path, "train.micro_batch=1", "optim.ramp_start=2", "optim.ramp_tokens=2000",
                    "train.steps=100")

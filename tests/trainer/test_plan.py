@@ -1,4 +1,4 @@
-"""`twinpipe-plan` (trainer/plan.py) against what real ranks allocate on CPU, and at DeepSeek-V3 scale.
+"""`twinpipe-plan` (trainer/cli/plan.py) against what real ranks allocate on CPU, and at DeepSeek-V3 scale.
 
 Tolerance 10% (issue 16): the plan counts shapes, the measurement counts the tensors the trainer
 really allocates (weights, ZeRO-1 buckets and moments, expert moments) on gloo ranks, and the autograd
@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer import config as recipe_config
-from twinpipe.trainer import plan as planner
+from twinpipe.trainer.cli import plan as planner
 
 recipe_config.register()
 
@@ -43,7 +43,7 @@ def recipe(*overrides: str):
 def _allocated(rank: int, world: int, cfg) -> dict[str, int]:
     from twinpipe.parallel.grid import build_grid
     from twinpipe.trainer.build import build_model
-    from twinpipe.trainer.optim import build_optimizer
+    from twinpipe.trainer.optim.optimizer import build_optimizer
 
     p = cfg.parallel
     grid = build_grid(p.pp, p.dp, p.ep)

@@ -173,7 +173,7 @@ def test_pp2_dualpipev_to_pp1_bf16_moments(data_dir, tmp_path):
     """DualPipeV over 2 ranks -> one process, with bf16 moments (kept bf16, bit for bit). What cannot
     be re-split is refused naming the key: a checkpoint without the segment table (older format), a
     resume with another model config or another optim.zero."""
-    from twinpipe.trainer import reshard
+    from twinpipe.trainer.checkpoint import reshard
     from twinpipe.trainer.loop import train
 
     snap, saved = _resume_case(data_dir, tmp_path, 2, [*PP2_DUALPIPEV, "optim.moment_dtype=bf16"],

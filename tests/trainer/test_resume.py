@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from twinpipe.trainer import checkpoint as ckpt
+from twinpipe.trainer.checkpoint import io as ckpt
 from twinpipe.trainer.loop import train
 from twinpipe.trainer.metrics import read_metrics
 from trainer_recipe import killed_run, make_cfg

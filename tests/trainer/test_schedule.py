@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from twinpipe.trainer.config import OptimSchema
-from twinpipe.trainer.schedule import batch_size_at, lr_at
+from twinpipe.trainer.optim.schedule import batch_size_at, lr_at
 
 
 def optim(**kw):

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 from one_process import assert_matches_one_process
 from trainer_recipe import TINY, killed_run
 from twinpipe.parallel.local import run_local
-from twinpipe.trainer import checkpoint as ckpt
+from twinpipe.trainer.checkpoint import io as ckpt
 from twinpipe.trainer import config as recipe_config
 from twinpipe.trainer.metrics import read_metrics
 from twinpipe.trainer.train import run
@@ -74,7 +74,7 @@ def test_init_from_hf_folder_gives_the_first_step_loss(sft_data, tmp_path, fp8):
     the loader's first batch: the same ops on the same rows, summed in the same order (rel 1e-6)."""
     from twinpipe.data.tokenizer import load_tokenizer
     from twinpipe.model import load_hf
-    from twinpipe.trainer.sft import SFTLoss, batch_source
+    from twinpipe.trainer.sft.recipe import SFTLoss, batch_source
     from twinpipe.trainer.step import add_global_counts
 
     folder = _hf_folder(sft_data, f"hf-fp8-{fp8}", fp8)
@@ -100,7 +100,7 @@ def test_init_from_hf_folder_gives_the_first_step_loss(sft_data, tmp_path, fp8):
 def test_init_from_checkpoint_and_mismatch(sft_data, tmp_path):
     from twinpipe.model.transformer import Transformer
     from twinpipe.trainer.build import model_config
-    from twinpipe.trainer.init_from import load_initial_weights
+    from twinpipe.trainer.checkpoint.init_from import load_initial_weights
 
     run_dir = tmp_path / "first"
     run(sft_cfg(sft_data, run_dir, "train.steps=1", "checkpoint.at_end=true"))
@@ -196,7 +196,7 @@ def test_packed_loss_equals_unpacked(sft_data, tmp_path, train_on_prompt):
     from twinpipe.model.transformer import Transformer
     from twinpipe.trainer.build import model_config
     from twinpipe.trainer.loss import PretrainLoss
-    from twinpipe.trainer.sft import SFTLoss
+    from twinpipe.trainer.sft.recipe import SFTLoss
     from twinpipe.trainer.step import add_global_counts
 
     tok = load_tokenizer(sft_data / "tok")

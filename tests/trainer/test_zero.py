@@ -6,8 +6,8 @@ from torch import nn
 
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.local import run_local
-from twinpipe.trainer.optim import no_decay
-from twinpipe.trainer.zero import ZeroAdamW
+from twinpipe.trainer.optim.optimizer import no_decay
+from twinpipe.trainer.optim.zero import ZeroAdamW
 
 
 def _model() -> nn.Module:
@@ -79,7 +79,7 @@ def test_pipeline_norm_counts_each_copy_once_and_deepspeed_is_refused():
     from omegaconf import OmegaConf
 
     from twinpipe.parallel.grid import Grid
-    from twinpipe.trainer.optim import build_optimizer
+    from twinpipe.trainer.optim.optimizer import build_optimizer
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
     for p in model.parameters():
@@ -104,7 +104,7 @@ def test_deepspeed_is_refused_with_expert_parallelism():
     from omegaconf import OmegaConf
 
     from twinpipe.parallel.grid import Grid
-    from twinpipe.trainer.optim import build_optimizer
+    from twinpipe.trainer.optim.optimizer import build_optimizer
 
     optim = OmegaConf.create({"zero": "deepspeed", "moment_dtype": "fp32", "betas": [0.9, 0.95],
                               "eps": 1e-8, "weight_decay": 0.1})

@@ -39,7 +39,7 @@ def make_cfg(data_dir: Path, run_dir: Path, *overrides: str) -> DictConfig:
 def killed_run(train: Callable, cfg: DictConfig, fault: str) -> int:
     """`train(cfg)` in a forked child that SIGKILLs itself at `fault` (`checkpoint.FAULT_ENV`, e.g.
     "step:3" or "save:4"); returns the child's exit code (-9 when the fault fired)."""
-    from twinpipe.trainer import checkpoint as ckpt
+    from twinpipe.trainer.checkpoint import io as ckpt
 
     def child():
         os.environ[ckpt.FAULT_ENV] = fault

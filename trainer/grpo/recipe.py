@@ -1,12 +1,12 @@
 """GRPO: `twinpipe-train --config-name grpo data.paths=[prompts.jsonl] init_from=PATH grpo.reward=...`.
 
 The pretraining loop (`loop.train`, the same `TrainStep`, checkpoints, resume, metrics) with what RL
-changes: the batch source rolls out with the current policy (`trainer/rollout.py`), the loss is the
-clipped-ratio objective (`trainer/grpo_loss.py`), the policy and the frozen reference (beta > 0; built
+changes: the batch source rolls out with the current policy (`trainer/grpo/rollout.py`), the loss is the
+clipped-ratio objective (`trainer/grpo/loss.py`), the policy and the frozen reference (beta > 0; built
 in the policy's parallel layout, re-read from `init_from` at every start, never checkpointed) start
 from `init_from`, and each step's record gets the rollout's metrics, `logprob_diff_max` and the
 step's `rollout_s` / `update_s`. With `grpo.routing_replay` the training forwards replay the
-rollout's routes (`trainer/routing_replay.py`).
+rollout's routes (`trainer/grpo/routing_replay.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from twinpipe.trainer.grpo_loss import GRPOLoss
+from twinpipe.trainer.grpo.loss import GRPOLoss
 
 
 class GRPORun:
@@ -33,8 +33,8 @@ class GRPORun:
     def batch_source(self, cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int, model: Any = None,
                      grid: Any = None) -> Any:
         from twinpipe.trainer.build import build_model
-        from twinpipe.trainer.rollout import RolloutSource
-        from twinpipe.trainer.routing_replay import RouteReplay
+        from twinpipe.trainer.grpo.rollout import RolloutSource
+        from twinpipe.trainer.grpo.routing_replay import RouteReplay
 
         ref = None
         if cfg.grpo.beta > 0:
@@ -63,7 +63,7 @@ class GRPORun:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train a validated GRPO recipe (resolved, `config.validate`d); returns `loop.train`'s summary."""
-    from twinpipe.trainer.init_from import tokenizer_path
+    from twinpipe.trainer.checkpoint.init_from import tokenizer_path
     from twinpipe.trainer.loop import train
 
     if cfg.init_from is not None and cfg.data.tokenizer == "default":

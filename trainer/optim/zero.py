@@ -27,7 +27,7 @@ torch.distributed.checkpoint re-splits it when a run resumes with a different dp
 parallelism each pipeline rank's bucket holds other parameters: `dense_key`
 (`checkpoint_format.dense_bucket_key`) keeps the ranks' buckets apart in the checkpoint, and `segment_table()` says
 where each parameter sits in them, so a resume under another pp, schedule or ep can rebuild its own
-buckets parameter by parameter (`twinpipe.trainer.reshard`). `counted(name, param)` picks the
+buckets parameter by parameter (`twinpipe.trainer.checkpoint.reshard`). `counted(name, param)` picks the
 parameters this rank adds to the global norm (a pipeline copy held on two ranks counts on one); the
 norm is then summed over `pp_group`.
 """
@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.trainer import checkpoint_format as fmt
+from twinpipe.trainer.checkpoint import format as fmt
 
 
 @dataclass

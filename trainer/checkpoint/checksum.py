@@ -4,7 +4,7 @@
 and itself, in the format `sha256sum -c SHA256SUMS` reads, so a user can check a copied checkpoint
 with coreutils too. The ranks share the hashing: rank r hashes every world-th file of the sorted
 list, so a save or a resume costs each rank its share (measured: 0.50 s per GB per rank on a quiet
-AMD EPYC core, 1.1 s with the machine loaded; files in the page cache; `python -m twinpipe.trainer.checksum FOLDER` verifies one folder
+AMD EPYC core, 1.1 s with the machine loaded; files in the page cache; `python -m twinpipe.trainer.checkpoint.checksum FOLDER` verifies one folder
 and prints its figure). A flipped byte, a truncated or missing file all show as a mismatch
 naming the file; a checkpoint written before checksums existed has no SHA256SUMS and is read
 unverified (with a warning).
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from twinpipe.trainer import checkpoint_format as fmt
+from twinpipe.trainer.checkpoint import format as fmt
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def first_mismatch(folder: Path) -> str | None:
 
 
 def main() -> None:
-    """`python -m twinpipe.trainer.checksum FOLDER`: verify a checkpoint and print the cost per GB."""
+    """`python -m twinpipe.trainer.checkpoint.checksum FOLDER`: verify a checkpoint and print the cost per GB."""
     folder = Path(sys.argv[1])
     t0 = time.perf_counter()
     problem = first_mismatch(folder)

@@ -44,8 +44,8 @@ from twinpipe.parallel.inference import generate_parallel, score_parallel
 from twinpipe.parallel.inference.lockstep import any_across, shard_rows
 from twinpipe.parallel.pipeline.runner import autocast_context
 from twinpipe.trainer.loss import IGNORE_INDEX
-from twinpipe.trainer.rewards import Rewards
-from twinpipe.trainer.routing_replay import RouteRecorder, RouteReplay
+from twinpipe.trainer.grpo.rewards import Rewards
+from twinpipe.trainer.grpo.routing_replay import RouteRecorder, RouteReplay
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ report applies 0.1 to the model without naming exceptions and Megatron-Core (whi
 only norms and biases. The router bias `e_score_correction_bias` is a buffer, not a parameter: no
 gradient, no decay, no optimizer state — `balance.py` moves it.
 
-`optim.zero=ours` is `trainer/zero.py`; `optim.zero=deepspeed` is DeepSpeed's
-`DeepSpeedZeroOptimizer` stage 1 behind the same calls (`trainer/deepspeed_zero.py`). With
+`optim.zero=ours` is `trainer/optim/zero.py`; `optim.zero=deepspeed` is DeepSpeed's
+`DeepSpeedZeroOptimizer` stage 1 behind the same calls (`trainer/optim/deepspeed_zero.py`). With
 parallel.ep > 1 the expert weights (already split over the ep group) get a local AdamW inside ours and
 their gradients are reduced by `twinpipe.parallel.experts.grad_reduction.reduce_expert_grads`.
 
@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from twinpipe.parallel.grid import Grid
-from twinpipe.trainer.checkpoint_format import dense_bucket_key
-from twinpipe.trainer.zero import ZeroAdamW
+from twinpipe.trainer.checkpoint.format import dense_bucket_key
+from twinpipe.trainer.optim.zero import ZeroAdamW
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
@@ -82,7 +82,7 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
             raise ValueError(f"optim.zero=deepspeed with parallel.ep={grid.ep}: DeepSpeed's stage-1 "
                              "optimizer would average different ranks' expert slots over the dp group "
                              "as if they were one tensor; use optim.zero=ours with expert parallelism")
-        from twinpipe.trainer.deepspeed_zero import DeepSpeedZero1
+        from twinpipe.trainer.optim.deepspeed_zero import DeepSpeedZero1
 
         return DeepSpeedZero1(model, grid, no_decay=no_decay, grad_clip=grad_clip, **kwargs)
     counted = owned_by_rank(model, grid, schedule)

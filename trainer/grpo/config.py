@@ -14,7 +14,7 @@ from twinpipe.trainer.config import RecipeSchema, check_values
 
 @dataclass
 class GRPOSchema:
-    # reward functions (trainer/rewards.py): a name or a list: exact_match | numeric_match | math_verify |
+    # reward functions (trainer/grpo/rewards.py): a name or a list: exact_match | numeric_match | math_verify |
     # regex:<pattern> | module:function; reward_weights: one per function ([] = 1 each)
     reward: Any = "exact_match"
     reward_weights: List[float] = field(default_factory=list)

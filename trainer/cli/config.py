@@ -142,7 +142,7 @@ def load_for_inference(cfg: DictConfig) -> tuple[Any, Any, Any]:
     of the model under it (`parallelize`: pipeline stages, expert slots) in `cfg.dtype` on `cfg.device`."""
     from twinpipe.parallel.grid import build_grid, init_distributed
     from twinpipe.parallel.parallelize import parallelize
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     device = device_of(cfg.device)
     if not Path(cfg.checkpoint).is_dir():

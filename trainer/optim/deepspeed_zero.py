@@ -1,4 +1,4 @@
-"""DeepSpeed's ZeRO stage 1 (`DeepSpeedZeroOptimizer`) behind the same calls as `trainer/zero.py`.
+"""DeepSpeed's ZeRO stage 1 (`DeepSpeedZeroOptimizer`) behind the same calls as `trainer/optim/zero.py`.
 
 Driven the way DeepSpeed's pipeline engine drives it, so any step runner (gradient accumulation,
 DualPipe, 1F1B) composes with it: gradients accumulate in `p.grad` during the runner's backward passes
@@ -22,7 +22,7 @@ from torch import nn
 
 from twinpipe.fp8.weight_cache import invalidate_weight_caches
 from twinpipe.parallel.grid import Grid
-from twinpipe.trainer import checkpoint_format as fmt
+from twinpipe.trainer.checkpoint import format as fmt
 
 
 class DeepSpeedZero1:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from twinpipe.trainer.checkpoint import save_checkpoint
+from twinpipe.trainer.checkpoint.io import save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ Layout of `run.dir/checkpoints/step_N/`:
     meta.json                 step, tokens consumed, the layout (pp, dp, ep, schedule, expert_slots,
                               zero) and `segments`: bucket key -> [[parameter, offset, numel], ...]
     config.yaml, tokenizer.json
-    SHA256SUMS                the SHA-256 of every file above (`twinpipe.trainer.checksum`)
+    SHA256SUMS                the SHA-256 of every file above (`twinpipe.trainer.checkpoint.checksum`)
     COMPLETE                  written last, before the folder gets its final name
 
 A save writes everything into `checkpoints/.tmp-step_N`, then rank 0 writes `COMPLETE` and renames
@@ -36,7 +36,7 @@ With checkpoint.async_save=true `checkpoint_writer.CheckpointWriter` stages the 
 runs `save_checkpoint` in a writer thread (collectives over a gloo group of its own) while training goes on.
 
 A resume under the saved pp, schedule and ep (any dp) is `load_checkpoint`: one DCP load of the same
-keys. Under another pp, schedule or ep the keys differ; `twinpipe.trainer.reshard` then rebuilds each
+keys. Under another pp, schedule or ep the keys differ; `twinpipe.trainer.checkpoint.reshard` then rebuilds each
 rank's state parameter by parameter from the `segments` table and the saved expert placements.
 """
 
@@ -58,8 +58,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from twinpipe.model.safetensors_io import CheckpointError
-from twinpipe.trainer import checkpoint_format as fmt
-from twinpipe.trainer.checksum import file_sha256, first_mismatch, hash_files, write_sums
+from twinpipe.trainer.checkpoint import format as fmt
+from twinpipe.trainer.checkpoint.checksum import file_sha256, first_mismatch, hash_files, write_sums
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def read_rank_state(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fill `state` in place from `path` saved under this run's layout (dp may differ: DCP re-splits
     the ZeRO shards); return (meta, this rank's rank state). Another pp, schedule or ep goes through
-    `twinpipe.trainer.reshard.load_resharded` instead."""
+    `twinpipe.trainer.checkpoint.reshard.load_resharded` instead."""
     meta = read_meta(path)
     saved = saved_tensors(path)
     for top, part in state.items():

@@ -3,8 +3,8 @@
 The pretraining loop (`loop.train`, the same `TrainStep`, checkpoints, resume, metrics) with what SFT
 changes: the batch source (chat records -> template -> assistant-only labels -> packed rows,
 `twinpipe.data.build.sft_train_loader`), the loss (`SFTLoss`), where the weights and tokenizer start
-(`init_from`, see `trainer/init_from.py`; `data.tokenizer=default` is the BPE with DeepSeek-V3's chat
-tokens when training from scratch) and evaluation every `eval.every` steps (`trainer/sft_eval.py`).
+(`init_from`, see `trainer/checkpoint/init_from.py`; `data.tokenizer=default` is the BPE with DeepSeek-V3's chat
+tokens when training from scratch) and evaluation every `eval.every` steps (`trainer/sft/evaluate.py`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def batch_source(cfg: DictConfig, tokenizer: Any, dp_rank: int, dp_size: int) ->
 
 
 def evaluator(cfg: DictConfig, tokenizer: Any, model: torch.nn.Module, grid: Any, device: torch.device) -> Any:
-    from twinpipe.trainer.sft_eval import SFTEvaluator
+    from twinpipe.trainer.sft.evaluate import SFTEvaluator
 
     return SFTEvaluator(cfg, tokenizer, model, grid, device)
 
@@ -52,7 +52,7 @@ def evaluator(cfg: DictConfig, tokenizer: Any, model: torch.nn.Module, grid: Any
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train a validated SFT recipe (resolved, `config.validate`d); returns `loop.train`'s summary."""
     from twinpipe.trainer.build import model_config
-    from twinpipe.trainer.init_from import tokenizer_path
+    from twinpipe.trainer.checkpoint.init_from import tokenizer_path
     from twinpipe.trainer.loop import train
 
     if cfg.init_from is not None and cfg.data.tokenizer == "default":

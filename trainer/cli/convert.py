@@ -4,7 +4,7 @@
     twinpipe-convert src=SRC dst=DST to=hf           # FP8 (or anything) -> BF16 (dtype=fp32 also)
     twinpipe-convert src=RUN/checkpoints/step_N dst=DST  # twinpipe checkpoint (or run dir) -> HF
 
-Hydra composes `recipes/convert.yaml` (keys: `ConvertSchema` in `trainer/cli_config.py`); a `src`
+Hydra composes `recipes/convert.yaml` (keys: `ConvertSchema` in `trainer/cli/config.py`); a `src`
 holding config.json is converted as an HF folder, any other as a twinpipe checkpoint.
 
 HF -> HF works tensor by tensor on the safetensors (no model is built, names are kept as they are),
@@ -36,7 +36,7 @@ from twinpipe.model.safetensors_io import (
     scale_shape,
     write_folder,
 )
-from twinpipe.trainer.cli_config import DTYPES, check, launch
+from twinpipe.trainer.cli.config import DTYPES, check, launch
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype =
 def convert_twinpipe(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype = torch.bfloat16,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """A twinpipe training checkpoint (`run.dir/checkpoints/step_N`) -> HF folder, tokenizer included."""
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(src, dtype, key="src")
     out = save_hf(model, dst, fp8=fp8, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)

@@ -45,7 +45,7 @@ def check_architecture(recipe: Any, saved: Any, path: str) -> None:
 
 def tokenizer_path(path: str) -> Path:
     """Where `init_from`'s tokenizer is: the HF folder itself, or the checkpoint's tokenizer.json."""
-    from twinpipe.trainer.checkpoint import COMPLETE, resolve_resume
+    from twinpipe.trainer.checkpoint.io import COMPLETE, resolve_resume
 
     folder = Path(path)
     if (folder / "config.json").is_file() and not (folder / COMPLETE).is_file():
@@ -60,7 +60,7 @@ def tokenizer_path(path: str) -> Path:
 def load_initial_weights(model: torch.nn.Module, path: str) -> None:
     """Copy `init_from`'s weights (fp32) into `model`, a full `Transformer` on the host, in one process
     (the whole checkpoint read; the trainer reads per rank through `local_fill`)."""
-    from twinpipe.trainer.checkpoint import load_model_for_inference
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
     saved, _ = load_model_for_inference(path, torch.float32, key="init_from")
     check_architecture(model.config, saved.config, path)
@@ -75,7 +75,7 @@ def local_fill(path: str, recipe: Any) -> Callable[..., None]:
     """The `fill(tensor, name, expert_rows, buffer)` that reads `init_from`'s value of each tensor a rank
     holds (`name`: its name in the full model; `expert_rows`: the logical expert of each row of a
     stacked expert weight). Refuses a checkpoint whose architecture is not the recipe's `ModelConfig`."""
-    from twinpipe.trainer.checkpoint import COMPLETE
+    from twinpipe.trainer.checkpoint.io import COMPLETE
 
     folder = Path(path)
     if (folder / "config.json").is_file() and not (folder / COMPLETE).is_file():
@@ -107,9 +107,9 @@ def _hf_fill(folder: Path, recipe: Any) -> Callable[..., None]:
 def _checkpoint_fill(path: str, recipe: Any) -> Callable[..., None]:
     from omegaconf import OmegaConf
 
-    from twinpipe.trainer import checkpoint_format as fmt
+    from twinpipe.trainer.checkpoint import format as fmt
     from twinpipe.trainer.build import model_config
-    from twinpipe.trainer.checkpoint import _read_model_state, resolve_resume
+    from twinpipe.trainer.checkpoint.io import _read_model_state, resolve_resume
 
     ckpt = resolve_resume(path, Path(path), "init_from")
     if ckpt is None:

@@ -1,6 +1,6 @@
 """The GRPO objective (DeepSeekMath; DAPO's asymmetric clip; Dr. GRPO's aggregation) on the trainer's seam.
 
-Per completion token t of sequence i (batch keys from `trainer/rollout.py`: `labels` [B, T] the next
+Per completion token t of sequence i (batch keys from `trainer/grpo/rollout.py`: `labels` [B, T] the next
 token or -100, `loss_mask` [B, T] 1 on counted completion targets, `old_logprobs` / `ref_logprobs`
 [B, T], `advantages` [B]):
 

@@ -2,10 +2,10 @@
 
     twinpipe-generate checkpoint=runs/try1 'prompts=["def main("]' max_new_tokens=64 temperature=0.8
 
-    launch/torchrun.sh 4 -m twinpipe.trainer.generate checkpoint=runs/try1 parallel.pp=2 parallel.ep=2 \
+    launch/torchrun.sh 4 -m twinpipe.trainer.cli.generate checkpoint=runs/try1 parallel.pp=2 parallel.ep=2 \
         parallel.schedule=dualpipev 'prompts=[...]'     # pp x dp ranks, dp = 4 / pp
 
-Hydra composes `recipes/generate.yaml` (keys: `GenerateSchema` in `trainer/cli_config.py`). The
+Hydra composes `recipes/generate.yaml` (keys: `GenerateSchema` in `trainer/cli/config.py`). The
 checkpoint may be one of our `checkpoints/step_N` folders (of any saved layout), a run dir (newest
 complete checkpoint) or an HF DeepSeek-V3 folder. Under several ranks the model is split as
 `parallel.*` says and `parallel/inference` decodes (same tokens as one process); rank 0 writes.
@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from twinpipe.model import generate, speculative_generate
 from twinpipe.parallel.inference import generate_parallel
-from twinpipe.trainer.cli_config import check, launch, load_for_inference
+from twinpipe.trainer.cli.config import check, launch, load_for_inference
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class TwinpipeLM(LM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("TwinpipeLM needs model= and tokenizer=, or checkpoint=")
-            from twinpipe.trainer.checkpoint import load_model_for_inference
+            from twinpipe.trainer.checkpoint.io import load_model_for_inference
 
             model, tokenizer = load_model_for_inference(checkpoint)
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -122,8 +122,8 @@ def run_harness(cfg: DictConfig) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from twinpipe.trainer.cli_config import load_for_inference
-    from twinpipe.trainer.evaluate import write_result
+    from twinpipe.trainer.cli.config import load_for_inference
+    from twinpipe.trainer.cli.evaluate import write_result
 
     if not cfg.tasks:
         raise ValueError("tasks=[]: harness=true needs lm-eval task names, e.g. 'tasks=[my_task]'")

@@ -47,8 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from twinpipe.model.safetensors_io import CheckpointError
-from twinpipe.trainer import checkpoint as ckpt
-from twinpipe.trainer import checkpoint_format as fmt
+from twinpipe.trainer.checkpoint import io as ckpt
+from twinpipe.trainer.checkpoint import format as fmt
 
 def run_layout(cfg: DictConfig, grid: Any, num_experts: int) -> dict[str, Any]:
     """This run's layout as meta.json records it."""

@@ -2,10 +2,10 @@
 
     twinpipe-eval checkpoint=runs/try1                        # the embedded corpus's held-out split
     twinpipe-eval checkpoint=runs/try1 text_file=some.py seq_len=256 output=ppl.json
-    twinpipe-eval checkpoint=runs/try1 harness=true 'tasks=[my_task]' include_path=tasks/  # trainer/harness.py
+    twinpipe-eval checkpoint=runs/try1 harness=true 'tasks=[my_task]' include_path=tasks/  # trainer/cli/harness.py
     launch/torchrun.sh 4 eval checkpoint=runs/try1 parallel.pp=2 parallel.ep=2   # pp x dp ranks
 
-Hydra composes `recipes/eval.yaml` (keys: `EvalSchema` in `trainer/cli_config.py`). The text is
+Hydra composes `recipes/eval.yaml` (keys: `EvalSchema` in `trainer/cli/config.py`). The text is
 tokenized, followed by eos (as in pretraining), cut into windows of `seq_len + 1` tokens that overlap
 by one token, so every token after the first is predicted exactly once, with at most `seq_len` tokens
 of context. Without `text_file` the held-out split of the embedded corpus (the standard-library files
@@ -31,7 +31,7 @@ from twinpipe.data.loader import embedded_documents
 from twinpipe.model.scoring import token_logprobs
 from twinpipe.parallel.inference import score_parallel
 from twinpipe.parallel.inference.lockstep import one_process_grid
-from twinpipe.trainer.cli_config import check, launch, load_for_inference
+from twinpipe.trainer.cli.config import check, launch, load_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.text_file is not None and not Path(cfg.text_file).is_file():
         raise ValueError(f"text_file={cfg.text_file}: no such file")
     if cfg.harness:
-        from twinpipe.trainer.harness import run_harness
+        from twinpipe.trainer.cli.harness import run_harness
 
         return run_harness(cfg)
     model, tokenizer, grid = load_for_inference(cfg)

@@ -11,7 +11,7 @@ and counts, per rank, in bytes:
 
 - weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast);
 - gradients: `p.grad` (fp32) of each trainable parameter, plus ZeRO-1's flat fp32 gradient bucket of
-  the replicated (non-expert) ones (`trainer/zero.py`);
+  the replicated (non-expert) ones (`trainer/optim/zero.py`);
 - optimizer: ZeRO-1 shard over dp of the replicated parameters (fp32 master copy + two moments in
   optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again);
 - activations saved for backward, per micro-batch and stage (`activation_elements`, MLA + MoE as

@@ -1,0 +1,1 @@
+"""Checkpoints: the format (`format`: every file and key), atomic sharded I/O (`io`), checksums, resuming under another layout (`reshard`) and `init_from` (per-rank reads of a checkpoint or an HF folder)."""
