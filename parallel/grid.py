@@ -46,6 +46,11 @@ class Grid:
     pp_mirror_group: Any = None
     dp_mesh: Any = None  # a 1-D DeviceMesh over dp_group (for sharded DTensor checkpoints)
 
+    @classmethod
+    def single(cls) -> "Grid":
+        """The grid of a single process (every size 1, no groups), whatever torch.distributed is doing."""
+        return cls(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -49,7 +49,7 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
     on_meta = all(p.is_meta for p in model.parameters())
     if on_meta and seed is None and fill is None and materialize_meta:
         raise ValueError("parallelize: the model was built on meta; pass seed= to initialise this rank's part")
-    local = _local_modules(model, grid, schedule)
+    local = local_modules(model, grid, schedule)
     if grid.pp > 1:
         from twinpipe.parallel.pipeline.stages import keep_local_stages
 
@@ -61,7 +61,7 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
         from twinpipe.parallel.experts.layer import apply_expert_parallel
 
         apply_expert_parallel(model, grid.ep_group, num_replicas=num_replicas, device=device,
-                              holds=lambda name: _is_under(name, local))
+                              holds=lambda name: is_under(name, local))
     if on_meta and materialize_meta:
         std = model.config.initializer_range if std is None else std
         materialize(model, local, device, fill or init_fill(seed, std))
@@ -81,7 +81,7 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
     return model
 
 
-def _local_modules(model: nn.Module, grid: Grid, schedule: str) -> set[str]:
+def local_modules(model: nn.Module, grid: Grid, schedule: str) -> set[str]:
     """Names of the modules this rank holds (its stages' with pp > 1, every top-level one otherwise)."""
     if grid.pp == 1:
         return {name for name, _ in model.named_children()}
@@ -90,7 +90,7 @@ def _local_modules(model: nn.Module, grid: Grid, schedule: str) -> set[str]:
     return local_module_names(model, schedule, grid.pp, grid.pp_rank)
 
 
-def _is_under(name: str, roots: set[str]) -> bool:
+def is_under(name: str, roots: set[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
 
@@ -118,7 +118,7 @@ def materialize(model: nn.Module, local: set[str], device: torch.device, fill: C
 
     slot_rows = _expert_slot_rows(model)
     for module_name, module in model.named_modules():
-        if not _is_under(module_name, local):
+        if not is_under(module_name, local):
             continue
         rows = slot_rows.get(module_name)
         if rows is None and is_stacked_experts(module):

@@ -85,7 +85,7 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
         for module in model.modules():
             if isinstance(module, Gate):
                 module.weight.requires_grad_(False)
-    grid = grid if grid is not None else Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
+    grid = grid if grid is not None else Grid.single()
     return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
                        num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=cfg.train.seed,
                        std=cfg.train.init_std, fill=fill)

@@ -17,11 +17,13 @@ The trainer's ZeRO-1 optimizer (`twinpipe.trainer.optim.optimizer`) leaves the e
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.parallel.experts.layer import expert_parallel_layers
+from twinpipe.parallel.experts.layer import ExpertParallelExperts, expert_parallel_layers
 
 
 def _local_grads(layer: nn.Module) -> list[torch.Tensor]:
@@ -64,3 +66,19 @@ def reduce_expert_grads(model: nn.Module, edp_group: dist.ProcessGroup | None,
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
             g.copy_(b[ids])
+
+
+def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda name: True) -> torch.Tensor:
+    """Squared gradient norm of this rank's expert slots, each *logical* expert counted once: a slot
+    whose expert has c replicas (EPLB) weighs 1/c, so the global norm (summed over the ep group)
+    equals the one of the same model without expert parallelism. Only layers whose module name
+    `counted(name)` accepts contribute (pipeline copies are counted on one rank)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ExpertParallelExperts) or not counted(name):
+            continue
+        weight = 1.0 / layer.logcnt[layer.local_logical_ids()].double()  # [S]
+        for p in layer.local.parameters():
+            if p.grad is not None:
+                total += (p.grad.double().pow(2).flatten(1).sum(1).cpu() * weight.cpu()).sum()
+    return total

@@ -15,13 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from twinpipe.parallel.grid import Grid
-
-
-def one_process_grid() -> Grid:
-    """The grid of a single process (every size 1, no groups), whatever torch.distributed is doing."""
-    return Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)
-
 
 def shard_rows(num: int, dp: int, dp_rank: int) -> range:
     """The contiguous share of `num` items (prompts, documents) of data-parallel replica `dp_rank`."""

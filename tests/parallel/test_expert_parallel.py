@@ -33,7 +33,7 @@ from twinpipe.parallel.experts.layer import ExpertParallelExperts, apply_expert_
 from twinpipe.parallel.experts.slots import group_to_nodes
 from twinpipe.parallel.grid import build_grid
 from twinpipe.parallel.local import run_local
-from twinpipe.trainer.optim.optimizer import expert_grad_sq
+from twinpipe.parallel.experts.grad_reduction import expert_grad_sq
 
 RTOL, ATOL = 1e-5, 1e-8
 BATCH, SEQ = 2, 16

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from twinpipe.parallel.grid import Grid
 from twinpipe.data.tokenizer import train_bpe
 from twinpipe.model import ModelConfig, Transformer
 from twinpipe.parallel.grid import build_grid
-from twinpipe.parallel.inference.lockstep import one_process_grid
 from twinpipe.parallel.local import run_local
 from twinpipe.parallel.parallelize import parallelize
 from twinpipe.trainer.evaluator import Evaluator
@@ -39,7 +39,7 @@ def _pipeline(rank, world):
 
 def test_metrics_equal_the_training_forward_on_any_layout():
     model = build()
-    evaluate = Evaluator(CFG, tokenizer(), model, one_process_grid())
+    evaluate = Evaluator(CFG, tokenizer(), model, Grid.single())
     assert evaluate(3) == {}  # between evaluations
     got = evaluate(2)
     windows = torch.tensor(evaluate.windows)                                        # [4, 33]

@@ -13,6 +13,7 @@ import torch
 from grpo_recipe import grpo_cfg, make_data
 from one_process import assert_matches_one_process
 from trainer_recipe import killed_run
+from twinpipe.parallel.grid import Grid
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer.metrics import read_metrics
 from twinpipe.trainer.train import run
@@ -112,7 +113,7 @@ def test_routing_replay(grpo_data, tmp_path):
     cfg = grpo_cfg(grpo_data, tmp_path, "grpo.routing_replay=true")
     model = build_model(cfg, torch.device("cpu"))
     replay = RouteReplay(model)
-    source = RolloutSource(cfg, load_tokenizer(grpo_data / "tok"), _one_process_grid(), model, None, replay)
+    source = RolloutSource(cfg, load_tokenizer(grpo_data / "tok"), Grid.single(), model, None, replay)
     batches = source.next_step()
     routes = torch.cat([mb["routes"] for mb in batches])                           # [N, L, T, K]
     used = routes[..., 0] >= 0                                                      # [N, L, T]
@@ -169,8 +170,3 @@ def test_routing_replay(grpo_data, tmp_path):
     replayed, _ = training_routes(True)
     assert torch.equal(replayed[used], want[used])
 
-
-def _one_process_grid():
-    from twinpipe.parallel.grid import Grid
-
-    return Grid(world_size=1, rank=0, pp=1, dp=1, ep=1, pp_rank=0, dp_rank=0, ep_rank=0)

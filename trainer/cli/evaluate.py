@@ -27,10 +27,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from twinpipe.parallel.grid import Grid
 from twinpipe.data.loader import embedded_documents
 from twinpipe.model.scoring import token_logprobs
 from twinpipe.parallel.inference import score_parallel
-from twinpipe.parallel.inference.lockstep import one_process_grid
 from twinpipe.trainer.cli.config import check, launch, load_for_inference
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def perplexity(model, ids: list[int], seq_len: int, batch_size: int = 8, grid=No
         raise ValueError(f"seq_len={seq_len}: must be >= 1")
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
-    grid = grid or one_process_grid()
+    grid = grid or Grid.single()
     windows = [ids[i:i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]
     per_call = batch_size * grid.dp  # windows per forward on each replica
     total, count = 0.0, 0

@@ -27,9 +27,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from omegaconf import DictConfig
 
+from twinpipe.parallel.grid import Grid
 from twinpipe.model.scoring import token_logprobs
 from twinpipe.parallel.inference import generate_parallel, score_parallel
-from twinpipe.parallel.inference.lockstep import one_process_grid
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class TwinpipeLM(LM):
 
             model, tokenizer = load_model_for_inference(checkpoint)
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.grid, self.schedule = grid or one_process_grid(), schedule
+        self.grid, self.schedule = grid or Grid.single(), schedule
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.max_length = model.config.max_position_embeddings
 

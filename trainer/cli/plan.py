@@ -151,12 +151,12 @@ def held_parameters(cfg: DictConfig, grid: Any) -> tuple[Any, set[str]]:
     """This rank's model on meta, parallelised as the trainer would (no FP8 swap: same parameters), and
     the names of the modules it holds."""
     from twinpipe.model.transformer import Transformer
-    from twinpipe.parallel.parallelize import _local_modules, parallelize
+    from twinpipe.parallel.parallelize import local_modules, parallelize
     from twinpipe.trainer.build import model_config
 
     with torch.device("meta"):
         model = Transformer(model_config(cfg.model))
-    local = _local_modules(model, grid, cfg.parallel.schedule)
+    local = local_modules(model, grid, cfg.parallel.schedule)
     model = parallelize(model, grid, torch.device("cpu"), cfg.parallel.schedule, "off",
                         num_replicas=cfg.eplb.replicas or None, materialize_meta=False)
     return model, local
@@ -165,7 +165,7 @@ def held_parameters(cfg: DictConfig, grid: Any) -> tuple[Any, set[str]]:
 def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, int]) -> RankPlan:
     """Everything `RankPlan` lists for `rank` of the recipe's layout (see the module docstring)."""
     from twinpipe.parallel.experts.layer import is_expert_param
-    from twinpipe.parallel.parallelize import _is_under
+    from twinpipe.parallel.parallelize import is_under
     from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
 
@@ -183,7 +183,7 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
                 m.weight.requires_grad_(False)
     dense = experts = frozen = 0
     for name, param in model.named_parameters():
-        if not _is_under(name.rsplit(".", 1)[0], local):
+        if not is_under(name.rsplit(".", 1)[0], local):
             continue
         n = param.numel()
         if not param.requires_grad:

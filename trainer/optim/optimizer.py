@@ -37,24 +37,6 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2
 
 
-def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda name: True) -> torch.Tensor:
-    """Squared gradient norm of this rank's expert slots, each *logical* expert counted once: a slot
-    whose expert has c replicas (EPLB) weighs 1/c, so the global norm (summed over the ep group)
-    equals the one of the same model without expert parallelism. Only layers whose module name
-    `counted(name)` accepts contribute (pipeline copies are counted on one rank)."""
-    from twinpipe.parallel.experts.layer import ExpertParallelExperts
-
-    total = torch.zeros((), dtype=torch.float64)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, ExpertParallelExperts) or not counted(name):
-            continue
-        weight = 1.0 / layer.logcnt[layer.local_logical_ids()].double()  # [S]
-        for p in layer.local.parameters():
-            if p.grad is not None:
-                total += (p.grad.double().pow(2).flatten(1).sum(1).cpu() * weight.cpu()).sum()
-    return total
-
-
 def owned_by_rank(model: nn.Module, grid: Grid, schedule: str | None) -> Callable[[str], bool]:
     """name -> whether this rank counts that parameter/module in the global norm (all with pp = 1)."""
     if grid.pp == 1:
@@ -88,7 +70,7 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
     counted = owned_by_rank(model, grid, schedule)
     expert_kwargs: dict[str, Any] = {}
     if grid.ep > 1:
-        from twinpipe.parallel.experts.grad_reduction import reduce_expert_grads
+        from twinpipe.parallel.experts.grad_reduction import expert_grad_sq, reduce_expert_grads
         from twinpipe.parallel.experts.layer import is_expert_param
 
         expert_kwargs = dict(
