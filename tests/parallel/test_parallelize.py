@@ -103,6 +103,12 @@ def _peak_growth(rank, world, cfg, pp, dp, ep):
 
     from twinpipe.parallel.grid import build_grid
 
+    import ctypes
+
+    # Tensors above 128 KiB get fresh pages from mmap, so they show in the RSS: glibc's dynamic
+    # threshold would otherwise serve them from heap pages the forked parent left resident, and the
+    # growth would depend on what the parent process did before (M_MMAP_THRESHOLD = -3).
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     grid = build_grid(pp, dp, ep)  # process groups first: their buffers are not the model's
     _build(rank, world, config(), pp, dp, ep, "dualpipev", None, False, grid)  # imports the code paths
     gc.collect()
