@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
+import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -20,6 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rank_main(fn, rank, world_size, port, backend, threads, args, queue):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -27,9 +35,7 @@ def _rank_main(fn, rank, world_size, port, backend, threads, args, queue):
     )
     torch.set_num_threads(threads)
     try:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, wait_for_workers=False,
-                              timeout=timedelta(seconds=300))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=300))
         result = fn(rank, world_size, *args)
         # Plain pickle copies tensors by value. The queue's own pickler would share their storage
@@ -49,12 +55,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
         raise ValueError(f"world_size={world_size}: need at least one rank")
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    # The parent holds the rendezvous store on a port the OS picked and keeps it bound, so no other
-    # process can take the port between choosing it and the ranks joining (a "free port" probed and
-    # released could be taken by a concurrent job: gloo then saw "Connection closed by peer").
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=300))
-    port = store.port
+    port = free_port()
     procs = [ctx.Process(target=_rank_main,
                          args=(fn, r, world_size, port, backend, threads_per_rank, args, queue))
              for r in range(world_size)]
@@ -78,7 +79,6 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
                     p.kill()
         for p in procs:
             p.join(timeout=30)
-    del store
     if failure is not None:
         rank, tb = failure
         raise RuntimeError(f"rank {rank} failed:\n{tb}")
