@@ -57,20 +57,6 @@ def tokenizer_path(path: str) -> Path:
     return ckpt / "tokenizer.json"
 
 
-def load_initial_weights(model: torch.nn.Module, path: str) -> None:
-    """Copy `init_from`'s weights (fp32) into `model`, a full `Transformer` on the host, in one process
-    (the whole checkpoint read; the trainer reads per rank through `local_fill`)."""
-    from twinpipe.trainer.checkpoint.io import load_model_for_inference
-
-    saved, _ = load_model_for_inference(path, torch.float32, key="init_from")
-    check_architecture(model.config, saved.config, path)
-    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"init_from={path}: its weights do not fit the recipe's model (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]})")
-    log.info("weights from init_from=%s", path)
-
-
 def local_fill(path: str, recipe: Any) -> Callable[..., None]:
     """The `fill(tensor, name, expert_rows, buffer)` that reads `init_from`'s value of each tensor a rank
     holds (`name`: its name in the full model; `expert_rows`: the logical expert of each row of a
