@@ -116,17 +116,22 @@ def _run_stage(model: nn.Module, layers: range, first: bool, x: torch.Tensor, va
 @torch.no_grad()
 def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], max_new_tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
-                      schedule: str = "1f1b", micro_batches: int | None = None, logprobs: bool = False) -> Any:
+                      schedule: str = "1f1b", micro_batches: int | None = None, logprobs: bool = False,
+                      on_stage: Callable[[list[int]], None] | None = None) -> Any:
     """The new tokens of every prompt (eos included when reached), on every rank; see the module
     docstring. `model` is this rank's part (`parallelize`d under `grid` and `schedule`);
     `micro_batches`: groups per replica (default: one per pipeline stage, two per rank for DualPipe).
-    `logprobs`: return (new tokens, their `chosen_logprobs`) per prompt, as `generate(logprobs=True)`."""
+    `logprobs`: return (new tokens, their `chosen_logprobs`) per prompt, as `generate(logprobs=True)`.
+    `on_stage(rows)`: called on this rank before each stage forward of a group, with the prompt index
+    of each of its batch rows ([] for EP filler rows), so module hooks know whose tokens they see
+    (the GRPO route recorder: trainer/grpo/routing_replay.py)."""
     check_sampling(max_new_tokens, top_p)
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
     if max_new_tokens == 0:
         return ([[] for _ in prompts], [[] for _ in prompts]) if logprobs else [[] for _ in prompts]
     sampling = (max_new_tokens, temperature, top_p, eos_id, seed, logprobs)
-    results = _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling)
+    results = _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling,
+                     on_stage=on_stage)
     if not logprobs:
         return results
     return [new for new, _ in results], [lp for _, lp in results]
@@ -144,7 +149,8 @@ def score_parallel(model: nn.Module, grid: Grid, sequences: list[list[int]], fin
 
 
 def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, schedule: str,
-           micro_batches: int | None, sampling: tuple | None = None, finish: Callable | None = None) -> list[Any]:
+           micro_batches: int | None, sampling: tuple | None = None, finish: Callable | None = None,
+           on_stage: Callable[[list[int]], None] | None = None) -> list[Any]:
     """Run `steps` forwards of every micro-batch through its route; the last stage samples
     (`sampling`: max_new_tokens, temperature, top_p, eos_id, seed, logprobs) or applies `finish` once."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -184,6 +190,8 @@ def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, s
         for s in range(num_stages):
             for group in groups:
                 if group.alive and group.route[s] == me:
+                    if on_stage is not None:
+                        on_stage(group.rows)
                     _stage_item(model, group, s, step, layers, wire, grid)
         wire.end_step(last=step == steps - 1)
     for group in groups:
