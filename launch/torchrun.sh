@@ -14,6 +14,12 @@
 # parallel.pp x parallel.dp (the trainer checks it). Backend: NCCL with one rank per GPU when
 # nvidia-smi sees at least N GPUs, else gloo on the CPU with the cores split between the ranks;
 # an explicit parallel.backend=... among the overrides wins.
+#
+# MAX_RESTARTS=N (default 0): torchrun restarts the ranks up to N times after a failure (a rank the
+# watchdog of parallel.timeout_s ended, a crash) and they continue from the newest complete checkpoint
+# (resume=auto, the default). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes
+# each attempt use a fresh TCPStore: with torch's shared one a restarted rank reads the previous
+# attempt's addresses (trainer/watchdog.py says where in torch).
 set -euo pipefail
 
 if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
@@ -57,7 +63,10 @@ extra=()
 if [[ " $* " != *" parallel.backend="* ]]; then
   extra+=("parallel.backend=$backend")
 fi
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 export WANDB_MODE=${WANDB_MODE:-offline}
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
+  --max-restarts "$MAX_RESTARTS" \
   -m "$module" "$@" "${extra[@]}"

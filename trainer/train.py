@@ -66,6 +66,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         # on every rank (HYDRA_FULL_ERROR=1: the traceback instead)
         with config.user_errors("twinpipe-train", ValueError, OSError, FloatingPointError):
             prepare(cfg)
+            from twinpipe.trainer.watchdog import elastic_restart_problem
+
+            problem = elastic_restart_problem()  # torchrun --max-restarts that could not restart
+            if problem:
+                raise ValueError(problem)
             entry(cfg)(cfg)
     except SystemExit as stop:
         if isinstance(stop.code, str) and int(os.environ.get("RANK", "0")) != 0:

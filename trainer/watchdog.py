@@ -17,6 +17,22 @@ A dead rank (SIGKILL, a crash) needs no watchdog: its peers' collectives fail on
 connection within ~2 s. Nothing is lost either way: a checkpoint is complete only once its COMPLETE
 marker is written, so the newest complete one stays valid and `resume=auto` (or torchrun
 `--max-restarts`) continues from it.
+
+torchrun `--max-restarts` needs `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` in the agents' environment
+(launch/torchrun.sh sets it). Without it the c10d rendezvous hands every round's workers the same
+TCPStore, kept by the rank-0 agent for its whole life (torch/distributed/elastic/rendezvous/
+dynamic_rendezvous.py, `next_rendezvous`: the store server is created only when
+`_bootstrap_store_info is None`), and the workers' env:// client adds no per-attempt prefix
+(torch/distributed/rendezvous.py, `_create_c10d_store`: "We create a new TCPStore for every retry so no
+need to add prefix"), so a restarted worker reads the previous attempt's gloo/NCCL addresses under the
+same `default_pg` keys and fails to connect (gloo: `connectFullMesh failed ... Connection refused` or
+`Connect timeout`). `TORCHELASTIC_RESTART_COUNT` cannot name the attempt either: an agent whose worker
+is alive (the frozen one) restarts through the membership-change path, which does not count as a
+restart (elastic/agent/server/api.py, `_invoke_run`), so the agents disagree on it. With the variable
+set, the rank-0 worker hosts a fresh store on a fresh port each round. The frozen worker is still
+stopped by its own agent only after the agent's fixed 30 s SIGTERM grace
+(elastic/agent/server/local_elastic_agent.py, `_stop_workers` -> `_shutdown(timeout=30)`; a stopped
+process acts on SIGKILL alone), so a restart after a hung rank takes that long.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -35,6 +52,21 @@ log = logging.getLogger(__name__)
 WATCH_ALL_UP_TO = 16
 RING_NEIGHBOURS = 8
 _PREFIX = "twinpipe-watchdog/"
+# crash-test hook (as checkpoint.io.FAULT_ENV's save:N / step:N): "freeze:N:R" stops rank R with SIGSTOP
+# after step N, in a process that started the run at step 0 (so a resumed attempt runs through)
+FAULT_ENV = "TWINPIPE_FAULT"
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def elastic_restart_problem(env: dict[str, str] | None = None) -> str | None:
+    """Why torchrun's `--max-restarts` could not restart this job (see the module docstring), or None."""
+    env = os.environ if env is None else env
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max-restarts={restarts} with the agent's shared TCPStore: a restarted worker "
+                f"would read the previous attempt's addresses from it and fail to connect; start torchrun "
+                f"with {SHARED_STORE_ENV}=1 in its environment (launch/torchrun.sh does), or --max-restarts=0")
+    return None
 
 
 def watched_ranks(rank: int, world: int) -> list[int]:
@@ -53,7 +85,7 @@ class Watchdog:
         self.rank, self.silent_s = rank, timeout_s / 2
         self.store_rank = store_rank  # the rank whose process hosts the store (None: torchrun's agent)
         self.interval = min(1.0, timeout_s / 10)
-        self.step = 0
+        self.step = self.first_step = 0
         self.where = f"{host}:{port}"
         self._store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
                                     timeout=timedelta(seconds=max(self.silent_s, 1.0)))
@@ -79,8 +111,15 @@ class Watchdog:
                    store_rank=None if agent else 0)
 
     def beat(self, step: int) -> None:
+        self.first_step = self.first_step or step
         self.step = step
         self._wake.set()
+        if self.first_step == 1 and os.environ.get(FAULT_ENV) == f"freeze:{step}:{self.rank}":
+            log.warning("%s=%s: stopping this process at %.3f (crash test)", FAULT_ENV,
+                        os.environ[FAULT_ENV], time.time())
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def close(self) -> None:
         self._stop.set()
