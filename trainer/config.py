@@ -55,6 +55,9 @@ class DataSchema:
     # "default" trains (once, cached) the byte-level BPE on the embedded corpus with model.vocab_size;
     # otherwise a tokenizer.json file or an HF tokenizer folder.
     tokenizer: str = "default"
+    # true: resume / init_from even when data.tokenizer is not the checkpoint's (its ids then mean other
+    # tokens; trainer/checkpoint/tokenizer_match.py); false: that is a one-line error
+    accept_tokenizer: bool = False
     cache_dir: str = "runs/.cache"
     streaming: bool = False  # source=files / SFT: read files through datasets' streaming mode
     # pretraining: concat (documents cut across samples) | pad (whole documents, padded);
@@ -394,9 +397,6 @@ def validate(cfg: DictConfig) -> None:
                          "repeat their all-to-alls in the backward; use [norms,mla_up,moe] (collective-free)")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")
-    if t.ema_decay and p.ep > 1:
-        raise ValueError(f"train.ema_decay={t.ema_decay} with parallel.ep={p.ep}: the EMA is not kept for "
-                         "expert-parallel slots yet; use parallel.ep=1 or train.ema_decay=0")
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")

@@ -9,8 +9,15 @@ copy is queued on the current stream, so the next optimizer step cannot overwrit
 it is taken) and hands the arithmetic to one background thread; the next `update()` or a read waits
 for it. The average starts at the weights it is built from (step 0 or the resumed ones, unless the
 checkpoint holds it). Names are the model's state-dict names; what this rank holds (pipeline ranks:
-their stages). The checkpoint key is `checkpoint_format.EMA`; `load_model_for_inference(..., ema=True)`
-and `twinpipe-eval ema=true` read it.
+their stages; expert-parallel ranks: their expert slots).
+
+Expert parallelism: the average of a slot is the average of the logical expert it holds. When EPLB
+re-plans, the slots' averages move with their weights and AdamW moments (`slot_followers()`, handed to
+`ExpertRebalancer.replan`). The checkpoint keeps them as the weights are kept: the dense parameters
+under `checkpoint_format.EMA`, each EP rank's slots under `ema_experts_key(r, ep)`; a resume under
+another layout reads each parameter's average through the logical experts (as `init_from` reads
+weights: one parameter, at most one layer's experts, at a time). `load_model_for_inference(...,
+ema=True)` and `twinpipe-eval ema=true` merge it into the plain model.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class CPUEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay={decay}: must be in (0, 1) for an EMA")
         self.decay = decay
+        self.model = model
         self.params = {n: p for n, p in model.named_parameters() if not p.is_meta and p.is_floating_point()}
         pin = torch.cuda.is_available() and any(p.is_cuda for p in self.params.values())
         self.staging = {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for n, p in self.params.items()}
@@ -68,6 +76,13 @@ class CPUEMA:
         self.wait()
         return self.average
 
+    def slot_followers(self) -> dict[nn.Parameter, list[torch.Tensor]]:
+        """Each expert-slot parameter -> its average (rows move with the parameter's on an EPLB re-plan)."""
+        from twinpipe.parallel.experts.layer import is_expert_param
+
+        self.wait()
+        return {p: [self.average[n]] for n, p in self.params.items() if is_expert_param(p)}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.wait()
         for name, avg in self.average.items():
@@ -83,15 +98,53 @@ class CPUEMA:
         from twinpipe.trainer.checkpoint.io import saved_tensors, single_process_quiet
 
         saved = saved_tensors(path)
-        absent = [n for n in self.average if f"{fmt.EMA}.{n}" not in saved]
-        if absent:
-            log.warning("%s has no EMA of the weights (no key %s.%s): the EMA starts at the resumed weights",
-                        path, fmt.EMA, absent[0])
+        if not any(k.startswith(fmt.EMA + ".") for k in saved):
+            log.warning("%s has no EMA of the weights (no key %s.*): the EMA starts at the resumed weights",
+                        path, fmt.EMA)
             return
         self.wait()
-        with single_process_quiet():
-            dcp.load({fmt.EMA: self.average}, checkpoint_id=path, no_dist=not dist.is_initialized())
+        ep_rank, ep = _ep_position(self.model)
+        state = fmt.ema_state(self.average, self.model, ep_rank, ep)
+        flat = {f"{top}.{n}": t for top, part in state.items() for n, t in part.items()}
+        if all(k in saved and tuple(saved[k].size) == tuple(t.shape) for k, t in flat.items()):
+            with single_process_quiet():  # saved under this layout: every rank reads its own keys
+                dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+            return
+        self._resume_through_logical(path)
+
+    @torch.no_grad()
+    def _resume_through_logical(self, path) -> None:
+        """Another layout (EP degree, slot count): each parameter's average from the plain model's
+        names, expert slots through their logical experts, one parameter at a time."""
+        from pathlib import Path
+
+        from twinpipe.parallel.experts.layer import ExpertParallelExperts
+        from twinpipe.parallel.experts.logical_state import split_slot_name
+        from twinpipe.trainer.checkpoint.io import read_ema_state
+
+        modules = dict(self.model.named_modules())
+        num_experts = getattr(getattr(self.model, "config", None), "n_routed_experts", 0)
+        for name, avg in self.average.items():
+            slot = split_slot_name(name)
+            if slot is None:
+                avg.copy_(read_ema_state(Path(path), {name: torch.empty_like(avg)}, num_experts)[name])
+                continue
+            layer_name, param = slot
+            layer = modules[layer_name]
+            assert isinstance(layer, ExpertParallelExperts)
+            plain = f"{layer_name}.{param}"
+            full = read_ema_state(Path(path), {plain: avg.new_empty((layer.num_experts, *avg.shape[1:]))},
+                                  num_experts)[plain]
+            avg.copy_(full[layer.local_logical_ids().cpu()])
 
     def close(self) -> None:
         self.wait()
         self.pool.shutdown()
+
+
+def _ep_position(model: nn.Module) -> tuple[int, int]:
+    """(ep rank, ep size) of the model's expert-parallel layers; (0, 1) without expert parallelism."""
+    from twinpipe.parallel.experts.layer import expert_parallel_layers
+
+    layer = next(iter(expert_parallel_layers(model)), None)
+    return (layer.ep_rank, layer.ep_size) if layer is not None else (0, 1)

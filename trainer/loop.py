@@ -32,6 +32,7 @@ from twinpipe.trainer.checkpoint import io as ckpt
 from twinpipe.trainer.checkpoint import format as fmt
 from twinpipe.trainer import preflight
 from twinpipe.trainer.checkpoint import reshard
+from twinpipe.trainer.checkpoint import tokenizer_match
 from twinpipe.trainer.checkpoint.writer import CheckpointWriter
 from twinpipe.trainer.build import build_loader, build_model, build_tokenizer, model_config
 from twinpipe.trainer.ema import CPUEMA
@@ -148,6 +149,11 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     layout = reshard.run_layout(cfg, grid, mcfg.n_routed_experts)
     segments = reshard.gather_segments(optimizer)  # where each parameter sits in the saved buckets
     start = ckpt.resolve_resume(cfg.resume, run_dir)
+    # the tokenizer the checkpoint (resume) or the initial weights (init_from) were trained with
+    tokenizer_sha = tokenizer_match.fingerprint(tokenizer)
+    if start is not None or cfg.get("init_from"):
+        key, value = ("resume", str(start)) if start is not None else ("init_from", cfg.init_from)
+        tokenizer_match.check(key, value, tokenizer, cfg.data.tokenizer, cfg.data.accept_tokenizer)
     if start is not None:
         changes = reshard.layout_changes(start, ckpt.read_meta(start), layout)
         if changes:  # another pp / schedule / ep: rebuild the state parameter by parameter
@@ -165,6 +171,8 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
     ema = CPUEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # trainer/ema.py
     if ema is not None and start is not None:
         ema.resume(start)
+    if ema is not None:
+        train_step.slot_followers = ema.slot_followers  # EPLB moves the slots' averages with their weights
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     writer = MetricsWriter(run_dir, cfg.train.steps, step, enabled=grid.is_main,
@@ -182,10 +190,11 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
 
     def save() -> None:
         rank_state = {fmt.LOADER: loader.state_dict(), fmt.RNG: ckpt.rng_state()}
-        meta = {fmt.STEP: step, fmt.TOKENS: tokens, **layout, fmt.SEGMENTS: segments}
+        meta = {fmt.STEP: step, fmt.TOKENS: tokens, **layout, fmt.SEGMENTS: segments,
+                tokenizer_match.KEY: tokenizer_sha}
         state = fmt.training_state(model, optimizer, grid.ep_rank, grid.ep)
         if ema is not None:
-            state[fmt.EMA] = ema.state_dict()
+            state.update(fmt.ema_state(ema.state_dict(), model, grid.ep_rank, grid.ep))
         saver.save(run_dir, step, state, rank_state, meta, config_yaml, tokenizer if grid.is_main else None,
                    cfg.checkpoint.keep)
 

@@ -74,7 +74,10 @@ class TrainStep:
 
     `model`, `optimizer` (trainer/optim/optimizer.py), `runner` (trainer/runner.py), `loss_fn`, `grid`,
     `grad_clip`, `on_nonfinite` ('skip' or 'stop'), `center_bias` (balance.center) and, with EPLB,
-    `rebalancer` + `eplb_every`."""
+    `rebalancer` + `eplb_every`; `slot_followers`, when set, gives the tensors that move with the expert
+    slots on a re-plan (the CPU EMA's average: `CPUEMA.slot_followers`)."""
+
+    slot_followers: Callable[[], dict] | None = None
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, runner: Any, loss_fn: Callable, grid: Any,
                  device: torch.device, grad_clip: float = 1.0, on_nonfinite: str = "skip",
@@ -120,7 +123,9 @@ class TrainStep:
         if self.rebalancer is not None:
             self.eplb_window += counts
             if (self.steps_done + 1) % self.eplb_every == 0:  # re-place experts, moving weights + AdamW state
-                eplb_metrics = self.rebalancer.replan(self.eplb_window[self.eplb_rows], optimizer.expert_opt)
+                followers = self.slot_followers() if self.slot_followers is not None else None
+                eplb_metrics = self.rebalancer.replan(self.eplb_window[self.eplb_rows], optimizer.expert_opt,
+                                                      followers)
                 self.eplb_window.zero_()
         self.steps_done += 1
         return {**metrics, "balance_loss": balance_loss, "grad_norm": grad_norm, "skipped": not finite,

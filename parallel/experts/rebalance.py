@@ -24,6 +24,7 @@ sharded by EP) in a plain torch optimizer, passed as `optimizer` (the trainer's 
 from __future__ import annotations
 
 import logging
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,41 +37,52 @@ from twinpipe.parallel.experts.layer import ExpertParallelExperts, expert_parall
 logger = logging.getLogger(__name__)
 
 
-def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    """The per-slot tensors that move with a parameter: itself, then its torch-optimizer state of its
-    shape (AdamW: exp_avg, exp_avg_sq)."""
+def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None,
+                followers: Mapping[nn.Parameter, Sequence[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+    """The per-slot tensors that move with a parameter: itself, its torch-optimizer state of its
+    shape (AdamW: exp_avg, exp_avg_sq), then its `followers` (tensors of its shape, on any device:
+    the CPU EMA's average)."""
     rows = [param.data]
     if optimizer is not None:
         state = optimizer.state.get(param, {})
         rows += [state[k] for k in sorted(state)
                  if torch.is_tensor(state[k]) and state[k].shape == param.shape]
+    if followers is not None:
+        for t in followers.get(param, ()):
+            if t.shape != param.shape:
+                raise ValueError(f"a tensor following an expert parameter of shape {tuple(param.shape)} "
+                                 f"has shape {tuple(t.shape)}")
+            rows.append(t)
     return rows
 
 
 def _pack(tensors: list[torch.Tensor], slots: list[int]) -> torch.Tensor:
-    """Rows `slots` of each [S, ...] tensor, as bytes: [len(slots), row_bytes] uint8."""
-    idx = torch.tensor(slots, dtype=torch.int64, device=tensors[0].device)
-    parts = [t.index_select(0, idx).reshape(len(slots), -1).contiguous().view(torch.uint8) for t in tensors]
+    """Rows `slots` of each [S, ...] tensor, as bytes on the first tensor's device: [len(slots), row_bytes] uint8."""
+    device = tensors[0].device
+    idx = torch.tensor(slots, dtype=torch.int64)
+    parts = [t.index_select(0, idx.to(t.device)).reshape(len(slots), -1).contiguous().view(torch.uint8).to(device)
+             for t in tensors]
     return torch.cat(parts, dim=1)
 
 
 def _unpack_into(tensors: list[torch.Tensor], packed: torch.Tensor, slots: list[int]) -> None:
     """Write packed rows into rows `slots` of each tensor (inverse of `_pack`)."""
     offset = 0
-    idx = torch.tensor(slots, dtype=torch.int64, device=tensors[0].device)
+    idx = torch.tensor(slots, dtype=torch.int64)
     for t in tensors:
         row_elems = t[0].numel()
         nbytes = row_elems * t.element_size()
         chunk = packed[:, offset:offset + nbytes].contiguous().view(t.dtype).view((len(slots),) + t.shape[1:])
-        t.index_copy_(0, idx, chunk)
+        t.index_copy_(0, idx.to(t.device), chunk.to(t.device))
         offset += nbytes
 
 
 @torch.no_grad()
 def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
-               optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Move one layer to the placement `new_phy2log[R]`; returns the number of slots received from
-    other ranks (rows that crossed the network)."""
+               optimizer: torch.optim.Optimizer | None = None,
+               followers: Mapping[nn.Parameter, Sequence[torch.Tensor]] | None = None) -> int:
+    """Move one layer to the placement `new_phy2log[R]` (its parameters, their `optimizer` state and
+    `followers`); returns the number of slots received from other ranks (rows that crossed the network)."""
     old = layer.phy2log.clone()
     new = new_phy2log.to(torch.int64).flatten()
     ep, s, me = layer.ep_size, layer.slots_per_rank, layer.ep_rank
@@ -83,7 +95,7 @@ def move_slots(layer: ExpertParallelExperts, new_phy2log: torch.Tensor,
         src = on_dest[0] if on_dest else holders[0]
         sources.append((src // s, src % s))
 
-    tensors = [t for p in layer.local.parameters() for t in _state_rows(p, optimizer)]
+    tensors = [t for p in layer.local.parameters() for t in _state_rows(p, optimizer, followers)]
     send_slots = [[] for _ in range(ep)]                 # my local slots to send, per destination
     recv_slots = [[] for _ in range(ep)]                 # my new local slots to fill, per source
     local_moves: list[tuple[int, int]] = []              # (old local slot, new local slot) on me
@@ -138,10 +150,10 @@ class ExpertRebalancer:
                                           self.ep_size, current_phy2log=current)
         return phy2log.to(torch.int64)
 
-    def replan(self, global_loads_window: torch.Tensor,
-               optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    def replan(self, global_loads_window: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+               followers: Mapping[nn.Parameter, Sequence[torch.Tensor]] | None = None) -> dict[str, float]:
         """Re-plan from the all-reduced loads of a window of steps ([L, E], identical on every rank),
-        move weights and optimizer state, and return load metrics before/after (max/mean over ranks,
+        move weights, optimizer state and each parameter's `followers` (`move_slots`), and return load metrics before/after (max/mean over ranks,
         the worst layer, and the mean over layers), the slots this rank received from other ranks
         (`eplb/slots_received`) and the slots whose expert changed on all ranks together
         (`eplb/slots_rewritten`, from the tables every rank holds, so no communication)."""
@@ -152,7 +164,7 @@ class ExpertRebalancer:
         before = balancedness(loads, old_tables, self.ep_size)
         moved = 0
         for i, layer in enumerate(self.layers):
-            moved += move_slots(layer, new_tables[i], optimizer)
+            moved += move_slots(layer, new_tables[i], optimizer, followers)
         after = balancedness(loads, new_tables, self.ep_size)                      # [L]
         metrics = {
             "eplb/load_max_over_mean_before": float(before.max()),

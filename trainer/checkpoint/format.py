@@ -7,6 +7,7 @@
                                       placement `...experts.phy2log` are buffers in it)
         "model_experts_ep{r}_of{ep}"  EP rank r's physical expert slots (`...experts.local.*`)
         "ema"                         with train.ema_decay > 0: the EMA of this rank's parameters (fp32)
+        "ema_experts_ep{r}_of{ep}"    ... and of EP rank r's expert slots (as "model_experts_...")
         "optim"                       the optimizer: "step"; ZeRO-1 buckets "dense" (pp = 1) or
                                       "dense_pp{r}_of{pp}" (flat DTensors sharded over dp, with
                                       "exp_avg", "exp_avg_sq"); "experts_ep{r}" (per-slot AdamW
@@ -62,6 +63,14 @@ def expert_weights_key(ep_rank: int, ep: int) -> str:
     return f"model_experts_ep{ep_rank}_of{ep}"
 
 
+EMA_EXPERTS = re.compile(r"^ema_experts_ep(\d+)_of(\d+)$")
+
+
+def ema_experts_key(ep_rank: int, ep: int) -> str:
+    """The key of the EMA of EP rank `ep_rank`'s expert slots."""
+    return f"ema_experts_ep{ep_rank}_of{ep}"
+
+
 # keys inside "optim"
 OPTIM_STEP = "step"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -97,13 +106,24 @@ def model_state(model: nn.Module, ep_rank: int, ep: int) -> dict[str, dict[str, 
     names; each layer's placement `phy2log`, the same on every EP rank, stays under "model"), so the
     inference loader rebuilds the logical experts from them."""
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+    return _split_experts(state, model, MODEL, expert_weights_key, ep_rank, ep)
+
+
+def ema_state(average: dict[str, torch.Tensor], model: nn.Module, ep_rank: int, ep: int) -> dict[str, dict]:
+    """The EMA's part of the DCP state (`average`: parameter name -> fp32, trainer/ema.py), split
+    like `model_state`: expert slots under this EP rank's own key."""
+    return _split_experts(average, model, EMA, ema_experts_key, ep_rank, ep)
+
+
+def _split_experts(state: dict[str, torch.Tensor], model: nn.Module, top: str, experts_key: Any,
+                   ep_rank: int, ep: int) -> dict[str, dict[str, torch.Tensor]]:
     if ep == 1:
-        return {MODEL: state}
+        return {top: state}
     from twinpipe.parallel.experts.layer import is_expert_param
 
     expert = {n for n, p in model.named_parameters() if is_expert_param(p)}
-    return {MODEL: {k: v for k, v in state.items() if k not in expert},
-            expert_weights_key(ep_rank, ep): {k: v for k, v in state.items() if k in expert}}
+    return {top: {k: v for k, v in state.items() if k not in expert},
+            experts_key(ep_rank, ep): {k: v for k, v in state.items() if k in expert}}
 
 
 def training_state(model: nn.Module, optimizer: Any, ep_rank: int, ep: int) -> dict[str, Any]:

@@ -320,17 +320,18 @@ def load_model_for_inference(path: str | Path, dtype: torch.dtype = torch.float3
 
 
 def _read_ema(ckpt: Path, model: torch.nn.Module, key: str) -> dict[str, torch.Tensor]:
-    """The EMA of every parameter of `model` saved in `ckpt` (fp32), by parameter name."""
-    saved = saved_tensors(ckpt)
-    names = [n for n, _ in model.named_parameters()]
-    missing = [n for n in names if f"{fmt.EMA}.{n}" not in saved]
-    if missing:
-        raise CheckpointError(f"{key}={ckpt}: no EMA of the weights (no key {fmt.EMA}.{missing[0]}): the run had "
+    """The EMA of every parameter of the plain `model` saved in `ckpt` (fp32), by parameter name (the
+    EMA of an expert-parallel run's slots merged into the logical experts, as the weights are)."""
+    if not any(k.startswith(fmt.EMA + ".") for k in saved_tensors(ckpt)):
+        raise CheckpointError(f"{key}={ckpt}: no EMA of the weights (no key {fmt.EMA}.*): the run had "
                               "train.ema_decay=0; ema=false reads its weights")
-    state = {fmt.EMA: {n: empty_saved(ckpt, saved, f"{fmt.EMA}.{n}") for n in names}}
-    with single_process_quiet():
-        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-    return state[fmt.EMA]
+    plain = {n: torch.empty(p.shape, dtype=torch.float32) for n, p in model.named_parameters()}
+    return read_ema_state(ckpt, plain, model.config.n_routed_experts)
+
+
+def read_ema_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """`_read_model_state` for the EMA of the weights: parameters of the plain model by name."""
+    return _read_model_state(ckpt, plain, num_experts, top=fmt.EMA, experts=(fmt.EMA_EXPERTS, fmt.ema_experts_key))
 
 
 def saved_tensors(ckpt: Path) -> dict[str, Any]:
@@ -349,58 +350,67 @@ def empty_saved(ckpt: Path, saved: dict[str, Any], flat: str) -> torch.Tensor:
     return torch.empty(meta.size, dtype=meta.properties.dtype)
 
 
-def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int, top: str = MODEL_KEY,
+                      experts: tuple[Any, Any] = (fmt.EXPERT_WEIGHTS, fmt.expert_weights_key)) -> dict[str, torch.Tensor]:
     """The plain model's state dict (names and shapes of `plain`) from checkpoint `ckpt`, in one
     process. A checkpoint of an expert-parallel run has the experts as physical slots per EP rank
-    plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`)."""
+    plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`).
+    `top` and `experts` (the pattern and key of the EP ranks' slots) name another copy of the weights
+    saved the same way (the EMA); the placement is always the model's."""
     saved = saved_tensors(ckpt)
+    pattern, experts_key = experts
     ep_keys: dict[int, set[int]] = {}
     for flat in saved:
-        m = fmt.EXPERT_WEIGHTS.match(flat.split(".", 1)[0])
+        m = pattern.match(flat.split(".", 1)[0])
         if m:
             ep_keys.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
     if not ep_keys:  # no expert parallelism: "model" is the plain model
-        missing = [k for k in plain if f"{MODEL_KEY}.{k}" not in saved]
+        missing = [k for k in plain if f"{top}.{k}" not in saved]
         if missing:
             raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(missing)} tensors of the model of its "
-                                  f"config.yaml, e.g. {MODEL_KEY}.{missing[0]} (saved under a different model "
+                                  f"config.yaml, e.g. {top}.{missing[0]} (saved under a different model "
                                   "config?)")
-        state = {MODEL_KEY: dict(plain)}
+        state = {top: dict(plain)}
         with single_process_quiet():
             dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-        return state[MODEL_KEY]
+        return state[top]
     if len(ep_keys) > 1:
         raise CheckpointError(f"{ckpt}: expert slots saved for several EP degrees {sorted(ep_keys)} "
-                              f"(keys {fmt.expert_weights_key(0, min(ep_keys))}..., {fmt.expert_weights_key(0, max(ep_keys))}...)")
+                              f"(keys {experts_key(0, min(ep_keys))}..., {experts_key(0, max(ep_keys))}...)")
     (ep, ranks), = ep_keys.items()
     if ranks != set(range(ep)):
-        absent = [fmt.expert_weights_key(r, ep) for r in range(ep) if r not in ranks]
+        absent = [experts_key(r, ep) for r in range(ep) if r not in ranks]
         raise CheckpointError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
 
     from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT, merge_expert_shards
 
     shared: dict[str, torch.Tensor] = {}
+    placements: dict[str, torch.Tensor] = {}
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(ep)]
     for name, value in plain.items():
-        if f"{MODEL_KEY}.{name}" in saved:
+        if f"{top}.{name}" in saved:
             shared[name] = value
             continue
         layer, _, param = name.rpartition(".")
         placement = f"{layer}.{PLACEMENT}"
-        wanted = [f"{MODEL_KEY}.{placement}"] + [f"{fmt.expert_weights_key(r, ep)}.{layer}.{LOCAL}{param}"
-                                                 for r in range(ep)]
+        wanted = [f"{MODEL_KEY}.{placement}"] + [f"{experts_key(r, ep)}.{layer}.{LOCAL}{param}" for r in range(ep)]
         absent = [k for k in wanted if k not in saved]
         if absent:
-            raise CheckpointError(f"{ckpt}: {MODEL_KEY}.{name} is neither saved whole nor as expert slots: "
+            raise CheckpointError(f"{ckpt}: {top}.{name} is neither saved whole nor as expert slots: "
                                   f"no key {', '.join(absent)}")
-        shared[placement] = empty_saved(ckpt, saved, wanted[0])
+        placements[placement] = empty_saved(ckpt, saved, wanted[0])
         for r in range(ep):
             shards[r][f"{layer}.{LOCAL}{param}"] = empty_saved(ckpt, saved, wanted[1 + r])
-    state = {MODEL_KEY: shared, **{fmt.expert_weights_key(r, ep): shards[r] for r in range(ep)}}
+    if top == MODEL_KEY:
+        shared.update(placements)
+        state = {MODEL_KEY: shared}
+    else:
+        state = {top: shared, MODEL_KEY: placements}
+    state.update({experts_key(r, ep): shards[r] for r in range(ep)})
     with single_process_quiet():
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     try:
-        return merge_expert_shards(state[MODEL_KEY], [state[fmt.expert_weights_key(r, ep)] for r in range(ep)],
+        return merge_expert_shards({**shared, **placements}, [state[experts_key(r, ep)] for r in range(ep)],
                                    num_experts)
     except ValueError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from exc
