@@ -1,9 +1,16 @@
 """Run a function on N local ranks as real processes (fork + torch.distributed).
 
 Used by the multi-process tests (gloo on CPU) and by `launch/local.py`. Each rank gets its own process
-started with fork, joins one process group over a free TCP port on localhost, runs `fn(rank,
-world_size, *args)` and sends its return value back. An exception on any rank is re-raised in the
-caller with that rank's traceback, and the other ranks are stopped instead of left hanging.
+started with fork, joins one process group, runs `fn(rank, world_size, *args)` and sends its return
+value back. An exception on any rank is re-raised in the caller with that rank's traceback, and the
+other ranks are stopped instead of left hanging.
+
+Rendezvous: rank 0 binds the group's TCPStore itself on a port the OS assigns (port 0) and hands the
+port to the other ranks through shared memory created before the fork; MASTER_ADDR/MASTER_PORT are
+set to it before `fn` runs. (A port probed free by the parent and then released could be taken by a
+concurrent job before rank 0 bound it: its ranks then met another job's store, "Connection closed by
+peer". A store held by the parent itself deadlocked the forked ranks: its server thread existed
+before the fork.)
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -21,22 +27,28 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _join(rank: int, world_size: int, backend: str, port_box, port_ready) -> None:
+    """Rank 0 hosts the store on an OS-assigned port and publishes it; the others wait for it."""
+    timeout = timedelta(seconds=300)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                              timeout=timeout)
+        port_box.value = store.port
+        port_ready.set()
+    else:
+        if not port_ready.wait(timeout.total_seconds()):
+            raise TimeoutError(f"rank 0 did not publish its store port within {timeout}")
+        store = dist.TCPStore("127.0.0.1", port_box.value, world_size, is_master=False, timeout=timeout)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def _rank_main(fn, rank, world_size, port, backend, threads, args, queue):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-    )
+def _rank_main(fn, rank, world_size, port_box, port_ready, backend, threads, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=300))
+        _join(rank, world_size, backend, port_box, port_ready)
         result = fn(rank, world_size, *args)
         # Plain pickle copies tensors by value. The queue's own pickler would share their storage
         # through file descriptors that vanish when this process exits before the parent reads them.
@@ -55,9 +67,9 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
         raise ValueError(f"world_size={world_size}: need at least one rank")
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main,
-                         args=(fn, r, world_size, port, backend, threads_per_rank, args, queue))
+    port_box, port_ready = ctx.Value("i", 0, lock=False), ctx.Event()  # rank 0's store port, before the fork
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port_box, port_ready, backend,
+                                                  threads_per_rank, args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -36,3 +36,37 @@ def test_run_local_returns_tensors_by_value():
         out = run_local(_return_tensor, 2)
         assert [o["rank"] for o in out] == [0, 1]
         assert torch.equal(out[1]["t"], torch.ones(1000))
+
+
+_JOBS = """
+import os, sys, torch, torch.distributed as dist
+from twinpipe.parallel.local import run_local
+
+def job(rank, world, tag):
+    # a rank that met another job's store would see its key missing or foreign, or a wrong sum
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"tag{rank}", tag)
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return [store.get(f"tag{r}").decode() for r in range(world)], t.item(), os.environ["MASTER_PORT"]
+
+for i in range(int(sys.argv[1])):
+    tag = f"{os.getpid()}-{i}"
+    out = run_local(job, 2, tag, timeout_s=120)
+    assert all(o[0] == [tag, tag] and o[1] == 3.0 for o in out), out
+    assert out[0][2] == out[1][2] != "0", out
+print("ok")
+"""
+
+
+def test_concurrent_run_local_jobs_do_not_meet():
+    """Two processes start run_local jobs at the same time, four each: every job's ranks join their own
+    store (rank 0 binds it on an OS-assigned port; no probed port another job could take)."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _JOBS, "4"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(o.strip().endswith("ok") for o in outs), outs
