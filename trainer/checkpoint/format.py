@@ -14,7 +14,8 @@
                                       state); DeepSpeed's "deepspeed_pp{r}_dp{d}_of{dp}"
       rank_{R}.pt                   per-rank state {"loader": data position, "rng": RNG states}
       meta.json                     {"step", "tokens", the layout ("pp", "dp", "ep", "schedule",
-                                     "expert_slots", "zero"), "segments": bucket -> [[param, offset, numel]]}
+                                     "expert_slots", "zero"), "segments": bucket -> [[param, offset, numel]],
+                                     "tokenizer_sha256": tokenizer_match.fingerprint of tokenizer.json}
       config.yaml                   the resolved recipe
       tokenizer.json                the run's tokenizer
       SHA256SUMS                    SHA-256 of every file above (`sha256sum -c` reads it)
@@ -96,6 +97,7 @@ RNG = "rng"
 STEP = "step"
 TOKENS = "tokens"
 SEGMENTS = "segments"
+TOKENIZER_SHA = "tokenizer_sha256"  # the saved tokenizer's fingerprint (trainer/checkpoint/tokenizer_match.py)
 LAYOUT = ("pp", "dp", "ep", "schedule", "expert_slots", "zero")
 
 

@@ -16,9 +16,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from twinpipe.trainer.checkpoint import format as fmt
+
 log = logging.getLogger(__name__)
 
-KEY = "tokenizer_sha256"  # in a checkpoint's meta.json
+KEY = fmt.TOKENIZER_SHA  # in a checkpoint's meta.json
 
 
 def fingerprint(tokenizer: Any) -> str:
@@ -32,7 +34,6 @@ def fingerprint(tokenizer: Any) -> str:
 def _tokenizer_folder(path: Path) -> Path | None:
     """The folder holding the tokenizer files of a checkpoint folder, a run dir (its newest complete
     checkpoint, as `resolve_resume` picks for a path) or an HF folder; None if there is none."""
-    from twinpipe.trainer.checkpoint import format as fmt
     from twinpipe.trainer.checkpoint.io import complete_checkpoints
 
     if (path / fmt.COMPLETE).is_file() or (path / "config.json").is_file():
@@ -44,8 +45,6 @@ def _tokenizer_folder(path: Path) -> Path | None:
 def saved_fingerprint(folder: Path) -> str | None:
     """The fingerprint of the tokenizer saved with `folder` (meta.json's, else from its tokenizer files);
     None when it has no tokenizer."""
-    from twinpipe.trainer.checkpoint import format as fmt
-
     meta = folder / fmt.META
     if meta.is_file():
         saved = json.loads(meta.read_text()).get(KEY)
