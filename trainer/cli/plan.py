@@ -1,7 +1,7 @@
 """`twinpipe-plan`: a dry run of a training job of any size, one rank at a time, on the meta device.
 
-    twinpipe-plan model=v3_671b parallel.pp=16 parallel.dp=128 parallel.ep=64 parallel.schedule=dualpipe \
-        train.seq_len=4096 train.global_batch=15360 train.micro_batch=1 --gpu H800 --json plan.json
+    twinpipe-plan --config-name pretrain_v3 --gpu H800 --json plan.json    # DeepSeek-V3 as the report trains it
+    twinpipe-plan model=small parallel.pp=8 parallel.dp=8 parallel.ep=8 ... --gpu H100 --world 64
 
 Same recipe and overrides as `twinpipe-train`. For each planned rank (default: dp rank 0 of every
 pipeline rank: the other dp ranks hold the same shapes) it joins torch.distributed's *fake* process
@@ -10,15 +10,18 @@ group (`world = parallel.pp x parallel.dp`; collectives are no-ops), builds the 
 and counts, per rank, in bytes:
 
 - weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast);
+  with fp8.backend on, the FP8 copies of the FP8 weights and their transposes (`fp8_weight_cache_bytes`);
 - gradients: `p.grad` (fp32) of each trainable parameter, plus ZeRO-1's flat fp32 gradient bucket of
   the replicated (non-expert) ones (`trainer/optim/zero.py`);
 - optimizer: ZeRO-1 shard over dp of the replicated parameters (fp32 master copy + two moments in
   optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again);
-- activations saved for backward, per micro-batch and stage (`activation_elements`, MLA + MoE as
-  `model/` computes them), times the micro-batches in flight: DualPipe / DualPipeV pp + 1, 1F1B
-  pp - pp_rank, no pipeline 1. train.dtype=fp32 is checked against the autograd graph on CPU;
+- activations saved for backward, per micro-batch and stage (`activation_bytes`, MLA + MoE as
+  `model/` computes them, with train.recompute and, under FP8, the Linears' and experts' inputs cached
+  in FP8), times the micro-batches in flight: DualPipe / DualPipeV pp + 1, 1F1B pp - pp_rank, no
+  pipeline 1. train.dtype=fp32 is checked against the autograd graph on CPU (FP8 emulated included);
   bf16 counts 2 bytes per saved element (the GPU target, fused attention): CPU autocast saves more
-  (RMSNorm's fp32 intermediates, fp32 attention, and a bf16 copy of each weight per micro-batch);
+  (RMSNorm's fp32 intermediates, fp32 attention), and autocast's bf16 copies of the weights that stay
+  out of FP8 (router, MTP eh_proj, head) are not counted;
 - the latent KV cache of rollouts (GRPO): (kv_lora_rank + qk_rope_head_dim) per token and layer, in
   the weights' dtype (fp32: `LatentKVCache.for_model`), for this rank's rollouts (`--rollout`; default
   a GRPO recipe's global_batch / dp sequences of train.seq_len, else one micro-batch);
@@ -75,36 +78,76 @@ GPUS = {
 }
 
 
-def activation_elements(c: Any, layer: int, tokens: int, seq_len: int, attention: str,
-                        recompute: tuple[str, ...] = ()) -> float:
-    """Elements saved for backward by block `layer` for `tokens` tokens in sequences of `seq_len`
-    (fp32 elements; int64 indices count 2). Read off the autograd graph of `model/`: RMSNorm saves its
-    input, 1/rms and the normalised x; each Linear its input; SwiGLU gate, up, silu(gate) and the
-    product; MLA the q/kv latents, RoPE's cos/sin, k and q after the cat, v and the attention output;
-    attention="math" (CPU) also the [heads, T, T] probabilities, "fused" (flash/efficient kernels) only
-    a logsumexp per head; the router's scores and indices and the routed experts' gathered rows.
+def fp8_input_bytes(width: int) -> int:
+    """Bytes per token of a Linear input saved in FP8 (`fp8/linear.py`, `fp8/experts.py`): E4M3 values
+    and one fp32 scale per 1x128 tile (`fp8.quant.act_quant` pads the row to whole tiles and returns a
+    view, so a width under 128 keeps a whole tile)."""
+    return (128 + 4) * math.ceil(width / 128)
+
+
+def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: str,
+                     recompute: tuple[str, ...] = (), dtype_bytes: int = 4, fp8: bool = False) -> float:
+    """Bytes saved for backward by block `layer` for `tokens` tokens in sequences of `seq_len`: elements
+    kept in the compute dtype (`dtype_bytes` each; int64 indices count 2) plus, with `fp8`, the FP8
+    inputs of the FP8 Linears and experts (`fp8_input_bytes`). Read off the autograd graph of `model/`:
+    RMSNorm saves its input, 1/rms and the normalised x, its output is the next Linears' input; each
+    Linear its input; SwiGLU gate, up, silu(gate) and the product; MLA the q/kv latents, RoPE's cos/sin,
+    k and q after the cat, v and the attention output; attention="math" (CPU) also the [heads, T, T]
+    probabilities, "fused" (flash/efficient kernels) only a logsumexp per head; the router's scores and
+    indices; the routed experts their gathered rows and, for the combine, the expert outputs twice (the
+    gate-weight product saves them, and index_add_ saves its source).
+
+    Under FP8 (`fp8/convert.py`: every Linear but embedding, head, router and eh_proj, and the routed
+    experts) a Linear saves its input quantised, each Linear its own copy; the routed experts save
+    their input and the SwiGLU input (gate and up) in FP8 and recompute SwiGLU (DeepSeek-V3 §3.3.3).
     `recompute` (train.recompute's options, parallel/recompute.py) keeps only the recomputed parts'
-    inputs; `full` keeps the block input (the block rerun in the backward is added by the caller)."""
+    inputs, in the compute dtype; `full` keeps the block input (the block rerun in the backward is
+    added by the caller)."""
     h, nh, r, dr = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
     qk, dv = c.qk_nope_head_dim + dr, c.v_head_dim
     if "full" in recompute:
-        return float(tokens) * h
+        return float(tokens) * h * dtype_bytes
+    q8 = fp8_input_bytes
     norm = (lambda w: w) if "norms" in recompute else (lambda w: 2 * w + 1)
+    plain = quant = 0.0  # per token: elements in the compute dtype, bytes in FP8
+    # attention: its norm, the kv latent (kv_a output, its norm, k_pe after RoPE)
+    plain += norm(h) + (r + dr) + 1 + r + dr
     if "mla_up" in recompute:  # the query path keeps x; the attention core its q, c_kv, k_pe
-        q, core = 0, nh * qk + nh * dr + dr
+        plain += h + nh * qk + nh * dr + dr
+        quant += q8(h) if fp8 else 0  # kv_a's own FP8 copy of x
     else:
-        q = h if c.q_lora_rank is None else norm(c.q_lora_rank) + c.q_lora_rank  # q_a out, norm, q_b in
-        core = r + 2 * nh * qk + nh * dv + (nh * seq_len if attention == "math" else nh)
-    attn = norm(h) + h + q + (r + dr) + 1 + r + dr + core + nh * dv
-    ffn = norm(h) + h
-    swiglu = 0 if "moe" in recompute else 4
+        q_path = 0 if c.q_lora_rank is None else norm(c.q_lora_rank)  # q_a output through its norm
+        core = 2 * nh * qk + nh * dv + (nh * seq_len if attention == "math" else nh)  # q, k, v, softmax
+        plain += q_path + core
+        if fp8:  # x into q_a (or q) and kv_a, q_b's and kv_b's inputs: each an FP8 copy
+            quant += 2 * q8(h) + (0 if c.q_lora_rank is None else q8(c.q_lora_rank)) + q8(r)
+        else:
+            plain += h + (h if c.q_lora_rank is None else c.q_lora_rank) + r
+    plain, quant = (plain, quant + q8(nh * dv)) if fp8 else (plain + nh * dv, quant)  # o_proj's input
+    # feed-forward: its norm, then a dense SwiGLU MLP or the MoE
+    plain += norm(h)
+
+    def swiglu(width: int) -> tuple[float, float]:  # (plain, FP8) of an MLP given x, not recomputed
+        if "moe" in recompute:
+            return 0.0, 0.0
+        return (3.0 * width, 2.0 * q8(h) + q8(width)) if fp8 else (4.0 * width, 0.0)
+
     if c.is_moe_layer(layer):
         k, e, i = c.num_experts_per_tok, c.n_routed_experts, c.moe_intermediate_size
-        gate = e + 4 * c.n_group + 2 * c.topk_group + e / 4 + 3 * k + 1
-        ffn += gate + 3 * k * h + swiglu * (k + c.n_shared_experts) * i + 3 * k
+        plain += h + e + 4 * c.n_group + 2 * c.topk_group + e / 4 + 3 * k + 1  # router (its input x)
+        if fp8 and "moe" not in recompute:  # rows, SwiGLU input in FP8; expert outputs twice
+            plain, quant = plain + 2 * k * h + 3 * k, quant + k * (q8(h) + 2 * q8(i))
+        else:
+            plain += 3 * k * h + (0 if "moe" in recompute else 4 * k * i) + 3 * k
+        if c.n_shared_experts:
+            more, more8 = swiglu(c.n_shared_experts * i)
+            plain, quant = plain + more, quant + more8
     else:
-        ffn += swiglu * c.intermediate_size
-    return float(tokens) * (attn + ffn)
+        more, more8 = swiglu(c.intermediate_size)
+        if not fp8 or "moe" in recompute:
+            more += h  # x itself (the MLP's, or its checkpoint's, input)
+        plain, quant = plain + more, quant + more8
+    return float(tokens) * (plain * dtype_bytes + quant)
 
 
 def forward_flops(c: Any, layer: int, seq_len: int) -> float:
@@ -124,6 +167,7 @@ class RankPlan:
     params: int
     expert_params: int
     weights_bytes: int
+    fp8_weight_cache_bytes: int
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes_per_micro_batch: int
@@ -192,6 +236,8 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
             experts += n
         else:
             dense += n
+    fp8 = cfg.fp8.backend != "off"
+    fp8_cache = fp8_weight_cache_bytes(model, local) if fp8 else 0
     moment = 2 if cfg.optim.moment_dtype == "bf16" else 4
     blocks = sorted(range(c.num_hidden_layers) if "layers" in local else
                     {int(n.split(".")[1]) for n in local if n.startswith("layers.")})
@@ -199,28 +245,57 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     stages = stages_held(cfg)
     tokens = t.micro_batch * t.seq_len
     recompute = tuple(parse_options(t.recompute))
-    act_elements = sum(activation_elements(c, b, tokens, t.seq_len, attention, recompute) for b in blocks)
-    act_bytes = 4 if t.dtype == "fp32" else 2
-    per_micro = int(act_elements / stages * act_bytes)
+    act = dict(attention=attention, dtype_bytes=4 if t.dtype == "fp32" else 2, fp8=fp8)
+    per_micro = int(sum(activation_bytes(c, b, tokens, t.seq_len, recompute=recompute, **act) for b in blocks)
+                    / stages)
     in_flight = micro_batches_in_flight(p.pp, grid.pp_rank, p.schedule, chunks(cfg))
     rerun = 0  # `full`: one block's activations exist again while its backward runs
     if "full" in recompute and blocks:
-        rerun = int(max(activation_elements(c, b, tokens, t.seq_len, attention) for b in blocks) * act_bytes)
+        rerun = int(max(activation_bytes(c, b, tokens, t.seq_len, **act) for b in blocks))
     moe_passes = sum(c.is_moe_layer(b) for b in blocks) / stages * chunks(cfg)
-    dispatch = 1 if cfg.fp8.backend != "off" else 2
+    dispatch = 1 if fp8 else 2
     a2a = moe_passes * tokens * c.num_experts_per_tok * c.hidden_size * (p.ep - 1) / p.ep * (dispatch + 2 + 4)
     batch, length = rollout
     kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
     params = dense + experts + frozen
     out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params,
                    expert_params=experts,
-                   weights_bytes=4 * params, grad_bytes=4 * (dense + experts) + 4 * dense,
+                   weights_bytes=4 * params, fp8_weight_cache_bytes=fp8_cache, grad_bytes=4 * (dense + experts) + 4 * dense,
                    optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * 2 * moment,
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
                    activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,
                    all_to_all_bytes_per_step=int(a2a), total_bytes=0)
-    out.total_bytes = out.weights_bytes + out.grad_bytes + out.optimizer_bytes + out.activation_bytes
+    out.total_bytes = (out.weights_bytes + out.fp8_weight_cache_bytes + out.grad_bytes + out.optimizer_bytes
+                       + out.activation_bytes)
     return out
+
+
+def fp8_weight_cache_bytes(model: Any, local: set[str]) -> int:
+    """The FP8 copies of this rank's FP8 weights kept through a step (`fp8/weight_cache.py`): each
+    weight quantised in 128x128 blocks (`weight_quant` returns a view of whole blocks: padded below
+    128) and its contiguous transpose for the input gradient, E4M3 with an fp32 scale per block; the weights `fp8/convert.py` converts (Linears outside its SKIPPED_NAMES, routed
+    experts; the plan's model is not converted, `parallelize` runs with fp8 off: same parameters)."""
+    from torch import nn
+
+    from twinpipe.fp8.convert import SKIPPED_NAMES
+    from twinpipe.model.experts import Experts
+    from twinpipe.parallel.parallelize import is_under
+
+    total = 0
+    for name, module in model.named_modules():
+        if not is_under(name, local) or any(part in SKIPPED_NAMES for part in name.split(".")):
+            continue
+        if isinstance(module, nn.Linear):  # (the zero-bubble split's subclass under DualPipe)
+            weights = [module.weight]
+        elif isinstance(module, Experts):
+            weights = [module.gate_proj, module.up_proj, module.down_proj]
+        else:
+            continue
+        for w in weights:
+            *batch, n, k = w.shape
+            blocks = math.prod(batch) * math.ceil(n / 128) * math.ceil(k / 128)
+            total += blocks * 128 * 128 + w.numel() + 2 * 4 * blocks  # q (a view of whole blocks), qᵀ, s, sᵀ
+    return total
 
 
 def stages_held(cfg: DictConfig) -> int:
@@ -324,25 +399,32 @@ def plan(cfg: DictConfig, gpu: str = "H800", ranks: list[int] | None = None, att
 
 
 def check_fits(result: dict, cfg: DictConfig) -> None:
-    """ValueError naming the rank and its bytes when a planned rank needs more than the GPU's memory."""
+    """ValueError naming the rank, its bytes and their parts when a planned rank needs more than the
+    GPU's memory."""
     worst = max(result["ranks"], key=lambda r: r["total_bytes"])
     gpu = result["gpu"]
     if worst["total_bytes"] > gpu["hbm_gb"] * 1e9:
-        raise ValueError(f"rank {worst['rank']} (pp rank {worst['pp_rank']}) needs {worst['total_bytes'] / GIB:.1f} "
-                         f"GiB > {gpu['hbm_gb']:.0f} GB of the {gpu['name']}: raise parallel.pp or parallel.ep, "
-                         f"lower train.micro_batch={cfg.train.micro_batch}, or set optim.moment_dtype=bf16")
+        g = lambda k: worst[k] / GIB  # noqa: E731
+        moments = ", or set optim.moment_dtype=bf16" if cfg.optim.moment_dtype != "bf16" else ""
+        raise ValueError(f"rank {worst['rank']} (pp rank {worst['pp_rank']}) needs {g('total_bytes'):.1f} GiB > "
+                         f"{gpu['hbm_gb']:.0f} GB of the {gpu['name']} (activations {g('activation_bytes'):.1f} "
+                         f"GiB for {worst['micro_batches_in_flight']} micro-batches in flight, weights "
+                         f"{g('weights_bytes'):.1f} + FP8 copies {g('fp8_weight_cache_bytes'):.1f}, gradients "
+                         f"{g('grad_bytes'):.1f}, optimizer {g('optimizer_bytes'):.1f}): raise parallel.pp or "
+                         f"parallel.ep, lower train.micro_batch={cfg.train.micro_batch} or recompute more "
+                         f"(train.recompute){moments}")
 
 
 def report(result: dict) -> str:
     """The plan as a table, one line per rank, then the step estimate."""
     lines = [f"{result['world']} GPUs ({result['gpu']['name']}): pp {result['pp']} x dp {result['dp']} "
              f"(ep {result['ep']}), {result['schedule']}",
-             f"{'rank':>6} {'pp':>3} {'params':>8} {'weights':>8} {'grads':>8} {'optim':>8} {'act':>8} "
+             f"{'rank':>6} {'pp':>3} {'params':>8} {'weights':>8} {'fp8 w':>6} {'grads':>8} {'optim':>8} {'act':>8} "
              f"{'(mb)':>5} {'kv':>7} {'total':>8} {'a2a/step':>9}   (GiB)"]
     for r in result["ranks"]:
         g = lambda k: r[k] / GIB  # noqa: E731
         lines.append(f"{r['rank']:>6} {r['pp_rank']:>3} {r['params'] / 1e9:>7.2f}B {g('weights_bytes'):>8.2f} "
-                     f"{g('grad_bytes'):>8.2f} {g('optimizer_bytes'):>8.2f} {g('activation_bytes'):>8.2f} "
+                     f"{g('fp8_weight_cache_bytes'):>6.2f} {g('grad_bytes'):>8.2f} {g('optimizer_bytes'):>8.2f} {g('activation_bytes'):>8.2f} "
                      f"{r['micro_batches_in_flight']:>5} {g('kv_cache_bytes'):>7.2f} {g('total_bytes'):>8.2f} "
                      f"{g('all_to_all_bytes_per_step'):>9.1f}")
     s = result["step"]
