@@ -18,11 +18,18 @@ Sections (--sections, default all):
               training steps between saves, synchronous against checkpoint.async_save: the step loop's
               stall per save (trainer/checkpoint/writer.py), the write speed, the step time meanwhile.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated over what was allocated before the measured steps
-(weights, optimizer state, after a warm-up step); on CPU the process's peak RSS (VmHWM, reset before the
-measured steps) over its RSS then: glibc keeps some freed memory and reuses it, so CPU figures of small
-shapes are noise (a few MB); the figures to quote are the GPU run's.
-Gradients (4 bytes per parameter, `grad_mb`) are inside the step peak of every configuration alike.
+Memory is counted two ways:
+  activations_mb, peak_mb   exact, on any device: `LiveBytes` sees every tensor an operator returns in
+              one (warmed-up) step and when its storage is freed. activations_mb is what is still held
+              when the forward (and loss) ends: the activations kept for the backward, the definition
+              the recompute goal is about; peak_mb is the most held at once in the step (activations,
+              recomputed ones, gradients, the optimizer's temporaries). A kernel's private scratch
+              (e.g. inside SDPA) is not an operator output and is not counted; the same on every device.
+  alloc_peak_mb  the allocator's view over the timed steps: on CUDA max_memory_allocated over what was
+              allocated before them; on CPU the peak RSS (VmHWM) over the RSS before them, which glibc's
+              reuse of freed memory makes noise at small shapes.
+Step times are measured without the counter (it intercepts every operator). Gradients (4 bytes per
+parameter, `grad_mb`) are inside every configuration's peak alike.
 
     python bench/memory.py --smoke                    # seconds on a CPU: tiny shapes, every section
     python bench/memory.py                            # the real run, on one GPU (H100: ~10 minutes)
@@ -45,6 +52,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+import weakref
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from twinpipe.model.block import Block
 from twinpipe.model.config import ModelConfig
@@ -55,7 +65,40 @@ from twinpipe.trainer.loss import GLOBAL_COUNTS, PretrainLoss, cross_entropy_sum
 from twinpipe.trainer.optim.zero import ZeroAdamW
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RECOMPUTE = ["none", "norms", "mla_up", "moe", "full", ["norms", "mla_up"]]
+RECOMPUTE = ["none", "norms", "mla_up", "moe", "full", ["norms", "mla_up"], ["norms", "mla_up", "moe"]]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created by operators inside the mode and not yet freed: `live`
+    now and `peak` since entering. Each output storage is counted once (views and in-place results
+    share it) and uncounted by a weak-reference callback when it is freed; an output on an input's
+    storage (a view or in-place update of a tensor made before the mode: a weight's transpose, the
+    optimizer's update) is not new memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
+        self.live = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+        self.refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self.sizes and key not in inputs:
+                    self.sizes[key] = st.nbytes()
+                    self.refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
+                    self.live += self.sizes[key]
+        self.peak = max(self.peak, self.live)
+        return out
 
 
 class PeakMeter:
@@ -114,24 +157,39 @@ def _train_setup(preset: str, seq_len: int, batch: int, recompute: Any, ce_chunk
     mb = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     mb[GLOBAL_COUNTS] = loss_fn.normalizers(mb)
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         with _amp(device):
             loss, _ = loss_fn(model.forward_train(mb["input_ids"]), mb)
+        return loss
+
+    def backward(loss: torch.Tensor) -> None:
         loss.backward()
         opt.reduce_gradients()
         opt.step(1e-4, min(1.0, 1.0 / (opt.grad_norm() + 1e-6)))
         opt.zero_grad()
 
-    return cfg, model, opt, step
+    return cfg, model, opt, forward, backward
+
+
+def counted(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
+    """One step under `LiveBytes`: what the forward leaves held for the backward, and the step's peak (MB)."""
+    with LiveBytes() as mem:
+        out = forward()
+        held = mem.live
+        backward(out)
+        del out
+    return {"activations_mb": held / 2**20, "peak_mb": mem.peak / 2**20}
 
 
 def step_case(preset: str, seq_len: int, batch: int, recompute: Any, ce_chunk_mib: float, steps: int,
               device: torch.device) -> dict:
-    cfg, model, _, step = _train_setup(preset, seq_len, batch, recompute, ce_chunk_mib, device)
+    cfg, _, _, forward, backward = _train_setup(preset, seq_len, batch, recompute, ce_chunk_mib, device)
+    step = lambda: backward(forward())  # noqa: E731
     step()  # warm-up: optimizer state allocated
+    mem = counted(forward, backward)
     meter = PeakMeter(device)
     times = [_timed(step, device) for _ in range(steps)]
-    return {"recompute": recompute, "ce_chunk_mib": ce_chunk_mib, "peak_mb": meter.peak_mb(),
+    return {"recompute": recompute, "ce_chunk_mib": ce_chunk_mib, **mem, "alloc_peak_mb": meter.peak_mb(),
             "step_s": statistics.median(times), "grad_mb": 4 * cfg.num_parameters() / 2**20}
 
 
@@ -146,17 +204,21 @@ def layer_case(preset: str, experts: int, seq_len: int, recompute: Any, steps: i
     x = torch.randn(1, seq_len, cfg.hidden_size, device=device, requires_grad=True)  # [1, T, H]
     grad_out = torch.randn_like(x)
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         with _amp(device):
-            y = block(x)
+            return block(x)
+
+    def backward(y: torch.Tensor) -> None:
         y.backward(grad_out)
         x.grad = None
         block.zero_grad(set_to_none=True)
 
+    step = lambda: backward(forward())  # noqa: E731
     step()
+    mem = counted(forward, backward)
     meter = PeakMeter(device)
     times = [_timed(step, device) for _ in range(steps)]
-    return {"recompute": recompute, "peak_mb": meter.peak_mb(), "step_s": statistics.median(times),
+    return {"recompute": recompute, **mem, "alloc_peak_mb": meter.peak_mb(), "step_s": statistics.median(times),
             "layer_params": sum(p.numel() for p in block.parameters()), "experts": experts, "top_k": top_k,
             "grad_mb": sum(4 * p.numel() for p in block.parameters()) / 2**20}
 
@@ -167,21 +229,24 @@ def ce_case(vocab: int, tokens: int, hidden: int, ce_chunk_mib: float, device: t
     w = (0.02 * torch.randn(vocab, hidden, device=device)).requires_grad_()  # [V, H]
     labels = torch.randint(0, vocab, (tokens,), device=device)  # [N]
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         with _amp(device):
             if ce_chunk_mib:
-                loss = linear_cross_entropy_sum(h, w, labels, rows_for_budget(ce_chunk_mib, vocab))
-            else:
-                loss = cross_entropy_sum(F.linear(h, w), labels)
+                return linear_cross_entropy_sum(h, w, labels, rows_for_budget(ce_chunk_mib, vocab))
+            return cross_entropy_sum(F.linear(h, w), labels)
+
+    def backward(loss: torch.Tensor) -> None:
         loss.backward()
         h.grad = w.grad = None
 
+    step = lambda: backward(forward())  # noqa: E731
     step()
+    mem = counted(forward, backward)
     meter = PeakMeter(device)
     seconds = _timed(step, device)
-    peak, grads = meter.peak_mb(), 4 * (tokens + vocab) * hidden / 2**20
-    return {"vocab": vocab, "ce_chunk_mib": ce_chunk_mib, "peak_mb": peak, "step_s": seconds,
-            "fp32_logits_mb": 4 * tokens * vocab / 2**20, "grad_mb": grads, "peak_over_grads_mb": peak - grads}
+    grads = 4 * (tokens + vocab) * hidden / 2**20
+    return {"vocab": vocab, "ce_chunk_mib": ce_chunk_mib, **mem, "alloc_peak_mb": meter.peak_mb(), "step_s": seconds,
+            "fp32_logits_mb": 4 * tokens * vocab / 2**20, "grad_mb": grads, "peak_over_grads_mb": mem["peak_mb"] - grads}
 
 
 def checkpoint_case(preset: str, seq_len: int, batch: int, async_save: bool, saves: int, steps_between: int,
@@ -190,7 +255,8 @@ def checkpoint_case(preset: str, seq_len: int, batch: int, async_save: bool, sav
     from twinpipe.trainer.checkpoint import format as fmt
     from twinpipe.trainer.checkpoint.writer import CheckpointWriter
 
-    _, model, opt, step = _train_setup(preset, seq_len, batch, "none", 256.0, device)
+    _, model, opt, forward, backward = _train_setup(preset, seq_len, batch, "none", 256.0, device)
+    step = lambda: backward(forward())  # noqa: E731
     step()
     plain = [_timed(step, device) for _ in range(steps_between)]
     writer = CheckpointWriter(async_save)
@@ -257,6 +323,7 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default=None, help="where the checkpoint section writes (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, seconds on a CPU (not figures to quote)")
+    ap.add_argument("--out", default=None, help="the JSON (default bench/results/memory_<device>[_smoke].json)")
     args = ap.parse_args()
     if args.smoke:
         args.preset, args.seq_len, args.steps, args.layer_preset, args.layer_experts = "tiny", 64, 1, "tiny", 4
@@ -287,16 +354,17 @@ def main() -> None:
         result["checkpoint"] = {"sync": sync, "async": asyn,
                                 "async_stall_over_sync": asyn["stall_s_after_first"] / sync["stall_s_after_first"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"memory_{device.type}{'_smoke' if args.smoke else ''}.json"
+    path = Path(args.out) if args.out else RESULTS / f"memory_{device.type}{'_smoke' if args.smoke else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"saved {path}")
 
 
 def _relative(cases: list[dict], ref: dict) -> list[dict]:
-    """Each case with its peak and step time over `ref`'s (no recomputation, same CE)."""
+    """Each case with its activations, peak and step time over `ref`'s (no recomputation, same CE)."""
     for c in cases:
-        c["peak_vs_none"] = c["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
+        c["activations_vs_none"] = c["activations_mb"] / ref["activations_mb"]
+        c["peak_vs_none"] = c["peak_mb"] / ref["peak_mb"]
         c["time_vs_none"] = c["step_s"] / ref["step_s"]
     return cases
 

@@ -11,8 +11,13 @@ in chunks of tokens, so fp32 logits [tokens, vocab] never exist at once (DeepSee
     d hidden_c = d logits @ weight and d weight += d logits^T @ hidden_c (fp32 accumulator).
 
 The GEMMs run in the compute dtype (the autocast dtype under `train.dtype=bf16`, as `lm_head` would,
-else the hidden states'); softmax and sums in fp32. Rows per chunk come from a budget in MiB of fp32
-logits (`rows_for_budget`), so the loss's memory is bounded whatever the vocabulary.
+else the hidden states'); softmax and sums in fp32. A chunk works in at most `CHUNK_BUFFERS` fp32
+[rows, V] buffers: the logits, turned in place into log-probabilities, probabilities and their
+gradient, and one more (logsumexp's exponentials in the forward; the probabilities beside the
+log-probabilities when the entropy has a gradient). The weight gradient accumulates in place.
+Rows per chunk come from a budget in MiB for those buffers (`rows_for_budget`, `loss.ce_chunk_mib`),
+so the loss's working memory is bounded whatever the vocabulary (measured: bench/memory.py, the `ce`
+section).
 
 `token_logprobs_and_entropy(hidden, weight, labels, chunk_rows)` is the kernel (GRPO's per-token
 logprobs and entropy call it too); `linear_cross_entropy_sum` is the pretraining / SFT form.
@@ -25,9 +30,13 @@ import torch
 IGNORE_INDEX = -100
 
 
+CHUNK_BUFFERS = 2  # fp32 [rows, vocab] buffers a chunk holds at once
+
+
 def rows_for_budget(budget_mib: float, vocab: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits take at most `budget_mib` MiB (at least 1)."""
-    return max(1, int(budget_mib * 2**20) // (4 * vocab))
+    """Rows per chunk so that a chunk's fp32 [rows, vocab] buffers (`CHUNK_BUFFERS` of them) take at
+    most `budget_mib` MiB (at least 1 row)."""
+    return max(1, int(budget_mib * 2**20) // (CHUNK_BUFFERS * 4 * vocab))
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -41,7 +50,9 @@ def _chunk_stats(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
     """One chunk: h [R, H], w [V, H] (compute dtype), labels [R] -> logits [R, V] fp32, lse [R],
     logprob [R] (0 where the label is ignored), valid [R] bool."""
     logits = (h @ w.t()).float()                                                # [R, V]
-    lse = torch.logsumexp(logits, dim=-1)                                       # [R]
+    top = logits.amax(dim=-1, keepdim=True)                                     # [R, 1]
+    # logsumexp with its one [R, V] scratch buffer in the open (the second of CHUNK_BUFFERS)
+    lse = (logits - top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))         # [R]
     valid = labels != IGNORE_INDEX
     picked = logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)      # [R]
     return logits, lse, torch.where(valid, picked - lse, torch.zeros_like(lse)), valid
@@ -59,8 +70,11 @@ class _LinearLogprobEntropy(torch.autograd.Function):
             for a in range(0, N, chunk_rows):
                 b = min(a + chunk_rows, N)
                 logits, lse, logprob[a:b], _ = _chunk_stats(hidden[a:b].to(dtype), w, labels[a:b])
-                if with_entropy:
-                    entropy[a:b] = lse - (logits.softmax(-1) * logits).sum(-1)
+                if with_entropy:  # H = lse - sum p * logits, p = exp(logits - lse)
+                    p = (logits - lse.unsqueeze(1)).exp_()                      # [R, V]
+                    entropy[a:b] = lse - p.mul_(logits).sum(-1)
+                    del p
+                del logits
         ctx.save_for_backward(hidden, weight, labels, entropy)
         ctx.chunk_rows, ctx.dtype, ctx.with_entropy = chunk_rows, dtype, with_entropy
         if not with_entropy:
@@ -80,18 +94,28 @@ class _LinearLogprobEntropy(torch.autograd.Function):
                 b = min(a + rows, N)
                 h = hidden[a:b].to(dtype)
                 logits, lse, _, valid = _chunk_stats(h, w, labels[a:b])
-                logp = logits - lse.unsqueeze(1)                                # [R, V]
-                p = logp.exp()
+                logp = logits.sub_(lse.unsqueeze(1))                            # [R, V], in place
+                del logits
                 g_lp = torch.where(valid, grad_logprob[a:b], torch.zeros_like(lse)).unsqueeze(1)  # [R, 1]
-                d = -g_lp * p                                                   # [R, V]
-                d.scatter_add_(1, labels[a:b].clamp(min=0).unsqueeze(1), g_lp)
+                # d logits = g_lp * onehot - p * (g_lp + g_H * (logp + H)); g_H = 0 without the entropy's
                 if ctx.with_entropy and grad_entropy is not None:
-                    d -= grad_entropy[a:b].unsqueeze(1) * p * (logp + entropy[a:b].unsqueeze(1))
+                    p = logp.exp()
+                    d = logp.add_(entropy[a:b].unsqueeze(1)).mul_(grad_entropy[a:b].unsqueeze(1)).add_(g_lp)
+                    d.mul_(p).neg_()
+                    del p
+                else:
+                    d = logp.exp_().mul_(-g_lp)
+                del logp
+                d.scatter_add_(1, labels[a:b].clamp(min=0).unsqueeze(1), g_lp)
                 d = d.to(dtype)
                 if need_h:
                     grad_h[a:b] = (d @ w).to(hidden.dtype)                      # [R, H]
                 if need_w:
-                    grad_w += (d.t() @ h).float()                               # [V, H]
+                    if d.dtype == torch.float32:
+                        grad_w.addmm_(d.t(), h)                                 # [V, H], in place
+                    else:
+                        grad_w.add_(d.t() @ h)
+                del d
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 

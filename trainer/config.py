@@ -134,7 +134,8 @@ class LossSchema:
     mtp_lambda: float = 0.3  # weight of the MTP loss
     mtp_lambda_late: float = 0.1  # ... after mtp_switch_tokens
     mtp_switch_tokens: float = 10e12
-    # cross-entropy in chunks of this many MiB of fp32 logits (trainer/chunked_ce.py); 0 = whole logits
+    # cross-entropy in chunks whose [rows, vocab] buffers take at most this many MiB (trainer/chunked_ce.py:
+    # two fp32 buffers per chunk, beside the gradients); 0 = whole fp32 logits
     ce_chunk_mib: float = 256.0
 
 

@@ -70,11 +70,11 @@ class PretrainLoss:
 
     def __init__(self, mtp_lambda: float = 0.3, mtp_depths: int = 0, ce_chunk_mib: float = 256.0):
         self.mtp_lambda, self.mtp_depths = mtp_lambda, mtp_depths
-        self.ce_chunk_mib = ce_chunk_mib  # fp32 logits per chunk (trainer/chunked_ce.py); 0: whole logits
+        self.ce_chunk_mib = ce_chunk_mib  # the loss's working memory per head (trainer/chunked_ce.py); 0: whole logits
 
     def head_cross_entropy_sum(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`cross_entropy_sum(hidden @ weight^T, labels)`: hidden [B, T, H] (a head's input), weight [V, H],
-        in chunks of `ce_chunk_mib` MiB of fp32 logits unless that is 0."""
+        in chunks whose working memory is at most `ce_chunk_mib` MiB unless that is 0."""
         if not self.ce_chunk_mib:
             return cross_entropy_sum(F.linear(hidden, weight), labels)
         return linear_cross_entropy_sum(hidden, weight, labels, rows_for_budget(self.ce_chunk_mib, weight.shape[0]))

@@ -75,9 +75,9 @@ def test_no_tokens_by_vocab_tensor_is_kept_for_backward():
     hidden, weight, labels = _inputs(n=64, h=8, v=500)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        linear_cross_entropy_sum(hidden, weight, labels, rows_for_budget(0.01, 500))  # 5 rows per chunk
+        linear_cross_entropy_sum(hidden, weight, labels, rows_for_budget(0.01, 500))  # 2 rows per chunk
     assert saved and max(saved) < 64 * 500 / 4
-    assert rows_for_budget(0.01, 500) == 5 and rows_for_budget(1, 10**9) == 1
+    assert rows_for_budget(0.01, 500) == 2 and rows_for_budget(1, 10**9) == 1
 
 
 def _model():
@@ -156,3 +156,23 @@ def test_pipeline_last_stage_chunked_equals_one_process_plain(schedule):
     got = torch.cat([next(torch.from_numpy(r[1][n]) for r in results if n in r[1]).flatten() for n in names])
     want = torch.cat([model.get_parameter(n).grad.flatten() for n in names])
     assert (got - want).norm() <= 1e-5 * want.norm()
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_working_memory_within_the_budget(with_entropy):
+    """`loss.ce_chunk_mib` bounds what the loss allocates beyond its inputs and gradients: every
+    tensor an operator returns is counted (bench.memory.LiveBytes) through forward and backward, at
+    a budget of 1 MiB over 600 tokens x 2000 vocab (4.6 MiB of fp32 logits, so 5 chunks). The bound
+    is exact arithmetic on buffer sizes, not a timing: CHUNK_BUFFERS fp32 [rows, vocab] buffers plus
+    the gradients [N, H] and [V, H] (fp32) and [N]-sized vectors."""
+    from bench.memory import LiveBytes
+
+    n, h, v = 600, 8, 2000
+    hidden, weight, labels = _inputs(n=n, h=h, v=v)
+    rows = rows_for_budget(1.0, v)
+    with LiveBytes() as mem:
+        lp, ent = token_logprobs_and_entropy(hidden, weight, labels, rows, with_entropy)
+        (-lp.sum() + (ent.sum() if with_entropy else 0)).backward()
+    grads, vectors = 4 * (n * h + v * h), 16 * 4 * n
+    working = mem.peak - grads - vectors
+    assert 0.5 * 2**20 < working <= 2**20, working / 2**20
