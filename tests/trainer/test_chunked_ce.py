@@ -176,3 +176,41 @@ def test_working_memory_within_the_budget(with_entropy):
     grads, vectors = 4 * (n * h + v * h), 16 * 4 * n
     working = mem.peak - grads - vectors
     assert 0.5 * 2**20 < working <= 2**20, working / 2**20
+
+
+def test_grpo_loss_through_the_kernel_equals_the_logits_form():
+    """GRPO's per-token logprobs at temperature 0.7 and entropy from (hidden / T) @ W^T in chunks equal
+    log_softmax(logits / T) of the whole logits: the loss, its metrics and the gradients of the head's
+    input and weight (FP32 tolerance above: the same softmax, sums in another order)."""
+    from types import SimpleNamespace
+
+    from twinpipe.trainer.grpo.loss import GRPOLoss
+    from twinpipe.trainer.step import add_global_counts
+
+    g = torch.Generator().manual_seed(3)
+    b, t, h, v = 3, 7, 16, 300
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g).mul_(0.3)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[:, :2] = -100
+    batch = {"labels": labels, "loss_mask": (labels != -100).float(),
+             "old_logprobs": -5 + 0.3 * torch.randn(b, t, generator=g),
+             "ref_logprobs": -5 + 0.3 * torch.randn(b, t, generator=g),
+             "advantages": torch.randn(b, generator=g), "first_update": torch.tensor(True)}
+    results = []
+    for chunked in (True, False):
+        loss_fn = GRPOLoss(clip_low=0.1, clip_high=0.3, beta=0.05, temperature=0.7, max_new_tokens=5,
+                           ce_chunk_mib=0.002)  # 0.002 MiB: 3 rows per chunk
+        hid, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = (SimpleNamespace(hidden=hid, head_weight=w) if chunked
+               else SimpleNamespace(logits=F.linear(hid, w)))
+        loss, metrics = loss_fn(out, add_global_counts(loss_fn, [batch], None, torch.device("cpu"))[0])
+        loss.backward()
+        results.append((loss.detach(), metrics, hid.grad, w.grad, loss_fn.take_diff_max()))
+    (loss_c, m_c, gh_c, gw_c, d_c), (loss_p, m_p, gh_p, gw_p, d_p) = results
+    torch.testing.assert_close(loss_c, loss_p, **FP32)
+    for k in m_p:
+        torch.testing.assert_close(m_c[k], m_p[k], **FP32, msg=k)
+    torch.testing.assert_close(gh_c, gh_p, **FP32)
+    torch.testing.assert_close(gw_c, gw_p, **FP32)
+    assert d_c == pytest.approx(d_p, rel=1e-5)

@@ -16,6 +16,10 @@ Aggregation (`grpo.loss_agg`), each over the *global* batch through `normalizers
 token means: `pg_loss`, `kl`, `clip_fraction` (tokens whose ratio left the clip range), `entropy`.
 `logprob_diff_max` (max |logp - old| on a rollout's first update, when nothing has moved yet) is kept
 on the loss object (`take_diff_max`): a maximum is not a share the step can sum.
+
+logp and the entropy come from the head's input and weight in chunks of tokens (trainer/chunked_ce.py,
+`loss.ce_chunk_mib`; (h / temperature) @ W^T is the scaled logits), so no [B, T, V] logits are held;
+an output with logits only (a model without `hidden`) takes the plain form.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 
 from twinpipe.model.generation import chosen_logprobs
+from twinpipe.trainer.chunked_ce import rows_for_budget, token_logprobs_and_entropy
 from twinpipe.trainer.loss import IGNORE_INDEX, global_count
 
 LOSS_AGG = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -32,12 +37,28 @@ LOSS_AGG = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 class GRPOLoss:
     def __init__(self, clip_low: float = 0.2, clip_high: float = 0.2, beta: float = 0.0,
-                 loss_agg: str = "token_mean", temperature: float = 1.0, max_new_tokens: int = 1):
+                 loss_agg: str = "token_mean", temperature: float = 1.0, max_new_tokens: int = 1,
+                 ce_chunk_mib: float = 256.0):
         if loss_agg not in LOSS_AGG:
             raise ValueError(f"grpo.loss_agg={loss_agg!r}: allowed {', '.join(LOSS_AGG)}")
         self.clip_low, self.clip_high, self.beta = clip_low, clip_high, beta
         self.loss_agg, self.temperature, self.max_new_tokens = loss_agg, temperature, max_new_tokens
+        self.ce_chunk_mib = ce_chunk_mib
         self.diff_max = 0.0
+
+    def logprobs_and_entropy(self, output: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log softmax(logits / temperature)[label] [B, T] and the entropy of that softmax [B, T] (no
+        gradient), fp32."""
+        if hasattr(output, "hidden") and self.ce_chunk_mib:
+            scale = 1.0 / self.temperature if self.temperature > 0 else 1.0
+            rows = rows_for_budget(self.ce_chunk_mib, output.head_weight.shape[0])
+            logp, entropy = token_logprobs_and_entropy(output.hidden * scale, output.head_weight, labels, rows)
+            return logp, entropy.detach()
+        logits = output.logits                                                      # [B, T, V]
+        with torch.no_grad():
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)          # [B, T]
+        return chosen_logprobs(logits, labels, self.temperature), entropy
 
     def normalizers(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mask = batch["loss_mask"]                                                   # [B, T]
@@ -49,9 +70,8 @@ class GRPOLoss:
         return value
 
     def __call__(self, output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = output.logits                                                      # [B, T, V]
         labels, mask = batch["labels"], batch["loss_mask"].float()                  # [B, T]
-        logp = chosen_logprobs(logits, labels.clamp(min=0), self.temperature)       # [B, T]
+        logp, entropy = self.logprobs_and_entropy(output, labels.clamp(min=0))      # [B, T]
         old = batch["old_logprobs"]
         if bool(batch["first_update"]) and (labels != IGNORE_INDEX).any():
             diff = ((logp.detach() - old).abs() * (labels != IGNORE_INDEX)).max()
@@ -75,8 +95,6 @@ class GRPOLoss:
         else:
             loss = (per_token * mask).sum() / (global_count(batch, "sequences") * self.max_new_tokens)
         with torch.no_grad():
-            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-            entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)          # [B, T]
             outside = ((ratio < 1.0 - self.clip_low) | (ratio > 1.0 + self.clip_high)).float()
             metrics = {name: (value * mask).sum() / tokens for name, value in
                        (("pg_loss", pg), ("kl", kl), ("clip_fraction", outside), ("entropy", entropy))}

@@ -26,7 +26,8 @@ class GRPORun:
 
     def __init__(self, cfg: DictConfig):
         g = cfg.grpo
-        self.loss = GRPOLoss(g.clip_low, g.clip_high, g.beta, g.loss_agg, g.temperature, g.max_new_tokens)
+        self.loss = GRPOLoss(g.clip_low, g.clip_high, g.beta, g.loss_agg, g.temperature, g.max_new_tokens,
+                             cfg.loss.ce_chunk_mib)
         self.source: Any = None
         self.replay: Any = None
 
