@@ -29,7 +29,10 @@ same `default_pg` keys and fails to connect (gloo: `connectFullMesh failed ... C
 `Connect timeout`). `TORCHELASTIC_RESTART_COUNT` cannot name the attempt either: an agent whose worker
 is alive (the frozen one) restarts through the membership-change path, which does not count as a
 restart (elastic/agent/server/api.py, `_invoke_run`), so the agents disagree on it. With the variable
-set, the rank-0 worker hosts a fresh store on a fresh port each round. The frozen worker is still
+set, the rank-0 worker hosts a fresh store on a fresh port each round. torchrun's static rendezvous
+(its default without --standalone or --rdzv-backend) shares one store whatever the variable says
+(elastic/rendezvous/static_tcp_rendezvous.py, `use_agent_store` is always True): its restarts read
+stale addresses too (1 of 3 tries failed here with the variable set). The frozen worker is still
 stopped by its own agent only after the agent's fixed 30 s SIGTERM grace
 (elastic/agent/server/local_elastic_agent.py, `_stop_workers` -> `_shutdown(timeout=30)`; a stopped
 process acts on SIGKILL alone), so a restart after a hung rank takes that long.
@@ -65,7 +68,9 @@ def elastic_restart_problem(env: dict[str, str] | None = None) -> str | None:
     if restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return (f"torchrun --max-restarts={restarts} with the agent's shared TCPStore: a restarted worker "
                 f"would read the previous attempt's addresses from it and fail to connect; start torchrun "
-                f"with {SHARED_STORE_ENV}=1 in its environment (launch/torchrun.sh does), or --max-restarts=0")
+                f"with {SHARED_STORE_ENV}=1 in its environment and the c10d rendezvous (--standalone or "
+                f"--rdzv-backend c10d; the static one always shares its store), as launch/torchrun.sh does, "
+                f"or with --max-restarts=0")
     return None
 
 
