@@ -20,12 +20,20 @@ import torch.distributed as dist
 from twinpipe.parallel.experts import overlap
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-               group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Rows of `x` split by `in_splits` go to the group's ranks; returns the rows received (no autograd)."""
+def start(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+          group: dist.ProcessGroup | None) -> tuple[torch.Tensor, object]:
+    """Issue the exchange: rows of `x` split by `in_splits` go to the group's ranks; returns (the
+    buffer the rows received land in, the async work to finish before reading it)."""
     x = x.contiguous()
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+    return out, work
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Rows of `x` split by `in_splits` go to the group's ranks; returns the rows received (no autograd)."""
+    out, work = start(x, out_splits, in_splits, group)
     overlap.wait(work)
     return out
 
@@ -104,3 +112,14 @@ def exchange_rows_fp8(x: torch.Tensor, out_splits: list[int], in_splits: list[in
                       group: dist.ProcessGroup | None, block_size: int = 128) -> torch.Tensor:
     """`exchange_rows` with the rows sent as FP8 E4M3 + power-of-2 scales per 1×`block_size` tile."""
     return _FP8AllToAll.apply(x, out_splits, in_splits, group, block_size)
+
+
+def is_exchange_node(node) -> bool:
+    """Whether an autograd node is the backward of a row exchange (`exchange_rows`/`_fp8`)."""
+    return isinstance(node, (_AllToAll._backward_cls, _FP8AllToAll._backward_cls))
+
+
+def start_backward(node, grad: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Issue what the exchange node's backward does (the gradient rows back along the swapped splits)
+    without waiting: (buffer, work). The overlap drives the backward's exchanges through this."""
+    return start(grad, node.in_splits, node.out_splits, node.group)

@@ -157,8 +157,12 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
         phy2log = torch.arange(slots) % num_experts
         module.experts = ExpertParallelExperts(experts, ep_group, phy2log, fp8_dispatch=fp8_dispatch,
                                                device=device)
-        # the block around the MoE marks its input: the overlap cuts backwards there (`overlap.py`)
-        model.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(overlap.mark_block_input)
+        # where the overlap may cut the backward into sub-layer chunks (`overlap.py`): the block's
+        # residual add, the router's outputs, the shared experts' output
+        model.get_submodule(name.rpartition(".")[0]).register_forward_hook(overlap.tag_residual_fork)
+        module.gate.register_forward_hook(overlap.mark_outputs)
+        if getattr(module, "shared_experts", None) is not None:
+            module.shared_experts.register_forward_hook(overlap.mark_outputs)
         replaced += 1
     if replaced == 0 and elsewhere == 0:
         raise ValueError("apply_expert_parallel: the model has no MoE layer with an `experts` module")

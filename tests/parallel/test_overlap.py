@@ -3,10 +3,14 @@
 Two ranks form one EP group; the stage is two DeepSeek-V3 blocks with expert-parallel MoE (attention,
 gate, dispatch, experts, combine). Micro-batch 1 has been run forward already; then micro-batch 0's
 forward and micro-batch 1's backward run (a) one after the other and (b) through
-`overlapped_forward_backward`, which runs micro-batch 1's backward block by block inside micro-batch
-0's all-to-all waits. The arithmetic is the same operations on the same values, only interleaved, so
-outputs, losses, parameter gradients and input gradients must be *equal* (torch.equal), the region
-must really have run backward segments inside the forward, and no thread may be started.
+`overlapped_forward_backward`, which runs micro-batch 1's backward in sub-layer segments inside
+micro-batch 0's all-to-all waits and issues the backward's own all-to-alls itself, waiting for each
+one only after micro-batch 0's next forward chunk. The arithmetic is the same operations on the same
+values, only interleaved, so outputs, losses, parameter gradients and input gradients must be *equal*
+(torch.equal), the region must really have cut the backward and run its segments inside the forward,
+and no thread may be started. The tiny blocks have a shared expert and the balance loss, so the sums
+across cuts (residual + attention side, shared + routed into the MoE input, router + dispatch into
+the flattened input) are all exercised.
 """
 
 from __future__ import annotations
@@ -78,16 +82,16 @@ def _run(rank: int, world: int, last_stage: bool, overlapped: bool, skip: bool =
         finally:
             threading.Thread.start = start
         assert set(threading.enumerate()) == threads
-        switches = overlap.LAST_REGION["switches"]
+        region = dict(overlap.LAST_REGION)
     else:
         outputs0, loss0 = overlap.forward_chunk(stage, [inputs0], criterion0, labels0)
         overlap.backward_chunk(loss1, out1, grads1)
-        switches = 0
+        region = None
     # Finish micro-batch 0 so its graph (and the dispatch backward) is exercised too.
     (loss0 if loss0 is not None else outputs0.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
     return (outputs0.detach(), None if loss0 is None else loss0.detach(), inputs1.grad.clone(),
-            inputs0.grad.clone(), grads, switches)
+            inputs0.grad.clone(), grads, region)
 
 
 def _compare(rank: int, world: int, last_stage: bool, skip: bool = False):
@@ -103,17 +107,23 @@ def _compare(rank: int, world: int, last_stage: bool, skip: bool = False):
 
 @pytest.mark.parametrize("last_stage", [False, True])
 def test_overlapped_forward_backward_equals_sequential(last_stage):
-    switches = run_local(_compare, 2, last_stage)
-    # Two MoE blocks mark their inputs: 3 backward segments (root to block 2's input, block 2's to
-    # block 1's, block 1's to the stage input), each run inside one of the forward's 4 data waits
+    regions = run_local(_compare, 2, last_stage)
+    # Two MoE blocks, cut at their residual adds, router outputs, shared experts and the four
+    # exchanges: 5 backward segments (combine B of block 2 | experts B | dispatch + attention B of
+    # block 2 and combine B of block 1 | experts B | dispatch + attention B of block 1), each but the
+    # last ending with one of the backward's 4 all-to-alls, which the driver issued and waited in the
+    # next segment. The first segment runs before the forward, the others inside its 4 data waits
     # (dispatch, combine x 2 layers; the count exchanges do not hand off).
-    assert switches == [3, 3], switches
+    for region in regions:
+        assert region == {"switches": 4, "segments": 5, "exchanges": 4, "planned": True}, region
 
 
 def test_overlap_without_exact_cut_runs_one_backward():
-    # A skip connection around the blocks reaches the stage input from the root and from the markers:
-    # the region refuses the cut and runs micro-batch 1's backward whole in the first wait.
-    assert run_local(_compare, 2, True, True) == [1, 1]
+    # A skip connection around the blocks reaches the stage input from the root and from the blocks'
+    # side of every cut: the groups form a cycle, the region refuses the cut and runs micro-batch 1's
+    # backward whole in the first wait.
+    for region in run_local(_compare, 2, True, True):
+        assert region == {"switches": 1, "segments": 2, "exchanges": 0, "planned": False}, region
 
 
 def test_overlap_propagates_errors():

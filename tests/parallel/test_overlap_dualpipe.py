@@ -84,9 +84,9 @@ def _step(rank: int, world: int, overlapped: bool, dp: int, fp8: bool):
     half_x, half_t = x.chunk(2), target.chunk(2)
     inputs = [half_x[0]] if grid.pp_rank == 0 else [half_x[1]]
     labels = [half_t[1]] if grid.pp_rank == 0 else [half_t[0]]
-    overlap.LAST_REGION["switches"] = 0
+    overlap.LAST_REGION.update(switches=0, exchanges=0, planned=False)
     loss, _ = pipe.step(*inputs, num_chunks=CHUNKS, criterion=_criterion, labels=labels)
-    switches = overlap.LAST_REGION["switches"]
+    region = dict(overlap.LAST_REGION)
     with torch.no_grad():  # the unpartitioned two blocks, micro-batch by micro-batch
         ref = torch.stack([_criterion(plain.layers[2](plain.layers[1](xi)), ti)
                            for xi, ti in zip(x.chunk(CHUNKS), target.chunk(CHUNKS))])
@@ -95,13 +95,16 @@ def _step(rank: int, world: int, overlapped: bool, dp: int, fp8: bool):
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=0.0)
     grads = {f"{m}.{n}": p.grad.clone() for m, mod in enumerate(pair) for n, p in mod.named_parameters()
              if p.grad is not None}
-    return loss, grads, switches
+    return loss, grads, region
 
 
 def _compare(rank: int, world: int, dp: int, fp8: bool) -> int:
     seq_loss, seq_grads, _ = _step(rank, world, False, dp, fp8)
-    ovl_loss, ovl_grads, switches = _step(rank, world, True, dp, fp8)
-    assert switches > 0, "DualPipe never ran an overlapped forward-backward pair"
+    ovl_loss, ovl_grads, region = _step(rank, world, True, dp, fp8)
+    assert region["switches"] > 0, "DualPipe never ran an overlapped forward-backward pair"
+    # the last pair's backward was cut into sub-layer chunks and drove its stage's (one MoE block's)
+    # combine and dispatch all-to-alls itself (FP8 dispatch included)
+    assert region["planned"] and region["exchanges"] == 2, region
     assert torch.equal(seq_loss, ovl_loss)
     assert seq_grads.keys() == ovl_grads.keys() and len(seq_grads) > 0
     for name in seq_grads:
