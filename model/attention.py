@@ -85,16 +85,22 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(*x.shape[:2], self.num_heads, self.qk_head_dim)           # [B, T, nh, qk_head]
 
-    def project(self, x: torch.Tensor, position_ids: torch.Tensor):
-        """x [B, T, H] -> q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, T, r], k_pe [B, T, dr]."""
+    def project(self, x: torch.Tensor, position_ids: torch.Tensor, cache: "LatentKVCache | None" = None):
+        """x [B, T, H] -> q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, T, r], k_pe [B, T, dr].
+        With a cache, cos/sin are computed once per step for all layers (`LatentKVCache.rope`)."""
         q = self._query(x)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)                                          # [B, T, r]
-        cos, sin = self.rotary(position_ids, q.dtype)                             # [B, T, dr/2]
-        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)                   # [B, T, nh, dr]
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, T, dr]
-        return q_nope, q_pe, c_kv, k_pe
+        if cache is None:
+            cos, sin = self.rotary(position_ids, q.dtype)                         # [B, T, dr/2]
+            q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)               # [B, T, nh, dr]
+            k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, T, dr]
+            return q_nope, q_pe, c_kv, k_pe
+        # decoding: the same elementwise rotation, q's heads and k in one call
+        cos, sin = cache.rope(self.rotary, position_ids, q.dtype)
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin, self.rope_interleave)
+        return q_nope, pe[:, :, :-1], c_kv, pe[:, :, -1]                          # [B, T, nh + 1, dr]
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: "LatentKVCache | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,15 +111,16 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)
-        q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids, cache)
         if cache is None:
             out = self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal=mask is None)
         else:
-            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)                # [B, S, r], [B, S, dr]
+            latent = cache.update(self.layer_idx, c_kv, k_pe)                     # [B, S, r + dr]
             absorb = self.use_absorbed(T) if cache.absorb is None else cache.absorb
             if absorb:
-                out = self.absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask)
+                out = self.absorbed(q_nope, q_pe, latent, cache.blocked)
             else:
+                c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
                 out = self.naive(q_nope, q_pe, c_kv, k_pe, cache.mask, causal=False)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
 
@@ -139,22 +146,26 @@ class MLA(nn.Module):
                                              scale=self.softmax_scale)            # [B, nh, T, dv]
         return out.transpose(1, 2)
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Attention on the latent: scores = (q_nope W_k) c_kv^T + q_pe k_pe^T; out = (p c_kv) W_v^T.
+    def absorbed(self, q_nope, q_pe, latent, blocked) -> torch.Tensor:
+        """Attention on the latent: scores = [q_nope W_k | q_pe] [c_kv | k_pe]^T; out = (p c_kv) W_v^T.
 
-        q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, S, r], k_pe [B, S, dr],
-        mask [B, 1, T, S] bool (True = attend); returns [B, T, nh, dv].
+        Every head attends to the same latent row per slot, so the heads (and new tokens) are the rows
+        of one matmul per sequence (multi-query form). q_nope [B, T, nh, dn], q_pe [B, T, nh, dr],
+        latent [B, S, r + dr], blocked [B, 1, T, S] bool (True = masked); returns [B, T, nh, dv].
         """
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
-                                       self.kv_lora_rank)
-        w_k, w_v = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)       # [nh, dn|dv, r]
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_k)                       # [B, T, nh, r]
-        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
-                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale  # [B, nh, T, S]
-        scores = scores.float().masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        out_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)                     # [B, T, nh, r]
-        return torch.einsum("bthr,hdr->bthd", out_lat, w_v)                       # [B, T, nh, dv]
+        B, T, nh, dn = q_nope.shape
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(nh, dn + self.v_head_dim, r)
+        w_k, w_v = w.split([dn, self.v_head_dim], dim=1)                          # [nh, dn|dv, r]
+        q_lat = torch.bmm(q_nope.reshape(B * T, nh, dn).transpose(0, 1), w_k)    # [nh, B*T, r]
+        q = torch.cat([q_lat.transpose(0, 1).reshape(B, T, nh, r), q_pe], dim=-1)  # [B, T, nh, r + dr]
+        scores = torch.bmm(q.view(B, T * nh, -1), latent.transpose(1, 2))        # [B, T*nh, S]
+        scores = scores.float().mul_(self.softmax_scale).view(B, T, nh, -1)
+        scores = scores.masked_fill_(blocked.view(B, T, 1, -1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype).view(B, T * nh, -1)      # [B, T*nh, S]
+        out_lat = torch.bmm(probs, latent[..., :r])                               # [B, T*nh, r]
+        out = torch.bmm(out_lat.view(B * T, nh, r).transpose(0, 1), w_v.transpose(1, 2))  # [nh, B*T, dv]
+        return out.transpose(0, 1).reshape(B, T, nh, self.v_head_dim)
 
     def reset_parameters(self, std: float) -> None:
         for module in self.children():

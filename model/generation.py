@@ -47,9 +47,9 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def keyed_uniform(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
-    """keys [B] int64, step -> uniform noise [B, size] float64 in (0, 1), a function of (key, step,
-    column) only."""
+def keyed_uniform(keys: torch.Tensor, step: int | torch.Tensor, size: int) -> torch.Tensor:
+    """keys [B] int64, step (or one per row [B]) -> uniform noise [B, size] float64 in (0, 1), a
+    function of (key, step, column) only."""
     row = _splitmix64(_splitmix64(keys.long()) ^ step)                                # [B]
     cols = torch.arange(size, dtype=torch.long, device=keys.device)
     bits = _shift_right(_splitmix64(row[:, None] ^ _splitmix64(cols)[None, :]), 11)   # [B, size] < 2^53
@@ -69,7 +69,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor,
-                step: int) -> torch.Tensor:
+                step: int | torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]: argmax when temperature == 0, else a draw from
     `sampling_probs` with row b's noise `keyed_uniform(keys, step)[b]` (exponential race:
     argmax p / -log(u) picks token v with probability p_v / sum p)."""
