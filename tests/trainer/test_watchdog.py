@@ -19,7 +19,9 @@ import torch.distributed as dist
 from twinpipe.parallel.grid import collective_timeout_s, init_distributed
 from twinpipe.trainer.watchdog import Watchdog, watched_ranks
 
-TIMEOUT_S = 6.0  # parallel.timeout_s: the watchdog calls a rank silent after 3 s
+TIMEOUT_S = 10.0  # parallel.timeout_s: the watchdog calls a rank silent after 5 s (about 4 s of slack to the
+# timeout for a loaded 2-core machine: detection takes silent_s + one 1 s poll + the exit; a healthy rank
+# would have to be starved of the CPU for 5 s to be called silent)
 WORLD = 3
 
 
