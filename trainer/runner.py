@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from twinpipe.parallel.grid import Grid
+from twinpipe.parallel.pipeline import in_flight
 from twinpipe.parallel.pipeline.runner import autocast_context, to_device
 
 
@@ -31,14 +32,18 @@ class PlainRunner:
 
         set_aux_loss_scale(self.model, 1.0 / len(micro_batches))  # the balance loss: a mean over them
         totals: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
-            mb = to_device(mb, self.device)
-            with autocast_context(self.dtype, self.device):
-                output = self.model.forward_train(mb["input_ids"], mb.get("position_ids"))
-                loss, metrics = objective(output, mb)
-            loss.backward()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v.float()
+        try:
+            for i, mb in enumerate(micro_batches):
+                in_flight.mark(forward=i, backward=i)  # which micro-batch runs (routing replay reads it)
+                mb = to_device(mb, self.device)
+                with autocast_context(self.dtype, self.device):
+                    output = self.model.forward_train(mb["input_ids"], mb.get("position_ids"))
+                    loss, metrics = objective(output, mb)
+                loss.backward()
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v.float()
+        finally:
+            in_flight.clear()
         return totals
 
 

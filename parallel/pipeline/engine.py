@@ -113,6 +113,9 @@ class PipelineEngine(nn.Module):
                                                   None) if same_type else None
         self.overlapped_forward_backward = overlapped_forward_backward or sequential_forward_backward
         self.placement = self._placement()
+        # on_chunk(phase, chunk, forward): called as a chunk's forward or backward begins (the pipeline
+        # runner marks the micro-batch in flight with it: in_flight.py)
+        self.on_chunk: Callable[[int, int, bool], None] | None = None
 
     def _placement(self) -> Placement:
         raise TypeError(f"{type(self).__name__} must define _placement()")
@@ -163,6 +166,8 @@ class PipelineEngine(nn.Module):
         ph = self.phases[phase]
         i = ph.next_f
         ph.next_f += 1
+        if self.on_chunk is not None:
+            self.on_chunk(phase, i, True)
         module = self.module[self.placement.module_index[phase]]
         inputs = ph.inputs[i]
         if self.forward_only:
@@ -186,6 +191,8 @@ class PipelineEngine(nn.Module):
         """(module, loss, outputs, output_grads) of the next chunk to run backward in `phase`."""
         ph = self.phases[phase]
         i = ph.next_b
+        if self.on_chunk is not None:
+            self.on_chunk(phase, i, False)
         module = self.module[self.placement.module_index[phase]]
         if self._is_last(phase):
             return module, ph.losses[i], [], []

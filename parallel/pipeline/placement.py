@@ -73,6 +73,12 @@ class StagePlacement:
         """Micro-batches whose loss is computed at `rank` (the criterion runs here for them)."""
         return self._ends(rank, num_chunks, first=False)
 
+    def micro_batch(self, module: int, chunk: int, num_chunks: int) -> int:
+        """The index in the step's list of the `chunk`-th micro-batch through this rank's `module`-th
+        stage (the order of `stages(rank)`): DualPipe's second stage carries the second half (the
+        direction entering at rank N-1), every other stage all micro-batches in order."""
+        return chunk + (num_chunks // 2 if self.schedule == "dualpipe" and module == 1 else 0)
+
     def _ends(self, rank: int, num_chunks: int, first: bool) -> range:
         end = 0 if first else self.num_stages - 1
         if self.schedule == "dualpipe":

@@ -26,6 +26,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from twinpipe.model.transformer import TransformerOutput
+from twinpipe.parallel.pipeline import in_flight
 from twinpipe.parallel.pipeline.dualpipe import DualPipe, DualPipeV
 from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
 from twinpipe.parallel.pipeline.placement import StagePlacement
@@ -112,6 +113,13 @@ class PipelineRunner:
             self.pipe = self.SCHEDULES[schedule](
                 self.stages, process_group=pp_group,
                 overlapped_forward_backward=overlapped_forward_backward)
+        self.pipe.on_chunk = self._mark
+        self.num_chunks = 0
+
+    def _mark(self, phase: int, chunk: int, forward: bool) -> None:
+        """The engine's chunk -> the micro-batch in flight (`in_flight`)."""
+        index = self.placement.micro_batch(self.pipe.placement.module_index[phase], chunk, self.num_chunks)
+        in_flight.mark(**{"forward" if forward else "backward": index})
 
     def feeds(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[list, list]:
         """(inputs, labels) this rank passes to step(): the input ids and positions of the micro-batches
@@ -154,8 +162,12 @@ class PipelineRunner:
         set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size)
         criterion = StageCriterion(objective, micro_batches, self.model.lm_head.weight)
         inputs, labels = self.feeds(micro_batches)
-        with autocast_context(self.dtype, self.device):
-            self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
+        self.num_chunks = n
+        try:
+            with autocast_context(self.dtype, self.device):
+                self.pipe.step(*inputs, num_chunks=n, criterion=criterion, labels=labels)
+        finally:
+            in_flight.clear()
         self.sum_copies()
         return sum_metrics(criterion.records, self.group, self.device)
 

@@ -197,9 +197,6 @@ def test_bad_recipe_and_records_are_named(grpo_data, tmp_path):
         grpo_cfg(grpo_data, tmp_path, "grpo.group_size=3")
     with pytest.raises(ValueError, match="grpo.loss_agg='sum': allowed values are token_mean"):
         grpo_cfg(grpo_data, tmp_path, "grpo.loss_agg=sum")
-    with pytest.raises(ValueError, match="grpo.routing_replay=true with parallel.pp=2: routing replay runs with "
-                                         "parallel.pp=1"):
-        grpo_cfg(grpo_data, tmp_path, "parallel.pp=2", "parallel.schedule=1f1b", "grpo.routing_replay=true")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "answer": "1"}) + "\n" + json.dumps({"question": "x"}) + "\n")
     tok = load_tokenizer(grpo_data / "tok")

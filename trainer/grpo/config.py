@@ -65,9 +65,6 @@ def validate_grpo(cfg: DictConfig) -> None:
                          "(rows hold prompt + completion)")
     if g.top_p > 1:
         raise ValueError(f"grpo.top_p={g.top_p}: must be in (0, 1]")
-    if p.pp > 1 and g.routing_replay:
-        raise ValueError(f"grpo.routing_replay=true with parallel.pp={p.pp}: routing replay runs with "
-                         "parallel.pp=1 (dp and ep allowed)")
     if g.speculative:
         if p.pp > 1 or p.ep > 1 or g.routing_replay:
             raise ValueError(f"grpo.speculative=true with parallel.pp={p.pp}, parallel.ep={p.ep}, "

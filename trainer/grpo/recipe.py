@@ -57,6 +57,11 @@ class GRPORun:
             else:
                 metrics["logprob_diff_max"] = float(diff)
             metrics["update_s"] = time.perf_counter() - self.source.handed_at
+            if self.replay is not None:  # the share of replayed (token, layer)s whose live route differed
+                counts = torch.tensor(self.replay.take_flips(), dtype=torch.float64, device=device)
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(counts)
+                metrics["routing_replay_flips"] = float(counts[0] / counts[1].clamp(min=1))
             return metrics
 
         return step_metrics

@@ -8,9 +8,9 @@ prompts (shuffled per epoch from `train.seed`) and:
        rollout, sequence index: the same tokens under any dp / ep / pp), each token's logprob recorded
        (`old_logprobs`, pi_old), EP ranks stepping in lockstep; with routing replay the routes too;
        under pp > 1 `parallel.inference.generate_parallel` through the stages of `parallel.schedule`
-       (every rank gets every sequence, keeps its replica's share), and the reference's logprobs
-       through `score_parallel` (routing replay is refused there: the routes would have to reach
-       the stage holding each MoE layer); with `grpo.speculative` `model.speculative.speculative_generate`
+       (every rank gets every sequence, keeps its replica's share; with routing replay each rank
+       records its layers' routes and the pipeline group merges them), and the reference's logprobs
+       through `score_parallel`; with `grpo.speculative` `model.speculative.speculative_generate`
        (MTP drafts accepted with min(1, p/q), else resampled from the residual: the main model's
        distribution exactly, with noise keyed by sequence too, but not `generate`'s tokens;
        `speculative_acceptance` logged)
@@ -171,7 +171,7 @@ class RolloutSource:
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        recorder = RouteRecorder(self.model) if self.replay is not None else None
+        recorder = RouteRecorder(self.model, list(mine)) if self.replay is not None else None
         try:
             with torch.no_grad(), (recorder or contextlib.nullcontext()), \
                     autocast_context(self.cfg.train.dtype, self.device):
@@ -183,7 +183,8 @@ class RolloutSource:
                 elif grid.pp > 1:  # through the stages; every rank gets every sequence's tokens
                     new, logps = generate_parallel(
                         self.model, grid, [s.ids for s in seqs], g.max_new_tokens, g.temperature, g.top_p,
-                        self.tokenizer.eos_id, seed=seed, schedule=self.cfg.parallel.schedule, logprobs=True)
+                        self.tokenizer.eos_id, seed=seed, schedule=self.cfg.parallel.schedule, logprobs=True,
+                        on_stage=recorder.on_stage if recorder is not None else None)
                     new, logps = new[mine.start:mine.stop], logps[mine.start:mine.stop]
                 else:
                     new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
@@ -207,7 +208,7 @@ class RolloutSource:
         keep = ~zero_std if g.filter_zero_std else torch.ones_like(zero_std)
         adv_mine, keep_mine = adv.reshape(-1)[mine.start:mine.stop], keep.repeat_interleave(G)[mine.start:mine.stop]
 
-        rows = self._rows(prompts, new, logps, adv_mine, keep_mine, recorder)
+        rows = self._rows(list(mine), prompts, new, logps, adv_mine, keep_mine, recorder)
         batches = [{k: v[i: i + self.cfg.train.micro_batch] for k, v in rows.items()}
                    for i in range(0, len(prompts), self.cfg.train.micro_batch)]
         if self.ref is not None:
@@ -227,9 +228,9 @@ class RolloutSource:
             metrics["accuracy"] = float((table[:, self.rewards.correctness] > 0).double().mean())
         return batches, metrics
 
-    def _rows(self, prompts: list[list[int]], new: list[list[int]], logps: list[list[float]],
+    def _rows(self, mine: list[int], prompts: list[list[int]], new: list[list[int]], logps: list[list[float]],
               adv: torch.Tensor, keep: torch.Tensor, recorder: RouteRecorder | None) -> dict[str, torch.Tensor]:
-        """The training rows of this rank's sequences, [n, seq_len] each (routes [n, L, seq_len, K])."""
+        """The training rows of this rank's sequences `mine`, [n, seq_len] each (routes [n, L, seq_len, K])."""
         n, T = len(prompts), self.cfg.train.seq_len
         input_ids = torch.full((n, T), self.pad_id, dtype=torch.long)
         labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long)
@@ -243,7 +244,8 @@ class RolloutSource:
         rows = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "old_logprobs": old,
                 "advantages": adv.float()}
         if recorder is not None:
-            rows["routes"] = recorder.routes(n, [len(p) for p in prompts], [len(c) for c in new], T)
+            rows["routes"] = recorder.routes(mine, [len(p) for p in prompts], [len(c) for c in new], T,
+                                             self.grid.pp_group if self.grid.pp > 1 else None)
         return rows
 
     @torch.no_grad()

@@ -10,34 +10,61 @@ gets gradients. Both sides are forward hooks on the main layers' `Gate`s, from o
 Layout of `routes` [B, L, T, K] int64 (L MoE layers of the main stack, in order): the experts of the
 token at position t of the training row; -1 where the rollout did not run that token (padding, and
 the last sampled token, which is never fed back), i.e. live routing.
+
+Under pipeline parallelism each rank holds only some layers. Recording: `generate_parallel` tells the
+recorder which prompts each group's batch rows hold (`on_stage`), each rank records its layers for
+the groups it ran, and one all-reduce (max over -1) over the pipeline group gives every rank every
+layer. Replay: the step runners mark which micro-batch a forward (or a backward, whose recomputed
+forward belongs to it) computes (`parallel/pipeline/in_flight.py`: the plain runner, and the pipeline
+engine's chunk of a stage mapped to the step's micro-batch by `StagePlacement.micro_batch`), so a
+layer's hook, on whichever rank holds it, takes that micro-batch's routes of its own layer: the
+routes travel with the micro-batch as its index, every pipeline rank holding the step's batches.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from twinpipe.model.moe import MoE
+from twinpipe.parallel.pipeline import in_flight
+from twinpipe.parallel.recompute import recomputing
 
 
 def main_gates(model: nn.Module) -> list[nn.Module]:
-    """The gates of the main stack's MoE layers (MTP blocks excluded: generation never runs them)."""
+    """The gates of the main stack's MoE layers (MTP blocks excluded: generation never runs them);
+    under pp also those of the blocks on other ranks (on meta; their hooks never fire)."""
     return [layer.mlp.gate for layer in model.layers if isinstance(layer.mlp, MoE)]
 
 
 class RouteRecorder:
-    """`with RouteRecorder(model) as rec: generate(...)`; then `rec.routes(...)`. Expects one prefill
-    call [B * P] then one call [B] per decoding step, as `model.generation.generate` makes."""
+    """`with RouteRecorder(model, rows) as rec: generate(...)`; then `rec.routes(...)`.
 
-    def __init__(self, model: nn.Module):
+    Each gate call is filed under the prompts of the batch running (`rows`, or what `on_stage` was
+    last told); per batch the calls are one prefill [B * P] (left-padded to width P) then one [B] per
+    decoding step, as `model.generation.generate` and each group of `generate_parallel` make them."""
+
+    def __init__(self, model: nn.Module, rows: list[int] | None = None):
         self.gates = main_gates(model)
-        self.calls: list[list[torch.Tensor]] = [[] for _ in self.gates]
+        self.top_k = self.gates[0].top_k if self.gates else 0
+        self.rows: tuple[int, ...] = tuple(rows or ())
+        self.calls: dict[tuple[int, ...], list[list[torch.Tensor]]] = {}  # rows -> per layer, per call
         self.handles: list = []
 
+    def on_stage(self, rows: list[int]) -> None:
+        """`generate_parallel`'s hook: the batch rows of the group whose stage runs next."""
+        self.rows = tuple(rows)
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, out: tuple) -> None:
+            if self.rows:  # () : EP filler rows
+                per_layer = self.calls.setdefault(self.rows, [[] for _ in self.gates])
+                per_layer[layer].append(out[1].detach())
+        return hook
+
     def __enter__(self) -> "RouteRecorder":
-        for calls, gate in zip(self.calls, self.gates):
-            self.handles.append(gate.register_forward_hook(
-                lambda module, args, out, calls=calls: calls.append(out[1].detach())))
+        self.handles = [gate.register_forward_hook(self._hook(i)) for i, gate in enumerate(self.gates)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -45,53 +72,77 @@ class RouteRecorder:
             handle.remove()
         self.handles = []
 
-    def routes(self, batch: int, prompt_lens: list[int], new_lens: list[int], seq_len: int) -> torch.Tensor:
-        """[B, L, seq_len, K]: row b's prompt (left-padded to width P in the prefill) then its new tokens."""
-        if not self.gates:
-            return torch.full((batch, 0, seq_len, 0), -1, dtype=torch.long)
-        per_layer = []
-        for calls in self.calls:
-            K = calls[0].shape[-1]
-            steps = [c.view(batch, -1, K) for c in calls]                           # [B, P, K], [B, 1, K] ...
-            per_layer.append(torch.cat(steps, dim=1).cpu())                          # [B, P + S, K]
-        recorded = torch.stack(per_layer, dim=1)                                    # [B, L, P + S, K]
-        P = self.calls[0][0].shape[0] // batch
-        out = torch.full((batch, len(self.gates), seq_len, recorded.shape[-1]), -1, dtype=torch.long)
-        for b, (a, m) in enumerate(zip(prompt_lens, new_lens)):
-            fed = a + m - 1  # prompt tokens and every new token but the last went through the model
-            out[b, :, :fed] = recorded[b, :, P - a: P - a + fed]
+    def routes(self, rows: list[int], prompt_lens: list[int], new_lens: list[int], seq_len: int,
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """[n, L, seq_len, K] of the prompts `rows` (in this order): row b's prompt then its new tokens.
+        `group`: the pipeline group whose ranks recorded the other layers (merged by a max)."""
+        at = {r: b for b, r in enumerate(rows)}
+        out = torch.full((len(rows), len(self.gates), seq_len, self.top_k), -1, dtype=torch.long)
+        for batch, per_layer in self.calls.items():
+            for layer, calls in enumerate(per_layer):
+                if not calls:
+                    continue
+                B, K = len(batch), calls[0].shape[-1]
+                recorded = torch.cat([c.view(B, -1, K) for c in calls], dim=1).cpu()      # [B, P + S, K]
+                P = calls[0].shape[0] // B
+                for j, r in enumerate(batch):
+                    if r not in at:
+                        continue
+                    b = at[r]
+                    a, m = prompt_lens[b], new_lens[b]
+                    fed = a + m - 1  # prompt tokens and every new token but the last went through the model
+                    out[b, layer, :fed] = recorded[j, P - a: P - a + fed]
+        if group is not None and dist.get_world_size(group) > 1:
+            device = next((g.weight.device for g in self.gates if not g.weight.is_meta), torch.device("cpu"))
+            merged = out.to(device)
+            dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=group)  # each entry recorded on one rank
+            out = merged.cpu()
         return out
 
 
 class RouteReplay:
-    """While installed, each training-mode forward of the main gates takes its picks from the queued
-    micro-batches' `routes` [B, L, T, K] (one entry per forward, in the order the runner runs them)."""
+    """While installed, each training-mode forward of the main gates takes its picks from the routes
+    [B, L, T, K] of the micro-batch in flight (`expect`: one entry per micro-batch of the step, in the
+    step's order; `in_flight` says which one runs). Counts, per step, how many replayed tokens'
+    live routes differ from the rollout's (`take_flips`: what replay corrected)."""
 
     def __init__(self, model: nn.Module):
         self.gates = main_gates(model)
-        self.queue: list[torch.Tensor] = []
-        self.current: torch.Tensor | None = None
+        self.routes: list[torch.Tensor] = []
+        self.flips = self.replayed = 0
         self.handles = [gate.register_forward_hook(self._hook(i)) for i, gate in enumerate(self.gates)]
 
     def expect(self, routes: list[torch.Tensor]) -> None:
-        """The routes of the next training forwards, in order."""
-        self.queue = list(routes)
+        """The routes of the step's micro-batches, in order."""
+        self.routes = list(routes)
+
+    def take_flips(self) -> tuple[int, int]:
+        """(tokens x layers whose live route differed from the rollout's, tokens x layers replayed)
+        since the last call, outside recomputation."""
+        counts, (self.flips, self.replayed) = (int(self.flips), int(self.replayed)), (0, 0)
+        return counts
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, out: tuple) -> tuple | None:
             if not module.training:
                 return None
-            if layer == 0:
-                if not self.queue:
-                    raise RuntimeError("routing replay: a training forward with no queued routes")
-                self.current = self.queue.pop(0)
+            again = recomputing()  # a forward rerun in the backward: the backward's micro-batch
+            index = in_flight.micro_batch(backward=again)
+            if index is None or index >= len(self.routes):
+                raise RuntimeError(f"routing replay: a training forward of micro-batch {index} with routes "
+                                   f"for {len(self.routes)} (run it through a step runner, after expect())")
             weights, live_idx, scores = out                                         # [N, K], [N, K], [N, E]
-            routes = self.current[:, layer].to(live_idx.device)                     # [B, T, K]
+            routes = self.routes[index][:, layer].to(live_idx.device)               # [B, T, K]
             if routes.numel() != live_idx.numel():
                 raise RuntimeError(f"routing replay: routes for {routes.numel()} picks, the forward has "
                                    f"{live_idx.numel()}")
             replayed = routes.reshape(live_idx.shape)                               # [N, K]
-            idx = torch.where(replayed >= 0, replayed, live_idx)
+            used = replayed[:, 0] >= 0                                              # [N]
+            if not again:  # counted on the device: no host sync per layer
+                differ = (live_idx.sort(-1).values != replayed.sort(-1).values).any(-1)
+                self.flips = self.flips + (differ & used).sum()
+                self.replayed = self.replayed + used.sum()
+            idx = torch.where(used[:, None], replayed, live_idx)
             return module.pick_weights(scores, idx), idx, scores
         return hook
 
