@@ -16,6 +16,7 @@ the last pipeline stage's logits.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -180,11 +181,136 @@ class Decoding:
         return [row[:n] for row, n in zip(self.new.tolist(), self.length.tolist())]
 
 
+class ContinuousDecoding:
+    """Continuous batching's token choice: `slots` rows decode at once and a row whose sequence ended
+    is given to the next waiting prompt (in prompt order).
+
+    Results are kept per prompt: `new` [num_prompts + 1, N] (the last row is the scratch of idle
+    rows, so every step writes every row without a host sync). Each row counts its own steps: a
+    prompt's k-th token draws its noise at step k whichever row or round decodes it, so seeded
+    sampling does not depend on the number of slots. `start` assigns rows to prompts and chooses
+    their first tokens from the prefill's logits; `step` chooses every row's next token; `ended`
+    (a host sync when an eos_id is set) frees the rows whose sequence ended.
+    """
+
+    def __init__(self, num_prompts: int, slots: int, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_id: int | None = None, keys: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu", record_logprobs: bool = False):
+        self.max_new_tokens, self.temperature, self.top_p, self.eos_id = max_new_tokens, temperature, top_p, eos_id
+        self.waiting = deque(range(num_prompts))
+        self.scratch = num_prompts
+        self.prompt_keys = (torch.arange(num_prompts) if keys is None else keys).to(device)   # [P]
+        self.owner = [self.scratch] * slots                                                   # host
+        self.owner_t = torch.full((slots,), self.scratch, dtype=torch.long, device=device)  # [B]
+        self.keys = torch.zeros(slots, dtype=torch.long, device=device)                       # [B]
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)                      # [B]
+        self.steps_host = [0] * slots
+        self.running = torch.zeros(slots, dtype=torch.bool, device=device)                    # [B]
+        self.last = torch.zeros(slots, dtype=torch.long, device=device)                       # [B] next input
+        self.new = torch.zeros(num_prompts + 1, max_new_tokens, dtype=torch.long, device=device)
+        self.logprobs = (torch.zeros(num_prompts + 1, max_new_tokens, dtype=torch.float32, device=device)
+                         if record_logprobs else None)
+        self.length = [0] * num_prompts
+
+    def idle_rows(self) -> list[int]:
+        return [b for b, p in enumerate(self.owner) if p == self.scratch]
+
+    def active(self) -> bool:
+        return any(p != self.scratch for p in self.owner)
+
+    def _record(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        """Choose the next token of rows `index` [n] from logits [n, V] and record it."""
+        owner, steps = self.owner_t[index], self.steps[index]
+        nxt = sample_next(logits, self.temperature, self.top_p, self.keys[index], steps)  # [n]
+        self.new[owner, steps] = nxt
+        if self.logprobs is not None:
+            self.logprobs[owner, steps] = chosen_logprobs(logits, nxt, self.temperature)
+        running = self.running[index] & (steps + 1 < self.max_new_tokens)
+        if self.eos_id is not None:
+            running &= nxt != self.eos_id
+        self.steps[index] = steps + self.running[index].long()
+        self.running[index] = running
+        self.last[index] = nxt
+
+    def start(self, rows: list[int], prompts: list[int], logits: torch.Tensor) -> None:
+        """Rows `rows` take prompts `prompts`; logits [n, V] at their prompts' last tokens."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.steps.device)
+        owner = torch.tensor(prompts, dtype=torch.long, device=self.steps.device)
+        self.owner_t[index], self.keys[index] = owner, self.prompt_keys[owner]
+        self.steps[index], self.running[index] = 0, True
+        for b, p in zip(rows, prompts):
+            self.owner[b], self.steps_host[b] = p, 1
+        self._record(index, logits)
+
+    def step(self, logits: torch.Tensor) -> None:
+        """logits [B, V] at every row's last token: the next token of every running row."""
+        self._record(torch.arange(len(self.owner), device=self.steps.device), logits)
+        self.steps_host = [n + (p != self.scratch) for n, p in zip(self.steps_host, self.owner)]
+
+    def ended(self) -> list[int]:
+        """Free the rows whose sequence ended (eos or max_new_tokens); returns them."""
+        if self.eos_id is not None:
+            running = self.running.tolist()
+        else:
+            running = [n < self.max_new_tokens for n in self.steps_host]
+        done = [b for b, p in enumerate(self.owner) if p != self.scratch and not running[b]]
+        for b in done:
+            self.length[self.owner[b]] = self.steps_host[b]
+            self.owner[b], self.steps_host[b] = self.scratch, 0
+        if done:
+            index = torch.tensor(done, dtype=torch.long, device=self.steps.device)
+            self.owner_t[index], self.steps[index] = self.scratch, 0
+        return done
+
+    def tokens(self) -> list[list[int]]:
+        return [row[:n] for row, n in zip(self.new.tolist(), self.length)]
+
+
+def decode_continuous(model: torch.nn.Module, prompts: list[list[int]], decoding: ContinuousDecoding,
+                      absorb: bool | None = None, agree: Callable[[int], int] | None = None) -> None:
+    """Drive `decoding` over `prompts` with the whole model in this process: rows freed by an ended
+    sequence are refilled (prefill of the waiting prompts into a small cache, copied into the rows
+    of the preallocated cache, `LatentKVCache.load_rows`), then every row steps by one token.
+
+    `agree(level) -> the largest level among the processes that must run as many forwards` (an
+    expert-parallel group): 2 = some process refills (all run a prefill forward; one with nothing
+    to refill runs a one-token filler), 1 = some process still decodes (all step), 0 = all done.
+    """
+    device = model.embed_tokens.weight.device
+    slots = len(decoding.owner)
+    longest = max((len(p) for p in prompts), default=1)
+    cache = LatentKVCache.for_model(model, slots, longest + decoding.max_new_tokens, absorb=absorb)
+    while True:
+        idle = decoding.idle_rows()
+        level = 2 if idle and decoding.waiting else int(decoding.active())
+        level = level if agree is None else agree(level)
+        if level == 2:
+            take = [decoding.waiting.popleft() for _ in idle[:len(decoding.waiting)]]
+            tokens, valid = pad_prompts([prompts[i] for i in take] or [[0]], "left")
+            tokens, valid = tokens.to(device), valid.to(device)
+            prefill = LatentKVCache.for_model(model, len(tokens), tokens.shape[1], absorb=absorb)
+            logits = model(tokens, cache=prefill, valid=valid)                      # [n, P, V]
+            if take:
+                rows = idle[:len(take)]
+                cache.load_rows(rows, prefill)
+                decoding.start(rows, take, logits[torch.arange(len(take), device=device),
+                                                  last_valid_index(valid)])
+                cache.clear_rows(decoding.ended())
+        elif level == 1:
+            if idle and any(cache.fill_list[b] for b in idle):
+                cache.clear_rows(idle)  # idle rows step in place (masked), using no slots
+            logits = model(decoding.last[:, None], cache=cache, valid=decoding.running[:, None])[:, -1]
+            decoding.step(logits)
+            cache.clear_rows(decoding.ended())
+        else:
+            return
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, seed: int = 0, padding_side: str = "left",
              absorb: bool | None = None, rows: list[int] | None = None, logprobs: bool = False,
-             agree: Callable[[bool], bool] | None = None) -> Any:
+             agree: Callable[[int], int] | None = None, slots: int | None = None) -> Any:
     """Continue each prompt; returns the new tokens per prompt (eos included when reached).
 
     `absorb` forces MLA's absorbed (latent) attention (True) or the naive form (False) over the same
@@ -192,7 +318,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     for the sampling noise (default 0..B-1): a prompt decoded with the same seed and row gets the
     same tokens in any batch. `logprobs`: return (new tokens, their `chosen_logprobs`) per prompt.
     `agree(any row running) -> bool` (with eos_id): whether to go on, agreed with the other processes
-    that must run as many forwards (an expert-parallel group decoding other prompts).
+    that must run as many forwards (an expert-parallel group decoding other prompts); with `slots`,
+    see `decode_continuous`. `slots`: continuous batching, at most that many sequences at once
+    (`ContinuousDecoding`); the tokens are those of the whole batch decoded at once.
     """
     check_sampling(max_new_tokens, top_p)
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
@@ -203,6 +331,16 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     rows_t = torch.arange(B) if rows is None else torch.tensor(rows, dtype=torch.long)
     if max_new_tokens == 0:
         return ([[] for _ in range(B)], [[] for _ in range(B)]) if logprobs else [[] for _ in range(B)]
+    if slots is not None:
+        if slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1 (sequences decoded at once)")
+        decoding = ContinuousDecoding(B, min(slots, B), max_new_tokens, temperature, top_p, eos_id,
+                                      sampling_keys(seed, rows_t), device, record_logprobs=logprobs)
+        decode_continuous(model, prompts, decoding, absorb, agree)
+        new = decoding.tokens()
+        if not logprobs:
+            return new
+        return new, [row[:len(t)] for row, t in zip(decoding.logprobs.tolist(), new)]
     decoding = Decoding(B, max_new_tokens, temperature, top_p, eos_id, sampling_keys(seed, rows_t), device,
                         record_logprobs=logprobs)
     cache = LatentKVCache.for_model(model, B, tokens.shape[1] + max_new_tokens, absorb=absorb)

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinpipe.model.generation import (Decoding, check_context, check_sampling, last_valid_index, pad_prompts,
-                                       sampling_keys)
+from twinpipe.model.generation import (ContinuousDecoding, Decoding, check_context, check_sampling,
+                                       decode_continuous, last_valid_index, pad_prompts, sampling_keys)
 from twinpipe.model.kv_cache import LatentKVCache
 from twinpipe.parallel.grid import Grid
-from twinpipe.parallel.inference.lockstep import any_across, gather_rows, shard_rows, split_groups
+from twinpipe.parallel.inference.lockstep import any_across, gather_rows, max_across, shard_rows, split_groups
 from twinpipe.parallel.pipeline.placement import StagePlacement
 from twinpipe.parallel.pipeline.stages import split_layers
 
@@ -117,21 +117,32 @@ def _run_stage(model: nn.Module, layers: range, first: bool, x: torch.Tensor, va
 def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], max_new_tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
                       schedule: str = "1f1b", micro_batches: int | None = None, logprobs: bool = False,
-                      on_stage: Callable[[list[int]], None] | None = None) -> Any:
+                      on_stage: Callable[[list[int]], None] | None = None, slots: int | None = None) -> Any:
     """The new tokens of every prompt (eos included when reached), on every rank; see the module
     docstring. `model` is this rank's part (`parallelize`d under `grid` and `schedule`);
     `micro_batches`: groups per replica (default: one per pipeline stage, two per rank for DualPipe).
     `logprobs`: return (new tokens, their `chosen_logprobs`) per prompt, as `generate(logprobs=True)`.
     `on_stage(rows)`: called on this rank before each stage forward of a group, with the prompt index
     of each of its batch rows ([] for EP filler rows), so module hooks know whose tokens they see
-    (the GRPO route recorder: trainer/grpo/routing_replay.py)."""
+    (the GRPO route recorder: trainer/grpo/routing_replay.py).
+    `slots`: continuous batching (`generate(slots=)`), at most that many sequences per replica at once;
+    pp = 1 only (the expert-parallel group agrees on each refill and step, `decode_continuous`)."""
     check_sampling(max_new_tokens, top_p)
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
     if max_new_tokens == 0:
         return ([[] for _ in prompts], [[] for _ in prompts]) if logprobs else [[] for _ in prompts]
-    sampling = (max_new_tokens, temperature, top_p, eos_id, seed, logprobs)
-    results = _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling,
-                     on_stage=on_stage)
+    if slots is not None:
+        if slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1 (sequences decoded at once)")
+        if grid.pp > 1 or on_stage is not None:
+            raise ValueError(f"slots={slots}: continuous batching runs with parallel.pp=1 and no on_stage hook "
+                             f"(got pp={grid.pp})")
+        results = _continuous(model, grid, prompts, max_new_tokens, temperature, top_p, eos_id, seed, logprobs,
+                              slots)
+    else:
+        sampling = (max_new_tokens, temperature, top_p, eos_id, seed, logprobs)
+        results = _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling,
+                         on_stage=on_stage)
     if not logprobs:
         return results
     return [new for new, _ in results], [lp for _, lp in results]
@@ -146,6 +157,26 @@ def score_parallel(model: nn.Module, grid: Grid, sequences: list[list[int]], fin
     (e.g. log-likelihoods); returns every sequence's result, on every rank."""
     check_context(sequences, 0, model.config.max_position_embeddings)
     return _drive(model, grid, sequences, 1, schedule, micro_batches, finish=finish)
+
+
+def _continuous(model: nn.Module, grid: Grid, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                top_p: float, eos_id: int | None, seed: int, logprobs: bool, slots: int) -> list[Any]:
+    """Continuous batching of this replica's share; the EP group agrees on every forward (a replica
+    with no prompt left steps idle rows or runs filler prefills until all are done)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need at least one sequence and every sequence needs >= 1 token")
+    device = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point()).device
+    rows = list(shard_rows(len(prompts), grid.dp, grid.dp_rank))
+    decoding = ContinuousDecoding(len(rows), max(1, min(slots, len(rows))), max_new_tokens, temperature, top_p,
+                                  eos_id, sampling_keys(seed, torch.tensor(rows, dtype=torch.long)), device,
+                                  record_logprobs=logprobs)
+    decode_continuous(model, [prompts[r] for r in rows], decoding,
+                      agree=lambda level: max_across(level, grid.ep_group, device))
+    new = decoding.tokens()
+    if logprobs:
+        new = list(zip(new, [lp[:len(t)] for lp, t in zip(decoding.logprobs.tolist(), new)]))
+    gathered = gather_rows(dict(zip(rows, new)))
+    return [gathered[i] for i in range(len(prompts))]
 
 
 def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, schedule: str,

@@ -30,11 +30,16 @@ def split_groups(rows: range | list[int], num_groups: int) -> list[list[int]]:
 def any_across(flag: bool, group: Any, device: torch.device) -> bool:
     """True when `flag` holds on any rank of `group` (all ranks of the group call it together; one
     process or a group of one: `flag`)."""
+    return bool(max_across(int(flag), group, device))
+
+
+def max_across(value: int, group: Any, device: torch.device) -> int:
+    """The largest `value` over the ranks of `group` (all call it together; one process: `value`)."""
     if group is None or dist.get_world_size(group) == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return value
+    t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return int(t.item())
 
 
 def gather_rows(mine: dict[int, Any]) -> dict[int, Any]:

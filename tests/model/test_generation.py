@@ -1,4 +1,9 @@
-"""Batched cached generation == full recomputation, per-sequence padding and eos, sampling."""
+"""Batched cached generation == full recomputation, per-sequence padding and eos, sampling, and
+continuous batching (`slots`) == the whole batch at once == each prompt alone.
+
+Tokens are compared exactly although batch shapes differ (one row vs eight, another cache length under
+the mask): that moves logits by fp32 rounding (~1e-6) while the top two logits of these models are
+~1e-2 apart, so a flip would be a bug, not rounding."""
 
 import pytest
 import torch
@@ -72,6 +77,38 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert abs(float((picks == 0).double().mean()) - 0.625) < 0.035
 
 
+MANY = PROMPTS + [[16] * 7, [17, 18, 19, 20], [21], [3, 4, 5, 6, 7, 8, 9, 10, 11], [22, 23]]
+
+
+def test_continuous_batching_equals_whole_batch_and_alone(model):
+    """Rows freed at eos take the next waiting prompt (slots < prompts); the outputs are those of the
+    whole batch, which are those of each prompt alone. The eos is one prompt 1 emits third, so rows
+    end at different steps and refills happen mid-run."""
+    free = generate(model, MANY, 7)
+    eos = free[1][2]
+    want = generate(model, MANY, 7, eos_id=eos)
+    assert len({len(t) for t in want}) > 1
+    assert want == [generate(model, [p], 7, eos_id=eos)[0] for p in MANY]
+    for slots in (1, 3, 8, 20):
+        assert generate(model, MANY, 7, eos_id=eos, slots=slots) == want
+    assert generate(model, MANY, 7, slots=3) == free  # no eos: rows end by count
+
+
+def test_continuous_sampling_does_not_depend_on_slots():
+    """A prompt's k-th token draws the noise (seed, prompt index, k) in whatever row it decodes:
+    tokens equal; logprobs within fp32 rounding of logits on other batch shapes (1e-5 on values ~1)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", initializer_range=0.05)).eval()
+    kwargs = dict(temperature=1.0, top_p=0.9, seed=5, logprobs=True)
+    eos = generate(model, MANY, 7)[1][2]
+    want, want_lp = generate(model, MANY, 7, eos_id=eos, **kwargs)
+    assert want != generate(model, MANY, 7, eos_id=eos)
+    for slots in (2, 5):
+        got, got_lp = generate(model, MANY, 7, eos_id=eos, slots=slots, **kwargs)
+        assert got == want
+        torch.testing.assert_close(torch.tensor(sum(got_lp, [])), torch.tensor(sum(want_lp, [])), rtol=0, atol=1e-5)
+
+
 def test_argument_errors(model):
     with pytest.raises(ValueError, match="padding_side='middle'"):
         generate(model, PROMPTS, 2, padding_side="middle")
@@ -79,3 +116,5 @@ def test_argument_errors(model):
         generate(model, [[1], []], 2)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, PROMPTS, 2, top_p=0)
+    with pytest.raises(ValueError, match="slots=0"):
+        generate(model, PROMPTS, 2, slots=0)

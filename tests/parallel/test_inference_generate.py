@@ -68,6 +68,17 @@ def test_sampling_equals_one_process():
         torch.testing.assert_close(torch.tensor(sum(logps, [])), torch.tensor(sum(want_logps, [])), rtol=0, atol=1e-5)
 
 
+def test_continuous_batching_under_ep_equals_one_process():
+    """slots=2 per replica (pp=1, dp=2, ep=2): rows refill at different steps on the two EP ranks, which
+    agree on every prefill and step (a hang would fail run_local's timeout); greedy and sampled
+    tokens equal one process, as in test_greedy_equals_one_process."""
+    eos = reference_eos()
+    for kwargs in ({"eos_id": eos}, {"eos_id": eos, "temperature": 1.0, "top_p": 0.9, "seed": 7}):
+        want = generate(build(), PROMPTS, NEW, **kwargs)
+        for got in run_local(_rank, 2, 1, 2, "1f1b", {**kwargs, "slots": 2}):
+            assert got == want
+
+
 def test_dp_alone_and_more_micro_batches_than_prompts():
     want = generate(build(), PROMPTS[:3], NEW)
     got = run_local(_dp_rank, 2)
