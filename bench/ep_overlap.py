@@ -4,11 +4,14 @@ Each of `--ep` ranks holds a pipeline stage of MoE blocks (MLA attention + exper
 measurement is "forward of micro-batch 0 + backward of micro-batch 1", run
   sequential: forward then backward; every collective is waited for right after it is issued, so the
               time blocked in `wait` is the whole communication time as the rank sees it;
-  overlapped: `overlapped_forward_backward`; the time blocked in `wait` is the *exposed* communication.
+  overlapped: `overlapped_forward_backward`; the time blocked in `wait` is the *exposed* communication
+              (the forward's all-to-alls behind backward segments, the backward's behind forward
+              chunks: `parallel/experts/overlap.py`).
 hidden fraction = 1 - exposed / sequential wait time, where a collective's time is the wait of the
 last rank to arrive at it (min over ranks: the others also wait for that rank, which on a shared CPU
 is scheduling skew, not communication); medians over iterations. The JSON also holds the plain
-mean-over-ranks figure (skew included).
+mean-over-ranks figure (skew included), and a calibration: one dispatch-sized all-to-all timed with
+the ranks idle and lined up, the transfer alone.
 
     .venv/bin/python bench/ep_overlap.py            # prints a table, writes bench/results/ep_overlap.json
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -63,13 +67,29 @@ def _measure(stage: nn.Sequential, config: ModelConfig, args, rank: int, overlap
     return wall, list(overlap.COMM_STATS.waits)
 
 
+def _exchange_alone(args, world: int) -> float:
+    """Calibration: one all-to-all of a dispatch's size (tokens x top-k rows of `hidden` fp32, split
+    evenly) with nothing else running on the ranks, the ranks lined up by a barrier first; median
+    seconds. About what one data exchange costs when it has the cores to itself."""
+    rows = args.batch * args.seq * args.top_k
+    x = torch.randn(rows - rows % world, args.hidden)
+    out = torch.empty_like(x)
+    times = []
+    for _ in range(args.warmup + 2 * args.iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out, x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[args.warmup:])
+
+
 def _rank(rank: int, world: int, args) -> dict:
     config = _config(args)
     torch.manual_seed(0)
     model = Transformer(config)
     apply_expert_parallel(model, dist.group.WORLD)
     stage = nn.Sequential(*model.layers[1:])  # blocks h [B, T, H] -> h, causal
-    out = {"sequential": [], "overlapped": []}
+    out = {"sequential": [], "overlapped": [], "exchange_alone_s": _exchange_alone(args, world)}
     for it in range(args.warmup + args.iters):
         for mode in ("sequential", "overlapped"):
             wall, waits = _measure(stage, config, args, rank, mode == "overlapped", it)
@@ -123,6 +143,11 @@ def main() -> None:
         # per collective the last arriver's wait: transfer time, skew excluded
         "hidden_fraction": (1.0 - ovl["critical_wait_s"] / seq["critical_wait_s"]
                             if seq["critical_wait_s"] > 0 else 0.0),
+        # one dispatch-sized all-to-all with the ranks idle and lined up (max over ranks), times the
+        # data exchanges of one F+B (2 per MoE block each way): the transfer time alone
+        "exchange_alone_s": max(r["exchange_alone_s"] for r in per_rank),
+        "exchanges_per_fb": 4 * args.layers,
+        "load_avg_1min": os.getloadavg()[0],
         "per_rank": per_rank,
     }
     print(f"ep={args.ep} tokens/rank={args.batch * args.seq} hidden={args.hidden} "
@@ -130,6 +155,8 @@ def main() -> None:
     print(f"{'':12s}{'wall ms':>10s}{'wait ms (mean rank)':>22s}{'wait ms (last arriver)':>25s}")
     for name, r in (("sequential", seq), ("overlapped", ovl)):
         print(f"{name:12s}{1e3 * r['wall_s']:10.2f}{1e3 * r['wait_s']:22.2f}{1e3 * r['critical_wait_s']:25.2f}")
+    print(f"one dispatch-sized all-to-all alone: {1e3 * result['exchange_alone_s']:.2f} ms x "
+          f"{result['exchanges_per_fb']} data exchanges per F+B; load {result['load_avg_1min']:.1f}")
     print(f"all-to-all time hidden: {100 * result['hidden_fraction']:.1f}% (last arriver), "
           f"{100 * result['hidden_fraction_mean_wait']:.1f}% (all waits, skew included)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ chunk. F&B chunks run forward then backward (no overlap) and are recorded as the
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -96,10 +97,19 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int) -
         model.zero_grad(set_to_none=True)
         dist.barrier()
         events.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         runner.run(micro_batches, objective)
-        t1 = time.perf_counter()
-    return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None}
+        t1, cpu = time.perf_counter(), time.process_time() - c0
+    return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu}
+
+
+def core_demand(results: list[dict]) -> dict:
+    """CPU seconds each rank used in its timed step (all its threads) and the cores that adds up to
+    over the step: above the machine's cores, ranks waited for a core inside their spans, so the
+    measured spans (and the bubbles from them) are stretched by sharing, not by the schedule."""
+    span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    cpu = [r["cpu_s"] for r in results]
+    return {"cpu_s_per_rank": cpu, "cores_demanded": sum(cpu) / span, "cores": os.cpu_count()}
 
 
 def measured_costs(results: list[dict]) -> dict[str, float]:

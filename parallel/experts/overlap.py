@@ -13,8 +13,9 @@ DualPipe figure:
     backward (mb 1):  combine B -> a2a | experts B -> a2a | dispatch B + attention B (+ combine B of
                       the block below) -> a2a | ...
 
-Segment k runs inside forward wait k (the first one before the forward starts), so each backward
-all-to-all flies during a forward compute chunk and each forward all-to-all during a backward segment.
+The first segment runs before the forward starts, segment k + 1 inside forward wait k, so each
+backward all-to-all flies during a forward compute chunk and each forward all-to-all during a backward
+segment; what is left after the forward's last wait runs after it.
 Nothing runs concurrently on the CPU: no Python thread is started, the hand-off is an ordinary call.
 
 How the backward is cut. Three kinds of autograd nodes are *cuts*:
@@ -34,13 +35,14 @@ cycle (a path around a cut joins the two sides into one group and makes one); ot
 falls back to one plain backward, run in the forward's first wait.
 
 Exactness: every node runs once, on the same incoming gradients, so outputs, losses and gradients
-are bit-identical to the forward followed by the backward. Where a node sums gradients arriving from
-both sides of a cut (the residual and the MLP branch into the attention output, the shared experts
-and the routed path into the MoE input, the router and the dispatch into the flattened input) the
-delivered part arrives first, as in the plain engine, where the cut's node runs before the other
-side; the tests compare with `torch.equal`. Every rank of an EP group runs the same program over the
-same graph, so its collectives are issued in the same order on every rank. The count exchanges are
-waited without a hand-off (`wait(work, switch=False)`).
+are bit-identical to the forward followed by the backward. A node sums its incoming gradients in the
+order they arrive: inside a group in the engine's own order (the same priorities as in one plain
+backward); a gradient a cut delivers into a group is a root of the group's call and arrives first, as
+in the plain backward, where the cut's node ran before anything on the other side of it (the
+residual from the block's add reaches the attention output before the post-attention norm's
+gradients do). The tests compare with `torch.equal`. Every rank of an EP group runs the same program
+over the same graph, so its collectives are issued in the same order on every rank. The count
+exchanges are waited without a hand-off (`wait(work, switch=False)`).
 
 On CUDA the same program overlaps on the device: NCCL runs the all-to-all on its own stream (issued
 behind the compute that produced its input), `work.wait()` only makes the compute stream wait, and
