@@ -318,11 +318,11 @@ def main() -> None:
         num_chunks = args.chunks_per_rank * pp
         for schedule in args.schedules:
             if v3:
-                from twinpipe.bench.pipeline_v3 import core_demand, measured_costs, run_rank
+                from twinpipe.bench.pipeline_v3 import cpu_share, measured_costs, run_rank
 
                 results = run_local(run_rank, pp, schedule, num_chunks, args.reps, timeout_s=900)
                 entry = analyse(schedule, pp, measured_costs(results), num_chunks, results, measured=True)
-                entry.update(core_demand(results), load_avg_1min=os.getloadavg()[0])
+                entry.update(cpu_share(results, entry), load_avg_1min=os.getloadavg()[0])
             else:
                 results = run_local(_run, pp, schedule, costs, num_chunks, args.reps, timeout_s=300)
                 entry = analyse(schedule, pp, costs, num_chunks, results)
@@ -332,8 +332,8 @@ def main() -> None:
                   f"{entry['bubble_ms_mean']:6.1f} max {entry['bubble_ms_max']:6.1f} ms  formula "
                   f"{formula if formula is None else round(formula, 1)}  W share "
                   f"{entry['w_share_of_backward']:.2f}  peak act {entry['peak_activations_per_rank']}"
-                  + (f"  cores demanded {entry['cores_demanded']:.2f} of {entry['cores']}, load "
-                     f"{entry['load_avg_1min']:.1f}" if v3 else ""), flush=True)
+                  + (f"  CPU share of busy time {entry['cpu_share_of_busy_mean']:.2f} ({entry['cores']} "
+                     f"cores), load {entry['load_avg_1min']:.1f}" if v3 else ""), flush=True)
             entries.append(entry)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if v3:

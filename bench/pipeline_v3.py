@@ -103,13 +103,15 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int) -
     return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu}
 
 
-def core_demand(results: list[dict]) -> dict:
-    """CPU seconds each rank used in its timed step (all its threads) and the cores that adds up to
-    over the step: above the machine's cores, ranks waited for a core inside their spans, so the
-    measured spans (and the bubbles from them) are stretched by sharing, not by the schedule."""
-    span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+def cpu_share(results: list[dict], entry: dict) -> dict:
+    """CPU seconds each rank used in its timed step (all its threads) over its busy time (the union of
+    its chunk spans, `entry` from `bench.pipeline.analyse`): about 1 when the rank had a core to itself
+    while it computed; below that its spans, and the bubbles derived from them, are stretched by
+    waiting for a core (more ranks than cores, or other load on the machine)."""
     cpu = [r["cpu_s"] for r in results]
-    return {"cpu_s_per_rank": cpu, "cores_demanded": sum(cpu) / span, "cores": os.cpu_count()}
+    share = [c / (b / 1e3) for c, b in zip(cpu, entry["busy_ms_per_rank"])]
+    return {"cpu_s_per_rank": cpu, "cpu_share_of_busy": share,
+            "cpu_share_of_busy_mean": statistics.mean(share), "cores": os.cpu_count()}
 
 
 def measured_costs(results: list[dict]) -> dict[str, float]:
