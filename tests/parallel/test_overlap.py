@@ -136,3 +136,17 @@ def test_overlap_propagates_errors():
     with pytest.raises(ValueError, match="boom"):
         overlap.overlapped_forward_backward(bad_forward, [x], None, [], module, loss1, [], [])
     assert overlap._ACTIVE is None
+
+
+def test_residual_fork_only_where_the_add_passes_its_gradient_through():
+    # The driver hands a tagged add's gradient to both operands unchanged: only right for alpha 1
+    # without broadcasting or a dtype change (else the engine would scale, sum_to or cast it).
+    x, y = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+    cases = {"plain": (x * 2 + y, True), "untagged": (x * 2 + y, None),
+             "alpha": (torch.add(x * 2, y, alpha=2.0), False),
+             "broadcast": (x * 2 + torch.randn(3, requires_grad=True), False),
+             "promotion": (x * 2 + y.double(), False)}
+    for name, (out, fork) in cases.items():
+        if fork is not None:
+            overlap.tag_residual_fork(nn.Identity(), (), out)
+        assert overlap._is_fork(out.grad_fn) == bool(fork), name
