@@ -115,6 +115,34 @@ def test_ep_checkpoint_converts_to_hf(ep_run, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_ep_checkpoint_converts_by_ranges_as_the_whole_model_did(ep_run, tmp_path):
+    """twinpipe-convert reads one tensor (one expert) at a time; to BF16 and to FP8 it writes what
+    building the whole model and `save_hf` wrote (the same casts and block quantisation of the same
+    values; the router bias fp32 as saved)."""
+    from safetensors.torch import load_file
+
+    from twinpipe.model.hf import save_hf
+    from twinpipe.trainer.checkpoint.io import load_model_for_inference
+    from twinpipe.trainer.cli.convert import convert_twinpipe
+
+    ckpt, _ = ep_run
+    plain = load_model_for_inference(ckpt, torch.float32)[0].state_dict()
+    model = load_model_for_inference(ckpt, torch.bfloat16)[0]
+    for fp8 in (False, True):
+        new = convert_twinpipe(ckpt, tmp_path / f"new{fp8}", fp8=fp8, max_shard_bytes=1 << 16)
+        old = save_hf(model, tmp_path / f"old{fp8}", fp8=fp8, max_shard_bytes=1 << 16)
+        got, want = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                     for d in (new, old))
+        assert set(got) == set(want) and len(got) > 90
+        for name, value in want.items():
+            assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+        biases = [k for k in got if k.endswith("e_score_correction_bias")]
+        assert biases and all(got[k].dtype == torch.float32 for k in biases)
+        layer = int(biases[0].split(".")[2])  # fp32 as saved, not rounded through BF16
+        assert torch.equal(got[biases[0]], plain[f"layers.{layer}.mlp.gate.e_score_correction_bias"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_ep_checkpoint_missing_pieces_are_named(ep_run, data_dir, tmp_path):
     """A checkpoint lacking an EP rank's slots or a layer's placement is refused, naming the key
     (twinpipe-convert reports it and exits 1); the untouched checkpoint resumes under parallel.ep=1."""

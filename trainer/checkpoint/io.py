@@ -38,6 +38,9 @@ runs `save_checkpoint` in a writer thread (collectives over a gloo group of its 
 A resume under the saved pp, schedule and ep (any dp) is `load_checkpoint`: one DCP load of the same
 keys. Under another pp, schedule or ep the keys differ; `twinpipe.trainer.checkpoint.reshard` then rebuilds each
 rank's state parameter by parameter from the `segments` table and the saved expert placements.
+Every read is ranged (`ranged.RangedReader`): only the elements a rank asks for leave the disk, never
+a whole saved chunk, and the inference loader and `twinpipe-convert` read the experts of an EP
+checkpoint one logical expert at a time (`ranged.ModelTensors`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from twinpipe.model.safetensors_io import CheckpointError
 from twinpipe.trainer.checkpoint import format as fmt
 from twinpipe.trainer.checkpoint.checksum import file_sha256, first_mismatch, hash_files, write_sums
+from twinpipe.trainer.checkpoint.ranged import ModelTensors, RangedReader
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +254,7 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], 
                 f"{path}: the model state of this run is not all there: no key {absent[0]} ({len(absent)} "
                 "missing); saved under a different model config?")
     with single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=RangedReader(path), no_dist=not dist.is_initialized())
     return meta, read_rank_state(path)
 
 
@@ -352,65 +356,23 @@ def empty_saved(ckpt: Path, saved: dict[str, Any], flat: str) -> torch.Tensor:
 
 def _read_model_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int, top: str = MODEL_KEY,
                       experts: tuple[Any, Any] = (fmt.EXPERT_WEIGHTS, fmt.expert_weights_key)) -> dict[str, torch.Tensor]:
-    """The plain model's state dict (names and shapes of `plain`) from checkpoint `ckpt`, in one
-    process. A checkpoint of an expert-parallel run has the experts as physical slots per EP rank
-    plus each layer's placement; they are merged into the logical experts (`merge_expert_shards`).
-    `top` and `experts` (the pattern and key of the EP ranks' slots) name another copy of the weights
-    saved the same way (the EMA); the placement is always the model's."""
-    saved = saved_tensors(ckpt)
-    pattern, experts_key = experts
-    ep_keys: dict[int, set[int]] = {}
-    for flat in saved:
-        m = pattern.match(flat.split(".", 1)[0])
-        if m:
-            ep_keys.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    if not ep_keys:  # no expert parallelism: "model" is the plain model
-        missing = [k for k in plain if f"{top}.{k}" not in saved]
-        if missing:
-            raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(missing)} tensors of the model of its "
-                                  f"config.yaml, e.g. {top}.{missing[0]} (saved under a different model "
-                                  "config?)")
-        state = {top: dict(plain)}
-        with single_process_quiet():
-            dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-        return state[top]
-    if len(ep_keys) > 1:
-        raise CheckpointError(f"{ckpt}: expert slots saved for several EP degrees {sorted(ep_keys)} "
-                              f"(keys {experts_key(0, min(ep_keys))}..., {experts_key(0, max(ep_keys))}...)")
-    (ep, ranks), = ep_keys.items()
-    if ranks != set(range(ep)):
-        absent = [experts_key(r, ep) for r in range(ep) if r not in ranks]
-        raise CheckpointError(f"{ckpt}: expert slots of EP ranks missing: no key {', '.join(absent)}")
-
-    from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT, merge_expert_shards
-
-    shared: dict[str, torch.Tensor] = {}
-    placements: dict[str, torch.Tensor] = {}
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(ep)]
-    for name, value in plain.items():
-        if f"{top}.{name}" in saved:
-            shared[name] = value
-            continue
-        layer, _, param = name.rpartition(".")
-        placement = f"{layer}.{PLACEMENT}"
-        wanted = [f"{MODEL_KEY}.{placement}"] + [f"{experts_key(r, ep)}.{layer}.{LOCAL}{param}" for r in range(ep)]
-        absent = [k for k in wanted if k not in saved]
-        if absent:
-            raise CheckpointError(f"{ckpt}: {top}.{name} is neither saved whole nor as expert slots: "
-                                  f"no key {', '.join(absent)}")
-        placements[placement] = empty_saved(ckpt, saved, wanted[0])
-        for r in range(ep):
-            shards[r][f"{layer}.{LOCAL}{param}"] = empty_saved(ckpt, saved, wanted[1 + r])
-    if top == MODEL_KEY:
-        shared.update(placements)
-        state = {MODEL_KEY: shared}
-    else:
-        state = {top: shared, MODEL_KEY: placements}
-    state.update({experts_key(r, ep): shards[r] for r in range(ep)})
+    """Fill `plain` (the plain model's state dict, or some of its names, in their shapes) from checkpoint
+    `ckpt`, in one process, and return it. A checkpoint of an expert-parallel run has the experts as
+    physical slots per EP rank plus each layer's placement: each logical expert is read from its first
+    slot (`ModelTensors`), one expert at a time, so the memory is `plain`'s own. `top` and `experts`
+    (the pattern and key of the EP ranks' slots) name another copy of the weights saved the same way
+    (the EMA); the placement is always the model's."""
+    tensors = ModelTensors(ckpt, num_experts, top, experts)
+    whole = {k: v for k, v in plain.items() if f"{top}.{k}" in tensors.saved}
+    if len(whole) < len(plain) and not tensors.ep:  # no expert parallelism: `top` is the plain model
+        missing = [k for k in plain if k not in whole]
+        raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(missing)} tensors of the model of its "
+                              f"config.yaml, e.g. {top}.{missing[0]} (saved under a different model "
+                              "config?)")
     with single_process_quiet():
-        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-    try:
-        return merge_expert_shards({**shared, **placements}, [state[experts_key(r, ep)] for r in range(ep)],
-                                   num_experts)
-    except ValueError as exc:
-        raise CheckpointError(f"{ckpt}: {exc}") from exc
+        dcp.load({top: whole}, storage_reader=tensors.reader, no_dist=True)
+    for name, value in plain.items():
+        if name not in whole:
+            for expert in range(value.shape[0]):
+                value[expert].copy_(tensors.expert(name, expert))
+    return plain

@@ -9,9 +9,9 @@ this rank's state parameter by parameter:
 
   dense parameters   meta.json's `segments` (bucket key -> [[parameter, offset, numel], ...], written
                      by every run since) locates each parameter in a saved bucket; the first saved
-                     bucket holding it is read whole (master, exp_avg, exp_avg_sq [N]: one unsharded
-                     DCP read of just those keys) and the parameter's range goes into this rank's
-                     shard. DualPipe's copies of a stage sit in two buckets with identical state.
+                     bucket holding it gives the parameter's range (master, exp_avg, exp_avg_sq: the
+                     part this rank's shard holds, read alone) for this rank's shard. DualPipe's
+                     copies of a stage sit in two buckets with identical state.
   expert parameters  saved under ep > 1: each EP rank's slots (weights `model_experts_ep{r}_of{ep}`,
                      AdamW moments and step `optim.experts_ep{r}`) become logical experts through the
                      layer's saved `phy2log` (`logical_state.slots_to_logical`; replicas must agree bit
@@ -25,10 +25,11 @@ this rank's state parameter by parameter:
                      this run's optim.moment_dtype (exact when it is the saved one), bucket
                      segments and expert slots (`zero.ExpertAdamW`) alike.
 
-Memory: a rank holds the saved buckets its parameters come from (12 bytes per parameter of a saved
-pipeline rank with fp32 moments) and the logical experts of one (layer, parameter) at a time: fine up
-to the `small` preset. At the 671B scale a saved pipeline rank's bucket is tens of GB per reading
-rank; re-sharding such a run wants ranged reads (DCP reading only the needed range of each bucket).
+Memory: reads are ranged (`ranged.py`): a dense parameter's part of this rank's shard is read alone
+out of the saved bucket (master and moments: 12 bytes per element with fp32 moments), never the
+bucket; an expert parameter saved under ep > 1 holds the slots and logical experts of one (layer,
+parameter) at a time. So the peak beyond this rank's own state is one layer's largest parameter
+(tests/trainer/test_ranged_reads.py measures it).
 
 Still refused, with the key and what is allowed: a checkpoint without a segment table (written before
 this existed, or by optim.zero=deepspeed, which resumes only under its saved layout and dp), another
@@ -49,6 +50,7 @@ from torch import nn
 from twinpipe.model.safetensors_io import CheckpointError
 from twinpipe.trainer.checkpoint import io as ckpt
 from twinpipe.trainer.checkpoint import format as fmt
+from twinpipe.trainer.checkpoint.ranged import RangedReader, read_flat
 
 def run_layout(cfg: DictConfig, grid: Any, num_experts: int) -> dict[str, Any]:
     """This run's layout as meta.json records it."""
@@ -89,42 +91,52 @@ def layout_changes(path: Path, meta: dict[str, Any], layout: dict[str, Any]) -> 
 
 
 class _SavedState:
-    """The saved optimizer state per parameter in the plain (ep = 1) model's names and shapes; a saved
-    bucket is read whole on first use and kept, expert slots are read per (layer, parameter)."""
+    """The saved optimizer state per parameter in the plain (ep = 1) model's names and shapes: a
+    parameter's range of a saved bucket is read alone (`ranged.read_flat`), expert slots per (layer,
+    parameter)."""
 
     def __init__(self, path: Path, meta: dict[str, Any]):
         self.path, self.ep = path, int(meta.get("ep", 1))
-        self.saved = ckpt.saved_tensors(path)
+        self.reader = RangedReader(path)
+        self.saved = self.reader.read_metadata().state_dict_metadata
         self.where: dict[str, tuple[str, int, int]] = {}  # parameter -> (bucket key, offset, numel)
         for key, table in meta[fmt.SEGMENTS].items():
             for name, start, numel in table:
                 self.where.setdefault(name, (key, int(start), int(numel)))
-        self.buckets: dict[str, dict[str, torch.Tensor]] = {}
         self.step = int(self.read({fmt.OPTIM: {fmt.OPTIM_STEP: 0}})[fmt.OPTIM][fmt.OPTIM_STEP])
 
     def read(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fill a nested state dict from the checkpoint, in this process alone."""
         with ckpt.single_process_quiet():
-            dcp.load(state, checkpoint_id=self.path, no_dist=True)
+            dcp.load(state, storage_reader=self.reader, no_dist=True)
         return state
 
     def empty(self, flat: str) -> torch.Tensor:
         return ckpt.empty_saved(self.path, self.saved, flat)
 
+    def part(self, name: str, shape: tuple[int, ...], lo: int, hi: int) -> list[torch.Tensor]:
+        """Elements [lo, hi) of [master, exp_avg, exp_avg_sq] of parameter `name` (flattened): read
+        alone from its saved bucket, or cut from the logical experts of a saved EP layer."""
+        if name in self.where:
+            key, start = self._located(name, shape)
+            return [read_flat(self.reader, f"{fmt.OPTIM}.{key}.{k}", start + lo, start + hi)
+                    for k in fmt.BUCKET_TENSORS]
+        return [t.reshape(-1)[lo:hi] for t in self.param(name, shape)[:3]]
+
+    def _located(self, name: str, shape: tuple[int, ...]) -> tuple[str, int]:
+        key, start, saved_numel = self.where[name]
+        if saved_numel != torch.Size(shape).numel():
+            raise CheckpointError(f"{self.path}: {name} has {saved_numel} elements in bucket {key}, "
+                                  f"{torch.Size(shape).numel()} {list(shape)} here: saved under a different "
+                                  "model config?")
+        return key, start
+
     def param(self, name: str, shape: tuple[int, ...]) -> list[Any]:
         """[master, exp_avg, exp_avg_sq] of parameter `name` (plain model's name) shaped `shape`, then
         its AdamW step."""
-        numel = torch.Size(shape).numel()
         if name in self.where:
-            key, start, saved_numel = self.where[name]
-            if saved_numel != numel:
-                raise CheckpointError(f"{self.path}: {name} has {saved_numel} elements in bucket {key}, "
-                                      f"{numel} {list(shape)} here: saved under a different model config?")
-            if key not in self.buckets:
-                self.buckets[key] = self.read({fmt.OPTIM: {key: {k: self.empty(f"{fmt.OPTIM}.{key}.{k}")
-                                                               for k in fmt.BUCKET_TENSORS}}})[fmt.OPTIM][key]
-            flat = self.buckets[key]
-            return [flat[k][start:start + numel].view(shape) for k in fmt.BUCKET_TENSORS] + [float(self.step)]
+            numel = torch.Size(shape).numel()
+            return [t.view(shape) for t in self.part(name, shape, 0, numel)] + [float(self.step)]
         layer, _, param = name.rpartition(".")
         from twinpipe.parallel.experts.logical_state import PLACEMENT
 
@@ -230,9 +242,9 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
         for s in b.segments:
             lo, hi = max(s.start, b.lo), min(s.start + s.param.numel(), b.hi)
             if lo < hi:  # this rank's shard holds [lo, hi) of the bucket, part of this parameter
-                state = saved.param(s.name, tuple(s.param.shape))
+                state = saved.part(s.name, tuple(s.param.shape), lo - s.start, hi - s.start)
                 for dst, src in zip((b.master, b.exp_avg, b.exp_avg_sq), state):
-                    dst[lo - b.lo:hi - b.lo] = src.reshape(-1)[lo - s.start:hi - s.start]
+                    dst[lo - b.lo:hi - b.lo] = src
         b.publish()
     for p, name in optimizer.expert_names.items():
         layer_name, param = split_slot_name(name)

@@ -8,7 +8,8 @@ Hydra composes `recipes/convert.yaml` (keys: `ConvertSchema` in `trainer/cli/con
 holding config.json is converted as an HF folder, any other as a twinpipe checkpoint.
 
 HF -> HF works tensor by tensor on the safetensors (no model is built, names are kept as they are),
-so converting the 671B checkpoint needs memory for one output shard, not for the model. FP8 -> FP8
+and a twinpipe checkpoint is read tensor by tensor by ranges (one expert at a time), so converting the
+671B checkpoint needs memory for one output shard, not for the model. FP8 -> FP8
 copies the quantized weights and scales unchanged. Text files beside the weights (tokenizer,
 generation config) are copied. Load the result with `twinpipe.model.load_hf` to check it.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from twinpipe.model.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, QUANTIZATION_CONFIG, is_fp8_weight, save_hf
+from twinpipe.model.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, QUANTIZATION_CONFIG, is_fp8_weight
 from twinpipe.model.safetensors_io import (
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -99,11 +100,48 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype =
 
 def convert_twinpipe(src: str | Path, dst: str | Path, fp8: bool, dtype: torch.dtype = torch.bfloat16,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
-    """A twinpipe training checkpoint (`run.dir/checkpoints/step_N`) -> HF folder, tokenizer included."""
-    from twinpipe.trainer.checkpoint.io import load_model_for_inference
+    """A twinpipe training checkpoint (`run.dir/checkpoints/step_N`, or a run dir) -> HF folder,
+    tokenizer included. No model is built: each HF tensor (one expert of a layer's stacked weights, as
+    HF stores experts) is read by ranges when its shard is written (`ranged.ModelTensors`; an expert
+    saved under expert parallelism from its first slot), so the memory is one output shard, not the
+    model. Values are those of `load_model_for_inference` + `save_hf`: cast to `dtype` (the router
+    bias kept fp32), FP8 quantised from that."""
+    from omegaconf import OmegaConf
 
-    model, tokenizer = load_model_for_inference(src, dtype, key="src")
-    out = save_hf(model, dst, fp8=fp8, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+    from twinpipe.data.tokenizer import load_tokenizer
+    from twinpipe.model.hf import hf_config_dict, ours_to_hf
+    from twinpipe.model.transformer import Transformer
+    from twinpipe.trainer.build import model_config
+    from twinpipe.trainer.checkpoint import format as fmt
+    from twinpipe.trainer.checkpoint.io import resolve_resume
+    from twinpipe.trainer.checkpoint.ranged import ModelTensors
+
+    ckpt = resolve_resume(str(src), Path(src), "src")
+    if ckpt is None:
+        raise FileNotFoundError(f"src={src}: neither a twinpipe checkpoint nor an HF folder with config.json")
+    config = model_config(OmegaConf.load(ckpt / fmt.CONFIG).model)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    source = ModelTensors(ckpt, config.n_routed_experts)
+    tensors = [(hf, name, row) for name in shapes
+               for hf, row in ours_to_hf(name, config.num_hidden_layers, config.n_routed_experts)]
+    for k in range(config.num_nextn_predict_layers):  # the MTP layers' copies of the embedding and head
+        layer = config.num_hidden_layers + k
+        tensors += [(f"model.layers.{layer}.embed_tokens.weight", "embed_tokens.weight", None),
+                    (f"model.layers.{layer}.shared_head.head.weight", "lm_head.weight", None)]
+    plan: list[PlannedTensor] = []
+    fp8_cache: dict = {}
+    for hf, name, row in tensors:
+        shape = shapes[name] if row is None else shapes[name][1:]
+        bias = hf.endswith("e_score_correction_bias")
+        read = lambda name=name, row=row, d=torch.float32 if bias else dtype: source.read(name, row).to(d)  # noqa: E731
+        if fp8 and is_fp8_weight(hf):
+            plan.extend(iter_plan_fp8(hf, shape, read, fp8_cache))
+        else:
+            plan.append(PlannedTensor(hf, math.prod(shape) * (4 if bias else dtype.itemsize), read))
+    files = {CONFIG_FILE: json.dumps(hf_config_dict(config, fp8, dtype), indent=2) + "\n"}
+    out = write_folder(dst, plan, files, max_shard_bytes, overwrite)
+    tokenizer = load_tokenizer(ckpt / fmt.TOKENIZER)
     if tokenizer is not None:  # tokenizer.json (+ tokenizer_config.json), next to the weights
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save(tmp)
