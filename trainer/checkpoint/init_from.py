@@ -6,8 +6,8 @@ dequantised on read). Each rank reads only what it holds (`local_fill`, the `fil
 `parallel.parallelize`: the model is built on meta and this rank's stages and expert slots are filled
 tensor by tensor): from an HF folder through the memory-mapped safetensors, an expert slot from its
 logical expert's own tensor (EPLB replicas read it again); from a twinpipe checkpoint with
-torch.distributed.checkpoint, one tensor at a time (a layer's experts at most: slots saved under expert
-parallelism are merged for that one parameter, `checkpoint._read_model_state`). Every layout starts
+ranged reads, one tensor, or one expert row of a stacked expert weight, at a time (`ranged.ModelTensors`:
+an expert saved under expert parallelism from its first slot). Every layout starts
 from the same values. The optimizer and LR schedule start fresh; `resume` (a checkpoint of this run)
 takes precedence over `init_from`.
 
@@ -93,20 +93,23 @@ def _hf_fill(folder: Path, recipe: Any) -> Callable[..., None]:
 def _checkpoint_fill(path: str, recipe: Any) -> Callable[..., None]:
     from omegaconf import OmegaConf
 
-    from twinpipe.trainer.checkpoint import format as fmt
     from twinpipe.trainer.build import model_config
-    from twinpipe.trainer.checkpoint.io import _read_model_state, resolve_resume
+    from twinpipe.trainer.checkpoint import format as fmt
+    from twinpipe.trainer.checkpoint.io import resolve_resume
+    from twinpipe.trainer.checkpoint.ranged import ModelTensors
 
     ckpt = resolve_resume(path, Path(path), "init_from")
     if ckpt is None:
         raise FileNotFoundError(f"init_from={path}: neither a twinpipe checkpoint nor an HF folder with config.json")
     check_architecture(recipe, model_config(OmegaConf.load(ckpt / fmt.CONFIG).model), path)
+    tensors = ModelTensors(ckpt, recipe.n_routed_experts)
 
     @torch.no_grad()
     def fill(tensor: torch.Tensor, name: str, rows: list[int] | None, buffer: bool) -> None:
-        shape = tuple(tensor.shape) if rows is None else (recipe.n_routed_experts, *tensor.shape[1:])
-        saved = _read_model_state(ckpt, {name: torch.empty(shape, dtype=torch.float32)},
-                                  recipe.n_routed_experts)[name]
-        tensor.copy_(saved if rows is None else saved[torch.as_tensor(rows)])
+        if rows is None:
+            tensor.copy_(tensors.read(name))
+            return
+        for i, expert in enumerate(rows):  # [S, ...]: slot i holds logical expert rows[i]
+            tensor[i].copy_(tensors.read(name, expert))
     log.info("init_from=%s: each rank reads its own tensors from %s", path, ckpt)
     return fill
