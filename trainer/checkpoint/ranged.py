@@ -157,10 +157,17 @@ class RangedReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         metadata = super().read_metadata(*args, **kwargs)
+        self._know(metadata)
+        return metadata
+
+    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._know(metadata)  # every rank of a distributed load; only the coordinator reads the metadata
+
+    def _know(self, metadata: Any) -> None:
         self.tensors = {k: v for k, v in metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
-        self.storage_data = metadata.storage_data  # also set up by set_up_storage_reader
-        return metadata
+        self.storage_data = metadata.storage_data
 
     def layout(self, f: Any, index: MetadataIndex) -> ChunkLayout | None:
         info = self.storage_data[index]
@@ -172,8 +179,6 @@ class RangedReader(FileSystemReader):
         return self.layouts[key]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        if not self.tensors:
-            self.read_metadata()
         rest = []
         files: dict[str, Any] = {}
         try:
