@@ -155,6 +155,12 @@ class LatentKVCache:
         self.valid[:, length:] = False
         self.length = length
 
+    def reset(self) -> None:
+        """Empty, for another batch of sequences (the tensors are kept)."""
+        self.valid.zero_()
+        self.num_valid.zero_()
+        self.length, self.fill, self.fill_list, self._step = 0, None, None, 0
+
     def load_rows(self, rows: list[int], prefilled: "LatentKVCache") -> None:
         """Give rows `rows` to the sequences of `prefilled` (a cache of len(rows) rows and the same
         layers, after their prefill): its slots are copied to the rows' first slots, the rest of the

@@ -63,6 +63,8 @@ class _Group:
     results: list | None = None           # per row: new tokens or finish's result (that rank)
     alive: bool = True
     inbox: dict[int, tuple] = field(default_factory=dict)  # stage -> message from this same rank
+    start: int | None = 0                 # global step of its prefill (None: waits for a free lane)
+    done: bool = False
 
 
 class _Wire:
@@ -125,8 +127,10 @@ def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], ma
     `on_stage(rows)`: called on this rank before each stage forward of a group, with the prompt index
     of each of its batch rows ([] for EP filler rows), so module hooks know whose tokens they see
     (the GRPO route recorder: trainer/grpo/routing_replay.py).
-    `slots`: continuous batching (`generate(slots=)`), at most that many sequences per replica at once;
-    pp = 1 only (the expert-parallel group agrees on each refill and step, `decode_continuous`)."""
+    `slots`: continuous batching, at most that many sequences per replica at once. pp = 1: per row
+    (`generate(slots=)`; the expert-parallel group agrees on each refill and step,
+    `decode_continuous`); pp > 1: per micro-batch group of `slots` rows, a group taking its lane's
+    caches in the step after the lane's previous group ended."""
     check_sampling(max_new_tokens, top_p)
     check_context(prompts, max_new_tokens, model.config.max_position_embeddings)
     if max_new_tokens == 0:
@@ -134,15 +138,16 @@ def generate_parallel(model: nn.Module, grid: Grid, prompts: list[list[int]], ma
     if slots is not None:
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1 (sequences decoded at once)")
-        if grid.pp > 1 or on_stage is not None:
-            raise ValueError(f"slots={slots}: continuous batching runs with parallel.pp=1 and no on_stage hook "
-                             f"(got pp={grid.pp})")
+        if on_stage is not None:
+            raise ValueError(f"slots={slots}: continuous batching moves prompts between batch rows; "
+                             "on_stage (a route recorder) needs fixed rows: leave slots unset")
+    sampling = (max_new_tokens, temperature, top_p, eos_id, seed, logprobs)
+    if slots is not None and grid.pp == 1:
         results = _continuous(model, grid, prompts, max_new_tokens, temperature, top_p, eos_id, seed, logprobs,
                               slots)
     else:
-        sampling = (max_new_tokens, temperature, top_p, eos_id, seed, logprobs)
         results = _drive(model, grid, prompts, max_new_tokens, schedule, micro_batches, sampling=sampling,
-                         on_stage=on_stage)
+                         on_stage=on_stage, slots=slots)
     if not logprobs:
         return results
     return [new for new, _ in results], [lp for _, lp in results]
@@ -181,9 +186,10 @@ def _continuous(model: nn.Module, grid: Grid, prompts: list[list[int]], max_new_
 
 def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, schedule: str,
            micro_batches: int | None, sampling: tuple | None = None, finish: Callable | None = None,
-           on_stage: Callable[[list[int]], None] | None = None) -> list[Any]:
-    """Run `steps` forwards of every micro-batch through its route; the last stage samples
-    (`sampling`: max_new_tokens, temperature, top_p, eos_id, seed, logprobs) or applies `finish` once."""
+           on_stage: Callable[[list[int]], None] | None = None, slots: int | None = None) -> list[Any]:
+    """Run up to `steps` forwards of every micro-batch through its route; the last stage samples
+    (`sampling`: max_new_tokens, temperature, top_p, eos_id, seed, logprobs) or applies `finish` once.
+    `slots`: continuous batching per micro-batch group (see the groups below)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("need at least one sequence and every sequence needs >= 1 token")
     placement = StagePlacement(schedule if grid.pp > 1 else "1f1b", grid.pp)
@@ -194,37 +200,64 @@ def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, s
     device, dtype, me = weight.device, weight.dtype, grid.pp_rank
     wire = _Wire(grid, device, model.config.hidden_size, dtype)
 
-    # groups: the same count on every replica (ep lockstep needs it), at most the largest share
+    # groups: the same count on every replica (ep lockstep needs it); `wanted` lanes run at once.
+    # Static: one group per lane, at most the largest share. Continuous (`slots`): groups of `slots`
+    # rows (padded with filler rows); a group starts in the step after its lane's previous one ended,
+    # in that group's caches.
     shares = [len(shard_rows(len(prompts), grid.dp, r)) for r in range(grid.dp)]
     wanted = micro_batches or num_stages * len(routes)
+    mine = shard_rows(len(prompts), grid.dp, grid.dp_rank)
+    if slots is None:
+        chunks = split_groups(mine, min(wanted, max(shares)))
+    else:
+        chunks = [list(mine[i:i + slots]) for i in range(0, -(-max(shares) // slots) * slots, slots)]
+    max_len = max(len(p) for p in prompts) + steps
     groups: list[_Group] = []
-    for g, rows in enumerate(split_groups(shard_rows(len(prompts), grid.dp, grid.dp_rank), min(wanted, max(shares)))):
+    for g, rows in enumerate(chunks):
         if not rows and grid.ep == 1:
             continue
-        tokens, valid = pad_prompts([prompts[r] for r in rows] or [[0]], "left")
-        group = _Group(rows, tokens.to(device), valid.to(device), routes[g % len(routes)])
+        batch = [prompts[r] for r in rows] or [[0]]
+        tokens, valid = pad_prompts(batch + [[0]] * (0 if slots is None else slots - len(batch)), "left")
+        lane = len(groups) % wanted
+        group = _Group(rows, tokens.to(device), valid.to(device), routes[lane % len(routes)],
+                       start=0 if lane == len(groups) else None)
         for s in range(num_stages):
-            if group.route[s] == me:
-                group.caches[s] = LatentKVCache.for_model(model, len(tokens), tokens.shape[1] + steps,
-                                                          layers=layers[s])
+            if group.route[s] == me and group.start == 0:
+                group.caches[s] = LatentKVCache.for_model(model, len(tokens), max_len if slots else
+                                                          tokens.shape[1] + steps, layers=layers[s])
         if group.route[-1] == me:
             group.finish = finish
             if sampling is not None:
                 max_new_tokens, temperature, top_p, eos_id, seed, logprobs = sampling
-                live = torch.tensor([True] * len(rows) or [False])
-                group.decoding = Decoding(len(tokens), max_new_tokens, temperature, top_p, eos_id,
-                                          sampling_keys(seed, torch.tensor(rows or [0])), device, live,
-                                          record_logprobs=logprobs)
+                live = torch.tensor([True] * len(rows) + [False] * (len(tokens) - len(rows)))
+                keys = sampling_keys(seed, torch.tensor(rows + [0] * (len(tokens) - len(rows))))
+                group.decoding = Decoding(len(tokens), max_new_tokens, temperature, top_p, eos_id, keys, device,
+                                          live, record_logprobs=logprobs)
         groups.append(group)
 
-    for step in range(steps):
+    step = 0
+    while True:
         for s in range(num_stages):
             for group in groups:
-                if group.alive and group.route[s] == me:
+                if group.start is not None and group.alive and group.route[s] == me:
                     if on_stage is not None:
                         on_stage(group.rows)
-                    _stage_item(model, group, s, step, layers, wire, grid)
-        wire.end_step(last=step == steps - 1)
+                    _stage_item(model, group, s, step - group.start, layers, wire, grid)
+        # every rank learns a group's end in the same step: a stop travels the whole chain in the
+        # step after the last stage chose it, and all count the steps
+        for g, group in enumerate(groups):
+            if group.start is not None and not group.done and (not group.alive or step - group.start == steps - 1):
+                group.done, group.alive = True, False
+                if g + wanted < len(groups):
+                    successor = groups[g + wanted]
+                    successor.start, successor.caches = step + 1, group.caches
+                    for cache in successor.caches.values():
+                        cache.reset()
+        more = not all(group.done for group in groups)
+        wire.end_step(last=not more)
+        if not more:
+            break
+        step += 1
     for group in groups:
         if group.decoding is not None:
             group.results = group.decoding.tokens()

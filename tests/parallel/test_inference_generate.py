@@ -79,6 +79,17 @@ def test_continuous_batching_under_ep_equals_one_process():
             assert got == want
 
 
+@pytest.mark.parametrize("pp, dp, ep, schedule", [(2, 1, 1, "dualpipev"), (2, 2, 2, "dualpipe")])
+def test_continuous_groups_under_pp_equal_one_process(pp, dp, ep, schedule):
+    """pp > 1: groups of `slots` rows, one lane per stage (two per rank under DualPipe); a group waiting
+    for a lane starts in the step after the lane's group ended, in its caches. With slots=1 and 6
+    prompts (3 per replica under dp=2) groups wait and start at different steps on every rank."""
+    eos = reference_eos()
+    want = generate(build(), PROMPTS, NEW, eos_id=eos)
+    for got in run_local(_rank, pp * dp, pp, ep, schedule, {"eos_id": eos, "slots": 1}):
+        assert got == want
+
+
 def test_dp_alone_and_more_micro_batches_than_prompts():
     want = generate(build(), PROMPTS[:3], NEW)
     got = run_local(_dp_rank, 2)
