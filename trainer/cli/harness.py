@@ -85,10 +85,9 @@ class TwinpipeLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         results, start = [], 0
-        while start < len(requests):  # batches of consecutive requests with the same generation kwargs
-            end = start + 1
-            while (end < len(requests) and end - start < self.batch_size
-                   and requests[end].args[1] == requests[start].args[1]):
+        while start < len(requests):  # runs of consecutive requests with the same generation kwargs,
+            end = start + 1           # continuously batched, batch_size sequences at once per replica
+            while end < len(requests) and requests[end].args[1] == requests[start].args[1]:
                 end += 1
             batch, start = requests[start:end], end
             kwargs = dict(batch[0].args[1])
@@ -99,7 +98,7 @@ class TwinpipeLM(LM):
             prompts = [(self.tokenizer.encode(r.args[0]) or [self.tokenizer.eos_id])[-(self.max_length - new):]
                        for r in batch]
             outs = generate_parallel(self.model, self.grid, prompts, new, temperature=temperature,
-                                     eos_id=self.tokenizer.eos_id, schedule=self.schedule)
+                                     eos_id=self.tokenizer.eos_id, schedule=self.schedule, slots=self.batch_size)
             for tokens in outs:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = min([text.index(s) for s in until if s and s in text], default=len(text))

@@ -87,12 +87,13 @@ class SFTEvaluator:
 
     def _exact_match(self) -> float:
         """Greedy decoding of every answer prompt through `generate_parallel` (any layout: stages, EP
-        lockstep, prompts split over dp; every rank gets every output)."""
+        lockstep, prompts split over dp; every rank gets every output), continuously batched with
+        train.micro_batch sequences at once per replica (a row freed at eos takes the next prompt)."""
         from twinpipe.parallel.inference import generate_parallel
 
         outputs = generate_parallel(self.model, self.grid, [p for p, _ in self.answers],
                                     self.cfg.eval.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                                    schedule=self.cfg.parallel.schedule)
+                                    schedule=self.cfg.parallel.schedule, slots=self.cfg.train.micro_batch)
         matches = 0
         for out, (_, answer) in zip(outputs, self.answers):
             out = out[:-1] if out and out[-1] == self.tokenizer.eos_id else out
