@@ -149,3 +149,40 @@ def test_model_tensors_merge_ep_slots_like_merge_expert_shards(tmp_path):
     assert torch.equal(tensors.read("norm.weight"), want["norm.weight"])
     for e in range(4):
         assert torch.equal(tensors.read(f"{layer}.gate_proj", e), want[f"{layer}.gate_proj"][e])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_resume_reads_expert_rows_like_slots_to_logical(tmp_path):
+    """Resuming an EP checkpoint under another layout reads each expert's weights and moments from its
+    first slot (`reshard._SavedState.rows`): equal to `slots_to_logical` of the whole slots, the step
+    of the EP ranks; replicas that differ are named."""
+    from twinpipe.model.safetensors_io import CheckpointError
+    from twinpipe.parallel.experts.logical_state import slots_to_logical
+    from twinpipe.trainer.checkpoint.reshard import _SavedState
+
+    g = torch.Generator().manual_seed(1)
+    phy2log = torch.tensor([0, 1, 2, 3, 1, 2])  # 6 slots over ep=2, 4 experts; 1 and 2 replicated
+    layer, name = "layers.1.mlp.experts", "layers.1.mlp.experts.local.up_proj"
+    tensors = [torch.randn(6, 3, 5, generator=g) for _ in range(3)]  # weights, exp_avg, exp_avg_sq
+    for t in tensors:
+        t[4], t[5] = t[1], t[2]
+
+    def save(path):
+        state = {fmt.MODEL: {f"{layer}.phy2log": phy2log},
+                 **{fmt.expert_weights_key(r, 2): {name: tensors[0][3 * r:3 * r + 3].clone()} for r in range(2)},
+                 fmt.OPTIM: {fmt.OPTIM_STEP: 7, **{fmt.expert_optim_key(r): {name: {
+                     "exp_avg": tensors[1][3 * r:3 * r + 3].clone(), "exp_avg_sq": tensors[2][3 * r:3 * r + 3].clone(),
+                     "step": torch.tensor(7.0)}} for r in range(2)}}}
+        dcp.save(state, checkpoint_id=path, no_dist=True)
+        return _SavedState(path, {fmt.SEGMENTS: {}, "ep": 2})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = save(tmp_path / "ok")
+        *rows, step = saved.rows(f"{layer}.up_proj", (4, 3, 5), [3, 1, 2])
+        assert step == 7.0
+        for got, t in zip(rows, tensors):
+            assert torch.equal(got, slots_to_logical(t, phy2log, 4, check_replicas=True)[[3, 1, 2]])
+        tensors[2][4] += 1.0  # a replica's second moment differs
+        with pytest.raises(CheckpointError, match=r"logical expert 1: slots 1 and 4 \(replicas\) differ"):
+            save(tmp_path / "bad").rows(f"{layer}.up_proj", (4, 3, 5), [1])

@@ -240,7 +240,7 @@ def read_flat(reader: RangedReader, key: str, start: int, stop: int) -> torch.Te
             if tuple(chunk.sizes[1:]) != size[1:]:
                 raise CheckpointError(f"{reader.path_str}: {key} is saved in chunks split past dim 0; a "
                                       "ranged read needs them whole past dim 0")
-            lo, hi = chunk.offsets[0] * row, (chunk.offsets[0] + chunk.sizes[0]) * row
+            lo, hi = (chunk.offsets[0] * row, (chunk.offsets[0] + chunk.sizes[0]) * row) if size else (0, 1)
             a, b = max(lo, start), min(hi, stop)
             if a >= b:
                 continue

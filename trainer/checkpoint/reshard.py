@@ -13,13 +13,13 @@ this rank's state parameter by parameter:
                      part this rank's shard holds, read alone) for this rank's shard. DualPipe's
                      copies of a stage sit in two buckets with identical state.
   expert parameters  saved under ep > 1: each EP rank's slots (weights `model_experts_ep{r}_of{ep}`,
-                     AdamW moments and step `optim.experts_ep{r}`) become logical experts through the
-                     layer's saved `phy2log` (`logical_state.slots_to_logical`; replicas must agree bit
-                     for bit, checked); saved under ep = 1 they are bucket segments like the rest.
-                     This run's slots take their experts' rows (`logical_state.local_slot_rows`) under its
-                     fresh placement (`apply_expert_parallel`'s: a function-equal placement, EPLB
-                     re-plans it at its next interval), or the saved placement when ep and the slot
-                     count are the saved ones (a pp or schedule change only).
+                     AdamW moments and step `optim.experts_ep{r}`) give each logical expert through the
+                     layer's saved `phy2log`: its first slot, its replicas checked equal bit for bit;
+                     saved under ep = 1 they are bucket segments like the rest. This run's slots read
+                     the rows of their experts (`layer.local_logical_ids`) alone, under its fresh
+                     placement (`apply_expert_parallel`'s: a function-equal placement, EPLB re-plans
+                     it at its next interval), or the saved placement when ep and the slot count are
+                     the saved ones (a pp or schedule change only).
   the rest           model buffers (router biases) by name from "model", the optimizer step, and
                      the rank state (loader position, RNG) as in the fast path. Moments are cast to
                      this run's optim.moment_dtype (exact when it is the saved one), bucket
@@ -27,9 +27,8 @@ this rank's state parameter by parameter:
 
 Memory: reads are ranged (`ranged.py`): a dense parameter's part of this rank's shard is read alone
 out of the saved bucket (master and moments: 12 bytes per element with fp32 moments), never the
-bucket; an expert parameter saved under ep > 1 holds the slots and logical experts of one (layer,
-parameter) at a time. So the peak beyond this rank's own state is one layer's largest parameter
-(tests/trainer/test_ranged_reads.py measures it).
+bucket; an expert's rows are read one expert at a time. So the peak beyond this rank's own state is
+one parameter's part of its shard, or one expert's (tests/trainer/test_ranged_reads.py measures it).
 
 Still refused, with the key and what is allowed: a checkpoint without a segment table (written before
 this existed, or by optim.zero=deepspeed, which resumes only under its saved layout and dp), another
@@ -38,6 +37,7 @@ optim.zero, another model config.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +116,15 @@ class _SavedState:
 
     def part(self, name: str, shape: tuple[int, ...], lo: int, hi: int) -> list[torch.Tensor]:
         """Elements [lo, hi) of [master, exp_avg, exp_avg_sq] of parameter `name` (flattened): read
-        alone from its saved bucket, or cut from the logical experts of a saved EP layer."""
+        alone from its saved bucket, or from the expert rows they cover of a saved EP layer."""
         if name in self.where:
             key, start = self._located(name, shape)
             return [read_flat(self.reader, f"{fmt.OPTIM}.{key}.{k}", start + lo, start + hi)
                     for k in fmt.BUCKET_TENSORS]
-        return [t.reshape(-1)[lo:hi] for t in self.param(name, shape)[:3]]
+        row = math.prod(shape[1:])
+        first, last = lo // row, -(-hi // row)
+        rows = self.rows(name, shape, list(range(first, last)))[:3]
+        return [t.reshape(-1)[lo - first * row:hi - first * row] for t in rows]
 
     def _located(self, name: str, shape: tuple[int, ...]) -> tuple[str, int]:
         key, start, saved_numel = self.where[name]
@@ -131,50 +134,80 @@ class _SavedState:
                                   "model config?")
         return key, start
 
-    def param(self, name: str, shape: tuple[int, ...]) -> list[Any]:
-        """[master, exp_avg, exp_avg_sq] of parameter `name` (plain model's name) shaped `shape`, then
-        its AdamW step."""
+    def rows(self, name: str, shape: tuple[int, ...], experts: list[int]) -> list[Any]:
+        """[master, exp_avg, exp_avg_sq] of logical experts `experts` of the stacked expert parameter
+        `name` (plain model's name, shaped `shape` = [E, ...]), [len(experts), ...] each, then its
+        AdamW step: read row by row from its saved bucket, or from the slots of a saved EP layer."""
         if name in self.where:
-            numel = torch.Size(shape).numel()
-            return [t.view(shape) for t in self.part(name, shape, 0, numel)] + [float(self.step)]
+            key, start = self._located(name, shape)
+            keys = [f"{fmt.OPTIM}.{key}.{k}" for k in fmt.BUCKET_TENSORS]
+            row = math.prod(shape[1:])
+            return self._gather(shape, experts, lambda e: [
+                read_flat(self.reader, k, start + e * row, start + (e + 1) * row) for k in keys]) + [float(self.step)]
         layer, _, param = name.rpartition(".")
         from twinpipe.parallel.experts.logical_state import PLACEMENT
 
         if self.ep > 1 and f"{fmt.MODEL}.{layer}.{PLACEMENT}" in self.saved:
-            return self._experts(layer, param, shape)
+            return self._expert_rows(layer, param, shape, experts)
         raise CheckpointError(f"{self.path}: no optimizer state for parameter {name}: in none of the saved "
                               f"buckets ({', '.join(sorted({k for k, _, _ in self.where.values()}))}) and "
                               "not an expert slot tensor of the saved run; saved under a different model "
                               "config?")
 
-    def _experts(self, layer: str, param: str, shape: tuple[int, ...]) -> list[Any]:
-        from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT, slots_to_logical
+    @staticmethod
+    def _gather(shape: tuple[int, ...], experts: list[int], read: Any) -> list[torch.Tensor]:
+        """[len(experts), *shape[1:]] for each tensor `read(expert)` gives (flat rows)."""
+        out: list[torch.Tensor] = []
+        for i, e in enumerate(experts):
+            for j, value in enumerate(read(e)):
+                if i == 0:
+                    out.append(torch.empty(len(experts), *shape[1:], dtype=value.dtype))
+                out[j][i] = value.view(shape[1:])
+        return out
+
+    def _expert_rows(self, layer: str, param: str, shape: tuple[int, ...], experts: list[int]) -> list[Any]:
+        """`rows` of a layer saved under ep > 1: each expert's weights and moments from its first slot;
+        its other slots (EPLB replicas) must hold the same bits (checked)."""
+        from twinpipe.parallel.experts.logical_state import LOCAL, PLACEMENT
+        from twinpipe.parallel.experts.slots import placement_tables
 
         slot = f"{layer}.{LOCAL}{param}"
         ranks = range(self.ep)
-        placement = f"{layer}.{PLACEMENT}"
-        weights = {r: fmt.expert_weights_key(r, self.ep) for r in ranks}
-        state = self.read({
-            fmt.MODEL: {placement: self.empty(f"{fmt.MODEL}.{placement}")},
-            **{weights[r]: {slot: self.empty(f"{weights[r]}.{slot}")} for r in ranks},
-            fmt.OPTIM: {fmt.expert_optim_key(r): {slot: {k: self.empty(f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{k}")
-                                                          for k in (*fmt.MOMENTS, fmt.OPTIM_STEP)}} for r in ranks}})
-        phy2log = state[fmt.MODEL][placement]                                       # [R]
-        optim = [state[fmt.OPTIM][fmt.expert_optim_key(r)][slot] for r in ranks]
-        slots = [torch.cat([state[weights[r]][slot] for r in ranks]),                      # [R, ...]
-                 torch.cat([o["exp_avg"] for o in optim]), torch.cat([o["exp_avg_sq"] for o in optim])]
-        steps = {float(o["step"]) for o in optim}
+        keys = [[f"{fmt.expert_weights_key(r, self.ep)}.{slot}"]
+                + [f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{k}" for k in fmt.MOMENTS] for r in ranks]
+        for k in [f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{fmt.OPTIM_STEP}" for r in ranks] + sum(keys, []):
+            self.empty(k)  # a CheckpointError naming a missing key
+        placement = f"{fmt.MODEL}.{layer}.{PLACEMENT}"
+        num_slots, per_rank = self.saved[placement].size[0], self.saved[keys[0][0]].size[0]
+        saved_shape = tuple(self.saved[keys[0][0]].size[1:])
+        if per_rank * self.ep != num_slots or saved_shape != tuple(shape[1:]):
+            raise CheckpointError(f"{self.path}: {slot} gives experts of shape {[num_slots, *saved_shape]} "
+                                  f"({per_rank} slots per EP rank), {list(shape)} here: saved under a "
+                                  "different model config?")
+        steps = {float(read_flat(self.reader, f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{fmt.OPTIM_STEP}", 0, 1))
+                 for r in ranks}
         if len(steps) != 1:
             raise CheckpointError(f"{self.path}: {slot}: the EP ranks saved different AdamW steps "
                                   f"{sorted(steps)}")
         try:
-            logical = [slots_to_logical(t, phy2log, shape[0], check_replicas=True) for t in slots]
+            log2phy, _ = placement_tables(read_flat(self.reader, placement, 0, num_slots).to(torch.int64), shape[0])
         except ValueError as exc:
-            raise CheckpointError(f"{self.path}: {slot}: {exc}") from exc
-        if tuple(logical[0].shape) != tuple(shape):
-            raise CheckpointError(f"{self.path}: {slot} gives experts of shape {list(logical[0].shape)}, "
-                                  f"{list(shape)} here: saved under a different model config?")
-        return logical + [steps.pop()]
+            raise CheckpointError(f"{self.path}: {placement}: {exc}") from exc
+        row = math.prod(saved_shape)
+
+        def read(p: int) -> list[torch.Tensor]:  # weights, exp_avg, exp_avg_sq of physical slot p
+            r, local = divmod(p, per_rank)
+            return [read_flat(self.reader, k, local * row, (local + 1) * row) for k in keys[r]]
+
+        def first_slot(e: int) -> list[torch.Tensor]:
+            first, *replicas = [p for p in log2phy[e].tolist() if p >= 0]
+            values = read(first)
+            for p in replicas:
+                if not all(torch.equal(a, b) for a, b in zip(read(p), values)):
+                    raise CheckpointError(f"{self.path}: {slot}: logical expert {e}: slots {first} and {p} "
+                                          "(replicas) differ")
+            return values
+        return self._gather(shape, experts, first_slot) + [steps.pop()]
 
 
 def _check_model_config(path: Path, model_cfg: DictConfig) -> None:
@@ -220,7 +253,7 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
     """Fill this rank's model and optimizer (`trainer.zero.ZeroAdamW`) from checkpoint `path` saved under
     another layout (`changes`, from `layout_changes`); return (meta, this rank's rank state). All ranks
     call it together (the buckets' all-gather)."""
-    from twinpipe.parallel.experts.logical_state import PLACEMENT, local_slot_rows, split_slot_name
+    from twinpipe.parallel.experts.logical_state import PLACEMENT, split_slot_name
     from twinpipe.parallel.experts.layer import ExpertParallelExperts
 
     meta = ckpt.read_meta(path)
@@ -249,12 +282,12 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
     for p, name in optimizer.expert_names.items():
         layer_name, param = split_slot_name(name)
         layer = layers[layer_name]
-        master, exp_avg, exp_avg_sq, step = saved.param(f"{layer_name}.{param}",
-                                                        (layer.num_experts, *p.shape[1:]))
+        master, exp_avg, exp_avg_sq, step = saved.rows(f"{layer_name}.{param}", (layer.num_experts, *p.shape[1:]),
+                                                       layer.local_logical_ids().tolist())  # this rank's slots
         st = optimizer.expert_opt.state[p]
-        p.copy_(local_slot_rows(layer, master))
-        st["exp_avg"].copy_(local_slot_rows(layer, exp_avg))
-        st["exp_avg_sq"].copy_(local_slot_rows(layer, exp_avg_sq))
+        p.copy_(master)
+        st["exp_avg"].copy_(exp_avg)
+        st["exp_avg_sq"].copy_(exp_avg_sq)
         st["step"].fill_(step)
     optimizer.step_count = saved.step
     return meta, ckpt.read_rank_state(path)
