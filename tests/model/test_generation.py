@@ -109,6 +109,15 @@ def test_continuous_sampling_does_not_depend_on_slots():
         torch.testing.assert_close(torch.tensor(sum(got_lp, [])), torch.tensor(sum(want_lp, [])), rtol=0, atol=1e-5)
 
 
+def test_latent_cache_bytes_per_token_at_the_671b_shape():
+    """(kv_lora_rank 512 + rope 64) values x 61 main layers x 2 bytes: what the allocated BF16 cache
+    holds per token, and what bench/generate.py and the README report."""
+    from twinpipe.model import LatentKVCache
+    cfg = ModelConfig.preset("v3_671b")
+    cache = LatentKVCache(cfg, 1, 1, torch.bfloat16, layers=range(cfg.num_hidden_layers))
+    assert cache.latent.nbytes == LatentKVCache.bytes_per_token(cfg, bytes_per_value=2) == 70_272
+
+
 def test_argument_errors(model):
     with pytest.raises(ValueError, match="padding_side='middle'"):
         generate(model, PROMPTS, 2, padding_side="middle")

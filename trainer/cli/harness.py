@@ -11,7 +11,10 @@
 ranks too: every rank runs the same lm-eval call (lm-eval sees one process: rank 0 of 1), the ranks
 compute each batch of requests together and each gets every answer; rank 0 prints. Importing this
 module registers the class as `twinpipe` in lm-eval's registry (`lm_eval.api.registry.get_model`).
-lm-eval's own command line loads only its built-in model modules, so use `twinpipe-eval` instead.
+lm-eval's own command line cannot reach it: in lm-eval 0.4.13 `get_model` (api/registry.py:491-511)
+imports only `lm_eval.models`, whose `MODEL_MAPPING` (models/__init__.py:25-78) names the built-in
+classes; nothing in the package reads entry points (no `entry_points(` call), and `--include_path`
+feeds the TaskManager only (tasks/manager.py:56). So use `twinpipe-eval harness=true` instead.
 
 Tokens: a request's context and continuation are encoded together and split where the context's own
 encoding ends (as HF causal LMs in lm-eval do); an empty context starts from eos; sequences longer
