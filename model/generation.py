@@ -11,7 +11,9 @@ splitmix64 hash in int64 arithmetic: the same numbers on every machine.
 
 `Decoding` is the per-batch state of the token choice (new tokens preallocated [B, N], which rows
 still run); `generate` drives it with the whole model in this process, the distributed drivers with
-the last pipeline stage's logits.
+the last pipeline stage's logits. `generate(slots=)` batches continuously instead: at most `slots`
+rows decode at once and a row whose sequence ended takes the next waiting prompt
+(`ContinuousDecoding`, `decode_continuous`), with the same tokens as the whole batch at once.
 """
 
 from __future__ import annotations
