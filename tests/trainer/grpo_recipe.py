@@ -21,6 +21,12 @@ def common_letters(prompt, completion: str, **fields) -> float:
     return sum(c in COMMON for c in completion) / max(len(completion), 1)
 
 
+def odd_answers_vary(prompt, completion: str, answer: str, **fields) -> float:
+    """1 for an even answer (its groups are zero-std), else the parity of the completion's character
+    codes (a group of 4 samples is mixed 7 times in 8): for dynamic sampling."""
+    return 1.0 if int(answer) % 2 == 0 else float(sum(map(ord, completion)) % 2)
+
+
 def prompt_record(i: int) -> dict:
     if i % 2:
         return {"prompt": f"{i} plus {i % 7} is", "answer": str(i + i % 7)}

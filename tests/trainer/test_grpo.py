@@ -205,3 +205,45 @@ def test_bad_recipe_and_records_are_named(grpo_data, tmp_path):
     bad.write_text(json.dumps({"prompt": "a long prompt " * 20}) + "\n")
     with pytest.raises(BadRecord, match=f"data file {bad} line 1: the prompt has .* tokens; allowed 1 to 8"):
         load_prompts([str(bad)], tok, 8)
+
+
+def test_dynamic_sampling_refills_zero_std_groups(grpo_data, tmp_path):
+    """`grpo.resample_max`: later draws' groups with unequal rewards replace the batch's zero-std ones
+    (DAPO's dynamic sampling). The first draw is the plain rollout's (same prompts, same noise); after
+    up to 3 more draws fewer groups are zero-std, and every row's advantage is the group advantage of
+    the rewards recomputed from that row's own completion tokens (the slots' rows, rewards and
+    advantages come from the same draw and group). 0 keeps the plain rollout."""
+    from twinpipe.data.tokenizer import load_tokenizer
+    from twinpipe.parallel.grid import Grid
+    from twinpipe.trainer.build import build_model
+    from twinpipe.trainer.grpo.rollout import RolloutSource
+    from twinpipe.trainer.loss import IGNORE_INDEX
+
+    tok = load_tokenizer(grpo_data / "tok")
+
+    def rollout(*overrides):
+        cfg = grpo_cfg(grpo_data, tmp_path, "grpo.reward=grpo_recipe:odd_answers_vary", "grpo.reward_weights=[]",
+                       "train.global_batch=32", *overrides)
+        source = RolloutSource(cfg, tok, Grid.single(), build_model(cfg, torch.device("cpu")))
+        return source, source.next_step()
+
+    plain, _ = rollout()
+    source, batches = rollout("grpo.resample_max=3")
+    first = plain.metrics["frac_zero_std_groups"]
+    assert first >= 0.25 and "resample_draws" not in plain.metrics
+    assert source.metrics["frac_zero_std_groups"] < first and source.metrics["resample_draws"] >= 2
+    rewards, advantages = [], []
+    for mb in batches:
+        for ids, labels, mask, adv in zip(mb["input_ids"], mb["labels"], mb["loss_mask"], mb["advantages"]):
+            new = labels[labels != IGNORE_INDEX].tolist()
+            assert torch.equal(mask, (labels != IGNORE_INDEX).float())
+            start = int((labels != IGNORE_INDEX).long().argmax()) + 1  # the prompt: the tokens before
+            answers = {p.fields["answer"] for p in source.prompts if p.ids == ids[:start].tolist()}
+            assert len(answers) == 1
+            answer = answers.pop()
+            text = tok.decode(new[:-1] if new[-1] == tok.eos_id else new)
+            rewards.append(1.0 if int(answer) % 2 == 0 else float(sum(map(ord, text)) % 2))
+            advantages.append(float(adv))
+    want, zero = group_advantages(torch.tensor(rewards, dtype=torch.float64).view(-1, 4))
+    assert torch.equal(torch.tensor(advantages), want.reshape(-1).float())
+    assert float(zero.double().mean()) == source.metrics["frac_zero_std_groups"]

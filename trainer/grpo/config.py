@@ -30,6 +30,9 @@ class GRPOSchema:
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     leave_one_out: bool = False  # baseline: mean of the group's other samples
     filter_zero_std: bool = False  # groups whose rewards are all equal leave the loss (DAPO)
+    # DAPO's dynamic sampling: up to this many more draws of a batch of prompts while a group is zero-std;
+    # group p of the batch is replaced by group p of the first later draw whose rewards differ; 0 = off
+    resample_max: int = 0
     routing_replay: bool = False  # training routes each token to the rollout's experts
     speculative: bool = False  # rollouts drafted by the MTP layer, exact by rejection (model/speculative.py)
 
@@ -43,7 +46,7 @@ class GRPORecipeSchema(RecipeSchema):
 CHOICES = {"grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
            "grpo.scale_rewards": ("group", "batch", "none")}
 POSITIVE = ("grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.updates_per_rollout")
-NON_NEGATIVE = ("grpo.clip_low", "grpo.clip_high", "grpo.beta")
+NON_NEGATIVE = ("grpo.clip_low", "grpo.clip_high", "grpo.beta", "grpo.resample_max")
 
 
 def validate_grpo(cfg: DictConfig) -> None:

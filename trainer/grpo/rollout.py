@@ -14,7 +14,9 @@ prompts (shuffled per epoch from `train.seed`) and:
        (MTP drafts accepted with min(1, p/q), else resampled from the residual: the main model's
        distribution exactly, with noise keyed by sequence too, but not `generate`'s tokens;
        `speculative_acceptance` logged)
-    -> rewards of this rank's completions, gathered over dp -> group advantages (`advantages`)
+    -> rewards of this rank's completions, gathered over dp -> group advantages (`advantages`); with
+       `grpo.resample_max` (DAPO's dynamic sampling) up to that many more draws while a group's
+       rewards are all equal, group p taken from the first later draw whose group p differs
     -> rows [micro_batch, seq_len]: prompt + completion (+ eos padding), `labels` on completion tokens,
        `loss_mask` (0 for filtered zero-std groups), `old_logprobs`, `ref_logprobs` (beta > 0: the
        frozen reference, same layout), `advantages`, `routes`
@@ -161,6 +163,63 @@ class RolloutSource:
 
     # ---- one rollout ----
     def _rollout(self) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
+        """A batch of P groups: one draw of P prompts, and with `grpo.resample_max` > 0 (DAPO's dynamic
+        sampling) up to that many more draws while a group of the batch is zero-std: group p of the
+        batch is replaced by group p of the first later draw whose rewards differ. Same position, so
+        the same dp rank holds it (its rows stay where they are) and the batch is the same under any
+        layout; every rank draws as often (the choice is made on the gathered rewards)."""
+        g, grid, G, P = self.g, self.grid, self.g.group_size, self.num_prompts
+        R = len(self.rewards.fns)
+        weights = torch.tensor(self.rewards.weights, dtype=torch.float64)
+        draws = [self._draw()]
+        zero = [group_advantages((draws[0]["table"][:, :R] * weights).sum(1).view(-1, G))[1]]  # [P] per draw
+        slots = [0] * P                                                             # the draw of each group
+        while len(draws) <= g.resample_max and any(zero[d][p] for p, d in enumerate(slots)):
+            draws.append(self._draw())
+            zero.append(group_advantages((draws[-1]["table"][:, :R] * weights).sum(1).view(-1, G))[1])
+            slots = [len(draws) - 1 if zero[d][p] and not zero[-1][p] else d for p, d in enumerate(slots)]
+
+        table = torch.cat([draws[d]["table"][p * G:(p + 1) * G] for p, d in enumerate(slots)])  # [N, R + 2]
+        total = (table[:, :R] * weights).sum(1).view(-1, G)                         # [P, G]
+        adv, zero_std = group_advantages(total, g.scale_rewards, g.leave_one_out)
+        keep = ~zero_std if g.filter_zero_std else torch.ones_like(zero_std)
+        mine = shard_rows(P * G, grid.dp, grid.dp_rank)
+        parts = []
+        for p in range(mine.start // G, mine.stop // G):                          # this rank's groups
+            local = slice(p * G - mine.start, (p + 1) * G - mine.start)
+            parts.append({k: v[local] for k, v in draws[slots[p]]["rows"].items()})
+        rows = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        rows["advantages"] = adv.reshape(-1)[mine.start:mine.stop].float()
+        rows["loss_mask"] = (rows["labels"] != IGNORE_INDEX).float() * \
+            keep.repeat_interleave(G)[mine.start:mine.stop, None].float()
+        batches = [{k: v[i: i + self.cfg.train.micro_batch] for k, v in rows.items()}
+                   for i in range(0, len(mine), self.cfg.train.micro_batch)]
+        if self.ref is not None:
+            self._add_ref_logprobs(batches)
+
+        lengths = table[:, R]
+        generated = sum(float(d["table"][:, R].sum()) for d in draws)
+        rollout_s = sum(float(d["table"][:, R + 1].max()) for d in draws)       # each draw's slowest rank
+        metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
+                   "frac_zero_std_groups": float(zero_std.double().mean()),
+                   "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+                   "rollout_tokens_per_s": generated / max(rollout_s, 1e-9), "rollout_s": rollout_s}
+        if g.resample_max:
+            metrics["resample_draws"] = float(len(draws))
+        if R > 1:
+            metrics.update({_metric_name(n): float(table[:, i].mean()) for i, n in enumerate(self.rewards.names)})
+        if g.speculative:
+            drafts = torch.tensor([d["drafts"] for d in draws], device=self.device).sum(0, keepdim=True)
+            drafted, accepted = _gather(drafts, grid.dp_group).sum(0).tolist()
+            metrics["speculative_acceptance"] = accepted / max(drafted, 1)
+        if self.rewards.correctness is not None:
+            metrics["accuracy"] = float((table[:, self.rewards.correctness] > 0).double().mean())
+        return batches, metrics
+
+    def _draw(self) -> dict[str, Any]:
+        """Roll out the next P prompts x G: this rank's training rows (`_rows`; advantages and loss
+        mask set by the caller), every rank's rewards, lengths and times (`table` [N, R + 2]) and,
+        speculative, this rank's (drafted, accepted)."""
         g, grid, G = self.g, self.grid, self.g.group_size
         picked = self._next_prompts()
         seqs = [self.prompts[i] for i in picked for _ in range(G)]                  # N = P x G
@@ -201,32 +260,9 @@ class RolloutSource:
             scores.append(self.rewards.score(seqs[r].raw, self.tokenizer.decode(text), seqs[r].fields, seqs[r].where))
         local = torch.tensor([s + [len(t), rollout_s] for s, t in zip(scores, new)], dtype=torch.float64)
         table = _gather(local.to(self.device), grid.dp_group).cpu()                 # [N, R + 2]
-        R = len(self.rewards.fns)
-        weights = torch.tensor(self.rewards.weights, dtype=torch.float64)
-        total = (table[:, :R] * weights).sum(1).view(-1, G)                         # [P, G]
-        adv, zero_std = group_advantages(total, g.scale_rewards, g.leave_one_out)
-        keep = ~zero_std if g.filter_zero_std else torch.ones_like(zero_std)
-        adv_mine, keep_mine = adv.reshape(-1)[mine.start:mine.stop], keep.repeat_interleave(G)[mine.start:mine.stop]
-
-        rows = self._rows(list(mine), prompts, new, logps, adv_mine, keep_mine, recorder)
-        batches = [{k: v[i: i + self.cfg.train.micro_batch] for k, v in rows.items()}
-                   for i in range(0, len(prompts), self.cfg.train.micro_batch)]
-        if self.ref is not None:
-            self._add_ref_logprobs(batches)
-
-        lengths, slowest = table[:, R], float(table[:, R + 1].max())
-        metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
-                   "frac_zero_std_groups": float(zero_std.double().mean()),
-                   "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
-                   "rollout_tokens_per_s": float(lengths.sum()) / max(slowest, 1e-9), "rollout_s": slowest}
-        if R > 1:
-            metrics.update({_metric_name(n): float(table[:, i].mean()) for i, n in enumerate(self.rewards.names)})
-        if drafts is not None:
-            drafted, accepted = _gather(torch.tensor([drafts], device=self.device), grid.dp_group).sum(0).tolist()
-            metrics["speculative_acceptance"] = accepted / max(drafted, 1)
-        if self.rewards.correctness is not None:
-            metrics["accuracy"] = float((table[:, self.rewards.correctness] > 0).double().mean())
-        return batches, metrics
+        n = len(prompts)
+        rows = self._rows(list(mine), prompts, new, logps, torch.zeros(n), torch.ones(n, dtype=torch.bool), recorder)
+        return {"table": table, "rows": rows, "drafts": drafts}
 
     def _rows(self, mine: list[int], prompts: list[list[int]], new: list[list[int]], logps: list[list[float]],
               adv: torch.Tensor, keep: torch.Tensor, recorder: RouteRecorder | None) -> dict[str, torch.Tensor]:
