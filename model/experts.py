@@ -47,6 +47,31 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.bmm(padded, w)[expert_of_row, row_in_expert]                         # [M, N]
 
 
+class _SumRows(torch.autograd.Function):
+    """zeros_like(like).index_add_(0, index, src) that keeps only `index` for the backward.
+
+    autograd's index_add saves `src` as well (its formula reads the source's shape through
+    `expand_as(source)`), though the source's gradient is `grad.index_select(0, index)` and needs no
+    values: in the MoE combine `src` is [N*K, H] expert outputs a second time. Same forward and backward
+    arithmetic as autograd's, so results and gradients are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, like: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return torch.zeros_like(like).index_add_(0, index, src)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return None, None, grad.index_select(0, index)
+
+
+def sum_rows(like: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out[index[m]] += src[m] into zeros shaped like `like` [N, H]; src [M, H] (its dtype must be
+    like's). The backward keeps `index` alone (`_SumRows`)."""
+    return _SumRows.apply(like, index, src)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked weights: gate_proj/up_proj [E, I, H], down_proj [E, H, I]."""
 
@@ -66,7 +91,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_idx, minlength=self.num_experts)             # [E]
         y = self.grouped_swiglu(x[token], counts)                                 # [M, H]
         y = (y * topk_weight.reshape(-1)[order].unsqueeze(-1)).to(x.dtype)       # [M, H]
-        return torch.zeros_like(x).index_add_(0, token, y)                        # [N, H]
+        return sum_rows(x, token, y)                                              # [N, H]
 
     def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)) per contiguous expert segment: [M, H] -> [M, H]."""

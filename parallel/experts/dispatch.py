@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from twinpipe.model.experts import sum_rows
 from twinpipe.parallel.experts import all_to_all, overlap
 
 
@@ -84,4 +85,4 @@ def combine(y_local: torch.Tensor, sent: Dispatched, x: torch.Tensor, topk_idx: 
     position = torch.empty_like(order).index_copy_(0, order, pair_index)        # [N*K]
     y_pairs = y_send[position[by_expert]]                                      # [N*K, H]
     y_pairs = (y_pairs * topk_weight.reshape(-1)[by_expert].unsqueeze(-1)).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, by_expert // k, y_pairs)          # [N, H]
+    return sum_rows(x, by_expert // k, y_pairs)                                # [N, H]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from twinpipe.model import Experts, Gate, ModelConfig, MoE
-from twinpipe.model.experts import grouped_mm
+from twinpipe.model.experts import grouped_mm, sum_rows
 from twinpipe.model.moe import sequence_balance_loss, set_aux_loss_scale
 
 
@@ -132,6 +132,33 @@ def test_experts_match_per_token_loop(dtype):
     idx[:, 2] = torch.where((idx[:, 2] == 2) | (idx[:, 2] == 5), 0, idx[:, 2])
     w = torch.rand(9, 3, dtype=dtype)
     torch.testing.assert_close(experts(x, idx, w), loop_experts(experts, x, idx, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_scatter_keeps_only_its_index(dtype):
+    """sum_rows (the combine's scatter of expert outputs into tokens) gives index_add_'s output and
+    source gradient bit for bit, and saves the index alone: autograd's index_add_ also saves the
+    [N*K, H] source, a second copy of the expert outputs next to the one the gate-weight product keeps."""
+    torch.manual_seed(0)
+    like = torch.randn(5, 16, dtype=dtype)
+    index = torch.tensor([4, 0, 0, 2, 4, 4, 1])
+    src = torch.randn(7, 16, dtype=dtype, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sum_rows(like, index, src)
+    assert [t.dtype for t in saved] == [torch.int64] and torch.equal(saved[0], index)
+    ref_src = src.detach().clone().requires_grad_()
+    ref = torch.zeros_like(like).index_add_(0, index, ref_src)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(src.grad, ref_src.grad)
 
 
 def test_grouped_mm_paths_agree_with_empty_groups():
