@@ -37,6 +37,29 @@ def test_one_rank_matches_torch_adamw_bitwise():
         assert torch.equal(a, b)
 
 
+def test_dense_grads_live_in_the_bucket():
+    """The dense parameters' p.grad are views of the bucket's flat fp32 gradient, so the backward
+    accumulates into it (no second copy of the gradients; same values, test above); a p.grad replaced
+    by another tensor (the pipeline's sum over a shared parameter's copies does so) is copied in."""
+    model = _model()
+    opt = ZeroAdamW(model.named_parameters())
+    bucket = opt.buckets[0]
+    for _ in range(2):  # two micro-batches: the second adds in place
+        model(X).pow(2).sum().backward()
+    storage = bucket.grad.untyped_storage().data_ptr()
+    assert all(p.grad.untyped_storage().data_ptr() == storage for p in model.parameters())
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.equal(bucket.grad, flat) and bucket.grad.abs().sum() > 0
+    last = list(model.parameters())[-1]
+    last.grad = torch.full_like(last, 3.0)
+    opt.reduce_gradients()
+    assert torch.equal(bucket.grad[-last.numel():], torch.full((last.numel(),), 3.0))
+    assert last.grad.untyped_storage().data_ptr() == storage
+    opt.zero_grad()
+    assert all(p.grad.untyped_storage().data_ptr() == storage for p in model.parameters())
+    assert not bucket.grad.any()
+
+
 def _train_and_save(rank, world, path):
     grid = build_grid(1, world, 1)
     model = _model()

@@ -11,8 +11,9 @@ and counts, per rank, in bytes:
 
 - weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast);
   with fp8.backend on, the FP8 copies of the FP8 weights and their transposes (`fp8_weight_cache_bytes`);
-- gradients: `p.grad` (fp32) of each trainable parameter, plus ZeRO-1's flat fp32 gradient bucket of
-  the replicated (non-expert) ones (`trainer/optim/zero.py`);
+- gradients: fp32, once per trainable parameter: the expert slots' `p.grad`, and ZeRO-1's flat
+  gradient bucket of the replicated (non-expert) ones, whose segments are their `p.grad`
+  (`trainer/optim/zero.py`);
 - optimizer: ZeRO-1 shard over dp of the replicated parameters (fp32 master copy + two moments in
   optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again);
 - activations saved for backward, per micro-batch and stage (`activation_bytes`, MLA + MoE as
@@ -261,7 +262,7 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     params = dense + experts + frozen
     out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params,
                    expert_params=experts,
-                   weights_bytes=4 * params, fp8_weight_cache_bytes=fp8_cache, grad_bytes=4 * (dense + experts) + 4 * dense,
+                   weights_bytes=4 * params, fp8_weight_cache_bytes=fp8_cache, grad_bytes=4 * (dense + experts),
                    optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * 2 * moment,
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
                    activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,

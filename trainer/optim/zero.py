@@ -13,6 +13,9 @@ any step runner: the runner leaves gradients in `p.grad`; then
 Replicated parameters form one flat FP32 vector (a *bucket*), split into dp contiguous shards with
 torch.chunk's rule (shard size ceil(N / dp), the last ones shorter), so a rank holds 3 x 4 x N / dp
 bytes of state (master, exp_avg, exp_avg_sq) with fp32 moments, 8 x N / dp with `moment_dtype` bf16.
+The bucket's flat fp32 gradient (4 x N bytes, all-reduced in place) is also the parameters' `p.grad`:
+each fp32 parameter's gradient is a view of its segment, so the backward accumulates into the bucket
+and the dense gradients exist once (after `reduce_gradients` they read the dp average).
 Expert weights that expert parallelism already split over the ep group (`expert_param`) are not
 partitioned again: they get a local `ExpertAdamW`, a torch optimizer whose per-parameter state EPLB
 can move with the weights (twinpipe.parallel.experts.rebalance), with moments in the same
@@ -128,6 +131,12 @@ class _Bucket:
         self.hi = min(self.lo + self.chunk, self.numel)
         device = named[0][1].device if named else torch.device("cpu")
         self.grad = torch.zeros(self.numel, dtype=torch.float32, device=device)  # [N]
+        # an fp32 parameter's gradient is its segment of self.grad (`gather_grads`): backward accumulates
+        # into the bucket, so there is no second fp32 copy of the dense gradients (None: copied in)
+        self.grad_views = [self.grad[s.start:s.start + s.param.numel()].view_as(s.param)
+                           if s.param.dtype == torch.float32 and s.param.device == device else None
+                           for s in self.segments]
+        self.gather_grads()  # attaches the views (a gradient already there carried over)
         self.master = self._flat_params()[self.lo:self.hi].clone()  # [shard] fp32 master weights
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
@@ -144,13 +153,29 @@ class _Bucket:
         return torch.cat([s.param.detach().reshape(-1).float() for s in self.segments])
 
     def gather_grads(self) -> None:
-        for s in self.segments:
+        """Every parameter's gradient into its segment of self.grad (None: zeros), and each fp32
+        parameter's `p.grad` pointed at its segment (`grad_views`). Autograd then adds into the segment
+        in place (AccumulateGrad outside grad mode: `p.grad += new`, as into a gradient of its own;
+        0 + g == g), bit for bit the gradients a separate `p.grad` would hold. A gradient already in its
+        segment stays; one elsewhere (a parameter without a view, or `p.grad` replaced, e.g. by the
+        pipeline's sum over a shared parameter's copies) is copied in."""
+        for s, view in zip(self.segments, self.grad_views):
             g = s.param.grad
-            view = self.grad[s.start:s.start + s.param.numel()]
+            if view is not None and g is view:
+                continue
+            flat = self.grad[s.start:s.start + s.param.numel()]
             if g is None:
-                view.zero_()
+                flat.zero_()
             else:
-                view.copy_(g.reshape(-1))
+                flat.copy_(g.reshape(-1))
+            if view is not None:
+                s.param.grad = view
+
+    def zero_grads(self) -> None:
+        """Gradients to zeros in the bucket (the views stay `p.grad`); parameters without a view: None."""
+        self.grad.zero_()
+        for s, view in zip(self.segments, self.grad_views):
+            s.param.grad = view
 
     def reduce(self) -> None:
         self.gather_grads()
@@ -234,9 +259,8 @@ class ZeroAdamW:
         self.step_count = 0
 
     def zero_grad(self) -> None:
-        for b in self.buckets:
-            for s in b.segments:
-                s.param.grad = None
+        for b in self.buckets:  # dense gradients: zeros in the bucket, which `p.grad` views
+            b.zero_grads()
         for p in self.expert_names:
             p.grad = None
 
