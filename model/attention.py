@@ -85,22 +85,27 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(*x.shape[:2], self.num_heads, self.qk_head_dim)           # [B, T, nh, qk_head]
 
-    def project(self, x: torch.Tensor, position_ids: torch.Tensor, cache: "LatentKVCache | None" = None):
-        """x [B, T, H] -> q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, T, r], k_pe [B, T, dr].
-        With a cache, cos/sin are computed once per step for all layers (`LatentKVCache.rope`)."""
+    def project(self, x: torch.Tensor, position_ids: torch.Tensor, cache: "LatentKVCache"):
+        """With a cache: x [B, T, H] -> q_nope [B, T, nh, dn], q_pe [B, T, nh, dr], c_kv [B, T, r],
+        k_pe [B, T, dr]; cos/sin computed once per step for all layers (`LatentKVCache.rope`)."""
         q = self._query(x)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)                                          # [B, T, r]
-        if cache is None:
-            cos, sin = self.rotary(position_ids, q.dtype)                         # [B, T, dr/2]
-            q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)               # [B, T, nh, dr]
-            k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, T, dr]
-            return q_nope, q_pe, c_kv, k_pe
         # decoding: the same elementwise rotation, q's heads and k in one call
         cos, sin = cache.rope(self.rotary, position_ids, q.dtype)
         pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin, self.rope_interleave)
         return q_nope, pe[:, :, :-1], c_kv, pe[:, :, -1]                          # [B, T, nh + 1, dr]
+
+    def attend(self, x: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Without a cache: the query path from x, its RoPE and the attention core over the latents
+        c_kv [B, T, r], k_pe [B, T, dr] (after RoPE) -> [B, T, nh, dv]. One method, so recomputing it
+        (train.recompute mla_up) keeps x and the latents, not the per-head q."""
+        q = self._query(x)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)                   # [B, T, nh, dr]
+        return self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: "LatentKVCache | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,10 +116,13 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)
-        q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids, cache)
         if cache is None:
-            out = self.naive(q_nope, q_pe, c_kv, k_pe, mask, causal=mask is None)
+            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            cos, sin = self.rotary(position_ids, c_kv.dtype)                      # [B, T, dr/2]
+            k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, T, dr]
+            out = self.attend(x, self.kv_a_layernorm(c_kv), k_pe, cos, sin, mask, causal=mask is None)
         else:
+            q_nope, q_pe, c_kv, k_pe = self.project(x, position_ids, cache)
             latent = cache.update(self.layer_idx, c_kv, k_pe)                     # [B, S, r + dr]
             absorb = self.use_absorbed(T) if cache.absorb is None else cache.absorb
             if absorb:

@@ -11,10 +11,10 @@ recomputation (tests/parallel/test_recompute.py).
 
 Options (any combination; `none` alone for nothing):
     norms    every RMSNorm (their fp32 intermediates are not kept)
-    mla_up   the MLA query path (`MLA._query`: q_a -> norm -> q_b up-projection) and the key/value
-             up-projection with the attention core it feeds (`MLA.naive`: kv_b, SDPA). SDPA must keep
+    mla_up   the MLA up-projections with the attention core they feed (`MLA.attend`: the query path
+             q_a -> norm -> q_b and q's RoPE, the key/value up-projection kv_b, SDPA). SDPA must keep
              the q, k, v it reads, so the up-projections' outputs are dropped only when the attention
-             core is recomputed with them; only the latents stay.
+             core is recomputed with them; only x and the latents (c_kv, k_pe) stay, not q per head.
     moe      the SwiGLU feed-forwards: routed experts (`grouped_swiglu`, local to a rank, so no
              all-to-all is repeated under expert parallelism), shared experts and dense MLPs
     full     whole blocks (main and MTP): only each block's input stays. Under expert parallelism a
@@ -74,8 +74,7 @@ def _is_experts(module: nn.Module) -> bool:
 # option -> [(which modules, which method of theirs is recomputed)]
 TARGETS: dict[str, list[tuple[Callable[[nn.Module], bool], str]]] = {
     "norms": [(lambda m: isinstance(m, RMSNorm), "forward")],
-    "mla_up": [(lambda m: isinstance(m, MLA) and m.q_lora_rank is not None, "_query"),
-               (lambda m: isinstance(m, MLA), "naive")],
+    "mla_up": [(lambda m: isinstance(m, MLA), "attend")],
     "moe": [(_is_experts, "grouped_swiglu"), (lambda m: isinstance(m, MLP), "forward")],
     "full": [(lambda m: isinstance(m, Block), "forward")],
 }

@@ -85,6 +85,35 @@ def test_every_option_is_bit_identical(fp8, monkeypatch):
         assert {type(m) for m in model.modules()} == kinds
 
 
+def test_mla_up_keeps_the_latents_not_q_per_head():
+    """Under mla_up the attention keeps x and the latents (c_kv, k_pe) for its recomputation, no
+    per-head q (nor the keys made from the latents): `MLA.attend` recomputes the query path with the
+    core. Without recomputation they are saved (B x T x heads x qk_head_dim floats each; so the check
+    can fail)."""
+    from twinpipe.model.attention import MLA
+
+    torch.manual_seed(0)
+    config = _config()
+    x = torch.randn(2, 16, config.hidden_size)
+    per_head_bytes = 2 * 16 * config.num_attention_heads * config.qk_head_dim * 4
+    per_head = []
+    for option in ("none", "mla_up"):
+        mla = MLA(config, 0)
+        apply_recompute(mla, option)
+        params = {p.untyped_storage().data_ptr() for p in mla.parameters()}
+        saved = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mla(x.clone().requires_grad_())
+        per_head.append(saved.count(per_head_bytes))
+    assert per_head[0] >= 2 and per_head[1] == 0, per_head
+
+
 def test_recomputed_forward_is_not_counted():
     """Under `full` the MoE layers run again in the backward; the tracker must count one forward."""
     from twinpipe.trainer.balance import ExpertLoadTracker

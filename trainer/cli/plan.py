@@ -114,8 +114,8 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     plain = quant = 0.0  # per token: elements in the compute dtype, bytes in FP8
     # attention: its norm, the kv latent (kv_a output, its norm, k_pe after RoPE)
     plain += norm(h) + (r + dr) + 1 + r + dr
-    if "mla_up" in recompute:  # the query path keeps x; the attention core its q, c_kv, k_pe
-        plain += h + nh * qk + nh * dr + dr
+    if "mla_up" in recompute:  # `MLA.attend` (query path, q's RoPE, core) keeps x, c_kv, k_pe
+        plain += h + dr
         quant += q8(h) if fp8 else 0  # kv_a's own FP8 copy of x
     else:
         q_path = 0 if c.q_lora_rank is None else norm(c.q_lora_rank)  # q_a output through its norm
