@@ -4,9 +4,10 @@
     Dgrad  dX = dY · W     dY 1×128 tiles along N,     Wᵀ = the same 128×128 blocks transposed
     Wgrad  dW = dYᵀ · X    dYᵀ and Xᵀ both 1×128 tiles along the token dimension
 
-The input is saved for backward in FP8 (q + 1×128 scales), not in BF16; for Wgrad it is dequantized
-and requantized along the token dimension (the report's 1×128 -> 128×1 tile conversion). The weight is
-quantized once per optimizer step (`twinpipe.fp8.weight_cache`).
+The input is saved for backward in FP8 (q + 1×128 scales), not in BF16, one copy for the Linears that
+read the same input (`quantized_input`); for Wgrad it is dequantized and requantized along the token
+dimension (the report's 1×128 -> 128×1 tile conversion). The weight is quantized once per optimizer
+step (`twinpipe.fp8.weight_cache`).
 
 Zero-bubble pipelines take the Wgrad GEMM out of the backward: a subclass sets `defer_weight_grad`, a
 callable `(param, compute) -> bool` that queues `compute` (the Wgrad GEMM, run later) and says whether
@@ -15,10 +16,12 @@ it did (`twinpipe.parallel.pipeline.zero_bubble`); the values are the same eithe
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
 from twinpipe.fp8.quant import GRAD_AMAX_FLOOR, act_dequant
@@ -33,6 +36,28 @@ def wgrad(backend: Backend, grad_out: torch.Tensor, x_q: torch.Tensor, x_s: torc
     return backend.gemm(gt_q, gt_s, xt_q, xt_s, torch.float32)     # [N, K]
 
 
+# input tensor -> ((version, backend), weak refs to its FP8 tiles): see `quantized_input`
+_quantized: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def quantized_input(x: torch.Tensor, backend: Backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [T, K] fp8, s [T, nbk]): its 1×128 tiles, shared by the FP8 Linears that read the
+    same x (MLA's q_a and kv_a, an MLP's gate and up), so their backward keeps one FP8 copy, not one
+    each. Quantisation is deterministic, so sharing changes no value. The entry is found by the tensor
+    object and its version counter (an in-place change requantises) and holds the tiles weakly: it
+    lives only while a Linear that saved them for backward does (a recomputed region saves nothing,
+    so nothing is kept there)."""
+    key = (x._version, backend.name)
+    hit = _quantized.get(x)
+    if hit is not None and hit[0] == key:
+        q, s = hit[1](), hit[2]()
+        if q is not None and s is not None:
+            return q, s
+    q, s = backend.act_quant(x.reshape(-1, x.shape[-1]))            # [T, K] fp8, [T, nbk]
+    _quantized[x] = (key, weakref.ref(q), weakref.ref(s))
+    return q, s
+
+
 def deferred(defer: Callable | None, param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
     """Whether `defer` took the weight gradient `compute` of `param` away to run later."""
     return defer is not None and defer(param, compute)
@@ -42,9 +67,7 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 cache: WeightCache, backend: Backend, defer: Callable | None = None) -> torch.Tensor:
-        in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)                             # [T, K]
-        x_q, x_s = backend.act_quant(x2)                            # [T, K] fp8, [T, nbk]
+        x_q, x_s = quantized_input(x, backend)                      # [T, K] fp8, [T, nbk]
         w = cache.get(weight, backend)                              # [N, K] fp8, [nbn, nbk]
         device_type = x.device.type
         out_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)

@@ -135,6 +135,38 @@ def test_saved_activation_is_fp8_and_about_half_of_bf16():
     assert fp8_bytes < 0.52 * bf16_bytes
 
 
+def test_linears_reading_one_input_share_its_fp8_copy():
+    """Two FP8 Linears on the same x (MLA's q_a and kv_a, an MLP's gate and up) save one FP8 copy of
+    it, not one each, with outputs and gradients bit-identical to quantising it apart; x changed in
+    place is quantised again."""
+    _, a = _pair(in_f=256, out_f=64, bias=False, seed=0)
+    _, b = _pair(in_f=256, out_f=96, bias=False, seed=1)
+    torch.manual_seed(2)
+    x = torch.randn(32, 256, requires_grad=True)
+    ptrs = []
+
+    def pack(t):
+        ptrs.append((t.untyped_storage().data_ptr(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ya, yb = a(x), b(x)
+    fp8_copies = {p for p, dtype in ptrs if dtype == torch.float8_e4m3fn}
+    assert len(fp8_copies) == 1
+    (ya.square().sum() + yb.square().sum()).backward()
+    x_apart = x.detach().clone().requires_grad_()
+    ya2, yb2 = a(x_apart), b(x_apart.clone())  # a different tensor: its own quantisation
+    assert torch.equal(ya, ya2) and torch.equal(yb, yb2)
+    grads = [x.grad.clone(), a.weight.grad.clone(), b.weight.grad.clone()]
+    a.weight.grad = b.weight.grad = None
+    (ya2.square().sum() + yb2.square().sum()).backward()
+    assert all(torch.equal(g, h) for g, h in zip(grads, [x_apart.grad, a.weight.grad, b.weight.grad]))
+    with torch.no_grad():
+        y_before = a(x)
+        x.mul_(2.0)  # in place: the version counter moves, the cached tiles are not reused
+        assert torch.equal(a(x), 2.0 * y_before)
+
+
 def test_triton_linear_equals_emulate():
     _, emu = _pair(bias=True, backend="emulate", seed=3)
     _, tri = _pair(bias=True, backend="triton", seed=3)

@@ -100,7 +100,8 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     keeps only its index).
 
     Under FP8 (`fp8/convert.py`: every Linear but embedding, head, router and eh_proj, and the routed
-    experts) a Linear saves its input quantised, each Linear its own copy; the routed experts save
+    experts) a Linear saves its input quantised, one copy for the Linears reading the same input
+    (`fp8.linear.quantized_input`: q_a and kv_a, gate and up); the routed experts save
     their input and the SwiGLU input (gate and up) in FP8 and recompute SwiGLU (DeepSeek-V3 §3.3.3).
     `recompute` (train.recompute's options, parallel/recompute.py) keeps only the recomputed parts'
     inputs, in the compute dtype; `full` keeps the block input (the block rerun in the backward is
@@ -121,8 +122,8 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
         q_path = 0 if c.q_lora_rank is None else norm(c.q_lora_rank)  # q_a output through its norm
         core = 2 * nh * qk + nh * dv + (nh * seq_len if attention == "math" else nh)  # q, k, v, softmax
         plain += q_path + core
-        if fp8:  # x into q_a (or q) and kv_a, q_b's and kv_b's inputs: each an FP8 copy
-            quant += 2 * q8(h) + (0 if c.q_lora_rank is None else q8(c.q_lora_rank)) + q8(r)
+        if fp8:  # x into q_a (or q) and kv_a (one FP8 copy, shared), q_b's and kv_b's inputs
+            quant += q8(h) + (0 if c.q_lora_rank is None else q8(c.q_lora_rank)) + q8(r)
         else:
             plain += h + (h if c.q_lora_rank is None else c.q_lora_rank) + r
     plain, quant = (plain, quant + q8(nh * dv)) if fp8 else (plain + nh * dv, quant)  # o_proj's input
@@ -132,7 +133,7 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     def swiglu(width: int) -> tuple[float, float]:  # (plain, FP8) of an MLP given x, not recomputed
         if "moe" in recompute:
             return 0.0, 0.0
-        return (3.0 * width, 2.0 * q8(h) + q8(width)) if fp8 else (4.0 * width, 0.0)
+        return (3.0 * width, q8(h) + q8(width)) if fp8 else (4.0 * width, 0.0)  # x: gate and up share its FP8
 
     if c.is_moe_layer(layer):
         k, e, i = c.num_experts_per_tok, c.n_routed_experts, c.moe_intermediate_size
