@@ -47,6 +47,8 @@ def quantized_input(x: torch.Tensor, backend: Backend) -> tuple[torch.Tensor, to
     object and its version counter (an in-place change requantises) and holds the tiles weakly: it
     lives only while a Linear that saved them for backward does (a recomputed region saves nothing,
     so nothing is kept there)."""
+    if x.is_inference():  # no version counter to tell an in-place change by (torch.inference_mode)
+        return backend.act_quant(x.reshape(-1, x.shape[-1]))
     key = (x._version, backend.name)
     hit = _quantized.get(x)
     if hit is not None and hit[0] == key:

@@ -165,6 +165,9 @@ def test_linears_reading_one_input_share_its_fp8_copy():
         y_before = a(x)
         x.mul_(2.0)  # in place: the version counter moves, the cached tiles are not reused
         assert torch.equal(a(x), 2.0 * y_before)
+    with torch.inference_mode():  # inference tensors have no version counter: quantised each time
+        x_inf = x.detach().clone()
+        assert torch.equal(a(x_inf), a(x)) and torch.equal(b(x_inf), b(x))
 
 
 def test_triton_linear_equals_emulate():
