@@ -13,9 +13,11 @@ AdamW lr `--lr` constant (no warmup), betas (0.9, 0.95), eps 1e-8, no weight dec
 bias frozen (`balance.gamma=0`; HF does not update it). Prompt order differs (each trainer shuffles its
 own way): the reward curves are two samples of the same process, not the same numbers.
 
-Rollout tokens/s: completion tokens (eos included) generated in steps 2..n over the time spent
-generating them — twinpipe's `rollout_s` (latent-cache decode through `model.generation.generate`),
-TRL's `_generate_single_turn` (transformers' `generate`, KV cache). A third run, twinpipe with
+Rollout tokens/s: completion tokens (eos included) of a step's rollout over the time spent generating
+them — twinpipe's `rollout_s` (latent-cache decode through `model.generation.generate`), TRL's
+`_generate_single_turn` (transformers' `generate`, KV cache); the median over steps 2..n (a step
+descheduled on a shared machine takes seconds instead of tens of milliseconds, so the total over all
+steps, also recorded, measures the load more than the generator). The load average is recorded. A third run, twinpipe with
 `grpo.speculative=true` (the MTP layer drafts, exact by rejection), gives the acceptance rate and the
 rollout speed-up over the plain twinpipe run (its reward curve is a third sample of the same process).
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -150,20 +153,22 @@ def twinpipe_first_prompt(folder: Path, prompts: Path) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sft", default=None, help="a twinpipe SFT checkpoint (default: train one in --work)")
-    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--sft-steps", type=int, default=60)  # bench/grpo.py's start (26% held-out)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)  # bench/grpo.py's
     parser.add_argument("--train-records", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--digits", type=int, default=1, help="addends below 10**digits (bench/sft.py's task)")
     parser.add_argument("--work", default="runs/bench-grpo-vs-trl")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train = make_task(work / "train.jsonl", args.train_records, seed=1, digits=2)
-    held = make_task(work / "heldout.jsonl", 200, seed=2, digits=2)
+    load_start = os.getloadavg()[0]
+    train = make_task(work / "train.jsonl", args.train_records, seed=1, digits=args.digits)
+    held = make_task(work / "heldout.jsonl", 200, seed=2, digits=args.digits)
     sft = Path(args.sft) if args.sft else run_sft(args, work, train, held)
     folder = export(sft, work / "hf")
     prompts = prompts_file(train, work / "prompts.jsonl")
@@ -174,31 +179,41 @@ def main() -> None:
     n = args.prompts * args.group
 
     def tokens_per_s(rows: list[dict]) -> float:
+        return statistics.median(r["response_length_mean"] * n / max(r["rollout_s"], 1e-9) for r in rows[1:])
+
+    def total_tokens_per_s(rows: list[dict]) -> float:
         return sum(r["response_length_mean"] * n for r in rows[1:]) / max(sum(r["rollout_s"] for r in rows[1:]), 1e-9)
 
-    trl_seconds, trl_tokens = (sum(x) for x in zip(*trl["rollouts"][1:])) if len(trl["rollouts"]) > 1 else (0, 0)
+    trl_rows = [{"rollout_s": seconds, "response_length_mean": tokens / n} for seconds, tokens in trl["rollouts"]]
     result = {
         "model": f"SFT checkpoint {sft} exported to {folder} (fp32)", "steps": args.steps,
         "completions_per_step": n, "args": vars(args), "torch": torch.__version__,
         "trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__,
         "first_prompt_ids_equal": twinpipe_first_prompt(folder, prompts) == list(trl["first_prompt_ids"]),
-        "rollout_tokens_per_s": {"twinpipe": tokens_per_s(ours), "trl": trl_tokens / max(trl_seconds, 1e-9),
+        "rollout_tokens_per_s": {"twinpipe": tokens_per_s(ours), "trl": tokens_per_s(trl_rows),
                                  "twinpipe_speculative": tokens_per_s(spec)},
+        "rollout_tokens_per_s_total": {"twinpipe": total_tokens_per_s(ours), "trl": total_tokens_per_s(trl_rows),
+                                       "twinpipe_speculative": total_tokens_per_s(spec)},
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "speculative_acceptance_mean": statistics.mean(r["speculative_acceptance"] for r in spec),
         "speculative_speedup": tokens_per_s(spec) / tokens_per_s(ours),
-        "rollout_tokens_counted": "completion tokens (eos included) of steps 2..n over their generation time",
+        "rollout_tokens_counted": "median over steps 2..n of a step's completion tokens (eos included) over "
+                                  "its generation time; _total: all of them over all the time",
         "step_s_median": {"twinpipe": statistics.median(r["rollout_s"] + r["update_s"] for r in ours),
                           "trl": statistics.median(trl["step_s"])},
         "reward_mean": {"twinpipe": [r["reward_mean"] for r in ours], "trl": [r["reward"] for r in trl["rows"]],
                         "twinpipe_speculative": [r["reward_mean"] for r in spec]},
         "response_length_mean": {"twinpipe": [r["response_length_mean"] for r in ours],
                                  "trl": [r.get("completions/mean_length") for r in trl["rows"]]},
+        "rollout_s": {"twinpipe": [r["rollout_s"] for r in ours], "trl": [r["rollout_s"] for r in trl_rows],
+                      "twinpipe_speculative": [r["rollout_s"] for r in spec]},
         "command": " ".join(sys.argv),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "grpo_vs_trl.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / "grpo_vs_trl.png")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("reward_mean", "response_length_mean")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("reward_mean", "response_length_mean", "rollout_s")},
+                     indent=2))
 
 
 def plot(result: dict, path: Path) -> None:
