@@ -281,7 +281,7 @@ class RolloutSource:
                 "advantages": adv.float()}
         if recorder is not None:
             rows["routes"] = recorder.routes(mine, [len(p) for p in prompts], [len(c) for c in new], T,
-                                             self.grid.pp_group if self.grid.pp > 1 else None)
+                                             self.grid.pp_group if self.grid.pp > 1 else None, self.device)
         return rows
 
     @torch.no_grad()

@@ -73,9 +73,9 @@ class RouteRecorder:
         self.handles = []
 
     def routes(self, rows: list[int], prompt_lens: list[int], new_lens: list[int], seq_len: int,
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+               group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> torch.Tensor:
         """[n, L, seq_len, K] of the prompts `rows` (in this order): row b's prompt then its new tokens.
-        `group`: the pipeline group whose ranks recorded the other layers (merged by a max)."""
+        `group`: the pipeline group whose ranks recorded the other layers (merged by a max on `device`)."""
         at = {r: b for b, r in enumerate(rows)}
         out = torch.full((len(rows), len(self.gates), seq_len, self.top_k), -1, dtype=torch.long)
         for batch, per_layer in self.calls.items():
@@ -93,7 +93,6 @@ class RouteRecorder:
                     fed = a + m - 1  # prompt tokens and every new token but the last went through the model
                     out[b, layer, :fed] = recorded[j, P - a: P - a + fed]
         if group is not None and dist.get_world_size(group) > 1:
-            device = next((g.weight.device for g in self.gates if not g.weight.is_meta), torch.device("cpu"))
             merged = out.to(device)
             dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=group)  # each entry recorded on one rank
             out = merged.cpu()
