@@ -85,4 +85,6 @@ def combine(y_local: torch.Tensor, sent: Dispatched, x: torch.Tensor, topk_idx: 
     position = torch.empty_like(order).index_copy_(0, order, pair_index)        # [N*K]
     y_pairs = y_send[position[by_expert]]                                      # [N*K, H]
     y_pairs = (y_pairs * topk_weight.reshape(-1)[by_expert].unsqueeze(-1)).to(x.dtype)
-    return sum_rows(x, by_expert // k, y_pairs)                                # [N, H]
+    # x only gives the shape: detached, so the graph has no edge from the combine back to the MoE
+    # input (it would join the two sides of the overlap's cuts, `overlap.py`)
+    return sum_rows(x.detach(), by_expert // k, y_pairs)                       # [N, H]
