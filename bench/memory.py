@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import shutil
 import statistics
@@ -323,6 +324,9 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default=None, help="where the checkpoint section writes (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, seconds on a CPU (not figures to quote)")
+    ap.add_argument("--recompute", default=None,
+                    help="comma-separated options to run instead of all, the first the reference (a list as a+b: "
+                         "none,norms+mla_up,full)")
     ap.add_argument("--out", default=None, help="the JSON (default bench/results/memory_<device>[_smoke].json)")
     args = ap.parse_args()
     if args.smoke:
@@ -331,18 +335,21 @@ def main() -> None:
         args.saves, args.steps_between, args.ce_chunk_mib = 2, 1, 1.0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sections = args.sections.split(",")
+    options = RECOMPUTE if args.recompute is None else [
+        o.split("+") if "+" in o else o for o in args.recompute.split(",")]
     iso = lambda fn, *a: isolated(fn, *a, threads=args.threads)  # noqa: E731
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                               "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "torch": torch.__version__,
-                              "host": platform.node(), "threads": args.threads, "smoke": args.smoke, "args": vars(args)}
+                              "host": platform.node(), "threads": args.threads, "smoke": args.smoke, "args": vars(args),
+                              "load_avg_1min_start": os.getloadavg()[0]}
     if "step" in sections:
         cases = [iso(step_case, args.preset, args.seq_len, args.batch, "none", 0.0, args.steps, device)]
         cases += [iso(step_case, args.preset, args.seq_len, args.batch, r, args.ce_chunk_mib, args.steps, device)
-                  for r in RECOMPUTE]
+                  for r in options]
         result["step"] = _relative(cases, cases[1])
     if "layer" in sections:
         cases = [iso(layer_case, args.layer_preset, args.layer_experts, args.layer_seq_len, r, args.steps, device)
-                 for r in RECOMPUTE]
+                 for r in options]
         result["layer"] = _relative(cases, cases[0])
     if "ce" in sections:
         result["ce"] = [iso(ce_case, int(v), args.ce_tokens, args.ce_hidden, mib, device)
@@ -353,6 +360,7 @@ def main() -> None:
                           folder, device) for a in (False, True))
         result["checkpoint"] = {"sync": sync, "async": asyn,
                                 "async_stall_over_sync": asyn["stall_s_after_first"] / sync["stall_s_after_first"]}
+    result["load_avg_1min_end"] = os.getloadavg()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = Path(args.out) if args.out else RESULTS / f"memory_{device.type}{'_smoke' if args.smoke else ''}.json"
     path.write_text(json.dumps(result, indent=1))
