@@ -35,6 +35,9 @@ class GRPOSchema:
     resample_max: int = 0
     routing_replay: bool = False  # training routes each token to the rollout's experts
     speculative: bool = False  # rollouts drafted by the MTP layer, exact by rejection (model/speculative.py)
+    # continuous batching: at most this many sequences decoded at once per replica, a finished one's row
+    # taken by the next waiting sequence (same tokens as 0, the static batch: noise keyed per sequence)
+    rollout_slots: int = 0
 
 
 @dataclass
@@ -46,7 +49,7 @@ class GRPORecipeSchema(RecipeSchema):
 CHOICES = {"grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
            "grpo.scale_rewards": ("group", "batch", "none")}
 POSITIVE = ("grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.updates_per_rollout")
-NON_NEGATIVE = ("grpo.clip_low", "grpo.clip_high", "grpo.beta", "grpo.resample_max")
+NON_NEGATIVE = ("grpo.clip_low", "grpo.clip_high", "grpo.beta", "grpo.resample_max", "grpo.rollout_slots")
 
 
 def validate_grpo(cfg: DictConfig) -> None:
@@ -76,5 +79,9 @@ def validate_grpo(cfg: DictConfig) -> None:
         if cfg.model.get("num_nextn_predict_layers") == 0:  # None: the preset's (speculative_generate checks)
             raise ValueError("grpo.speculative=true with model.num_nextn_predict_layers=0: the MTP layer is "
                              "the drafter; use a model with >= 1")
+    if g.rollout_slots and (g.routing_replay or g.speculative):
+        raise ValueError(f"grpo.rollout_slots={g.rollout_slots} with grpo.routing_replay={g.routing_replay}, "
+                         f"grpo.speculative={g.speculative}: continuous batching moves sequences between batch "
+                         "rows, which the route recorder and the MTP drafter do not follow; use rollout_slots=0")
     if cfg.optim.ramp_start:
         raise ValueError(f"optim.ramp_start={cfg.optim.ramp_start}: GRPO rollouts have a fixed batch; use 0")

@@ -43,7 +43,7 @@ from twinpipe.data.records import Fields
 from twinpipe.model.generation import chosen_logprobs, generate
 from twinpipe.model.speculative import speculative_generate
 from twinpipe.parallel.inference import generate_parallel, score_parallel
-from twinpipe.parallel.inference.lockstep import any_across, shard_rows
+from twinpipe.parallel.inference.lockstep import any_across, max_across, shard_rows
 from twinpipe.parallel.pipeline.runner import autocast_context
 from twinpipe.trainer.loss import IGNORE_INDEX
 from twinpipe.trainer.grpo.rewards import Rewards
@@ -243,8 +243,14 @@ class RolloutSource:
                     new, logps = generate_parallel(
                         self.model, grid, [s.ids for s in seqs], g.max_new_tokens, g.temperature, g.top_p,
                         self.tokenizer.eos_id, seed=seed, schedule=self.cfg.parallel.schedule, logprobs=True,
-                        on_stage=recorder.on_stage if recorder is not None else None)
+                        on_stage=recorder.on_stage if recorder is not None else None,
+                        slots=g.rollout_slots or None)
                     new, logps = new[mine.start:mine.stop], logps[mine.start:mine.stop]
+                elif g.rollout_slots:  # continuous batching; the EP group agrees on each forward's kind
+                    new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
+                                          self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True,
+                                          agree=lambda level: max_across(level, grid.ep_group, self.device),
+                                          slots=g.rollout_slots)
                 else:
                     new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
                                           self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True,
