@@ -54,7 +54,8 @@ class MoE(nn.Module):
     """x [B, T, H] -> experts(x) weighted by the gate + shared_experts(x).
 
     After each call: `last_counts` [E] int64 (each top-k pick counted) and `last_balance_loss`
-    (aux_loss_alpha * L_bal, detached: the amount added to the objective). `aux_loss_scale` is the
+    (aux_loss_alpha * L_bal, detached: the amount added to the objective; 0 in an inference forward,
+    eval mode without grad, where nothing is added to an objective). `aux_loss_scale` is the
     gradient the balance loss gets (1; the step runners set 1 / num_micro_batches, see
     `set_aux_loss_scale`).
     """
@@ -79,7 +80,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         self.last_counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)
-        if self.aux_loss_alpha > 0:
+        if self.aux_loss_alpha > 0 and (self.training or torch.is_grad_enabled()):
             aux = self.aux_loss_alpha * sequence_balance_loss(
                 scores.view(B, T, -1), topk_idx.view(B, T, -1), self.num_experts)
             self.last_balance_loss = aux.detach()
