@@ -157,15 +157,18 @@ def test_speculative_rollouts_have_exact_logprobs(grpo_data, tmp_path):
 def test_continuous_batching_rollouts_equal_the_static_batch(grpo_data, tmp_path):
     """grpo.rollout_slots=3 (3 of a rank's 8 sequences decoded at once, a finished row refilled): the
     same sampled completions as the static batch (noise keyed per sequence and token), so the same
-    rewards and lengths exactly; the logprobs are the same softmax of rows decoded beside other rows
-    (1e-5, the rollout-vs-training bound), so losses agree to 1e-5; refused with routing replay."""
+    rewards and lengths exactly. The rollout logprobs (pi_old) are the same softmax of rows decoded
+    beside other rows, each within 1e-5 of the training forward's (asserted), so the ratios differ by at
+    most ~2e-5 and the loss, -mean(A * ratio) with |A| <= sqrt(G - 1) = 1.7 here, by at most ~4e-5
+    (the loss itself is ~1e-8: ratios are ~1 on a first update and a group's advantages sum to 0);
+    refused with routing replay."""
     run(grpo_cfg(grpo_data, tmp_path / "static", "train.steps=3"))
     run(grpo_cfg(grpo_data, tmp_path / "slots", "train.steps=3", "grpo.rollout_slots=3"))
     a, b = read_metrics(tmp_path / "static"), read_metrics(tmp_path / "slots")
     for ra, rb in zip(a, b):
         for key in ("reward_mean", "reward_std", "response_length_mean", "response_length_max"):
             assert ra[key] == rb[key], key
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7)
+        assert abs(rb["loss"] - ra["loss"]) <= 5e-5
         assert rb["logprob_diff_max"] <= 1e-5
     with pytest.raises(ValueError, match="grpo.rollout_slots=3 with grpo.routing_replay=True"):
         grpo_cfg(grpo_data, tmp_path, "grpo.rollout_slots=3", "grpo.routing_replay=true")
