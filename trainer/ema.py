@@ -114,28 +114,29 @@ class CPUEMA:
 
     @torch.no_grad()
     def _resume_through_logical(self, path) -> None:
-        """Another layout (EP degree, slot count): each parameter's average from the plain model's
-        names, expert slots through their logical experts, one parameter at a time."""
+        """Another layout (EP degree, slot count): each parameter's average read by ranges under the plain
+        model's names, an expert slot's row from its logical expert (as `init_from` reads weights)."""
         from pathlib import Path
 
-        from twinpipe.parallel.experts.layer import ExpertParallelExperts
         from twinpipe.parallel.experts.logical_state import split_slot_name
-        from twinpipe.trainer.checkpoint.io import read_ema_state
+        from twinpipe.trainer.checkpoint import format as fmt
+        from twinpipe.trainer.checkpoint.ranged import ModelTensors
 
         modules = dict(self.model.named_modules())
         num_experts = getattr(getattr(self.model, "config", None), "n_routed_experts", 0)
+        saved = ModelTensors(Path(path), num_experts, fmt.EMA, (fmt.EMA_EXPERTS, fmt.ema_experts_key))
         for name, avg in self.average.items():
             slot = split_slot_name(name)
-            if slot is None:
-                avg.copy_(read_ema_state(Path(path), {name: torch.empty_like(avg)}, num_experts)[name])
+            if slot is not None:  # this rank's slots: the rows of their logical experts
+                layer_name, param = slot
+                name, experts = f"{layer_name}.{param}", modules[layer_name].local_logical_ids().tolist()
+            elif f"{fmt.EMA}.{name}" in saved.saved:
+                avg.copy_(saved.read(name))
                 continue
-            layer_name, param = slot
-            layer = modules[layer_name]
-            assert isinstance(layer, ExpertParallelExperts)
-            plain = f"{layer_name}.{param}"
-            full = read_ema_state(Path(path), {plain: avg.new_empty((layer.num_experts, *avg.shape[1:]))},
-                                  num_experts)[plain]
-            avg.copy_(full[layer.local_logical_ids().cpu()])
+            else:  # a stacked expert weight of this run, saved as a run's EP slots: every expert
+                experts = range(avg.shape[0])
+            for row, expert in enumerate(experts):
+                avg[row].copy_(saved.read(name, expert))
 
     def close(self) -> None:
         self.wait()

@@ -330,12 +330,8 @@ def _read_ema(ckpt: Path, model: torch.nn.Module, key: str) -> dict[str, torch.T
         raise CheckpointError(f"{key}={ckpt}: no EMA of the weights (no key {fmt.EMA}.*): the run had "
                               "train.ema_decay=0; ema=false reads its weights")
     plain = {n: torch.empty(p.shape, dtype=torch.float32) for n, p in model.named_parameters()}
-    return read_ema_state(ckpt, plain, model.config.n_routed_experts)
-
-
-def read_ema_state(ckpt: Path, plain: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """`_read_model_state` for the EMA of the weights: parameters of the plain model by name."""
-    return _read_model_state(ckpt, plain, num_experts, top=fmt.EMA, experts=(fmt.EMA_EXPERTS, fmt.ema_experts_key))
+    return _read_model_state(ckpt, plain, model.config.n_routed_experts, top=fmt.EMA,
+                             experts=(fmt.EMA_EXPERTS, fmt.ema_experts_key))
 
 
 def saved_tensors(ckpt: Path) -> dict[str, Any]:
