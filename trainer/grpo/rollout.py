@@ -43,7 +43,7 @@ from twinpipe.data.records import Fields
 from twinpipe.model.generation import chosen_logprobs, generate
 from twinpipe.model.speculative import speculative_generate
 from twinpipe.parallel.inference import generate_parallel, score_parallel
-from twinpipe.parallel.inference.lockstep import any_across, max_across, shard_rows
+from twinpipe.parallel.inference.lockstep import max_across, shard_rows
 from twinpipe.parallel.pipeline.runner import autocast_context
 from twinpipe.trainer.loss import IGNORE_INDEX
 from twinpipe.trainer.grpo.rewards import Rewards
@@ -246,15 +246,11 @@ class RolloutSource:
                         on_stage=recorder.on_stage if recorder is not None else None,
                         slots=g.rollout_slots or None)
                     new, logps = new[mine.start:mine.stop], logps[mine.start:mine.stop]
-                elif g.rollout_slots:  # continuous batching; the EP group agrees on each forward's kind
+                else:  # the EP group agrees on going on (static batch) or on each forward's kind (slots)
                     new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
                                           self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True,
-                                          agree=lambda level: max_across(level, grid.ep_group, self.device),
-                                          slots=g.rollout_slots)
-                else:
-                    new, logps = generate(self.model, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                          self.tokenizer.eos_id, seed=seed, rows=list(mine), logprobs=True,
-                                          agree=lambda running: any_across(running, grid.ep_group, self.device))
+                                          agree=lambda value: max_across(int(value), grid.ep_group, self.device),
+                                          slots=g.rollout_slots or None)
         finally:
             self.model.train(was_training)
         rollout_s = time.perf_counter() - t0
