@@ -38,22 +38,24 @@ TOP_LEVEL = ("embed_tokens", "layers", "norm", "lm_head", "mtp")
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
                 fp8_backend: str = "off", num_replicas: int | None = None, seed: int | None = None,
                 std: float | None = None, recompute: Any = "none", materialize_meta: bool = True,
-                fill: Callable[..., None] | None = None) -> nn.Module:
+                fill: Callable[..., None] | None = None, layer_split: list[int] | None = None) -> nn.Module:
     """Apply the transforms above to `model`; returns it (the same object, changed in
     place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
     initializer_range) initialises a model built on meta; without it the model must hold its weights.
     `fill(tensor, name, expert_rows, buffer)` gives a meta model's local tensors their values instead
     (`trainer/checkpoint/init_from.py`: read from a checkpoint, each rank only what it holds).
     `materialize_meta=False` leaves a meta model on meta (this rank's stages and expert slots cut, the
-    placement tables on `device`): `twinpipe-plan` counts what a rank would hold without allocating it."""
+    placement tables on `device`): `twinpipe-plan` counts what a rank would hold without allocating it.
+    `layer_split` (parallel.layer_split): blocks per pipeline stage, None for the even split."""
     on_meta = all(p.is_meta for p in model.parameters())
     if on_meta and seed is None and fill is None and materialize_meta:
         raise ValueError("parallelize: the model was built on meta; pass seed= to initialise this rank's part")
-    local = local_modules(model, grid, schedule)
+    local = local_modules(model, grid, schedule, layer_split)
     if grid.pp > 1:
-        from twinpipe.parallel.pipeline.stages import keep_local_stages
+        from twinpipe.parallel.pipeline.stages import keep_local_stages, record_layer_split
 
-        dropped = keep_local_stages(model, schedule, grid.pp, grid.pp_rank)
+        dropped = keep_local_stages(model, schedule, grid.pp, grid.pp_rank, layer_split)
+        record_layer_split(model, layer_split)
         log.info("pipeline rank %d: %d modules of other stages left on meta", grid.pp_rank, len(dropped))
     if not on_meta:
         model._apply(lambda t: t if t.is_meta else t.to(device))  # Module.to refuses meta tensors
@@ -81,13 +83,13 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
     return model
 
 
-def local_modules(model: nn.Module, grid: Grid, schedule: str) -> set[str]:
+def local_modules(model: nn.Module, grid: Grid, schedule: str, layer_split: list[int] | None = None) -> set[str]:
     """Names of the modules this rank holds (its stages' with pp > 1, every top-level one otherwise)."""
     if grid.pp == 1:
         return {name for name, _ in model.named_children()}
     from twinpipe.parallel.pipeline.stages import local_module_names
 
-    return local_module_names(model, schedule, grid.pp, grid.pp_rank)
+    return local_module_names(model, schedule, grid.pp, grid.pp_rank, layer_split)
 
 
 def is_under(name: str, roots: set[str]) -> bool:

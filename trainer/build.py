@@ -88,4 +88,4 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
     grid = grid if grid is not None else Grid.single()
     return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
                        num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=cfg.train.seed,
-                       std=cfg.train.init_std, fill=fill)
+                       std=cfg.train.init_std, fill=fill, layer_split=cfg.parallel.get("layer_split"))

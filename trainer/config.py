@@ -81,6 +81,10 @@ class OptimSchema:
     eps: float = 1e-8
     weight_decay: float = 0.1
     moment_dtype: str = "fp32"  # fp32 | bf16 (DeepSeek keeps AdamW moments in BF16)
+    # fp32 | bf16: the model's parameters; bf16 stores them in BF16 with FP32 master weights and FP32
+    # gradients in the optimizer (DeepSeek-V3's mixed precision; trainer/optim/zero.py), needs
+    # train.dtype=bf16
+    param_dtype: str = "fp32"
     zero: str = "ours"  # ours | deepspeed: who partitions the optimizer state over DP (ZeRO stage 1)
     # LR schedule: linear warmup (steps) -> constant -> cosine to min_lr -> tail phases [length, lr]
     unit: str = "steps"  # steps | tokens: the unit of constant, decay and the tail lengths
@@ -104,6 +108,10 @@ class ParallelSchema:
     # seconds a collective waits for a peer; the watchdog ends a job whose rank went silent within it.
     # None: 600 (nccl), 300 (gloo) (twinpipe.parallel.grid.DEFAULT_TIMEOUT_S)
     timeout_s: Optional[float] = None
+    # blocks per pipeline stage, in stage order (None: as even as possible, extra blocks on the first
+    # stages); pp entries for 1f1b and DualPipe, 2 x pp for DualPipeV. E.g. fewer blocks on the stages
+    # that also hold the embedding, head and MTP (twinpipe.parallel.pipeline.stages.split_layers)
+    layer_split: Optional[List[int]] = None
 
 
 @dataclass
@@ -276,6 +284,7 @@ CHOICES = {
     "model.preset": ("tiny", "small", "v3_671b"),
     "data.source": ("embedded", "files"),
     "optim.moment_dtype": ("fp32", "bf16"),
+    "optim.param_dtype": ("fp32", "bf16"),
     "optim.zero": ("ours", "deepspeed"),
     "optim.unit": ("steps", "tokens"),
     "parallel.schedule": ("dualpipe", "dualpipev", "1f1b"),
@@ -382,12 +391,18 @@ def validate(cfg: DictConfig) -> None:
                          " inside the data-parallel group)")
     if p.pp > 1 and p.schedule == "dualpipe" and p.pp % 2:
         raise ValueError(f"parallel.pp={p.pp}: DualPipe needs an even number of pipeline ranks")
+    if p.layer_split is not None:
+        from twinpipe.trainer.build import model_config
+
+        check_layer_split(list(p.layer_split), p.pp, p.schedule, model_config(cfg.model).num_hidden_layers)
     if cfg.eplb.every and p.ep == 1:
         raise ValueError(f"eplb.every={cfg.eplb.every}: EPLB re-places experts over the expert-parallel "
                          "group; it needs parallel.ep > 1 (or eplb.every=0)")
     if p.ep > 1 and cfg.optim.zero == "deepspeed":
         raise ValueError(f"optim.zero=deepspeed with parallel.ep={p.ep}: expert parallelism runs with "
                          "optim.zero=ours (expert weights keep a local optimizer EPLB can move)")
+    if cfg.optim.param_dtype == "bf16":
+        check_bf16_params(cfg)
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ValueError("data.paths=[]: data.source=files needs at least one file or folder, e.g. "
                          "'data.paths=[corpus/,extra.jsonl]'")
@@ -401,6 +416,34 @@ def validate(cfg: DictConfig) -> None:
     resume = cfg.resume
     if not resume:
         raise ValueError("resume='': allowed values are auto, never or a checkpoint folder path")
+
+
+def check_bf16_params(cfg: DictConfig) -> None:
+    """optim.param_dtype=bf16: what the BF16 parameters with FP32 master weights run with."""
+    p = cfg.parallel
+    if cfg.train.dtype != "bf16":
+        raise ValueError(f"optim.param_dtype=bf16 with train.dtype={cfg.train.dtype}: BF16 parameters compute "
+                         "under BF16 autocast; set train.dtype=bf16 (or optim.param_dtype=fp32)")
+    if cfg.optim.zero != "ours":
+        raise ValueError(f"optim.param_dtype=bf16 with optim.zero={cfg.optim.zero}: the FP32 master weights and "
+                         "gradients are optim.zero=ours's; use optim.zero=ours")
+    if p.pp > 1 and p.ep > 1 and p.schedule in ("dualpipe", "dualpipev"):
+        raise ValueError(f"optim.param_dtype=bf16 with parallel.schedule={p.schedule}, parallel.ep={p.ep}: the "
+                         "overlapped backward (parallel/experts/overlap.py) accumulates .grad itself, not the "
+                         "FP32 main_grad; use parallel.schedule=1f1b, parallel.ep=1 or optim.param_dtype=fp32")
+
+
+def check_layer_split(split: List[int], pp: int, schedule: str, num_layers: int) -> None:
+    """parallel.layer_split: one count >= 1 per pipeline stage of the schedule, summing to the model's
+    blocks."""
+    if pp == 1:
+        raise ValueError(f"parallel.layer_split={split}: needs pipeline parallelism (parallel.pp > 1)")
+    from twinpipe.parallel.pipeline.placement import StagePlacement
+
+    stages = StagePlacement(schedule, pp).num_stages
+    if len(split) != stages or sum(split) != num_layers or min(split) < 1:
+        raise ValueError(f"parallel.layer_split={split}: {schedule} at parallel.pp={pp} has {stages} stages; "
+                         f"give {stages} counts >= 1 summing to model.num_hidden_layers={num_layers}")
 
 
 def validate_sft(cfg: DictConfig) -> None:

@@ -37,7 +37,7 @@ from twinpipe.model.kv_cache import LatentKVCache
 from twinpipe.parallel.grid import Grid
 from twinpipe.parallel.inference.lockstep import any_across, gather_rows, max_across, shard_rows, split_groups
 from twinpipe.parallel.pipeline.placement import StagePlacement
-from twinpipe.parallel.pipeline.stages import split_layers
+from twinpipe.parallel.pipeline.stages import stage_ranges
 
 
 def stage_routes(placement: StagePlacement) -> list[tuple[int, ...]]:
@@ -195,7 +195,7 @@ def _drive(model: nn.Module, grid: Grid, prompts: list[list[int]], steps: int, s
     placement = StagePlacement(schedule if grid.pp > 1 else "1f1b", grid.pp)
     routes = stage_routes(placement)
     num_stages = placement.num_stages
-    layers = split_layers(len(model.layers), num_stages)
+    layers = stage_ranges(model, num_stages)  # parallel.layer_split as the model was partitioned
     weight = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())
     device, dtype, me = weight.device, weight.dtype, grid.pp_rank
     wire = _Wire(grid, device, model.config.hidden_size, dtype)

@@ -56,6 +56,24 @@ def split_layers(num_layers: int, stages: int, layer_split: Sequence[int] | None
     return [range(a, a + c) for a, c in zip(starts, counts)]
 
 
+LAYER_SPLIT_ATTR = "pipeline_layer_split"
+
+
+def record_layer_split(model: nn.Module, layer_split: Sequence[int] | None) -> None:
+    """Remember on `model` the blocks per stage it was partitioned with (`parallelize`, from
+    parallel.layer_split), so whatever runs its stages later (the step's runner, evaluation, rollouts)
+    cuts the same stages without being told again."""
+    setattr(model, LAYER_SPLIT_ATTR, None if layer_split is None else [int(c) for c in layer_split])
+
+
+def stage_ranges(model: nn.Module, num_stages: int, layer_split: Sequence[int] | None = None) -> list[range]:
+    """`split_layers` for `model`: `layer_split`, else the one recorded on it (`record_layer_split`),
+    else the even split."""
+    if layer_split is None:
+        layer_split = getattr(model, LAYER_SPLIT_ATTR, None)
+    return split_layers(len(model.layers), num_stages, layer_split)
+
+
 class TransformerStage(nn.Module):
     """Blocks `layers` of `model`, plus the embedding (first stage) and norm/head/MTP (last stage).
 
@@ -99,12 +117,12 @@ def build_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
     """This rank's stage modules for `schedule`, in the order DualPipe/DualPipeV/OneFOneB take them."""
     placement = StagePlacement(schedule, pp)
     stages = placement.num_stages
-    if layer_split is None and len(model.layers) < stages:
+    if layer_split is None and getattr(model, LAYER_SPLIT_ATTR, None) is None and len(model.layers) < stages:
         raise ValueError(f"parallel.schedule={schedule} on parallel.pp={pp} ranks makes {stages} stages "
                          f"but model.num_hidden_layers={len(model.layers)}: every stage needs at least "
                          "one block (fewer pipeline ranks, 1f1b/dualpipe instead of dualpipev, or more "
                          "layers)")
-    ranges = split_layers(len(model.layers), stages, layer_split)
+    ranges = stage_ranges(model, stages, layer_split)
     return tuple(TransformerStage(model, ranges[s], s == 0, s == stages - 1) for s in placement.stages(pp_rank))
 
 
@@ -122,7 +140,7 @@ def stage_module_names(model: nn.Module, stage: int, stages: int, layers: range,
 
 def _module_names(model: nn.Module, placement: StagePlacement, stages: Sequence[int],
                   layer_split: Sequence[int] | None, with_mtp_embedding: bool = True) -> set[str]:
-    ranges = split_layers(len(model.layers), placement.num_stages, layer_split)
+    ranges = stage_ranges(model, placement.num_stages, layer_split)
     return {n for s in stages for n in stage_module_names(model, s, placement.num_stages, ranges[s],
                                                           with_mtp_embedding)}
 

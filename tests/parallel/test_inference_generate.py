@@ -120,3 +120,26 @@ def test_scores_equal_one_process_forward():
         for (logps, greedy), ref, p in zip(got, want, PROMPTS):
             assert len(logps) == len(greedy) == len(p) - 1
             torch.testing.assert_close(torch.tensor(logps), ref, rtol=0, atol=1e-5)
+
+
+def _rank_split(rank, world, schedule, split):
+    torch.set_num_threads(1)
+    grid = build_grid(world, 1, 1)
+    model = parallelize(build(), grid, torch.device("cpu"), schedule, layer_split=split)
+    held = sorted(int(n.split(".")[1]) for n, p in model.named_parameters()
+                  if n.startswith("layers.") and n.endswith("input_layernorm.weight") and not p.is_meta)
+    return held, generate_parallel(model, grid, PROMPTS, NEW, schedule=schedule, eos_id=reference_eos())
+
+
+@pytest.mark.parametrize("schedule, split, held", [
+    ("1f1b", [3, 1], [[0, 1, 2], [3]]),
+    ("1f1b", [1, 3], [[0], [1, 2, 3]]),
+    ("dualpipe", [3, 1], [[0, 1, 2, 3], [0, 1, 2, 3]]),  # both ranks hold both stages, cut at 3
+])
+def test_uneven_layer_split_equals_one_process(schedule, split, held):
+    """parallel.layer_split: `parallelize` keeps each rank's blocks by the given counts and records them
+    on the model, so generation cuts the same stages (without being told again) and equals one process."""
+    want = generate(build(), PROMPTS, NEW, eos_id=reference_eos())
+    for rank, (blocks, got) in enumerate(run_local(_rank_split, 2, schedule, split)):
+        assert blocks == held[rank]
+        assert got == want

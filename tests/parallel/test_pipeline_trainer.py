@@ -92,7 +92,8 @@ def _expected_modules(schedule: str, pp: int, pp_rank: int, layers: int) -> set[
     ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=dualpipev"],
     ["parallel.pp=4", "parallel.schedule=1f1b"],
     ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe"],
-], ids=["pp4-dualpipe", "pp2xdp2-dualpipev", "pp4-1f1b", "pp2xdp2xep2-dualpipe"])
+    ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=1f1b", "parallel.layer_split=[3,1]"],
+], ids=["pp4-dualpipe", "pp2xdp2-dualpipev", "pp4-1f1b", "pp2xdp2xep2-dualpipe", "pp2xdp2-1f1b-split31"])
 def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_path):
     from twinpipe.trainer.build import build_model
     from twinpipe.trainer.metrics import read_metrics
@@ -107,6 +108,11 @@ def test_pipeline_training_matches_one_process(overrides, single, data_dir, tmp_
     if int(opts.get("parallel.ep", 1)) > 1:
         # expert parallelism: the trainer ran DualPipe's F&B pairs through the overlap hook
         assert all(switches > 0 for _, _, switches in ranks)
+        return
+    if "parallel.layer_split" in opts:  # blocks 0-2 on pipeline rank 0, block 3 with the head on rank 1
+        for rank, (_, names, _) in enumerate(ranks):
+            blocks = {int(n.split(".")[1]) for n in names if n.startswith("layers.")}
+            assert blocks == ({0, 1, 2} if rank // 2 == 0 else {3}), (rank, blocks)
         return
     # per-rank parameter memory against the one-process model's module sizes
     import torch

@@ -117,6 +117,23 @@ def test_split_layers_balanced_and_explicit():
         split_layers(5, 2, [2, 2])
 
 
+@pytest.mark.parametrize("split, pp, schedule, needle", [
+    ([3, 1], 1, "1f1b", r"parallel.layer_split=\[3, 1\]: needs pipeline parallelism"),
+    ([2, 2], 2, "dualpipev", r"dualpipev at parallel.pp=2 has 4 stages; give 4 counts >= 1 summing to "
+                             r"model.num_hidden_layers=4"),
+    ([4, 0], 2, "1f1b", r"1f1b at parallel.pp=2 has 2 stages"),
+    ([2, 3], 2, "dualpipe", r"summing to model.num_hidden_layers=4"),
+])
+def test_layer_split_refused_in_one_line(split, pp, schedule, needle):
+    """parallel.layer_split is checked with the recipe, before any process starts."""
+    from twinpipe.trainer.config import check_layer_split
+
+    with pytest.raises(ValueError, match=needle):
+        check_layer_split(split, pp, schedule, 4)
+    check_layer_split([3, 1], 2, "1f1b", 4)  # what is allowed passes
+    check_layer_split([1, 2, 1, 1], 2, "dualpipev", 5)
+
+
 def test_stage_modules_share_the_models_parameters():
     model = tiny_model(4)
     first, last = build_stages(model, "dualpipev", 1, 0)

@@ -203,9 +203,10 @@ def held_parameters(cfg: DictConfig, grid: Any) -> tuple[Any, set[str]]:
 
     with torch.device("meta"):
         model = Transformer(model_config(cfg.model))
-    local = local_modules(model, grid, cfg.parallel.schedule)
+    split = cfg.parallel.get("layer_split")
+    local = local_modules(model, grid, cfg.parallel.schedule, split)
     model = parallelize(model, grid, torch.device("cpu"), cfg.parallel.schedule, "off",
-                        num_replicas=cfg.eplb.replicas or None, materialize_meta=False)
+                        num_replicas=cfg.eplb.replicas or None, materialize_meta=False, layer_split=split)
     return model, local
 
 
