@@ -6,6 +6,11 @@ FP8: the expert input x and the SwiGLU input (g, u); SwiGLU is recomputed in bac
 §3.3). Dgrad runs as grouped GEMMs on the transposed weight blocks; Wgrad as one k-grouped FP8 GEMM
 with both operands tiled 1×128 along each expert's own tokens; a zero-bubble pipeline may defer those
 Wgrad GEMMs (`defer_weight_grad`, as in `twinpipe.fp8.linear`).
+
+With the gate weights (one per row) the output rows come out scaled by them (`model.experts.scale_rows`,
+the combine's product); for the weights' gradient the backward recomputes y from the down GEMM's FP8
+input, kept for that (h_q, h_s: I bytes and I/128 scales per row instead of y's 2H bytes), and the
+same cached weight, so y is the forward's to the bit.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from twinpipe.fp8.backend import BACKENDS, Backend, get_backend
 from twinpipe.fp8.linear import deferred
 from twinpipe.fp8.quant import GRAD_AMAX_FLOOR, act_dequant
 from twinpipe.fp8.weight_cache import WeightCache
-from twinpipe.model.experts import Experts
+from twinpipe.model.experts import Experts, scale_rows, scale_rows_grads
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -64,7 +69,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                 offsets: torch.Tensor, caches: dict[str, WeightCache], backend: Backend,
-                defer: Callable | None = None) -> torch.Tensor:
+                defer: Callable | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         x_q, x_s = backend.act_quant(x)                                     # [M, H] fp8, [M, nbh]
         wg, wu, wd = (caches[n].get(w, backend) for n, w in zip(_PROJS, (w_gate, w_up, w_down)))
         gate = backend.grouped_gemm(x_q, x_s, wg.q, wg.s, offsets, torch.float32)   # [M, I]
@@ -73,16 +78,25 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         u_q, u_s = backend.act_quant(up)
         h_q, h_s = backend.act_quant(F.silu(gate) * up)                     # [M, I]
         y = backend.grouped_gemm(h_q, h_s, wd.q, wd.s, offsets, x.dtype)    # [M, H]
-        ctx.save_for_backward(x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets)
+        weighted = () if weight is None else (weight, h_q, h_s)             # h for y again in backward
+        ctx.save_for_backward(x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets, *weighted)
         ctx.caches, ctx.backend, ctx.x_dtype, ctx.defer = caches, backend, x.dtype, defer
         ctx.params = (w_gate, w_up, w_down)  # the Parameters themselves for a deferred Wgrad
-        return y
+        return y if weight is None else scale_rows(y, weight, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets = ctx.saved_tensors
+        x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets, *weighted = ctx.saved_tensors
         backend: Backend = ctx.backend
         caches = ctx.caches
+        grad_weight = None
+        if weighted:  # grad_y is the scaled rows' gradient: y's and the weight's from it
+            weight, h_q, h_s = weighted
+            y = None
+            if ctx.needs_input_grad[8]:
+                wd = caches["down_proj"].get(w_down, backend)
+                y = backend.grouped_gemm(h_q, h_s, wd.q, wd.s, offsets, ctx.x_dtype)  # [M, H] as in forward
+            grad_y, grad_weight = scale_rows_grads(grad_y, weight, ctx.x_dtype, y)
         gate, up = act_dequant(g_q, g_s), act_dequant(u_q, u_s)            # [M, I] fp32 each
         sig = torch.sigmoid(gate)
         silu = gate * sig                                                   # recomputed SwiGLU
@@ -111,7 +125,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         }
         grad_w = {i: compute() for i, (w, compute) in wgrads.items()
                   if ctx.needs_input_grad[i] and not deferred(ctx.defer, w, compute)}
-        return grad_x, grad_w.get(1), grad_w.get(2), grad_w.get(3), None, None, None, None
+        return grad_x, grad_w.get(1), grad_w.get(2), grad_w.get(3), None, None, None, None, grad_weight
 
 
 class FP8Experts(Experts):
@@ -137,12 +151,14 @@ class FP8Experts(Experts):
         new._init_fp8(self.fp8_backend)       # fresh caches: the copies are new parameters
         return new
 
-    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """[M, H] tokens sorted by expert, counts [E] -> [M, H]."""
+    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, H] tokens sorted by expert, counts [E] -> [M, H]; with `weight` [M] each row times its
+        gate weight (as `Experts.grouped_swiglu`)."""
         offsets = F.pad(counts.cumsum(0), (1, 0))                           # [E + 1]
         backend = get_backend(self.fp8_backend, x_sorted.device)
         return FP8GroupedSwiGLU.apply(x_sorted, self.gate_proj, self.up_proj, self.down_proj, offsets,
-                                      self.fp8_weight_caches, backend, self.defer_weight_grad)
+                                      self.fp8_weight_caches, backend, self.defer_weight_grad, weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8_backend={self.fp8_backend}"

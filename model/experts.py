@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +27,24 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return ok_dtype and x.shape[-1] % align == 0 and w.shape[-1] % align == 0 and w.shape[-2] % align == 0
 
 
+def autocast_operands(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, w) in the autocast dtype when autocast is on for their device (as a Linear's), else as is."""
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), w.to(dtype)
+    return x, w
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Segment e of x (counts[e] contiguous rows) times w[e]: x [M, K], w [E, K, N] -> [M, N].
 
-    torch._grouped_mm where it runs, else a padded batched matmul (one bmm over [E, max_count, K]).
-    Under autocast both operands take the autocast dtype first (as a Linear would).
-    """
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
+    Under autocast both operands take the autocast dtype first (`autocast_operands`)."""
+    return segment_mm(*autocast_operands(x, w), counts)
+
+
+def segment_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` on operands as they are: torch._grouped_mm where it runs, else a padded batched
+    matmul (one bmm over [E, max_count, K])."""
     if _grouped_mm_ok(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offs)
@@ -72,6 +83,67 @@ def sum_rows(like: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torc
     return _SumRows.apply(like, index, src)
 
 
+def scale_rows(y: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each row of y [M, H] times its gate weight [M], in `dtype`: the combine's product."""
+    return (y * weight.unsqueeze(-1)).to(dtype)                                    # [M, H]
+
+
+def scale_rows_grads(grad: torch.Tensor, weight: torch.Tensor, y_dtype: torch.dtype,
+                     y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients autograd computes for `scale_rows(y, weight, dtype)` from the output's gradient,
+    with the same arithmetic (the cast back, the product's two gradients, the broadcast's row sum):
+    (y's [M, H] in y_dtype, weight's [M]; None without `y`, which only the weight's needs)."""
+    g = grad.to(torch.promote_types(y_dtype, weight.dtype))                       # [M, H]
+    grad_y = (g * weight.unsqueeze(-1)).to(y_dtype)
+    grad_weight = None if y is None else (g * y).sum(-1).to(weight.dtype)          # [M]
+    return grad_y, grad_weight
+
+
+class _ScaledRows(torch.autograd.Function):
+    """`scale_rows` that does not keep y for the weight's gradient: the backward recomputes it as
+    `recompute(*operands)`, from operands that y's own GEMM keeps anyway (the same tensors, so nothing
+    more is held). Forward and gradients are autograd's for `scale_rows`, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, y, weight, dtype, recompute, *operands):
+        ctx.save_for_backward(weight, *operands)
+        ctx.recompute, ctx.y_dtype = recompute, y.dtype
+        return scale_rows(y, weight, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *operands = ctx.saved_tensors
+        y = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                y = ctx.recompute(*operands)                                       # [M, H]
+        grad_y, grad_weight = scale_rows_grads(grad, weight, ctx.y_dtype, y)
+        return (grad_y, grad_weight, None, None) + (None,) * len(operands)
+
+
+def scaled_rows(y: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                recompute: Callable[..., torch.Tensor], *operands: torch.Tensor) -> torch.Tensor:
+    """`scale_rows(y, weight, dtype)`, whose backward recomputes y = recompute(*operands) for the
+    weight's gradient instead of keeping it (`_ScaledRows`)."""
+    return _ScaledRows.apply(y, weight, dtype, recompute, *(t.detach() for t in operands))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_weight(function: Callable) -> bool:
+    return "weight" in inspect.signature(function).parameters
+
+
+def weighted_swiglu(experts: nn.Module, x_sorted: torch.Tensor, counts: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """`experts.grouped_swiglu(x_sorted, counts, weight)`: each output row scaled by its gate weight
+    [M] inside. A `grouped_swiglu` that takes no weight (a test's exact row-wise stand-in) gets it
+    applied after (`scale_rows`: the same values, but y is kept for the weight's gradient)."""
+    function = experts.grouped_swiglu
+    if _takes_weight(getattr(function, "__func__", function)):
+        return function(x_sorted, counts, weight)
+    return scale_rows(function(x_sorted, counts), weight, x_sorted.dtype)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked weights: gate_proj/up_proj [E, I, H], down_proj [E, H, I]."""
 
@@ -89,15 +161,22 @@ class Experts(nn.Module):
         order = flat_idx.argsort(stable=True)                                     # [N*K]
         token = order // K                                                        # [M], M = N*K
         counts = torch.bincount(flat_idx, minlength=self.num_experts)             # [E]
-        y = self.grouped_swiglu(x[token], counts)                                 # [M, H]
-        y = (y * topk_weight.reshape(-1)[order].unsqueeze(-1)).to(x.dtype)       # [M, H]
+        weight = topk_weight.reshape(-1)[order]                                   # [M]
+        y = weighted_swiglu(self, x[token], counts, weight)                       # [M, H], weighted
         return sum_rows(x, token, y)                                              # [N, H]
 
-    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate(x)) * up(x)) per contiguous expert segment: [M, H] -> [M, H]."""
+    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)) per contiguous expert segment: [M, H] -> [M, H]; with `weight`
+        [M] each row times its gate weight, in x's dtype (`scale_rows`), recomputing the down GEMM for
+        the weight's gradient instead of keeping its output (`scaled_rows`)."""
         gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts)      # [M, I]
         up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts)          # [M, I]
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)  # [M, H]
+        h, w_down = autocast_operands(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+        y = segment_mm(h, w_down, counts)                                         # [M, H]; keeps h, w_down
+        if weight is None:
+            return y
+        return scaled_rows(y, weight, x_sorted.dtype, segment_mm, h, w_down, counts)
 
     def select(self, ids: Sequence[int] | torch.Tensor) -> "Experts":
         """A module of the same class holding copies of expert rows `ids`, in that order (repeats

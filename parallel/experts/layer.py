@@ -7,9 +7,10 @@
 (token, pick) pair routed to logical expert e is served by replica `pair_index % logcnt[e]` of e
 (pair_index = token * K + k), so the replicas share the load deterministically.
 
-One forward: route the pairs to slots; `dispatch.dispatch` (count exchange, one all-to-all, FP8 with
-power-of-2 scales when `fp8_dispatch`); the local `Experts.grouped_swiglu` on the slot-major rows (the
-FP8 subclass when the model was converted to FP8); `dispatch.combine` back into the tokens.
+One forward: route the pairs to slots; `dispatch.dispatch` (count exchange, one all-to-all carrying
+the rows and their gate weights, FP8 with power-of-2 scales when `fp8_dispatch`); the local
+`Experts.grouped_swiglu` on the slot-major rows, scaling them by the weights (the FP8 subclass when the
+model was converted to FP8); `dispatch.combine` back into the tokens.
 
 Expert parameters are flagged (`mark_expert_param`) so data-parallel reduction leaves them to
 `grad_reduction.reduce_expert_grads`.
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from twinpipe.model.experts import weighted_swiglu
 from twinpipe.parallel.experts import dispatch, overlap
 from twinpipe.parallel.experts.slots import group_to_nodes, placement_tables
 
@@ -94,10 +96,10 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         slot = self.route_to_slots(topk_idx)                                       # [N*K]
         block = self.fp8_block_size if self.fp8_dispatch else None
-        x_local, counts, sent = dispatch.dispatch(x, slot, topk_idx.shape[1], self.num_slots,
-                                                  self.ep_group, block)            # [M, H], [S]
-        y_local = self.local.grouped_swiglu(x_local, counts)                       # [M, H]
-        return dispatch.combine(y_local, sent, x, topk_idx, topk_weight, self.ep_group)  # [N, H]
+        x_local, weight_local, counts, sent = dispatch.dispatch(
+            x, topk_weight, slot, self.num_slots, self.ep_group, block)            # [M, H], [M], [S]
+        y_local = weighted_swiglu(self.local, x_local, counts, weight_local)       # [M, H], weighted
+        return dispatch.combine(y_local, sent, x, topk_idx, self.ep_group)         # [N, H]
 
 
 def mark_expert_param(param: nn.Parameter) -> None:
@@ -158,9 +160,9 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None,
         module.experts = ExpertParallelExperts(experts, ep_group, phy2log, fp8_dispatch=fp8_dispatch,
                                                device=device)
         # where the overlap may cut the backward into sub-layer chunks (`overlap.py`): the block's
-        # residual add, the router's outputs, the shared experts' output
+        # residual add, the router's scores, the shared experts' output
         model.get_submodule(name.rpartition(".")[0]).register_forward_hook(overlap.tag_residual_fork)
-        module.gate.register_forward_hook(overlap.mark_outputs)
+        module.gate.register_forward_hook(overlap.mark_router_scores)
         if getattr(module, "shared_experts", None) is not None:
             module.shared_experts.register_forward_hook(overlap.mark_outputs)
         replaced += 1

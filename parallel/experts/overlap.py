@@ -21,8 +21,8 @@ Nothing runs concurrently on the CPU: no Python thread is started, the hand-off 
 How the backward is cut. Three kinds of autograd nodes are *cuts*:
   - the backward of a row exchange (`all_to_all.is_exchange_node`): the driver issues its all-to-all
     (`all_to_all.start_backward`) instead of the engine, and hands the rows on when they arrived;
-  - identity markers (`mark`), hooked in by `apply_expert_parallel` on the router's outputs (gate
-    weights, scores) and the shared experts' output;
+  - identity markers (`mark`), hooked in by `apply_expert_parallel` on the router's scores
+    (`mark_router_scores`) and the shared experts' output;
   - a block's residual add (h + mlp(norm(h)), tagged by `tag_residual_fork`): its backward passes the
     same gradient to both operands (alpha 1, same shape and dtype: checked), so the driver hands it to
     the residual (attention side) and to the MoE branch separately.
@@ -92,6 +92,15 @@ def mark_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
     if isinstance(output, tuple):
         return tuple(mark(o) for o in output)
     return mark(output)
+
+
+def mark_router_scores(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook on the router (`(topk_weight, topk_idx, scores)`): its scores through a cut marker
+    (the balance loss reads them from outside the block). Not the gate weights: they leave with the
+    dispatch's rows and their gradient comes back with its backward, into the router's own group (a
+    marker there would be fed and followed by that one group: a cycle)."""
+    topk_weight, topk_idx, scores = output
+    return topk_weight, topk_idx, mark(scores)
 
 
 def tag_residual_fork(module: nn.Module, args: tuple, output: Any) -> None:

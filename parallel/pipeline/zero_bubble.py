@@ -22,6 +22,7 @@ once; forwards are the original ones to the bit, gradients equal up to summation
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from twinpipe.fp8.experts import FP8Experts
 from twinpipe.fp8.linear import FP8Linear
-from twinpipe.model.experts import Experts, _grouped_mm_ok
+from twinpipe.model.experts import Experts, _grouped_mm_ok, scaled_rows, segment_mm
 from twinpipe.model.experts import grouped_mm as model_grouped_mm
 from twinpipe.parallel.pipeline.weight_grad_store import WeightGradStore, compute_dtype, linear
 
@@ -104,11 +105,23 @@ class SplitLinear(nn.Linear):
 class SplitExperts(Experts):
     """`Experts` whose three grouped GEMMs defer their weight gradients in zero-bubble B chunks."""
 
-    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """[M, H] tokens sorted by expert, counts [E] -> [M, H] (as `Experts.grouped_swiglu`)."""
+    def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, H] tokens sorted by expert, counts [E] -> [M, H], with `weight` [M] scaled by the gate
+        weights (as `Experts.grouped_swiglu`; the down GEMM is recomputed for their gradient)."""
         gate = grouped_mm(x_sorted, self.gate_proj, counts)                              # [M, I]
         up = grouped_mm(x_sorted, self.up_proj, counts)                                  # [M, I]
-        return grouped_mm(torch.nn.functional.silu(gate) * up, self.down_proj, counts)   # [M, H]
+        h = torch.nn.functional.silu(gate) * up                                          # [M, I]
+        y = grouped_mm(h, self.down_proj, counts)                                        # [M, H]
+        if weight is None:
+            return y
+        recompute = functools.partial(_down_again, compute_dtype(h))
+        return scaled_rows(y, weight, x_sorted.dtype, recompute, h, self.down_proj, counts)
+
+
+def _down_again(dtype: torch.dtype, h: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The down GEMM's output as `_SplitGroupedMM` computed it in the forward (in `dtype`)."""
+    return segment_mm(h.to(dtype), w_down.to(dtype).transpose(1, 2), counts)
 
 
 class SplitFP8Linear(FP8Linear):

@@ -103,3 +103,25 @@ def test_triton_experts_equal_emulate():
     assert _rel(dx_t, dx_e) < 1e-3
     for name in ("gate_proj", "up_proj", "down_proj"):
         assert _rel(getattr(tri, name).grad, getattr(emu, name).grad) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_inside_equals_weight_after_and_keeps_h_not_y(dtype):
+    """The gate weight applied inside `FP8GroupedSwiGLU`: output and every gradient equal to the former
+    `(y * w).to(x.dtype)` after the experts, bit for bit (y is recomputed from the kept FP8 down-GEMM
+    input and the same cached weight); saved: h in FP8 (I bytes and a scale per 128 per row, whole
+    tiles) instead of y (H in x's dtype)."""
+    from tests.model.test_experts_weight import inputs, old_forward, run
+
+    _, fp8 = _pair()
+    fp8.to(dtype)
+    x, idx, weight = inputs(fp8, 40, dtype)
+    probe = torch.randn(40, H)
+    new = run(type(fp8).forward, fp8, x, idx, weight, probe)
+    old = run(old_forward, fp8, x, idx, weight, probe)
+    for got, want in zip(new[:3], old[:3]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for name, want in old[3].items():
+        assert torch.equal(new[3][name], want), name
+    rows, h_fp8 = 40 * idx.shape[1], (128 + 4) * -(-I // 128)
+    assert old[4] - new[4] == rows * (H * x.element_size() - h_fp8), (old[4], new[4])

@@ -92,6 +92,38 @@ def test_split_layer_defers_exactly_its_weight_gradients(make, fp8, autocast):
             torch.testing.assert_close(g, want[2][name], **exact)  # dtype checked too
 
 
+@pytest.mark.parametrize("fp8,autocast", [(False, False), (False, True), (True, False)])
+def test_split_experts_scale_rows_inside_as_after(fp8, autocast):
+    """The split experts with the gate weight applied inside (`scaled_rows`, y recomputed for the
+    weight's gradient) against the former product after the experts, the weight gradients deferred:
+    output, input, gate-weight and (after the W chunk) weight gradients bit for bit, and y not kept
+    (the recomputation keeps only what the down GEMM keeps; under FP8 its FP8 input besides)."""
+    from tests.model.test_experts_weight import old_forward, run
+
+    experts, (x, idx, weight) = _experts(fp8)
+    zero_bubble.split_weight_gradients(experts)
+    probe = torch.randn(x.shape)
+    results = []
+    for forward in (type(experts).forward, old_forward):
+        WeightGradStore.clear()
+        WeightGradStore.enabled = True
+        out = run(forward, experts, x, idx, weight, probe, autocast)
+        WeightGradStore.enabled = False
+        assert all(g is None for g in out[3].values()), "B computed a weight gradient"
+        WeightGradStore.flush()
+        WeightGradStore.pop()
+        results.append((*out[:3], {n: p.grad for n, p in experts.named_parameters()}, out[4]))
+    new, old = results
+    for got, want in zip(new[:3], old[:3]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for name, want in old[3].items():
+        assert torch.equal(new[3][name], want), name
+    rows, hidden = idx.numel(), x.shape[1]
+    itemsize = 2 if autocast else 4
+    kept = (128 + 4) * rows if fp8 else 0  # h in FP8 (one whole tile for I=16)
+    assert old[4] - new[4] == rows * hidden * itemsize - kept, (old[4], new[4])
+
+
 def test_split_experts_take_both_weight_gradient_forms(monkeypatch):
     """M * 4 bytes a multiple of 16 runs torch._grouped_mm's k-grouped GEMM, otherwise the padded bmm;
     both give the segment outer products (fp64 reference rounded to fp32: assert_close's fp32 rtol)."""

@@ -95,14 +95,15 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     Linear its input; SwiGLU gate, up, silu(gate) and the product; MLA the q/kv latents, RoPE's cos/sin,
     k and q after the cat, v and the attention output; attention="math" (CPU) also the [heads, T, T]
     probabilities, "fused" (flash/efficient kernels) only a logsumexp per head; the router's scores and
-    indices; the routed experts their gathered rows and, for the combine, the expert outputs once (the
-    gate-weight product saves them for the weight's gradient; the scatter back, `model.experts.sum_rows`,
-    keeps only its index).
+    indices; the routed experts their gathered rows and the gate weights, not their outputs (the weight
+    is applied inside the experts' function, which recomputes the down GEMM for the weight's gradient
+    from what it keeps, `model.experts.scaled_rows`; the scatter back, `sum_rows`, keeps only its index).
 
     Under FP8 (`fp8/convert.py`: every Linear but embedding, head, router and eh_proj, and the routed
     experts) a Linear saves its input quantised, one copy for the Linears reading the same input
     (`fp8.linear.quantized_input`: q_a and kv_a, gate and up); the routed experts save
-    their input and the SwiGLU input (gate and up) in FP8 and recompute SwiGLU (DeepSeek-V3 §3.3.3).
+    their input, the SwiGLU input (gate and up) and the down GEMM's input in FP8 and recompute SwiGLU
+    (DeepSeek-V3 §3.3.3).
     `recompute` (train.recompute's options, parallel/recompute.py) keeps only the recomputed parts'
     inputs, in the compute dtype; `full` keeps the block input (the block rerun in the backward is
     added by the caller)."""
@@ -138,10 +139,10 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     if c.is_moe_layer(layer):
         k, e, i = c.num_experts_per_tok, c.n_routed_experts, c.moe_intermediate_size
         plain += h + e + 4 * c.n_group + 2 * c.topk_group + e / 4 + 3 * k + 1  # router (its input x)
-        if fp8 and "moe" not in recompute:  # rows, SwiGLU input in FP8; expert outputs once
-            plain, quant = plain + k * h + 3 * k, quant + k * (q8(h) + 2 * q8(i))
+        if fp8 and "moe" not in recompute:  # rows, SwiGLU input and the down GEMM's input in FP8
+            plain, quant = plain + 3 * k, quant + k * (q8(h) + 3 * q8(i))
         else:
-            plain += 2 * k * h + (0 if "moe" in recompute else 4 * k * i) + 3 * k
+            plain += k * h + (0 if "moe" in recompute else 4 * k * i) + 3 * k
         if c.n_shared_experts:
             more, more8 = swiglu(c.n_shared_experts * i)
             plain, quant = plain + more, quant + more8
