@@ -32,8 +32,24 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: "LatentKVCache | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """h [B, T, H] -> [B, T, H]; mask [B, 1, T, T]: the packed-document mask (see MLA.forward)."""
-        h = h + self.self_attn(self.input_layernorm(h), position_ids, cache, mask)
+        h = h + self.attention(h, position_ids, cache, mask)
+        if isinstance(self.mlp, MoE):
+            x, routing = self.route(h)
+            return h + self.mlp(x, routing)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def attention(self, h: torch.Tensor, position_ids: torch.Tensor | None, cache: "LatentKVCache | None",
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention sublayer without its residual: attn(norm(h)) [B, T, H]. One method, so
+        recomputing it (train.recompute attention) keeps only h."""
+        return self.self_attn(self.input_layernorm(h), position_ids, cache, mask)
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The MoE's input x = norm(h) [B, T, H] and the router's (topk_weight, topk_idx, scores) of it.
+        One method, so recomputing it (train.recompute router) keeps h, not the normed x the router
+        reads (the experts keep their own copies of x)."""
+        x = self.post_attention_layernorm(h)
+        return x, self.mlp.gate(x.reshape(-1, x.shape[-1]))
 
     def reset_parameters(self, std: float) -> None:
         self.input_layernorm.reset_parameters()

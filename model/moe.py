@@ -72,10 +72,11 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]; `routing`: the gate's output for x when the caller ran it (`Block.route`)."""
         B, T, H = x.shape
         flat = x.reshape(B * T, H)                                                  # [N, H]
-        topk_weight, topk_idx, scores = self.gate(flat)                             # [N, K], [N, K], [N, E]
+        topk_weight, topk_idx, scores = routing if routing is not None else self.gate(flat)  # [N, K], [N, K], [N, E]
         y = self.experts(flat, topk_idx, topk_weight).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -15,11 +15,22 @@ Options (any combination; `none` alone for nothing):
              q_a -> norm -> q_b and q's RoPE, the key/value up-projection kv_b, SDPA). SDPA must keep
              the q, k, v it reads, so the up-projections' outputs are dropped only when the attention
              core is recomputed with them; only x and the latents (c_kv, k_pe) stay, not q per head.
+    attention  the whole attention sublayer (`Block.attention`: its RMSNorm and MLA with the core and
+             o_proj): only the block input stays. No collective runs in it, so it holds under expert
+             parallelism; the recomputation repeats the attention's forward (about a third of a
+             block's FLOPs at V3's shape and 4K tokens), which hides behind a communication-bound step.
+    router   the feed-forward's RMSNorm with the router's scoring (`Block.route`, MoE blocks): only the
+             residual h stays, not the normed x the router's weight gradient reads (the routed and shared
+             experts keep their own, under FP8 in FP8) nor the scores.
     moe      the SwiGLU feed-forwards: routed experts (`grouped_swiglu`, local to a rank, so no
              all-to-all is repeated under expert parallelism), shared experts and dense MLPs
     full     whole blocks (main and MTP): only each block's input stays. Under expert parallelism a
              block's recomputation would repeat its all-to-alls inside the backward, so the recipe
              check refuses `full` with parallel.ep > 1.
+
+No region is recomputed inside another: a module that runs inside a chosen region (`norms`' latent
+RMSNorms inside `mla_up`, everything inside `full`'s block or `attention`'s sublayer) is left as is,
+since the enclosing region's rerun recomputes it already (a nested checkpoint would rerun it twice).
 
 A forward rerun for recomputation is not a new forward: `recomputing()` is True meanwhile, and
 per-forward bookkeeping (the trainer's expert-load tracker) skips it.
@@ -39,11 +50,12 @@ from torch.utils.checkpoint import checkpoint
 from twinpipe.model.attention import MLA
 from twinpipe.model.block import Block
 from twinpipe.model.mlp import MLP
+from twinpipe.model.moe import MoE
 from twinpipe.model.norm import RMSNorm
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("none", "norms", "mla_up", "moe", "full")
+OPTIONS = ("none", "norms", "mla_up", "attention", "router", "moe", "full")
 _state = {"recomputing": 0}
 
 
@@ -75,8 +87,17 @@ def _is_experts(module: nn.Module) -> bool:
 TARGETS: dict[str, list[tuple[Callable[[nn.Module], bool], str]]] = {
     "norms": [(lambda m: isinstance(m, RMSNorm), "forward")],
     "mla_up": [(lambda m: isinstance(m, MLA), "attend")],
+    "attention": [(lambda m: isinstance(m, Block), "attention")],
+    "router": [(lambda m: isinstance(m, Block) and isinstance(m.mlp, MoE), "route")],
     "moe": [(_is_experts, "grouped_swiglu"), (lambda m: isinstance(m, MLP), "forward")],
     "full": [(lambda m: isinstance(m, Block), "forward")],
+}
+# method -> the submodules (dotted paths; "" all of them) that run inside it, recomputed with it
+INSIDE: dict[str, tuple[str, ...]] = {
+    "attend": ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_b_proj"),
+    "attention": ("input_layernorm", "self_attn"),
+    "route": ("post_attention_layernorm", "mlp.gate"),
+    "forward": ("",),
 }
 
 
@@ -109,19 +130,39 @@ def _recomputed_class(cls: type, methods: tuple[str, ...]) -> type:
     return type(f"Recomputed{cls.__name__}", (cls,), body)
 
 
+def _inside(module: nn.Module, methods: set[str]) -> set[nn.Module]:
+    """The submodules that run inside `module`'s recomputed `methods` (`INSIDE`)."""
+    out: set[nn.Module] = set()
+    for path in (p for m in methods for p in INSIDE.get(m, ())):
+        sub: nn.Module | None = module
+        for part in path.split(".") if path else ():
+            sub = getattr(sub, part, None)
+        if isinstance(sub, nn.Module):
+            out.update(m for m in sub.modules() if m is not module)
+    return out
+
+
 def apply_recompute(model: nn.Module, options: str | Iterable[str]) -> dict[str, int]:
     """Swap, in place, the classes of the modules `options` name for recomputing subclasses; returns
-    how many modules each option wrapped. Applying it twice wraps nothing twice."""
+    how many modules each option wrapped (a module inside another chosen region is not: the module
+    docstring). Applying it twice wraps nothing twice."""
     chosen = parse_options(options)
-    wanted: dict[nn.Module, set[str]] = {}
-    counts = {o: 0 for o in chosen}
+    wanted: dict[nn.Module, dict[str, str]] = {}  # module -> {method: option}
     for option in chosen:
         for module in model.modules():
-            methods = {name for match, name in TARGETS[option] if match(module)}
-            if methods:
-                wanted.setdefault(module, set()).update(methods)
-                counts[option] += 1
-    for module, methods in wanted.items():
+            for match, name in TARGETS[option]:
+                if match(module):
+                    wanted.setdefault(module, {}).setdefault(name, option)
+    inside = set().union(*(_inside(m, set(methods)) for m, methods in wanted.items()))
+    counts = {o: 0 for o in chosen}
+    for module in [m for m in wanted if m in inside]:
+        del wanted[module]
+    for module, by_method in wanted.items():
+        if "forward" in by_method:  # the whole module is recomputed: its other methods run inside
+            by_method = {"forward": by_method["forward"]}
+        for option in set(by_method.values()):
+            counts[option] += 1
+        methods = set(by_method)
         base = type(module)
         done = set(getattr(base, "recomputed_methods", ()))
         if methods <= done:

@@ -131,7 +131,8 @@ class TrainSchema:
     on_nonfinite: str = "skip"  # skip | stop: what a NaN/inf loss or gradient does
     init_std: Optional[float] = None  # None: the model's own initialisation
     threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
-    # recomputed in the backward: none | norms | mla_up | moe | full, or a list, e.g. [norms,mla_up]
+    # recomputed in the backward: none | norms | mla_up | attention | router | moe | full, or a list,
+    # e.g. [norms,mla_up]
     # (twinpipe.parallel.recompute)
     recompute: Any = "none"
     ema_decay: float = 0.0  # EMA of the weights kept on the CPU (trainer/ema.py); 0 = off, else in (0, 1)

@@ -20,7 +20,8 @@ from twinpipe.model.transformer import Transformer
 from twinpipe.parallel.local import run_local
 from twinpipe.parallel.recompute import apply_recompute, parse_options
 
-OPTIONS = ["norms", "mla_up", "moe", "full", ["norms", "mla_up", "moe"]]
+OPTIONS = ["norms", "mla_up", "attention", "router", "moe", "full", ["norms", "mla_up", "moe"],
+           ["norms", "mla_up", "attention", "router"]]
 
 
 def _config(layers: int = 2) -> ModelConfig:
@@ -74,10 +75,11 @@ def test_every_option_is_bit_identical(fp8, monkeypatch):
     for option in OPTIONS:
         model = copy.deepcopy(base)
         counts = apply_recompute(model, option)
-        assert all(counts.values()), f"{option}: nothing wrapped ({counts})"
+        assert counts[option] if isinstance(option, str) else sum(counts.values()), f"{option}: {counts}"
         reruns.clear()
         _assert_identical(ref, _loss_and_grads(model, tokens, positions), f"recompute={option} fp8={fp8}")
-        assert len(reruns) >= sum(counts.values()), f"{option}: {len(reruns)} recomputations for {counts}"
+        # each wrapped module runs once per forward, so once per backward: no region reran inside another
+        assert len(reruns) == sum(counts.values()), f"{option}: {len(reruns)} recomputations for {counts}"
         # the state dict (names, values) is untouched; a second application wraps nothing twice
         assert list(model.state_dict()) == list(base.state_dict())
         kinds = {type(m) for m in model.modules()}
@@ -143,14 +145,21 @@ def test_options_are_checked():
         parse_options(["none", "full"])
 
 
-def _pipeline(rank, world, schedule):
+def _pipeline(rank, world, schedule, fp8):
     from twinpipe.parallel.grid import build_grid
     from twinpipe.parallel.pipeline.runner import PipelineRunner
+    from twinpipe.parallel.pipeline.zero_bubble import split_weight_gradients
 
     grid = build_grid(pp=world, dp=1, ep=1)
     torch.manual_seed(0)
     config = _config(layers=4)
     base = Transformer(config)
+    if fp8 != "off":
+        from twinpipe.fp8 import convert_model
+
+        base = convert_model(base, fp8)
+    if schedule != "1f1b":  # as parallelize: the zero-bubble W split, then recomputation wraps it
+        split_weight_gradients(base)
     g = torch.Generator().manual_seed(3)
     micro_batches = [{"input_ids": torch.randint(0, config.vocab_size, (1, 16), generator=g)}
                      for _ in range(4)]
@@ -164,7 +173,7 @@ def _pipeline(rank, world, schedule):
         return loss, {"loss": loss.detach()}
 
     results = []
-    for option in ("none", ["norms", "mla_up", "moe", "full"]):
+    for option in ("none", ["norms", "mla_up", "moe", "full"], ["norms", "mla_up", "attention", "router"]):
         model = copy.deepcopy(base)
         if option != "none":
             apply_recompute(model, option)
@@ -173,11 +182,65 @@ def _pipeline(rank, world, schedule):
         metrics = runner.run(micro_batches, objective)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((metrics["loss"], grads))
-    _assert_identical(results[0], results[1], f"{schedule} rank {rank}")
+    for got in results[1:]:
+        _assert_identical(results[0], got, f"{schedule} fp8={fp8} rank {rank}")
     return len(results[0][1])
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe", "dualpipev"])
-def test_pipeline_schedules_bit_identical(schedule):
-    counted = run_local(_pipeline, 2, schedule, timeout_s=120)
+@pytest.mark.parametrize("schedule,fp8", [("1f1b", "off"), ("dualpipe", "off"), ("dualpipev", "off"),
+                                          ("dualpipe", "emulate")])
+def test_pipeline_schedules_bit_identical(schedule, fp8):
+    """Each schedule; under DualPipe / DualPipeV with the zero-bubble W split (the recomputed Linears'
+    weight gradients are deferred to the W chunks), FP8 emulated or not."""
+    counted = run_local(_pipeline, 2, schedule, fp8, timeout_s=120)
     assert all(n > 0 for n in counted)
+
+
+def _expert_parallel(rank, world, fp8):
+    """Two micro-batches of two expert-parallel MoE blocks (ep = world), micro-batch 1's backward
+    overlapped with micro-batch 0's forward (`overlap.overlapped_forward_backward`, as DualPipe runs
+    them), then micro-batch 0's backward: outputs, input and parameter gradients per option."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from twinpipe.parallel.experts import overlap
+    from twinpipe.parallel.experts.layer import apply_expert_parallel
+
+    config = ModelConfig.preset("tiny", num_hidden_layers=3, num_nextn_predict_layers=0)
+
+    def moe_blocks() -> nn.Module:
+        torch.manual_seed(0)
+        model = Transformer(config)
+        if fp8 != "off":
+            from twinpipe.fp8 import convert_model
+
+            model = convert_model(model, fp8)
+        apply_expert_parallel(model, dist.group.WORLD)
+        return nn.Sequential(*model.layers[1:])
+
+    g = torch.Generator().manual_seed(10 + rank)
+    inputs = [torch.randn(2, 12, config.hidden_size, generator=g) for _ in range(2)]  # [B, T, H] each
+    targets = [torch.randn(2, 12, config.hidden_size, generator=g) for _ in range(2)]
+    criterion = lambda out, target: (out - target).square().mean()  # noqa: E731
+    results = []
+    for option in ("none", ["norms", "mla_up", "attention", "router"]):
+        stage = moe_blocks()
+        apply_recompute(stage, option)
+        x0, x1 = (x.clone().requires_grad_() for x in inputs)
+        loss1 = criterion(stage(x1), targets[1])
+        out0, loss0 = overlap.overlapped_forward_backward(stage, [x0], criterion, [targets[0]], stage, loss1, [], [])
+        assert overlap.LAST_REGION["planned"], overlap.LAST_REGION  # the backward was cut, not run whole
+        loss0.backward()
+        grads = {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
+        results.append(((out0.detach(), loss0.detach(), x0.grad, x1.grad), grads))
+    (ref, ref_grads), (got, grads) = results
+    assert all(torch.equal(a, b) for a, b in zip(ref, got)), f"rank {rank}: outputs or input gradients differ"
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(ref_grads[n], grads[n]) for n in grads), rank
+    return len(grads)
+
+
+@pytest.mark.parametrize("fp8", ["off", "emulate"])
+def test_attention_and_router_under_expert_parallelism(fp8):
+    """`attention` and `router` hold no collective, so they run under ep > 1 (unlike `full`), also with
+    the sub-layer EP overlap, whose backward segments cut at the router's outputs: bit-identical."""
+    assert all(n > 0 for n in run_local(_expert_parallel, 2, fp8, timeout_s=120))

@@ -78,7 +78,8 @@ def test_plan_bytes_match_allocations_on_ranks(size, layout):
 
 @pytest.mark.parametrize("size,recompute,fp8", [
     ("tiny", "none", "off"), ("mid", "none", "off"), ("mid", "[norms,mla_up,moe]", "off"), ("mid", "full", "off"),
-    ("tiny", "none", "emulate"), ("mid", "[norms,mla_up]", "emulate"), ("mid", "moe", "emulate")])
+    ("tiny", "none", "emulate"), ("mid", "[norms,mla_up]", "emulate"), ("mid", "moe", "emulate"),
+    ("mid", "[norms,mla_up,attention,router]", "emulate"), ("mid", "[attention,router,moe]", "off")])
 def test_plan_activations_and_grads_match_one_forward(size, recompute, fp8):
     """Saved-for-backward bytes of the blocks in one micro-batch's forward (fp32, CPU math attention,
     with and without train.recompute, FP8 emulated or not) and the gradients its backward leaves, and

@@ -131,6 +131,8 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     # feed-forward: its norm, then a dense SwiGLU MLP or the MoE
     plain += norm(h)
 
+    if "attention" in recompute:  # `Block.attention` (its norm, MLA, o_proj) keeps only the block input
+        plain, quant = float(h), 0.0
     def swiglu(width: int) -> tuple[float, float]:  # (plain, FP8) of an MLP given x, not recomputed
         if "moe" in recompute:
             return 0.0, 0.0
@@ -138,7 +140,12 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
 
     if c.is_moe_layer(layer):
         k, e, i = c.num_experts_per_tok, c.n_routed_experts, c.moe_intermediate_size
-        plain += h + e + 4 * c.n_group + 2 * c.topk_group + e / 4 + 3 * k + 1  # router (its input x)
+        router = h + e + 4 * c.n_group + 2 * c.topk_group + e / 4 + 3 * k + 1  # router (its input x)
+        if "router" in recompute:  # `Block.route` (norm + router) keeps h; out of it stay the scores (balance
+            # loss), the picks (dispatch) and, without FP8, the gate weights (combine); x if the shared experts keep it
+            x_kept = c.n_shared_experts and (not fp8 or "moe" in recompute)
+            router = h - norm(h) + (e if c.aux_loss_alpha > 0 else 0) + (2 if fp8 else 3) * k + (h if x_kept else 0)
+        plain += router
         if fp8 and "moe" not in recompute:  # rows, SwiGLU input and the down GEMM's input in FP8
             plain, quant = plain + 3 * k, quant + k * (q8(h) + 3 * q8(i))
         else:
