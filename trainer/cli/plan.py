@@ -128,11 +128,11 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
         else:
             plain += h + (h if c.q_lora_rank is None else c.q_lora_rank) + r
     plain, quant = (plain, quant + q8(nh * dv)) if fp8 else (plain + nh * dv, quant)  # o_proj's input
+    if "attention" in recompute:  # `Block.attention` (its norm, MLA, o_proj) keeps only the block input
+        plain, quant = float(h), 0.0
     # feed-forward: its norm, then a dense SwiGLU MLP or the MoE
     plain += norm(h)
 
-    if "attention" in recompute:  # `Block.attention` (its norm, MLA, o_proj) keeps only the block input
-        plain, quant = float(h), 0.0
     def swiglu(width: int) -> tuple[float, float]:  # (plain, FP8) of an MLP given x, not recomputed
         if "moe" in recompute:
             return 0.0, 0.0
