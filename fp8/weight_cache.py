@@ -10,6 +10,10 @@ parameter views (DeepSpeed ZeRO copies updated weights that way); with such an o
 
 128×128 blocks are square, so the quantization of Wᵀ is exactly the transpose of the quantization
 of W (same blocks, same amax, same per-element division): Dgrad reuses it instead of requantizing.
+The transpose is kept with W through the step (one copy per weight: the micro-batches' backwards
+reuse it), or, with `cache_transposes(model, False)` (`fp8.cache_transposed: false`), made in each
+backward from the cached W and dropped after its GEMM: half the cache's memory for one transposing
+copy of each weight per micro-batch's backward; the values are the same either way.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ class QuantizedWeight(NamedTuple):
 
 
 class WeightCache:
-    """One parameter's FP8 copy (and its transpose, made on first use in backward)."""
+    """One parameter's FP8 copy (and its transpose, made on first use in backward; kept too while
+    `keep_transposed`)."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._w: QuantizedWeight | None = None
         self._w_t: QuantizedWeight | None = None
         self.num_quantizations = 0
+        self.keep_transposed = True
 
     def invalidate(self) -> None:
         self._key = None
@@ -51,10 +57,12 @@ class WeightCache:
     def get_transposed(self, weight: torch.Tensor, backend) -> QuantizedWeight:
         """Wᵀ in the same blocks: q [..., K, N] (contiguous), s [..., nbk, nbn]."""
         w = self.get(weight, backend)
-        if self._w_t is None:
-            self._w_t = QuantizedWeight(w.q.transpose(-1, -2).contiguous(),
-                                        w.s.transpose(-1, -2).contiguous())
-        return self._w_t
+        if self._w_t is not None:
+            return self._w_t
+        w_t = QuantizedWeight(w.q.transpose(-1, -2).contiguous(), w.s.transpose(-1, -2).contiguous())
+        if self.keep_transposed:
+            self._w_t = w_t
+        return w_t
 
 
 def invalidate_weight_caches(model: nn.Module) -> None:
@@ -62,6 +70,17 @@ def invalidate_weight_caches(model: nn.Module) -> None:
     for module in model.modules():
         for cache in getattr(module, "fp8_weight_caches", {}).values():
             cache.invalidate()
+
+
+def cache_transposes(model: nn.Module, keep: bool) -> None:
+    """Whether `model`'s FP8 weight caches keep each weight's transpose through the step (True, the
+    default) or make it in every backward and drop it after use (`fp8.cache_transposed`). Call after
+    the FP8 swap (`parallelize`); drops the transposes already kept when `keep` is False."""
+    for module in model.modules():
+        for cache in getattr(module, "fp8_weight_caches", {}).values():
+            cache.keep_transposed = keep
+            if not keep:
+                cache._w_t = None
 
 
 def attach_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):

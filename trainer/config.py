@@ -117,6 +117,9 @@ class ParallelSchema:
 @dataclass
 class FP8Schema:
     backend: str = "off"  # off | emulate | triton | cublas | auto
+    # keep each FP8 weight's transpose (Dgrad's operand) through the step; false: made in each backward
+    # and dropped after use, half the FP8 weight copies' memory (twinpipe.fp8.weight_cache)
+    cache_transposed: bool = True
 
 
 @dataclass

@@ -121,6 +121,41 @@ def test_plan_activations_and_grads_match_one_forward(size, recompute, fp8):
     assert (cached > 0) == (fp8 != "off")
 
 
+def test_plan_fp8_weight_copies_without_transposes(monkeypatch):
+    """fp8.cache_transposed=false: after a step's backward the caches hold each FP8 weight, not its
+    transpose; during it the transposes of one module at a time exist (measured: the largest live sum
+    of the transposes handed out, through weak references, so what a backward still holds counts). The
+    plan counts both byte for byte; 1% leaves room for nothing else."""
+    import weakref
+
+    from twinpipe.fp8.weight_cache import WeightCache
+    from twinpipe.trainer.build import build_model
+
+    live, peak = [], [0]
+    original = WeightCache.get_transposed
+
+    def tracked(self, weight, backend):
+        w_t = original(self, weight, backend)
+        live.append((weakref.ref(w_t.q), w_t.q.untyped_storage().nbytes() + w_t.s.untyped_storage().nbytes()))
+        peak[0] = max(peak[0], sum(n for ref, n in live if ref() is not None))
+        return w_t
+
+    monkeypatch.setattr(WeightCache, "get_transposed", tracked)
+    cfg = recipe(*MID, "train.global_batch=2", "fp8.backend=emulate", "fp8.cache_transposed=false")
+    model = build_model(cfg, torch.device("cpu"))
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len))
+    out = model.forward_train(tokens)
+    (out.hidden.float().square().mean() + sum(h.float().square().mean() for h in out.mtp_hidden)).backward()
+    caches = [c for m in model.modules() for c in getattr(m, "fp8_weight_caches", {}).values()]
+    assert caches and all(c._w is not None and c._w_t is None for c in caches)
+    kept = sum(c._w.q.untyped_storage().nbytes() + c._w.s.untyped_storage().nbytes() for c in caches)
+    [planned] = planner.plan(cfg, attention="math", check_fit=False)["ranks"]
+    [with_transposes] = planner.plan(recipe(*MID, "train.global_batch=2", "fp8.backend=emulate"), attention="math",
+                                     check_fit=False)["ranks"]
+    assert kept + peak[0] == pytest.approx(planned["fp8_weight_cache_bytes"], rel=0.01)
+    assert planned["fp8_weight_cache_bytes"] < 0.75 * with_transposes["fp8_weight_cache_bytes"]
+
+
 def test_plan_kv_cache_is_the_rollout_cache():
     from twinpipe.model.kv_cache import LatentKVCache
     from twinpipe.trainer.build import model_config

@@ -249,7 +249,7 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
         else:
             dense += n
     fp8 = cfg.fp8.backend != "off"
-    fp8_cache = fp8_weight_cache_bytes(model, local) if fp8 else 0
+    fp8_cache = fp8_weight_cache_bytes(model, local, cfg.fp8.get("cache_transposed", True)) if fp8 else 0
     moment = 2 if cfg.optim.moment_dtype == "bf16" else 4
     blocks = sorted(range(c.num_hidden_layers) if "layers" in local else
                     {int(n.split(".")[1]) for n in local if n.startswith("layers.")})
@@ -282,18 +282,20 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     return out
 
 
-def fp8_weight_cache_bytes(model: Any, local: set[str]) -> int:
+def fp8_weight_cache_bytes(model: Any, local: set[str], transposed: bool = True) -> int:
     """The FP8 copies of this rank's FP8 weights kept through a step (`fp8/weight_cache.py`): each
     weight quantised in 128x128 blocks (`weight_quant` returns a view of whole blocks: padded below
     128) and its contiguous transpose for the input gradient, E4M3 with an fp32 scale per block; the weights `fp8/convert.py` converts (Linears outside its SKIPPED_NAMES, routed
-    experts; the plan's model is not converted, `parallelize` runs with fp8 off: same parameters)."""
+    experts; the plan's model is not converted, `parallelize` runs with fp8 off: same parameters).
+    Without `transposed` (fp8.cache_transposed=false) the transposes are made in each backward and
+    dropped after it: only the largest module's (the routed experts': all three at once) exist."""
     from torch import nn
 
     from twinpipe.fp8.convert import SKIPPED_NAMES
     from twinpipe.model.experts import Experts
     from twinpipe.parallel.parallelize import is_under
 
-    total = 0
+    total = largest = 0
     for name, module in model.named_modules():
         if not is_under(name, local) or any(part in SKIPPED_NAMES for part in name.split(".")):
             continue
@@ -303,11 +305,15 @@ def fp8_weight_cache_bytes(model: Any, local: set[str]) -> int:
             weights = [module.gate_proj, module.up_proj, module.down_proj]
         else:
             continue
+        transposes = 0
         for w in weights:
             *batch, n, k = w.shape
             blocks = math.prod(batch) * math.ceil(n / 128) * math.ceil(k / 128)
-            total += blocks * 128 * 128 + w.numel() + 2 * 4 * blocks  # q (a view of whole blocks), qᵀ, s, sᵀ
-    return total
+            total += blocks * 128 * 128 + 4 * blocks  # q (a view of whole blocks), s
+            transposes += w.numel() + 4 * blocks  # qᵀ, sᵀ (contiguous)
+        total += transposes if transposed else 0
+        largest = max(largest, transposes)
+    return total if transposed else total + largest
 
 
 def stages_held(cfg: DictConfig) -> int:
