@@ -424,17 +424,12 @@ def validate(cfg: DictConfig) -> None:
 
 def check_bf16_params(cfg: DictConfig) -> None:
     """optim.param_dtype=bf16: what the BF16 parameters with FP32 master weights run with."""
-    p = cfg.parallel
     if cfg.train.dtype != "bf16":
         raise ValueError(f"optim.param_dtype=bf16 with train.dtype={cfg.train.dtype}: BF16 parameters compute "
                          "under BF16 autocast; set train.dtype=bf16 (or optim.param_dtype=fp32)")
     if cfg.optim.zero != "ours":
         raise ValueError(f"optim.param_dtype=bf16 with optim.zero={cfg.optim.zero}: the FP32 master weights and "
                          "gradients are optim.zero=ours's; use optim.zero=ours")
-    if p.pp > 1 and p.ep > 1 and p.schedule in ("dualpipe", "dualpipev"):
-        raise ValueError(f"optim.param_dtype=bf16 with parallel.schedule={p.schedule}, parallel.ep={p.ep}: the "
-                         "overlapped backward (parallel/experts/overlap.py) accumulates .grad itself, not the "
-                         "FP32 main_grad; use parallel.schedule=1f1b, parallel.ep=1 or optim.param_dtype=fp32")
 
 
 def check_layer_split(split: List[int], pp: int, schedule: str, num_layers: int) -> None:

@@ -119,6 +119,8 @@ class TrainStep:
                 f"step {self.steps_done + 1}: loss={metrics['loss']}, grad_norm={grad_norm}; stopping with "
                 f"the weights of step {self.steps_done} untouched (train.on_nonfinite=stop; 'skip' drops "
                 "such steps)")
+        else:
+            optimizer.zero_grad()  # drop the step's gradients (BF16 parameters: back from their FP32 master)
         eplb_metrics: dict[str, float] = {}
         if self.rebalancer is not None:
             self.eplb_window += counts

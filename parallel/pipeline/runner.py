@@ -31,6 +31,7 @@ from twinpipe.parallel.pipeline.dualpipe import DualPipe, DualPipeV
 from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
 from twinpipe.parallel.pipeline.placement import StagePlacement
 from twinpipe.parallel.pipeline.stages import build_stages, copied_module_names, set_stage_p2p_shapes
+from twinpipe.parallel.pipeline.weight_grad_store import fold_into_main_grads
 
 
 def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -65,13 +66,30 @@ class StageCriterion:
 
 
 def sum_gradients(params: list[nn.Parameter], group) -> None:
-    """p.grad <- sum over `group` of p.grad (None counts as zeros), in one flat all-reduce."""
+    """p.grad <- sum over `group` of p.grad (None counts as zeros), in one flat all-reduce. A parameter
+    with an FP32 `main_grad` (a BF16 parameter, trainer/optim/zero.py) sums that instead, in place."""
     params = [p for p in params if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    fold_into_main_grads(params)
+    grads = [p.main_grad if hasattr(p, "main_grad") else p.grad if p.grad is not None else torch.zeros_like(p)
+             for p in params]
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=group)
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-        p.grad = g
+        if hasattr(p, "main_grad"):
+            p.main_grad.copy_(g)
+        else:
+            p.grad = g
+
+
+def _folding_main_grads(overlapped: Callable, params: list[nn.Parameter]) -> Callable:
+    """`overlapped` (an overlapped_forward_backward) followed by `fold_into_main_grads`: its backward of
+    one micro-batch's chunk writes the leaves' `.grad` (twinpipe.parallel.experts.overlap), so a BF16
+    parameter's gradient is rounded once per micro-batch and summed over them in FP32, as with the hook."""
+    def run(*args, **kwargs):
+        out = overlapped(*args, **kwargs)
+        fold_into_main_grads(params)
+        return out
+    return run
 
 
 def sum_metrics(records: list[dict[str, torch.Tensor]], group, device: torch.device) -> dict[str, torch.Tensor]:
@@ -110,6 +128,9 @@ class PipelineRunner:
             self.pipe = OneFOneB(self.stages[0], process_group=pp_group)
         else:
             # overlapped_forward_backward: e.g. twinpipe.parallel.experts.overlap's, with expert parallelism
+            if overlapped_forward_backward is not None:
+                overlapped_forward_backward = _folding_main_grads(
+                    overlapped_forward_backward, [q for q in model.parameters() if not q.is_meta])
             self.pipe = self.SCHEDULES[schedule](
                 self.stages, process_group=pp_group,
                 overlapped_forward_backward=overlapped_forward_backward)
@@ -159,7 +180,11 @@ class PipelineRunner:
         set_aux_loss_scale(self.stages, 1.0 / n)  # the balance loss is averaged over micro-batches
         micro_batches = [to_device(mb, self.device) for mb in micro_batches]
         micro, seq = micro_batches[0]["input_ids"].shape
-        set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size)
+        # the hidden states travel in the parameters' dtype: an embedding stored in BF16 (optim.param_dtype)
+        # starts a BF16 residual stream
+        hidden_dtype = next((p.dtype for p in self.model.parameters() if p.requires_grad and not p.is_meta),
+                            torch.float32)
+        set_stage_p2p_shapes(micro, seq, self.model.config.hidden_size, hidden_dtype)
         criterion = StageCriterion(objective, micro_batches, self.model.lm_head.weight)
         inputs, labels = self.feeds(micro_batches)
         self.num_chunks = n

@@ -64,12 +64,26 @@ class WeightGradStore:
 
 
 def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """param.grad += grad (in the parameter's dtype), as autograd's AccumulateGrad does."""
+    """param.grad += grad (in the parameter's dtype), as autograd's AccumulateGrad does; a parameter
+    with an FP32 `main_grad` (a BF16 parameter, trainer/optim/zero.py) gets `main_grad += grad` rounded
+    to its dtype first, as its post-accumulate-grad hook adds autograd's gradient."""
     grad = grad.to(param.dtype)
-    if param.grad is None:
+    if hasattr(param, "main_grad"):
+        param.main_grad.add_(grad)
+    elif param.grad is None:
         param.grad = grad
     else:
         param.grad += grad
+
+
+def fold_into_main_grads(params: list[torch.Tensor]) -> None:
+    """The gradients left in `.grad` of parameters with an FP32 `main_grad` (BF16 parameters) by code
+    that accumulates leaves itself instead of autograd's AccumulateGrad (whose hook would have moved
+    them), added into main_grad and freed."""
+    for p in params:
+        if p.grad is not None and hasattr(p, "main_grad"):
+            accumulate(p, p.grad)
+            p.grad = None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -31,7 +31,9 @@ MID = ["model=tiny", "model.vocab_size=2048", "model.hidden_size=256", "model.nu
 LAYOUTS = {"pp2": ["parallel.pp=2", "parallel.schedule=dualpipe", "train.global_batch=8"],
            "dp2ep2": ["parallel.dp=2", "parallel.ep=2", "train.global_batch=8"],
            "pp2dp2ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
-                         "train.global_batch=16"]}
+                         "train.global_batch=16"],
+           "dp2ep2_bf16_params": ["parallel.dp=2", "parallel.ep=2", "train.global_batch=8", "train.dtype=bf16",
+                                  "optim.param_dtype=bf16"]}
 
 
 def recipe(*overrides: str, name: str = "pretrain"):
@@ -59,7 +61,7 @@ def _allocated(rank: int, world: int, cfg) -> dict[str, int]:
     trainable = [q for q in held if q.requires_grad]
     torch.autograd.backward([q.sum() for q in trainable])  # a gradient into every parameter, via AccumulateGrad
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # p.grad that are bucket views count once
-                for t in [*(q.grad for q in trainable), *(b.grad for b in opt.buckets)]}
+                for t in [*(getattr(q, "main_grad", q.grad) for q in trainable), *(b.grad for b in opt.buckets)]}
     return dict(weights=nbytes(held), grads=sum(storages.values()), optimizer=moments)
 
 

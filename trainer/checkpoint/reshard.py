@@ -165,6 +165,10 @@ class _SavedState:
                 out[j][i] = value.view(shape[1:])
         return out
 
+    def _expert_master_key(self, ep_rank: int, slot: str) -> str:
+        master = f"{fmt.OPTIM}.{fmt.expert_optim_key(ep_rank)}.{slot}.{fmt.BUCKET_TENSORS[0]}"
+        return master if master in self.saved else f"{fmt.expert_weights_key(ep_rank, self.ep)}.{slot}"
+
     def _expert_rows(self, layer: str, param: str, shape: tuple[int, ...], experts: list[int]) -> list[Any]:
         """`rows` of a layer saved under ep > 1: each expert's weights and moments from its first slot;
         its other slots (EPLB replicas) must hold the same bits (checked)."""
@@ -173,7 +177,8 @@ class _SavedState:
 
         slot = f"{layer}.{LOCAL}{param}"
         ranks = range(self.ep)
-        keys = [[f"{fmt.expert_weights_key(r, self.ep)}.{slot}"]
+        # the weights: the slots' FP32 master where the run kept one (optim.param_dtype=bf16), else the model's
+        keys = [[self._expert_master_key(r, slot)]
                 + [f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{k}" for k in fmt.MOMENTS] for r in ranks]
         for k in [f"{fmt.OPTIM}.{fmt.expert_optim_key(r)}.{slot}.{fmt.OPTIM_STEP}" for r in ranks] + sum(keys, []):
             self.empty(k)  # a CheckpointError naming a missing key
@@ -286,6 +291,8 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
                                                        layer.local_logical_ids().tolist())  # this rank's slots
         st = optimizer.expert_opt.state[p]
         p.copy_(master)
+        if "master" in st:  # BF16 parameters: p is the rounding of the FP32 master
+            st["master"].copy_(master)
         st["exp_avg"].copy_(exp_avg)
         st["exp_avg_sq"].copy_(exp_avg_sq)
         st["step"].fill_(step)

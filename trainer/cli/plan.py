@@ -9,13 +9,16 @@ group (`world = parallel.pp x parallel.dp`; collectives are no-ops), builds the 
 `parallelize` without materialising (pipeline placement and expert slots cut exactly as in the run),
 and counts, per rank, in bytes:
 
-- weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast);
+- weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast),
+  or with optim.param_dtype=bf16 the trainable ones in bf16 (their fp32 master is optimizer state);
   with fp8.backend on, the FP8 copies of the FP8 weights and their transposes (`fp8_weight_cache_bytes`);
 - gradients: fp32, once per trainable parameter: the expert slots' `p.grad`, and ZeRO-1's flat
   gradient bucket of the replicated (non-expert) ones, whose segments are their `p.grad`
-  (`trainer/optim/zero.py`);
+  (`trainer/optim/zero.py`); with bf16 parameters the same fp32 buffers as their `main_grad` (a
+  parameter's bf16 `p.grad` lives only until its hook adds it in: not counted);
 - optimizer: ZeRO-1 shard over dp of the replicated parameters (fp32 master copy + two moments in
-  optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again);
+  optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again), plus, with
+  bf16 parameters, the slots' fp32 master;
 - activations saved for backward, per micro-batch and stage (`activation_bytes`, MLA + MoE as
   `model/` computes them, with train.recompute and, under FP8, the Linears' and experts' inputs cached
   in FP8), times the micro-batches in flight: DualPipe / DualPipeV pp + 1, 1F1B pp - pp_rank, no
@@ -270,10 +273,12 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     batch, length = rollout
     kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
     params = dense + experts + frozen
+    bf16_params = cfg.optim.param_dtype == "bf16"  # trainable weights in bf16, experts' fp32 master in the optimizer
     out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params,
                    expert_params=experts,
-                   weights_bytes=4 * params, fp8_weight_cache_bytes=fp8_cache, grad_bytes=4 * (dense + experts),
-                   optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * 2 * moment,
+                   weights_bytes=(2 if bf16_params else 4) * (dense + experts) + 4 * frozen,
+                   fp8_weight_cache_bytes=fp8_cache, grad_bytes=4 * (dense + experts),
+                   optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * (2 * moment + 4 * bf16_params),
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
                    activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,
                    all_to_all_bytes_per_step=int(a2a), total_bytes=0)

@@ -11,6 +11,8 @@ gradient, no decay, no optimizer state — `balance.py` moves it.
 `DeepSpeedZeroOptimizer` stage 1 behind the same calls (`trainer/optim/deepspeed_zero.py`). With
 parallel.ep > 1 the expert weights (already split over the ep group) get a local AdamW inside ours and
 their gradients are reduced by `twinpipe.parallel.experts.grad_reduction.reduce_expert_grads`.
+`optim.param_dtype=bf16` (with ours) stores the parameters in BF16 and keeps FP32 master weights and FP32
+gradients in the optimizer (`zero.py`).
 
 With pipeline parallelism (parallel.pp > 1) each rank optimizes only the parameters it holds (the other
 stages' modules are on meta, see `trainer/build.py`); the global gradient norm sums, over the pipeline
@@ -54,6 +56,7 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
     """The run's optimizer over the parameters this rank holds (`schedule` = parallel.schedule, used
     with pp > 1 to know which of them this rank counts in the global norm)."""
     moment_dtype = torch.bfloat16 if optim.moment_dtype == "bf16" else torch.float32
+    param_dtype = torch.bfloat16 if optim.get("param_dtype", "fp32") == "bf16" else torch.float32
     kwargs = dict(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.zero == "deepspeed":
         if grid.pp > 1:
@@ -82,4 +85,4 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
                      pp_group=grid.pp_group if grid.pp > 1 else None,
                      counted=lambda n, p: counted(n),
                      dense_key=dense_bucket_key(grid.pp_rank, grid.pp),
-                     moment_dtype=moment_dtype, **expert_kwargs, **kwargs)
+                     moment_dtype=moment_dtype, param_dtype=param_dtype, **expert_kwargs, **kwargs)

@@ -25,6 +25,23 @@ torch.optim.AdamW's arithmetic operation for operation (so one rank with fp32 mo
 exactly), computed in fp32 from the moments and storing them back in their dtype; an expert therefore
 gets the same update from its bucket segment under ep = 1 as from its slot under ep > 1.
 
+BF16 parameters (`param_dtype=torch.bfloat16`, the recipe's `optim.param_dtype=bf16`, DeepSeek-V3's
+mixed precision): at construction the optimizer takes the FP32 master from the parameters' exact FP32
+values, then stores each parameter as its BF16 rounding (`p.data`, so every module keeps its Parameter).
+Gradients stay FP32 across micro-batches: each BF16 parameter's `main_grad` is an FP32 buffer (its
+bucket segment; for an expert slot a buffer of its own), and a post-accumulate-grad hook adds the BF16
+`p.grad` autograd produced into it and frees it, so a micro-batch's gradient is rounded to BF16 once
+(as autocast's already is with FP32 parameters) and the sum over micro-batches is FP32. Code that
+accumulates outside autograd (the zero-bubble deferred weight gradients, the pipeline's sum of stage
+copies) writes `main_grad` itself when a parameter has one; what the EP overlap's backward leaves in
+`p.grad` is folded in after each chunk (`weight_grad_store.fold_into_main_grads`), and at
+`reduce_gradients`. The dense update runs on the bucket's FP32 master as before and `publish` rounds it into
+the BF16 parameters; an expert slot's FP32 master is `ExpertAdamW` state "master" (same shape, so EPLB
+moves it with the moments). From `reduce_gradients` to the end of `step` an expert parameter holds its
+FP32 master as data and its FP32 `main_grad` as `p.grad` (`_experts_fp32`), so the expert-parallel
+reduction, the norm and the update run exactly as with FP32 parameters; after the update (or at
+`zero_grad` after a skipped step) it holds the BF16 rounding of the master again.
+
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
 torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
 parallelism each pipeline rank's bucket holds other parameters: `dense_key`
@@ -45,6 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from twinpipe.parallel.pipeline.weight_grad_store import fold_into_main_grads
 from twinpipe.trainer.checkpoint import format as fmt
 
 
@@ -87,15 +105,20 @@ class ExpertAdamW(torch.optim.Optimizer):
     `moment_dtype`. A torch optimizer, so EPLB (twinpipe.parallel.experts.rebalance.move_slots) moves
     each parameter's `state` rows (exp_avg, exp_avg_sq: the parameter's shape) with the slots; `step` is a
     0-dim fp32 tensor per parameter, as torch.optim.AdamW keeps it. The state exists from the start,
-    so a resume can load into it. A parameter without a gradient is skipped, as torch's does."""
+    so a resume can load into it. A parameter without a gradient is skipped, as torch's does. With
+    `master_weights` the state also holds "master", the FP32 copy of the parameter's values (taken here,
+    before ZeroAdamW stores the parameter in BF16), which `step` updates while the parameter shows it
+    (see the module docstring)."""
 
     def __init__(self, params: Iterable[Any], *, betas: tuple[float, float], eps: float,
-                 moment_dtype: torch.dtype = torch.float32):
+                 moment_dtype: torch.dtype = torch.float32, master_weights: bool = False):
         super().__init__(params, dict(lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0))
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p, dtype=moment_dtype),
                                  "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype)}
+                if master_weights:
+                    self.state[p]["master"] = p.detach().to(torch.float32, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> None:
@@ -114,9 +137,28 @@ class ExpertAdamW(torch.optim.Optimizer):
                        eps=group["eps"], weight_decay=group["weight_decay"], step=int(st["step"]))
 
 
+def _into_main_grad(param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a BF16 parameter: its gradient into the FP32 `main_grad`, then freed
+    (autograd also calls it with no gradient when a zero-bubble schedule deferred the weight gradient)."""
+    if param.grad is not None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+
+
+def _to_low_precision(param: nn.Parameter, dtype: torch.dtype, main_grad: torch.Tensor) -> None:
+    """Store `param` in `dtype` (its rounding) with `main_grad` as its FP32 gradient (see the module
+    docstring). A gradient already there is kept in `main_grad`."""
+    if param.grad is not None and param.grad is not main_grad:
+        main_grad.add_(param.grad)
+    param.grad = None
+    param.data = param.data.to(dtype)
+    param.main_grad = main_grad
+    param.register_post_accumulate_grad_hook(_into_main_grad)
+
+
 class _Bucket:
     def __init__(self, key: str, named: list[tuple[str, nn.Parameter]], no_decay: Callable[[str, nn.Parameter], bool],
-                 group: Any, mesh: Any, moment_dtype: torch.dtype):
+                 group: Any, mesh: Any, moment_dtype: torch.dtype, param_dtype: torch.dtype = torch.float32):
         self.key, self.group, self.mesh = key, group, mesh
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -131,13 +173,19 @@ class _Bucket:
         self.hi = min(self.lo + self.chunk, self.numel)
         device = named[0][1].device if named else torch.device("cpu")
         self.grad = torch.zeros(self.numel, dtype=torch.float32, device=device)  # [N]
-        # an fp32 parameter's gradient is its segment of self.grad (`gather_grads`): backward accumulates
-        # into the bucket, so there is no second fp32 copy of the dense gradients (None: copied in)
-        self.grad_views = [self.grad[s.start:s.start + s.param.numel()].view_as(s.param)
-                           if s.param.dtype == torch.float32 and s.param.device == device else None
-                           for s in self.segments]
-        self.gather_grads()  # attaches the views (a gradient already there carried over)
         self.master = self._flat_params()[self.lo:self.hi].clone()  # [shard] fp32 master weights
+        # an fp32 parameter's gradient is its segment of self.grad (`gather_grads`): backward accumulates
+        # into the bucket, so there is no second fp32 copy of the dense gradients (None: copied in).
+        # With a BF16 param_dtype every parameter is stored in BF16 and its segment is its `main_grad`.
+        self.main_grads = param_dtype != torch.float32
+        self.grad_views = [self.grad[s.start:s.start + s.param.numel()].view_as(s.param)
+                           if (self.main_grads or s.param.dtype == torch.float32) and s.param.device == device
+                           else None for s in self.segments]
+        if self.main_grads:
+            for s, view in zip(self.segments, self.grad_views):
+                _to_low_precision(s.param, param_dtype, view)
+        else:
+            self.gather_grads()  # attaches the views (a gradient already there carried over)
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
         # weight-decay factor per shard element: 1 where decayed, 0 for exempt parameters
@@ -158,7 +206,11 @@ class _Bucket:
         in place (AccumulateGrad outside grad mode: `p.grad += new`, as into a gradient of its own;
         0 + g == g), bit for bit the gradients a separate `p.grad` would hold. A gradient already in its
         segment stays; one elsewhere (a parameter without a view, or `p.grad` replaced, e.g. by the
-        pipeline's sum over a shared parameter's copies) is copied in."""
+        pipeline's sum over a shared parameter's copies) is copied in. With BF16 parameters the segments
+        are their `main_grad`s, and a BF16 `p.grad` accumulated outside autograd is added in."""
+        if self.main_grads:
+            fold_into_main_grads([s.param for s in self.segments])
+            return
         for s, view in zip(self.segments, self.grad_views):
             g = s.param.grad
             if view is not None and g is view:
@@ -172,10 +224,11 @@ class _Bucket:
                 s.param.grad = view
 
     def zero_grads(self) -> None:
-        """Gradients to zeros in the bucket (the views stay `p.grad`); parameters without a view: None."""
+        """Gradients to zeros in the bucket (the views stay `p.grad`); parameters without a view, and
+        BF16 parameters (their `main_grad` is the view): None."""
         self.grad.zero_()
         for s, view in zip(self.segments, self.grad_views):
-            s.param.grad = view
+            s.param.grad = None if self.main_grads else view
 
     def reduce(self) -> None:
         self.gather_grads()
@@ -232,14 +285,15 @@ class ZeroAdamW:
                  reduce_experts: Optional[Callable[[], None]] = None,
                  expert_grad_sq: Optional[Callable[[], torch.Tensor]] = None, ep_group: Any = None,
                  ep_rank: int = 0, pp_group: Any = None, moment_dtype: torch.dtype = torch.float32,
-                 counted: Callable[[str, nn.Parameter], bool] = lambda n, p: True, dense_key: str = fmt.dense_bucket_key(0, 1)):
+                 counted: Callable[[str, nn.Parameter], bool] = lambda n, p: True, dense_key: str = fmt.dense_bucket_key(0, 1),
+                 param_dtype: torch.dtype = torch.float32):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         dense = [(n, p) for n, p in named if not expert_param(n, p)]
         experts = [(n, p) for n, p in named if expert_param(n, p)]
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.ep_group, self.pp_group, self.reduce_experts = ep_group, pp_group, reduce_experts
         self.expert_grad_sq = expert_grad_sq  # this rank's share of the experts' squared grad norm
-        self.buckets = [_Bucket(dense_key, dense, no_decay, dp_group, dp_mesh, moment_dtype)]
+        self.buckets = [_Bucket(dense_key, dense, no_decay, dp_group, dp_mesh, moment_dtype, param_dtype)]
         for b in self.buckets:
             for seg in b.segments:  # contiguous counted parameters merge into one range
                 if counted(seg.name, seg.param):
@@ -255,18 +309,46 @@ class ZeroAdamW:
             groups = [{"params": [p for n, p in experts if not no_decay(n, p)], "weight_decay": weight_decay},
                       {"params": [p for n, p in experts if no_decay(n, p)], "weight_decay": 0.0}]
             self.expert_opt = ExpertAdamW([g for g in groups if g["params"]], betas=self.betas, eps=eps,
-                                          moment_dtype=moment_dtype)
+                                          moment_dtype=moment_dtype, master_weights=param_dtype != torch.float32)
+            if param_dtype != torch.float32:
+                for p in self.expert_names:
+                    _to_low_precision(p, param_dtype, torch.zeros_like(p, dtype=torch.float32))
+        self.low_precision: dict[nn.Parameter, torch.Tensor] = {}  # expert param -> its BF16 data while FP32
         self.step_count = 0
 
+    def _experts_fp32(self) -> None:
+        """BF16 expert parameters show their FP32 master and `main_grad` (the module docstring)."""
+        if self.low_precision or self.expert_opt is None:
+            return
+        fold_into_main_grads(list(self.expert_names))
+        for p in self.expert_names:
+            if not hasattr(p, "main_grad"):
+                return
+            self.low_precision[p] = p.data
+            p.data = self.expert_opt.state[p]["master"]
+            p.grad = p.main_grad
+
+    def _experts_low_precision(self) -> None:
+        """Back to BF16 expert parameters, each the rounding of its (updated) master; gradients cleared."""
+        for p, data in self.low_precision.items():
+            data.copy_(p.data)
+            p.data = data
+            p.grad = None
+        self.low_precision = {}
+
     def zero_grad(self) -> None:
+        self._experts_low_precision()  # after a skipped step
         for b in self.buckets:  # dense gradients: zeros in the bucket, which `p.grad` views
             b.zero_grads()
         for p in self.expert_names:
             p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad.zero_()
 
     def reduce_gradients(self) -> None:
         for b in self.buckets:
             b.reduce()
+        self._experts_fp32()
         if self.expert_opt is not None and self.reduce_experts is not None:
             self.reduce_experts()
 
@@ -301,6 +383,7 @@ class ZeroAdamW:
             for group in self.expert_opt.param_groups:
                 group["lr"] = lr
             self.expert_opt.step()
+            self._experts_low_precision()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank (FP32 master shard + both moments; local experts'
@@ -333,3 +416,5 @@ class ZeroAdamW:
             by_name = {n: p for p, n in self.expert_names.items()}
             for name, st in state[self.expert_key].items():
                 self.expert_opt.state[by_name[name]].update(st)
+                if "master" in st:  # BF16 parameters: the rounding of the loaded master
+                    by_name[name].detach().copy_(st["master"])
