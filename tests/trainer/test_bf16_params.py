@@ -113,8 +113,11 @@ def test_bf16_params_fp32_master_and_grads_exact(as_experts):
             p.grad.mul_(clip)
         torch_opt.step()
         torch_opt.zero_grad()
+        versions = [p._version for p in params]
         opt.step(LR, clip)
         opt.zero_grad()
+        # written in place, so caches keyed on the version counter (fp8/weight_cache.py) see the update
+        assert all(p._version > v for p, v in zip(params, versions))
         for p, r in zip(params, ref.parameters()):
             assert p.dtype == torch.bfloat16 and torch.equal(p, r.detach().bfloat16()), step
             if p in opt.expert_names:

@@ -331,8 +331,9 @@ class ZeroAdamW:
     def _experts_low_precision(self) -> None:
         """Back to BF16 expert parameters, each the rounding of its (updated) master; gradients cleared."""
         for p, data in self.low_precision.items():
-            data.copy_(p.data)
-            p.data = data
+            master, p.data = p.data, data
+            with torch.no_grad():  # in place on p: its version counter moves, so FP8 weight caches re-quantise
+                p.copy_(master)
             p.grad = None
         self.low_precision = {}
 
