@@ -158,6 +158,36 @@ def test_plan_fp8_weight_copies_without_transposes(monkeypatch):
     assert planned["fp8_weight_cache_bytes"] < 0.75 * with_transposes["fp8_weight_cache_bytes"]
 
 
+def test_recomputed_flops_are_the_regions_forward():
+    """`recompute_flops` (the roofline's rerun in the backward) against torch's FLOP counter on the
+    recomputed regions' forwards (mid config): `attention` (Block.attention) and `router` (Block.route)
+    exactly, once the counter's full-square SDPA is halved for the causal mask as the plan counts it;
+    `full` is the block's forward; `mla_up` the attention's without kv_a and o_proj."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from twinpipe.model.transformer import Transformer
+    from twinpipe.trainer.build import model_config
+
+    c = model_config(recipe(*MID).model)
+    B, T = 2, 64
+    torch.manual_seed(0)
+    block = Transformer(c).layers[1]  # a MoE block
+    h, positions = torch.randn(B, T, c.hidden_size), torch.arange(T).expand(B, T)
+    counted = {}
+    for option, region in (("attention", lambda: block.attention(h, positions, None, None)),
+                           ("router", lambda: block.route(h))):
+        with FlopCounterMode(display=False) as counter:
+            region()
+        counted[option] = counter.get_total_flops()
+    causal_half = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * T * B * T  # of 2 x nh (qk + dv) T^2 B
+    flops = {o: planner.recompute_flops(c, 1, T, (o,)) * B * T for o in ("attention", "router", "mla_up", "full")}
+    assert flops["attention"] == counted["attention"] - causal_half > 0
+    assert flops["router"] == counted["router"] > 0
+    assert flops["full"] == planner.forward_flops(c, 1, T) * B * T
+    kv_a_o = 2 * c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim + c.num_attention_heads * c.v_head_dim) * B * T
+    assert flops["mla_up"] == flops["attention"] - kv_a_o
+
+
 def test_plan_kv_cache_is_the_rollout_cache():
     from twinpipe.model.kv_cache import LatentKVCache
     from twinpipe.trainer.build import model_config

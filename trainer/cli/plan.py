@@ -11,7 +11,7 @@ and counts, per rank, in bytes:
 
 - weights: every parameter the rank holds, fp32 (master weights are the parameters; bf16 runs autocast),
   or with optim.param_dtype=bf16 the trainable ones in bf16 (their fp32 master is optimizer state);
-  with fp8.backend on, the FP8 copies of the FP8 weights and their transposes (`fp8_weight_cache_bytes`);
+  with fp8.backend on, the FP8 copies of the FP8 weights and their transposes (`fp8_weight_parts`);
 - gradients: fp32, once per trainable parameter: the expert slots' `p.grad`, and ZeRO-1's flat
   gradient bucket of the replicated (non-expert) ones, whose segments are their `p.grad`
   (`trainer/optim/zero.py`); with bf16 parameters the same fp32 buffers as their `main_grad` (a
@@ -33,7 +33,9 @@ and counts, per rank, in bytes:
   sent as its own row, as `parallel/experts/dispatch.py` does).
 
 Then a roofline step time with a stated GPU (`GPUS`): per micro-batch and stage, the forward takes
-max(FLOPs / peak, bytes / HBM bandwidth), backward twice that; all-to-all at NVLink speed inside a node
+max(FLOPs / peak, bytes / HBM bandwidth), backward twice that plus what it recomputes
+(train.recompute, `recompute_flops`) and, without fp8.cache_transposed, the FP8 weight transposes it
+makes (read and written at HBM speed); all-to-all at NVLink speed inside a node
 and IB between nodes, hidden behind compute under DualPipe (its point) and added under 1F1B; the bubble
 of the schedule (DualPipe paper, Table 2, with B = 2F, W = F, no F&B overlap gain); the ZeRO-1 gradient
 all-reduce and master all-gather over dp after the backward. Out: tokens/s per GPU, MFU and GPU-hours
@@ -49,7 +51,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -172,6 +174,29 @@ def forward_flops(c: Any, layer: int, seq_len: int) -> float:
     return 2.0 * active_matmul_params(c, layer) + attn_core
 
 
+def recompute_flops(c: Any, layer: int, seq_len: int, recompute: tuple[str, ...]) -> float:
+    """Forward FLOPs per token of block `layer` that train.recompute runs again in the backward (as
+    `forward_flops` counts them: matmuls and the attention core; norms and elementwise ops free)."""
+    if "full" in recompute:
+        return forward_flops(c, layer, seq_len)
+    from twinpipe.trainer.flops import _attention_weights
+
+    h, nh = c.hidden_size, c.num_attention_heads
+    core = nh * (c.qk_head_dim + c.v_head_dim) * seq_len
+    flops = 0.0
+    if "attention" in recompute:
+        flops += 2.0 * _attention_weights(c) + core
+    elif "mla_up" in recompute:  # q's projections and kv_b with the core
+        q = h * nh * c.qk_head_dim if c.q_lora_rank is None else (h + nh * c.qk_head_dim) * c.q_lora_rank
+        flops += 2.0 * (q + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)) + core
+    if c.is_moe_layer(layer):
+        flops += 2.0 * c.n_routed_experts * h if "router" in recompute else 0.0
+        width = c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
+    else:
+        width = c.intermediate_size
+    return flops + (6.0 * h * width if "moe" in recompute else 0.0)
+
+
 @dataclass
 class RankPlan:
     rank: int
@@ -182,6 +207,7 @@ class RankPlan:
     expert_params: int
     weights_bytes: int
     fp8_weight_cache_bytes: int
+    fp8_transpose_bytes_per_step: int  # FP8 weight transposes made per step (once, or in every backward)
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes_per_micro_batch: int
@@ -252,7 +278,8 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
         else:
             dense += n
     fp8 = cfg.fp8.backend != "off"
-    fp8_cache = fp8_weight_cache_bytes(model, local, cfg.fp8.get("cache_transposed", True)) if fp8 else 0
+    kept_t = cfg.fp8.get("cache_transposed", True)  # else each stage's transposes made in each backward
+    fp8_w, fp8_t, fp8_t_largest = fp8_weight_parts(model, local) if fp8 else (0, 0, 0)
     moment = 2 if cfg.optim.moment_dtype == "bf16" else 4
     blocks = sorted(range(c.num_hidden_layers) if "layers" in local else
                     {int(n.split(".")[1]) for n in local if n.startswith("layers.")})
@@ -277,7 +304,9 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params,
                    expert_params=experts,
                    weights_bytes=(2 if bf16_params else 4) * (dense + experts) + 4 * frozen,
-                   fp8_weight_cache_bytes=fp8_cache, grad_bytes=4 * (dense + experts),
+                   fp8_weight_cache_bytes=fp8_w + (fp8_t if kept_t else fp8_t_largest),
+                   fp8_transpose_bytes_per_step=fp8_t if kept_t else fp8_t * chunks(cfg) // stages_held(cfg),
+                   grad_bytes=4 * (dense + experts),
                    optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * (2 * moment + 4 * bf16_params),
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
                    activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,
@@ -287,38 +316,43 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     return out
 
 
-def fp8_weight_cache_bytes(model: Any, local: set[str], transposed: bool = True) -> int:
-    """The FP8 copies of this rank's FP8 weights kept through a step (`fp8/weight_cache.py`): each
-    weight quantised in 128x128 blocks (`weight_quant` returns a view of whole blocks: padded below
-    128) and its contiguous transpose for the input gradient, E4M3 with an fp32 scale per block; the weights `fp8/convert.py` converts (Linears outside its SKIPPED_NAMES, routed
-    experts; the plan's model is not converted, `parallelize` runs with fp8 off: same parameters).
-    Without `transposed` (fp8.cache_transposed=false) the transposes are made in each backward and
-    dropped after it: only the largest module's (the routed experts': all three at once) exist."""
-    from torch import nn
-
-    from twinpipe.fp8.convert import SKIPPED_NAMES
-    from twinpipe.model.experts import Experts
-    from twinpipe.parallel.parallelize import is_under
-
-    total = largest = 0
-    for name, module in model.named_modules():
-        if not is_under(name, local) or any(part in SKIPPED_NAMES for part in name.split(".")):
-            continue
-        if isinstance(module, nn.Linear):  # (the zero-bubble split's subclass under DualPipe)
-            weights = [module.weight]
-        elif isinstance(module, Experts):
-            weights = [module.gate_proj, module.up_proj, module.down_proj]
-        else:
-            continue
+def fp8_weight_parts(model: Any, local: set[str]) -> tuple[int, int, int]:
+    """(weights, their transposes, the largest module's transposes) in bytes: the FP8 copies of this
+    rank's FP8 weights (`fp8_weights`) kept through a step (`fp8/weight_cache.py`): each weight
+    quantised in 128x128 blocks (`weight_quant` returns a view of whole blocks: padded below 128) and
+    its contiguous transpose for the input gradient, E4M3 with an fp32 scale per block (the plan's
+    model is not converted, `parallelize` runs with fp8 off: same parameters).
+    With fp8.cache_transposed=false the transposes are made in each backward and dropped after it: only
+    the largest module's (the routed experts': all three at once) exist at a time."""
+    total = all_transposes = largest = 0
+    for weights in fp8_weights(model, local):
         transposes = 0
         for w in weights:
             *batch, n, k = w.shape
             blocks = math.prod(batch) * math.ceil(n / 128) * math.ceil(k / 128)
             total += blocks * 128 * 128 + 4 * blocks  # q (a view of whole blocks), s
             transposes += w.numel() + 4 * blocks  # qᵀ, sᵀ (contiguous)
-        total += transposes if transposed else 0
+        all_transposes += transposes
         largest = max(largest, transposes)
-    return total if transposed else total + largest
+    return total, all_transposes, largest
+
+
+def fp8_weights(model: Any, local: set[str]) -> Iterator[list[Any]]:
+    """The weights of each module of this rank that `fp8/convert.py` converts (Linears outside its
+    SKIPPED_NAMES, the routed experts' three), one list per module."""
+    from torch import nn
+
+    from twinpipe.fp8.convert import SKIPPED_NAMES
+    from twinpipe.model.experts import Experts
+    from twinpipe.parallel.parallelize import is_under
+
+    for name, module in model.named_modules():
+        if not is_under(name, local) or any(part in SKIPPED_NAMES for part in name.split(".")):
+            continue
+        if isinstance(module, nn.Linear):  # (the zero-bubble split's subclass under DualPipe)
+            yield [module.weight]
+        elif isinstance(module, Experts):
+            yield [module.gate_proj, module.up_proj, module.down_proj]
 
 
 def stages_held(cfg: DictConfig) -> int:
@@ -352,6 +386,7 @@ def bubble_units(pp: int, schedule: str) -> float:
 
 def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, float]:
     """Step time of the slowest planned rank and what follows from it (see the module docstring)."""
+    from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
     from twinpipe.trainer.flops import flops_per_token
 
@@ -360,6 +395,7 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
     peak = (gpu.fp8_tflops if fp8 else gpu.bf16_tflops) * 1e12
     tokens = t.micro_batch * t.seq_len
     stages = stages_held(cfg)
+    recompute = tuple(parse_options(t.recompute))
     step_times = []
     for r in ranks:
         flops = sum(forward_flops(c, b, t.seq_len) for b in r.blocks) * tokens / stages
@@ -367,7 +403,10 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
             flops += 2.0 * c.vocab_size * c.hidden_size * tokens * (1 + c.num_nextn_predict_layers) / stages
         weight_read = (r.params - r.expert_params) * 2 / stages + r.expert_params * (1 if fp8 else 2) / stages
         f_time = max(flops / peak, (weight_read + r.activation_bytes_per_micro_batch) / (gpu.hbm_tb_s * 1e12))
-        compute = chunks(cfg) * 3 * f_time
+        # inside the backwards: the recomputed forwards, and the FP8 weight transposes (read + write)
+        rerun = sum(recompute_flops(c, b, t.seq_len, recompute) for b in r.blocks) * tokens / stages / peak
+        transposes = 2 * r.fp8_transpose_bytes_per_step / (gpu.hbm_tb_s * 1e12)
+        compute = chunks(cfg) * (3 * f_time + rerun) + transposes
         inside = min(p.ep, gpu.gpus_per_node)
         link = (inside / p.ep) / (gpu.nvlink_gb_s * 1e9) + (1 - inside / p.ep) / (gpu.ib_gb_s * 1e9)
         a2a = r.all_to_all_bytes_per_step * link
@@ -378,7 +417,8 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
         dp_bytes = 3 * 4 * dense * (p.dp - 1) / p.dp + 2 * 4 * r.expert_params * (edp - 1) / edp
         dp_comm = dp_bytes / (gpu.ib_gb_s * 1e9)
         optimizer = 3 * (r.optimizer_bytes + r.weights_bytes) / (gpu.hbm_tb_s * 1e12)
-        step_times.append(dict(rank=r.rank, compute_s=compute, all_to_all_s=a2a,
+        step_times.append(dict(rank=r.rank, compute_s=compute, recompute_s=chunks(cfg) * rerun,
+                               fp8_transposes_s=transposes, all_to_all_s=a2a,
                                bubble_s=bubble_units(p.pp, p.schedule) * f_time, dp_comm_s=dp_comm,
                                optimizer_s=optimizer,
                                step_s=overlapped + bubble_units(p.pp, p.schedule) * f_time + dp_comm + optimizer))
