@@ -114,13 +114,13 @@ class TrainStep:
             clip = min(1.0, self.grad_clip / (grad_norm + 1e-6)) if self.grad_clip > 0 else 1.0
             optimizer.step(lr, clip)
             update_router_bias(self.model, counts.to(torch.float32), gamma, self.center_bias)
-        elif self.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"step {self.steps_done + 1}: loss={metrics['loss']}, grad_norm={grad_norm}; stopping with "
-                f"the weights of step {self.steps_done} untouched (train.on_nonfinite=stop; 'skip' drops "
-                "such steps)")
         else:
             optimizer.zero_grad()  # drop the step's gradients (BF16 parameters: back from their FP32 master)
+            if self.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"step {self.steps_done + 1}: loss={metrics['loss']}, grad_norm={grad_norm}; stopping with "
+                    f"the weights of step {self.steps_done} untouched (train.on_nonfinite=stop; 'skip' drops "
+                    "such steps)")
         eplb_metrics: dict[str, float] = {}
         if self.rebalancer is not None:
             self.eplb_window += counts

@@ -130,6 +130,23 @@ def test_bf16_params_fp32_master_and_grads_exact(as_experts):
     assert params[0].grad is None and torch.equal(params[0].main_grad, g.bfloat16().float())
 
 
+def test_skipped_step_returns_expert_slots_to_bf16():
+    """A step skipped after reduce_gradients (a non-finite norm: TrainStep calls zero_grad instead of
+    step) leaves the expert slots as they were: BF16, the same bits, gradients cleared."""
+    model = _model()
+    opt = ZeroAdamW(model.named_parameters(), betas=BETAS, eps=EPS, weight_decay=WD, no_decay=no_decay,
+                    param_dtype=torch.bfloat16, expert_param=lambda n, p: n.startswith("2."))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(_micro_batches(0)[0].bfloat16()).float().pow(2).sum().backward()
+    opt.reduce_gradients()
+    assert {p.dtype for p in opt.expert_names} == {torch.float32}  # showing the master to the update
+    opt.grad_norm()
+    opt.zero_grad()
+    for p, b in zip(model.parameters(), before):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, b) and p.grad is None
+        assert not p.main_grad.any()
+
+
 def test_bad_param_dtype_values(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"^optim.param_dtype='fp16': allowed values are fp32, bf16$"):
         make_cfg(data_dir, tmp_path, "optim.param_dtype=fp16")
