@@ -116,6 +116,35 @@ def test_mla_up_keeps_the_latents_not_q_per_head():
     assert per_head[0] >= 2 and per_head[1] == 0, per_head
 
 
+def test_attention_and_router_keep_only_the_residuals():
+    """Under FP8 with [attention, router] a MoE block keeps two tensors of width hidden in the compute
+    dtype, the block input and the residual after attention: the attention sublayer and the router
+    recompute from them, the routed and shared experts keep their input in FP8. Without them the
+    attention's norm, MLA and the router's input x are kept too (so the check can fail)."""
+    from twinpipe.fp8 import convert_model
+
+    config = ModelConfig.preset("tiny", vocab_size=96, hidden_size=128, num_hidden_layers=2, intermediate_size=96,
+                                moe_intermediate_size=32, num_attention_heads=2, num_nextn_predict_layers=0)
+    kept = []
+    for option in ("none", ["attention", "router"]):
+        torch.manual_seed(0)
+        block = convert_model(Transformer(config), "emulate").layers[1]  # a MoE block
+        apply_recompute(block, option)
+        params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        wide: set[int] = set()
+
+        def pack(t):
+            if (t.dtype == torch.float32 and t.dim() and t.shape[-1] == config.hidden_size
+                    and t.untyped_storage().data_ptr() not in params):
+                wide.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(torch.randn(2, 16, config.hidden_size, requires_grad=True))
+        kept.append(len(wide))
+    assert kept[0] > 2 and kept[1] == 2, kept
+
+
 def test_recomputed_forward_is_not_counted():
     """Under `full` the MoE layers run again in the backward; the tracker must count one forward."""
     from twinpipe.trainer.balance import ExpertLoadTracker
