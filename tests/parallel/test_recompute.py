@@ -165,6 +165,41 @@ def test_recomputed_forward_is_not_counted():
     assert int(taken[0][0].sum()) > 0
 
 
+def test_routing_replay_through_a_recomputed_router():
+    """GRPO's routing replay replaces the gate's picks by a forward hook; under `router` (and `full`)
+    the gate reruns in the backward, where the hook takes the backward's micro-batch: the same picks,
+    so the same loss and gradients, and the flips are counted once."""
+    from twinpipe.parallel.pipeline import in_flight
+    from twinpipe.trainer.grpo.routing_replay import RouteReplay, main_gates
+
+    torch.manual_seed(0)
+    config = _config()
+    base = Transformer(config)
+    tokens, positions = _batch(config)
+    layers, k = len(main_gates(base)), config.num_experts_per_tok
+    g = torch.Generator().manual_seed(5)
+    routes = torch.stack([torch.randperm(config.n_routed_experts, generator=g)[:k] for _ in range(2 * layers * 16)])
+    routes = routes.view(2, layers, 16, k)                                              # [B, L, T, K]
+    routes[:, :, :3] = -1  # live routing there
+    results = []
+    for option in ("none", ["norms", "mla_up", "attention", "router"], "full"):
+        model = copy.deepcopy(base)
+        apply_recompute(model, option)
+        replay = RouteReplay(model)
+        replay.expect([routes])
+        in_flight.mark(forward=0, backward=0)
+        try:
+            results.append((_loss_and_grads(model, tokens, positions), replay.take_flips()))
+        finally:
+            in_flight.clear()
+            replay.remove()
+    (ref, ref_flips), *others = results
+    assert ref_flips[1] == 2 * layers * 13 and ref_flips[0] > 0, ref_flips
+    for (got, flips), option in zip(others, ("attention+router", "full")):
+        _assert_identical(ref, got, option)
+        assert flips == ref_flips, option
+
+
 def test_options_are_checked():
     assert parse_options("none") == []
     assert parse_options(["moe", "norms", "moe"]) == ["norms", "moe"]
