@@ -23,11 +23,17 @@ different (equally valid) trajectories. So:
 - the first step whose loads differ moved at most `first_flip_picks` picks (default 4: a near-tie
   is rare, measured 1 pick of 1536 there in each layout; a fault such as experts read from the wrong
   slots or stale optimizer state moves many at once);
-- after it: losses within `diverged_loss` (default rel 2e-3). From here the two runs follow different,
+- after it: losses within `diverged_loss` (default rel 1e-2). From here the two runs follow different,
   equally valid trajectories and nothing bounds their distance but how chaotic training is: measured
-  <= 4.1e-5 over 20 steps after up to 190 of 1536 picks moved with the old random-stream init, and
-  2.3e-4 at step 15 of the DualPipe pp=4 run with the by-name init (model/init.py), so 10x the worst
-  seen; a fault (wrong gradients, lost state) moves the loss by percents within a few steps.
+  <= 4.1e-5 over 20 steps after up to 190 of 1536 picks moved with the old random-stream init,
+  2.3e-4 at step 15 of the DualPipe pp=4 run with the by-name init (model/init.py), then on one AMD
+  EPYC machine in the pp=2 x dp=2 x ep=2 DualPipe run 6.4e-4 (step 16) and, once the router moved into
+  `Block.route` (other rounding under the EP overlap; its first flip came at step 4 instead of 6),
+  2.05e-3 (mtp_loss, step 16, 411 picks moved): the distance grows with the steps since the first
+  flip, so the bound is 5x the worst seen. Step 1 and the steps before the first flip are what
+  catch faults exactly (a router gradient lost leaves the router unmoved by Adam: step 2 routes apart);
+  a fault showing only later (wrong gradients, lost state) moves the loss by percents within a few
+  steps.
 grad_norm is compared at the first record, and after it only where a caller asks (`later_grad`, for
 short runs): without any routing difference it moved by up to 6.4e-4 relative at single steps (steps 6,
 11, 18 of the 20-step pipeline runs) while staying within 1.4e-7 over steps 1-3 in every layout
@@ -44,7 +50,7 @@ LOSSES = ("loss", "lm_loss", "mtp_loss")
 
 def assert_matches_one_process(ref: list[dict], got: list[dict], *, first_loss: float = 1e-6,
                                first_grad: float | None = 1e-6, agree_loss: float = 1e-5,
-                               diverged_loss: float = 2e-3, later_grad: float | None = None,
+                               diverged_loss: float = 1e-2, later_grad: float | None = None,
                                first_flip_picks: int = 4, keys: tuple[str, ...] = LOSSES) -> int:
     """Compare `got` with `ref` record by record (same steps, in order) under the rules above; return
     the first step whose expert loads differ (0 when they agree throughout). `first_grad=None` skips
