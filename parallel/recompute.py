@@ -17,11 +17,13 @@ Options (any combination; `none` alone for nothing):
              core is recomputed with them; only x and the latents (c_kv, k_pe) stay, not q per head.
     attention  the whole attention sublayer (`Block.attention`: its RMSNorm and MLA with the core and
              o_proj): only the block input stays. No collective runs in it, so it holds under expert
-             parallelism; the recomputation repeats the attention's forward (about a third of a
-             block's FLOPs at V3's shape and 4K tokens), which hides behind a communication-bound step.
+             parallelism; the recomputation repeats the attention's forward (40% of a MoE block's
+             forward FLOPs at V3's shape and 4K tokens, 22% for mla_up), which a step bound by the
+             all-to-all hides (`twinpipe-plan` counts it: `recompute_s`).
     router   the feed-forward's RMSNorm with the router's scoring (`Block.route`, MoE blocks): only the
              residual h stays, not the normed x the router's weight gradient reads (the routed and shared
-             experts keep their own, under FP8 in FP8) nor the scores.
+             experts keep their own, under FP8 in FP8) nor the router's intermediates (what is read
+             outside stays: the picks, the scores the sequence balance loss reads).
     moe      the SwiGLU feed-forwards: routed experts (`grouped_swiglu`, local to a rank, so no
              all-to-all is repeated under expert parallelism), shared experts and dense MLPs
     full     whole blocks (main and MTP): only each block's input stays. Under expert parallelism a

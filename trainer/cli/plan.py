@@ -110,8 +110,10 @@ def activation_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: s
     their input, the SwiGLU input (gate and up) and the down GEMM's input in FP8 and recompute SwiGLU
     (DeepSeek-V3 §3.3.3).
     `recompute` (train.recompute's options, parallel/recompute.py) keeps only the recomputed parts'
-    inputs, in the compute dtype; `full` keeps the block input (the block rerun in the backward is
-    added by the caller)."""
+    inputs, in the compute dtype: `attention` the block input for the whole attention sublayer, `router`
+    the residual for the feed-forward's norm and the router (what is read outside it stays: the scores
+    for the balance loss, the picks, the shared experts' x unless they keep it in FP8); `full` keeps the
+    block input (the block rerun in the backward is added by the caller)."""
     h, nh, r, dr = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
     qk, dv = c.qk_nope_head_dim + dr, c.v_head_dim
     if "full" in recompute:
