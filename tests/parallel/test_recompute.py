@@ -1,11 +1,14 @@
 """Selective recomputation (`twinpipe.parallel.recompute`) changes memory, not arithmetic.
 
-Every option (norms, mla_up, moe, full and their combination) gives a loss and gradients *bit-identical*
-(torch.equal) to no recomputation, in fp32: the backward reruns the same forward ops on the same inputs
-and back-propagates through the same graph. Checked in one process (with MTP and a packed-document
-mask), with the FP8 emulation, and under each pipeline schedule (2 gloo ranks each, the runner's
-own micro-batch order on both sides, so the comparison stays exact). The expert-load tracker must not
-count a recomputed forward.
+Every option (norms, mla_up, attention, router, moe, full and their combinations) gives a loss and
+gradients *bit-identical* (torch.equal) to no recomputation, in fp32: the backward reruns the same
+forward ops on the same inputs and back-propagates through the same graph. Checked in one process (with
+MTP and a packed-document mask), with the FP8 emulation, under each pipeline schedule (2 gloo ranks
+each, the runner's own micro-batch order on both sides, so the comparison stays exact; DualPipe and
+DualPipeV with the zero-bubble W split) and, for the collective-free attention and router, under
+expert parallelism with the sub-layer EP overlap. No region is recomputed twice (nested), the
+expert-load tracker must not count a recomputed forward, and routing replay holds through a
+recomputed router.
 """
 
 from __future__ import annotations
