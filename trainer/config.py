@@ -414,7 +414,7 @@ def validate(cfg: DictConfig) -> None:
 
     if "full" in parse_options(t.recompute) and p.ep > 1:
         raise ValueError(f"train.recompute={t.recompute} with parallel.ep={p.ep}: recomputing whole blocks would "
-                         "repeat their all-to-alls in the backward; use [norms,mla_up,moe] (collective-free)")
+                         "repeat their all-to-alls in the backward; use [norms,attention,router,moe] (collective-free)")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")
     resume = cfg.resume
