@@ -125,7 +125,7 @@ def test_plan_activations_and_grads_match_one_forward(size, recompute, fp8):
 
 def test_plan_fp8_weight_copies_without_transposes(monkeypatch):
     """fp8.cache_transposed=false: after a step's backward the caches hold each FP8 weight, not its
-    transpose; during it the transposes of one module at a time exist (measured: the largest live sum
+    transpose; during it one transpose at a time exists (measured: the largest live sum
     of the transposes handed out, through weak references, so what a backward still holds counts). The
     plan counts both byte for byte; 1% leaves room for nothing else."""
     import weakref

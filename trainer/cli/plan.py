@@ -319,24 +319,22 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
 
 
 def fp8_weight_parts(model: Any, local: set[str]) -> tuple[int, int, int]:
-    """(weights, their transposes, the largest module's transposes) in bytes: the FP8 copies of this
-    rank's FP8 weights (`fp8_weights`) kept through a step (`fp8/weight_cache.py`): each weight
-    quantised in 128x128 blocks (`weight_quant` returns a view of whole blocks: padded below 128) and
-    its contiguous transpose for the input gradient, E4M3 with an fp32 scale per block (the plan's
-    model is not converted, `parallelize` runs with fp8 off: same parameters).
-    With fp8.cache_transposed=false the transposes are made in each backward and dropped after it: only
-    the largest module's (the routed experts': all three at once) exist at a time."""
-    total = all_transposes = largest = 0
+    """(weights, their transposes, the largest transpose) in bytes: the FP8 copies of this rank's FP8
+    weights (`fp8_weights`) kept through a step (`fp8/weight_cache.py`): each weight quantised in
+    128x128 blocks (`weight_quant` returns a view of whole blocks: padded below 128) and its contiguous
+    transpose for the input gradient, E4M3 with an fp32 scale per block (the plan's model is not
+    converted, `parallelize` runs with fp8 off: same parameters). With fp8.cache_transposed=false the
+    transposes are made in each backward and dropped after their GEMM: one at a time (the FP8 experts'
+    backward frees each of its three before making the next)."""
+    total = transposes = largest = 0
     for weights in fp8_weights(model, local):
-        transposes = 0
         for w in weights:
             *batch, n, k = w.shape
             blocks = math.prod(batch) * math.ceil(n / 128) * math.ceil(k / 128)
             total += blocks * 128 * 128 + 4 * blocks  # q (a view of whole blocks), s
-            transposes += w.numel() + 4 * blocks  # qᵀ, sᵀ (contiguous)
-        all_transposes += transposes
-        largest = max(largest, transposes)
-    return total, all_transposes, largest
+            transposed = w.numel() + 4 * blocks  # qᵀ, sᵀ (contiguous)
+            transposes, largest = transposes + transposed, max(largest, transposed)
+    return total, transposes, largest
 
 
 def fp8_weights(model: Any, local: set[str]) -> Iterator[list[Any]]:
