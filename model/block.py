@@ -34,8 +34,8 @@ class Block(nn.Module):
         """h [B, T, H] -> [B, T, H]; mask [B, 1, T, T]: the packed-document mask (see MLA.forward)."""
         h = h + self.attention(h, position_ids, cache, mask)
         if isinstance(self.mlp, MoE):
-            x, routing = self.route(h)
-            return h + self.mlp(x, routing)
+            x, routed = self.route(h)
+            return h + self.mlp(x, routed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def attention(self, h: torch.Tensor, position_ids: torch.Tensor | None, cache: "LatentKVCache | None",
@@ -45,11 +45,12 @@ class Block(nn.Module):
         return self.self_attn(self.input_layernorm(h), position_ids, cache, mask)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The MoE's input x = norm(h) [B, T, H] and the router's (topk_weight, topk_idx, scores) of it.
-        One method, so recomputing it (train.recompute router) keeps h, not the normed x the router
-        reads (the experts keep their own copies of x)."""
+        """The MoE's input x = norm(h) [B, T, H] and (x flattened [N, H], the router's topk_weight,
+        topk_idx, scores of it) for `MoE.forward`. One method, so recomputing it (train.recompute
+        router) keeps h, not the normed x the router reads (the experts keep their own copies of x)."""
         x = self.post_attention_layernorm(h)
-        return x, self.mlp.gate(x.reshape(-1, x.shape[-1]))
+        flat = x.reshape(-1, x.shape[-1])                                           # [N, H]
+        return x, (flat, *self.mlp.gate(flat))
 
     def reset_parameters(self, std: float) -> None:
         self.input_layernorm.reset_parameters()

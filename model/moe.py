@@ -72,11 +72,14 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]; `routing`: the gate's output for x when the caller ran it (`Block.route`)."""
+    def forward(self, x: torch.Tensor, routed: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]. `routed`: (x flattened, the gate's output for it) when the caller ran
+        the gate (`Block.route`); the experts read that same view of x, so the gradients meet as here."""
         B, T, H = x.shape
-        flat = x.reshape(B * T, H)                                                  # [N, H]
-        topk_weight, topk_idx, scores = routing if routing is not None else self.gate(flat)  # [N, K], [N, K], [N, E]
+        if routed is None:
+            flat = x.reshape(B * T, H)                                              # [N, H]
+            routed = (flat, *self.gate(flat))
+        flat, topk_weight, topk_idx, scores = routed                                # [N, H], [N, K], [N, K], [N, E]
         y = self.experts(flat, topk_idx, topk_weight).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

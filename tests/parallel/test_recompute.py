@@ -119,6 +119,32 @@ def test_mla_up_keeps_the_latents_not_q_per_head():
     assert per_head[0] >= 2 and per_head[1] == 0, per_head
 
 
+def test_block_regions_keep_the_plain_graph():
+    """`Block.attention` and `Block.route` (the regions `attention` and `router` recompute) cut the block
+    without changing its autograd graph: the gate and the experts read one view of the normed x, as in
+    `MoE.forward` alone, so the gradients meet in the same order and everything equals the plain
+    composition h + attn(norm(h)), h + moe(norm(h)) bit for bit (a second view of x for the experts
+    sums the three gradients of x in another order: last-bit differences, seen here)."""
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", num_hidden_layers=3, num_nextn_predict_layers=0)
+    blocks = Transformer(config).layers[1:]  # MoE blocks
+    x = torch.randn(2, 12, config.hidden_size, generator=torch.Generator().manual_seed(3))
+
+    def plain(block, h):
+        h = h + block.self_attn(block.input_layernorm(h))
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    results = []
+    for forward in (plain, lambda block, h: block(h)):
+        blocks.zero_grad(set_to_none=True)
+        h = out = x.clone().requires_grad_()
+        for block in blocks:
+            out = forward(block, out)
+        out.square().mean().backward()
+        results.append([out.detach(), h.grad, *(p.grad for p in blocks.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_attention_and_router_keep_only_the_residuals():
     """Under FP8 with [attention, router] a MoE block keeps two tensors of width hidden in the compute
     dtype, the block input and the residual after attention: the attention sublayer and the router
