@@ -27,10 +27,11 @@ different (equally valid) trajectories. So:
   equally valid trajectories and nothing bounds their distance but how chaotic training is: measured
   <= 4.1e-5 over 20 steps after up to 190 of 1536 picks moved with the old random-stream init,
   2.3e-4 at step 15 of the DualPipe pp=4 run with the by-name init (model/init.py), then on one AMD
-  EPYC machine in the pp=2 x dp=2 x ep=2 DualPipe run 6.4e-4 (step 16) and, once the router moved into
-  `Block.route` (other rounding under the EP overlap; its first flip came at step 4 instead of 6),
-  2.05e-3 (mtp_loss, step 16, 411 picks moved): the distance grows with the steps since the first
-  flip, so the bound is 5x the worst seen. Step 1 and the steps before the first flip are what
+  EPYC machine in the pp=2 x dp=2 x ep=2 DualPipe run 6.4e-4 (step 16) and, with a change that only
+  summed three gradients of the MoE input in another order (ba2f242, since put back by ee6be8a; its
+  first flip came at step 4 instead of 6), 2.05e-3 (mtp_loss, step 16, 411 picks moved): a last-bit
+  difference moves the distance after a flip by 3x, and it grows with the steps since the flip, so
+  the bound is 5x the worst seen. Step 1 and the steps before the first flip are what
   catch faults exactly (a router gradient lost leaves the router unmoved by Adam: step 2 routes apart);
   a fault showing only later (wrong gradients, lost state) moves the loss by percents within a few
   steps.
