@@ -76,11 +76,32 @@ class LiveBytes(TorchDispatchMode):
     storage (a view or in-place update of a tensor made before the mode: a weight's transpose, the
     optimizer's update) is not new memory."""
 
+    active: list["LiveBytes"] = []  # the modes entered, innermost last (`as_kernels`)
+
     def __init__(self) -> None:
         super().__init__()
         self.sizes: dict[int, int] = {}
         self.refs: dict[int, weakref.ref] = {}
         self.live = self.peak = 0
+        self.inside_kernel = 0
+
+    def __enter__(self) -> "LiveBytes":
+        LiveBytes.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        LiveBytes.active.remove(self)
+        return super().__exit__(*exc)
+
+    def kernel(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) counted as one kernel: what it frees before returning (an emulation's
+        temporaries) never raises the peak; its outputs do."""
+        self.inside_kernel += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.inside_kernel -= 1
+            self.peak = max(self.peak, self.live)
 
     def _freed(self, key: int) -> None:
         self.live -= self.sizes.pop(key, 0)
@@ -98,8 +119,25 @@ class LiveBytes(TorchDispatchMode):
                     self.sizes[key] = st.nbytes()
                     self.refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
                     self.live += self.sizes[key]
-        self.peak = max(self.peak, self.live)
+        if not self.inside_kernel:
+            self.peak = max(self.peak, self.live)
         return out
+
+
+def as_kernels(backend: Any) -> Any:
+    """An FP8 backend (`twinpipe.fp8.backend.Backend`) whose quantizers and GEMMs count as one kernel
+    each under the innermost `LiveBytes` (`LiveBytes.kernel`): the emulation's fp32 temporaries (a
+    dequantised weight, |x| for the amax) are not GPU memory, the outputs are."""
+    import dataclasses
+
+    def wrap(fn: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            mode = LiveBytes.active[-1] if LiveBytes.active else None
+            return mode.kernel(fn, *args, **kwargs) if mode else fn(*args, **kwargs)
+        return run
+
+    names = ("act_quant", "weight_quant", "gemm", "grouped_gemm", "k_grouped_gemm")
+    return dataclasses.replace(backend, **{n: wrap(getattr(backend, n)) for n in names})
 
 
 class PeakMeter:

@@ -46,23 +46,50 @@ def _aligned_layout(offsets: torch.Tensor, num_tokens: int, block_size: int
     return pos, aligned, length
 
 
-def _grouped_wgrad(backend: Backend, grad: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor,
-                   offsets: torch.Tensor, out_dtype: torch.dtype, block_size: int = 128) -> torch.Tensor:
-    """dW[e] = grad_segᵀ · x_seg for every expert: grad [M, N], x (q, s) [M, K] -> [E, N, K].
+def _token_major(backend: Backend, rows: Callable[[int, int], torch.Tensor], num_tokens: int, width: int,
+                 pos: torch.Tensor, length: int, amax_floor: float | None = None, chunk: int = 4096
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [M, N] operand of the Wgrad GEMM (dW[e] = grad_segᵀ · x_seg, one k-grouped GEMM over the
+    aligned offsets) requantized 1×128 along the tokens with tiles that never cross an expert:
+    rows(a, b) [b - a, N] fp32 (rows a..b) go to their block-aligned positions `pos` (`_aligned_layout`)
+    of a zero-padded [N, L] buffer, quantized in one call -> (q [N, L], s [N, L/128]). Written `chunk`
+    rows at a time, so an operand made on the fly (dequantised) exists a chunk at a time; every
+    element lands where it would in one go."""
+    buf = torch.zeros(width, length, dtype=torch.float32, device=pos.device)   # [N, L]
+    for a in range(0, num_tokens, chunk):
+        b = min(a + chunk, num_tokens)
+        buf[:, pos[a:b]] = rows(a, b).t()
+    kwargs = {} if amax_floor is None else {"amax_floor": amax_floor}
+    return backend.act_quant(buf, **kwargs)                                     # [N, L], [N, L/128]
 
-    Both operands are requantized 1×128 along the tokens with tiles that never cross an expert: each
-    segment is moved to a block-aligned start of a zero-padded buffer, quantized in one call, and one
-    k-grouped GEMM reduces every expert's own segment.
-    """
-    pos, aligned, length = _aligned_layout(offsets, grad.shape[0], block_size)
-    n, k = grad.shape[1], x_q.shape[1]
-    grad_t = grad.new_zeros(n, length, dtype=torch.float32)                     # [N, L]
-    grad_t[:, pos] = grad.float().t()
-    x_t = grad.new_zeros(k, length, dtype=torch.float32)                        # [K, L]
-    x_t[:, pos] = act_dequant(x_q, x_s).t()
-    g_q, g_s = backend.act_quant(grad_t, amax_floor=GRAD_AMAX_FLOOR)            # [N, L], [N, L/128]
-    xt_q, xt_s = backend.act_quant(x_t)                                         # [K, L], [K, L/128]
-    return backend.k_grouped_gemm(g_q, g_s, xt_q, xt_s, aligned, out_dtype, block_size)   # [E, N, K]
+
+def _grad_token_major(backend: Backend, grad: torch.Tensor, pos: torch.Tensor, length: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gradient [M, N] as the Wgrad GEMM's left operand (`_token_major`, gradients' amax floor)."""
+    return _token_major(backend, lambda a, b: grad[a:b].float(), grad.shape[0], grad.shape[1], pos, length,
+                        GRAD_AMAX_FLOOR)
+
+
+def _x_token_major(backend: Backend, x_q: torch.Tensor, x_s: torch.Tensor, pos: torch.Tensor, length: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 input (q, s) [M, K] as the Wgrad GEMM's right operand, dequantised a chunk at a time."""
+    return _token_major(backend, lambda a, b: act_dequant(x_q[a:b], x_s[a:b]), x_q.shape[0], x_q.shape[1],
+                        pos, length)
+
+
+def _rows_weight_grad(grad: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The weight's gradient of `scale_rows(y, weight, ·)`, (g * y).sum(-1) as `scale_rows_grads` computes
+    it, with the product written over a tensor made for it (grad's copy in the product's dtype, else the
+    recomputed y): the same elementwise products, one [M, H] buffer fewer."""
+    dtype = torch.promote_types(y.dtype, weight.dtype)
+    g = grad.to(dtype)
+    if g is not grad:
+        product = g.mul_(y)
+    elif y.dtype == dtype:
+        product = y.mul_(g)
+    else:
+        product = g * y
+    return product.sum(-1).to(weight.dtype)                                     # [M]
 
 
 class FP8GroupedSwiGLU(torch.autograd.Function):
@@ -86,45 +113,77 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
+        """Each [M, ·] tensor is dropped once read (gradient operands kept in FP8, quantized as the Wgrad
+        GEMMs read them) so the working memory stays near three [M, H] fp32 tensors: grad_y, grad_x and
+        one more (the recomputed y, its scaled gradient, the second Dgrad GEMM's output). Same operations
+        on the same operands as computing them in one expression, so the values are the same bits."""
         x_q, x_s, g_q, g_s, u_q, u_s, w_gate, w_up, w_down, offsets, *weighted = ctx.saved_tensors
         backend: Backend = ctx.backend
         caches = ctx.caches
+        need = ctx.needs_input_grad
         grad_weight = None
-        if weighted:  # grad_y is the scaled rows' gradient: y's and the weight's from it
+        if weighted:  # grad_y is the scaled rows' gradient: the weight's from it and y, then y's
             weight, h_q, h_s = weighted
-            y = None
-            if ctx.needs_input_grad[8]:
+            if need[8]:
                 wd = caches["down_proj"].get(w_down, backend)
                 y = backend.grouped_gemm(h_q, h_s, wd.q, wd.s, offsets, ctx.x_dtype)  # [M, H] as in forward
-            grad_y, grad_weight = scale_rows_grads(grad_y, weight, ctx.x_dtype, y)
+                grad_weight = _rows_weight_grad(grad_y, weight, y)
+                del y, wd
+            grad_y = scale_rows_grads(grad_y, weight, ctx.x_dtype)[0]
+            del weighted, weight, h_q, h_s
+        pos, aligned, length = _aligned_layout(offsets, grad_y.shape[0], 128)
+        dy_q, dy_s = backend.act_quant(grad_y, amax_floor=GRAD_AMAX_FLOOR)  # [M, H]
+        dy_t = _grad_token_major(backend, grad_y, pos, length) if need[3] else None  # down's Wgrad operand
+        del grad_y  # (the caller's still holds the unscaled one)
+
         gate, up = act_dequant(g_q, g_s), act_dequant(u_q, u_s)            # [M, I] fp32 each
         sig = torch.sigmoid(gate)
         silu = gate * sig                                                   # recomputed SwiGLU
-        h = silu * up                                                       # [M, I]
-
-        dy_q, dy_s = backend.act_quant(grad_y, amax_floor=GRAD_AMAX_FLOOR)  # [M, H]
+        h_t = None
+        if need[3]:  # down's Wgrad operand: h [M, I] in FP8 as the down GEMM reads it, along the tokens
+            h_t = _x_token_major(backend, *backend.act_quant(silu * up), pos, length)
+        tail = (1 - sig).mul_(gate).add_(1)                                 # 1 + gate * (1 - sig)
+        del gate
         wd_t = caches["down_proj"].get_transposed(w_down, backend)          # [E, I, H]
         dh = backend.grouped_gemm(dy_q, dy_s, wd_t.q, wd_t.s, offsets, torch.float32)  # [M, I]
-        d_gate = dh * up * sig * (1 + gate * (1 - sig))                     # [M, I]
+        del dy_q, dy_s, wd_t
         d_up = dh * silu                                                    # [M, I]
+        del silu
+        d_gate = dh.mul_(up).mul_(sig).mul_(tail)                           # dh * up * sig * tail
+        del dh, up, sig, tail
 
+        dgate_t = _grad_token_major(backend, d_gate, pos, length) if need[1] else None
+        dup_t = _grad_token_major(backend, d_up, pos, length) if need[2] else None
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:  # the two Dgrad GEMMs' sum, the first output taking the second
             dg_q, dg_s = backend.act_quant(d_gate, amax_floor=GRAD_AMAX_FLOOR)
             du_q, du_s = backend.act_quant(d_up, amax_floor=GRAD_AMAX_FLOOR)
+            del d_gate, d_up
             wg_t = caches["gate_proj"].get_transposed(w_gate, backend)      # [E, H, I]
+            grad_x = backend.grouped_gemm(dg_q, dg_s, wg_t.q, wg_t.s, offsets, torch.float32)  # [M, H]
+            del dg_q, dg_s, wg_t
             wu_t = caches["up_proj"].get_transposed(w_up, backend)
-            grad_x = (backend.grouped_gemm(dg_q, dg_s, wg_t.q, wg_t.s, offsets, torch.float32)
-                      + backend.grouped_gemm(du_q, du_s, wu_t.q, wu_t.s, offsets, torch.float32)
-                      ).to(ctx.x_dtype)                                     # [M, H]
+            grad_x = grad_x.add_(backend.grouped_gemm(du_q, du_s, wu_t.q, wu_t.s, offsets, torch.float32)
+                                 ).to(ctx.x_dtype)                          # [M, H]
+            del du_q, du_s, wu_t
+        else:
+            del d_gate, d_up
+        x_t: list = []  # x along the tokens for gate's and up's Wgrad: made once, when the first runs
+
+        def x_token_major() -> tuple[torch.Tensor, torch.Tensor]:
+            if not x_t:
+                x_t.append(_x_token_major(backend, x_q, x_s, pos, length))
+            return x_t[0]
+
         p_gate, p_up, p_down = ctx.params
+        k_gemm = backend.k_grouped_gemm
         wgrads = {  # [E, I, H], [E, I, H], [E, H, I]
-            1: (p_gate, lambda: _grouped_wgrad(backend, d_gate, x_q, x_s, offsets, w_gate.dtype)),
-            2: (p_up, lambda: _grouped_wgrad(backend, d_up, x_q, x_s, offsets, w_up.dtype)),
-            3: (p_down, lambda: _grouped_wgrad(backend, grad_y, *backend.act_quant(h), offsets, w_down.dtype)),
+            1: (p_gate, lambda: k_gemm(*dgate_t, *x_token_major(), aligned, w_gate.dtype, 128)),
+            2: (p_up, lambda: k_gemm(*dup_t, *x_token_major(), aligned, w_up.dtype, 128)),
+            3: (p_down, lambda: k_gemm(*dy_t, *h_t, aligned, w_down.dtype, 128)),
         }
         grad_w = {i: compute() for i, (w, compute) in wgrads.items()
-                  if ctx.needs_input_grad[i] and not deferred(ctx.defer, w, compute)}
+                  if need[i] and not deferred(ctx.defer, w, compute)}
         return grad_x, grad_w.get(1), grad_w.get(2), grad_w.get(3), None, None, None, None, grad_weight
 
 
