@@ -37,7 +37,7 @@ max(FLOPs / peak, bytes / HBM bandwidth), backward twice that plus what it recom
 (train.recompute, `recompute_flops`) and, without fp8.cache_transposed, the FP8 weight transposes it
 makes (read and written at HBM speed); all-to-all at NVLink speed inside a node
 and IB between nodes, hidden behind compute under DualPipe (its point) and added under 1F1B; the bubble
-of the schedule (DualPipe paper, Table 2, with B = 2F, W = F, no F&B overlap gain); the ZeRO-1 gradient
+of the schedule (DualPipe paper, Table 2, with B = 2F + that, W = F, no F&B overlap gain); the ZeRO-1 gradient
 all-reduce and master all-gather over dp after the backward. Out: tokens/s per GPU, MFU and GPU-hours
 per trillion tokens. It is a bound, not a prediction: kernels at 100% of peak, no stragglers.
 """
@@ -374,14 +374,15 @@ def micro_batches_in_flight(pp: int, pp_rank: int, schedule: str, num_chunks: in
     return min(pp - pp_rank, num_chunks)
 
 
-def bubble_units(pp: int, schedule: str) -> float:
-    """Idle time per step in forward-chunk units F (DualPipe paper Table 2 with B = 2F, W = F and F&B =
-    F + B): 1F1B (PP-1)(F+B); DualPipe/DualPipeV (PP/2-1)(F&B + B - 3W)."""
+def bubble_units(pp: int, schedule: str, extra: float = 0.0) -> float:
+    """Idle time per step in forward-chunk units F (DualPipe paper Table 2 with B = (2 + extra)F, W = F
+    and F&B = F + B; `extra`: what a backward recomputes beyond its 2F): 1F1B (PP-1)(F+B);
+    DualPipe/DualPipeV (PP/2-1)(F&B + B - 3W)."""
     if pp == 1:
         return 0.0
     if schedule in ("dualpipe", "dualpipev"):
-        return (pp / 2 - 1) * 2.0
-    return (pp - 1) * 3.0
+        return (pp / 2 - 1) * (2.0 + 2 * extra)
+    return (pp - 1) * (3.0 + extra)
 
 
 def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, float]:
@@ -407,6 +408,7 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
         rerun = sum(recompute_flops(c, b, t.seq_len, recompute) for b in r.blocks) * tokens / stages / peak
         transposes = 2 * r.fp8_transpose_bytes_per_step / (gpu.hbm_tb_s * 1e12)
         compute = chunks(cfg) * (3 * f_time + rerun) + transposes
+        bubble = bubble_units(p.pp, p.schedule, (rerun + transposes / chunks(cfg)) / f_time) * f_time
         inside = min(p.ep, gpu.gpus_per_node)
         link = (inside / p.ep) / (gpu.nvlink_gb_s * 1e9) + (1 - inside / p.ep) / (gpu.ib_gb_s * 1e9)
         a2a = r.all_to_all_bytes_per_step * link
@@ -419,9 +421,9 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
         optimizer = 3 * (r.optimizer_bytes + r.weights_bytes) / (gpu.hbm_tb_s * 1e12)
         step_times.append(dict(rank=r.rank, compute_s=compute, recompute_s=chunks(cfg) * rerun,
                                fp8_transposes_s=transposes, all_to_all_s=a2a,
-                               bubble_s=bubble_units(p.pp, p.schedule) * f_time, dp_comm_s=dp_comm,
+                               bubble_s=bubble, dp_comm_s=dp_comm,
                                optimizer_s=optimizer,
-                               step_s=overlapped + bubble_units(p.pp, p.schedule) * f_time + dp_comm + optimizer))
+                               step_s=overlapped + bubble + dp_comm + optimizer))
     slowest = max(step_times, key=lambda s: s["step_s"])
     world = p.pp * p.dp
     tps = t.global_batch * t.seq_len / slowest["step_s"] / world
