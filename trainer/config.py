@@ -86,6 +86,9 @@ class OptimSchema:
     # train.dtype=bf16
     param_dtype: str = "fp32"
     zero: str = "ours"  # ours | deepspeed: who partitions the optimizer state over DP (ZeRO stage 1)
+    # true: the expert slots' AdamW state (moments; FP32 master with param_dtype=bf16) partitioned over the
+    # expert-data-parallel group too (dp / ep ranks hold the same slots; trainer/optim/zero.py ExpertAdamW)
+    shard_experts: bool = False
     # LR schedule: linear warmup (steps) -> constant -> cosine to min_lr -> tail phases [length, lr]
     unit: str = "steps"  # steps | tokens: the unit of constant, decay and the tail lengths
     warmup_steps: int = 2000
@@ -405,6 +408,9 @@ def validate(cfg: DictConfig) -> None:
     if p.ep > 1 and cfg.optim.zero == "deepspeed":
         raise ValueError(f"optim.zero=deepspeed with parallel.ep={p.ep}: expert parallelism runs with "
                          "optim.zero=ours (expert weights keep a local optimizer EPLB can move)")
+    if cfg.optim.shard_experts and cfg.optim.zero != "ours":
+        raise ValueError(f"optim.shard_experts=true with optim.zero={cfg.optim.zero}: the expert slots' sharded "
+                         "state is optim.zero=ours's; use optim.zero=ours (or optim.shard_experts=false)")
     if cfg.optim.param_dtype == "bf16":
         check_bf16_params(cfg)
     if cfg.data.source == "files" and not cfg.data.paths:

@@ -12,7 +12,13 @@ different slots (and ranks), so their gradients are summed per logical expert ov
 and written back to every copy, which keeps the replicas identical (what `rebalance.py` relies on).
 
 The trainer's ZeRO-1 optimizer (`twinpipe.trainer.optim.optimizer`) leaves the expert parameters
-(`layer.is_expert_param`) to a local AdamW and calls `reduce_expert_grads` after the backward.
+(`layer.is_expert_param`) to a local AdamW and calls `reduce_expert_grads` after the backward. A slot
+parameter's gradient is its FP32 `main_grad` where it has one (BF16 parameters), else `p.grad`. With
+optim.shard_experts the reduction stays an all-reduce, every member keeping the whole reduced gradient
+(the optimizer updates its 1/edp chunk from it): the global norm (`expert_grad_sq`) needs each slot's
+whole gradient to stay bit for bit the unsharded run's (a norm summed from chunks would add in another
+order, and the clip coefficient with it), and with EPLB replicas the reduction runs over the dp group,
+not the edp group a reduce-scatter would split over.
 """
 
 from __future__ import annotations
@@ -26,10 +32,19 @@ from torch import nn
 from twinpipe.parallel.experts.layer import ExpertParallelExperts, expert_parallel_layers
 
 
+def _fp32_grad(p: nn.Parameter) -> torch.Tensor | None:
+    """A slot parameter's FP32 gradient: its `main_grad` where the optimizer keeps one (BF16 parameters),
+    else `p.grad`."""
+    return p.main_grad if hasattr(p, "main_grad") else p.grad
+
+
 def _local_grads(layer: nn.Module) -> list[torch.Tensor]:
     """Gradients of a layer's local expert params ([S, ...] each), zeros where none was produced."""
     grads = []
     for p in layer.local.parameters():
+        if hasattr(p, "main_grad"):
+            grads.append(p.main_grad)
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
@@ -79,6 +94,6 @@ def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda nam
             continue
         weight = 1.0 / layer.logcnt[layer.local_logical_ids()].double()  # [S]
         for p in layer.local.parameters():
-            if p.grad is not None:
-                total += (p.grad.double().pow(2).flatten(1).sum(1).cpu() * weight.cpu()).sum()
+            if _fp32_grad(p) is not None:
+                total += (_fp32_grad(p).double().pow(2).flatten(1).sum(1).cpu() * weight.cpu()).sum()
     return total

@@ -16,9 +16,14 @@ Because every copy of a logical expert is identical (replica gradients are summe
 rank does the work.
 
 Call it between steps (after `optimizer.step()` and `zero_grad()`): expert gradients are dropped.
+With optim.shard_experts each member of an expert-data-parallel group keeps the state of its chunk of
+every slot (`zero.ExpertAdamW`); the members of the group sit at the same position of their EP groups
+and compute the same moves from the same tables, so member k's chunk of a moved slot goes from member k
+of the source EP rank to member k of the destination, in that EP group's all-to-all.
 ZeRO-1 partitions optimizer state across DP ranks in flat buffers, so a rank cannot move one slot's
-moments from its shard alone: the expert parameters' state stays unpartitioned (they are already
-sharded by EP) in a plain torch optimizer, passed as `optimizer` (the trainer's `expert_opt`).
+moments from its shard alone: the expert parameters' state stays out of those buffers (they are already
+sharded by EP) in a plain torch optimizer, passed as `optimizer` (the trainer's `expert_opt`), with one
+row (with optim.shard_experts this member's chunk of it, above) per slot.
 """
 
 from __future__ import annotations
@@ -39,14 +44,15 @@ logger = logging.getLogger(__name__)
 
 def _state_rows(param: nn.Parameter, optimizer: torch.optim.Optimizer | None,
                 followers: Mapping[nn.Parameter, Sequence[torch.Tensor]] | None = None) -> list[torch.Tensor]:
-    """The per-slot tensors that move with a parameter: itself, its torch-optimizer state of its
-    shape (AdamW: exp_avg, exp_avg_sq), then its `followers` (tensors of its shape, on any device:
-    the CPU EMA's average)."""
+    """The per-slot tensors that move with a parameter: itself, its torch-optimizer state with one row
+    per slot (AdamW: exp_avg, exp_avg_sq, the parameter's shape, or with optim.shard_experts this
+    member's chunk of each slot [S, D/edp, ...]), then its `followers` (tensors of its shape, on any
+    device: the CPU EMA's average)."""
     rows = [param.data]
     if optimizer is not None:
         state = optimizer.state.get(param, {})
         rows += [state[k] for k in sorted(state)
-                 if torch.is_tensor(state[k]) and state[k].shape == param.shape]
+                 if torch.is_tensor(state[k]) and state[k].dim() and state[k].shape[0] == param.shape[0]]
     if followers is not None:
         for t in followers.get(param, ()):
             if t.shape != param.shape:

@@ -222,8 +222,10 @@ class RangedReader(FileSystemReader):
 
 def read_flat(reader: RangedReader, key: str, start: int, stop: int) -> torch.Tensor:
     """Elements [start, stop) of saved tensor `key` (a flat "top.name" key) flattened row-major, read
-    from the chunks that hold them. Chunks must be 1-D ranges or whole past dim 0 (what DCP writes for
-    our flat ZeRO buckets and plain tensors); a CheckpointError names the key otherwise."""
+    from the chunks that hold them. Chunks must be 1-D ranges or whole past dim 1 (what DCP writes for
+    our flat ZeRO buckets, plain tensors, and the expert state sharded over dim 1 by
+    optim.shard_experts: one read per dim-0 row of such a chunk); a CheckpointError names the key
+    otherwise."""
     if not reader.tensors:
         reader.read_metadata()
     meta = reader.tensors.get(key)
@@ -237,20 +239,32 @@ def read_flat(reader: RangedReader, key: str, start: int, stop: int) -> torch.Te
     files: dict[str, Any] = {}
     try:
         for chunk in meta.chunks:
-            if tuple(chunk.sizes[1:]) != size[1:]:
-                raise CheckpointError(f"{reader.path_str}: {key} is saved in chunks split past dim 0; a "
-                                      "ranged read needs them whole past dim 0")
-            lo, hi = (chunk.offsets[0] * row, (chunk.offsets[0] + chunk.sizes[0]) * row) if size else (0, 1)
-            a, b = max(lo, start), min(hi, stop)
-            if a >= b:
-                continue
-            index = MetadataIndex(key, chunk.offsets)
-            f = reader._open(files, reader.storage_data[index].relative_path)
-            layout = reader.layout(f, index)
-            if layout is None:
-                raise CheckpointError(f"{reader.path_str}: {key}: a chunk that is not a plain uncompressed "
-                                      "tensor (written with a DCP extension?) cannot be read by ranges")
-            _read_into(f, layout.data_start + (a - lo) * dtype.itemsize, out[a - start:b - start])
+            if tuple(chunk.sizes[2:]) != size[2:]:
+                raise CheckpointError(f"{reader.path_str}: {key} is saved in chunks split past dim 1; a "
+                                      "ranged read needs them whole past dim 1")
+            # (flat [lo, hi) of the tensor, where it starts in the chunk): one range when the chunk is
+            # whole past dim 0, else one per dim-0 row
+            if len(size) < 2 or chunk.sizes[1] == size[1]:
+                pieces = [((chunk.offsets[0] * row, (chunk.offsets[0] + chunk.sizes[0]) * row) if size
+                           else (0, 1), 0)]
+            else:
+                (o0, o1), (s0, s1), row1 = chunk.offsets[:2], chunk.sizes[:2], math.prod(size[2:])
+                rows = range(max(o0, start // row), min(o0 + s0, -(-stop // row)))
+                pieces = [((i * row + o1 * row1, i * row + (o1 + s1) * row1), (i - o0) * s1 * row1) for i in rows]
+            layout = None
+            for (lo, hi), base in pieces:
+                a, b = max(lo, start), min(hi, stop)
+                if a >= b:
+                    continue
+                if layout is None:
+                    index = MetadataIndex(key, chunk.offsets)
+                    f = reader._open(files, reader.storage_data[index].relative_path)
+                    layout = reader.layout(f, index)
+                    if layout is None:
+                        raise CheckpointError(f"{reader.path_str}: {key}: a chunk that is not a plain "
+                                              "uncompressed tensor (written with a DCP extension?) cannot be "
+                                              "read by ranges")
+                _read_into(f, layout.data_start + (base + a - lo) * dtype.itemsize, out[a - start:b - start])
     finally:
         for f in files.values():
             f.close()

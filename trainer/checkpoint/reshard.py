@@ -16,7 +16,9 @@ this rank's state parameter by parameter:
                      AdamW moments and step `optim.experts_ep{r}`) give each logical expert through the
                      layer's saved `phy2log`: its first slot, its replicas checked equal bit for bit;
                      saved under ep = 1 they are bucket segments like the rest. This run's slots read
-                     the rows of their experts (`layer.local_logical_ids`) alone, under its fresh
+                     the rows of their experts (`layer.local_logical_ids`) alone (with
+                     optim.shard_experts, saved or now, each slot's state is a DTensor Shard(1) of the
+                     same tensor: read the same way, and a rank keeps its chunk), under its fresh
                      placement (`apply_expert_parallel`'s: a function-equal placement, EPLB re-plans
                      it at its next interval), or the saved placement when ep and the slot count are
                      the saved ones (a pp or schedule change only).
@@ -289,12 +291,12 @@ def load_resharded(path: Path, model: nn.Module, optimizer: Any, changes: list[s
         layer = layers[layer_name]
         master, exp_avg, exp_avg_sq, step = saved.rows(f"{layer_name}.{param}", (layer.num_experts, *p.shape[1:]),
                                                        layer.local_logical_ids().tolist())  # this rank's slots
-        st = optimizer.expert_opt.state[p]
-        p.copy_(master)
+        st, own = optimizer.expert_opt.state[p], optimizer.expert_opt.owned  # own: this rank's chunk
+        p.copy_(master)                                                    # (optim.shard_experts)
         if "master" in st:  # BF16 parameters: p is the rounding of the FP32 master
-            st["master"].copy_(master)
-        st["exp_avg"].copy_(exp_avg)
-        st["exp_avg_sq"].copy_(exp_avg_sq)
+            st["master"].copy_(own(p, master))
+        st["exp_avg"].copy_(own(p, exp_avg))
+        st["exp_avg_sq"].copy_(own(p, exp_avg_sq))
         st["step"].fill_(step)
     optimizer.step_count = saved.step
     return meta, ckpt.read_rank_state(path)

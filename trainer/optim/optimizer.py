@@ -11,8 +11,11 @@ gradient, no decay, no optimizer state — `balance.py` moves it.
 `DeepSpeedZeroOptimizer` stage 1 behind the same calls (`trainer/optim/deepspeed_zero.py`). With
 parallel.ep > 1 the expert weights (already split over the ep group) get a local AdamW inside ours and
 their gradients are reduced by `twinpipe.parallel.experts.grad_reduction.reduce_expert_grads`.
-`optim.param_dtype=bf16` (with ours) stores the parameters in BF16 and keeps FP32 master weights and FP32
-gradients in the optimizer (`zero.py`).
+`optim.shard_experts=true` (with ours, parallel.dp > parallel.ep) partitions the expert slots' AdamW
+state (moments; the FP32 master with bf16 parameters) over the expert-data-parallel group, ZeRO-1
+style, bit for bit the unsharded update (`zero.ExpertAdamW`). `optim.param_dtype=bf16` (with ours)
+stores the parameters in BF16 and keeps FP32 master weights and FP32 gradients in the optimizer
+(`zero.py`).
 
 With pipeline parallelism (parallel.pp > 1) each rank optimizes only the parameters it holds (the other
 stages' modules are on meta, see `trainer/build.py`); the global gradient norm sums, over the pipeline
@@ -51,6 +54,17 @@ def owned_by_rank(model: nn.Module, grid: Grid, schedule: str | None) -> Callabl
     return lambda name: any(name == m or name.startswith(m + ".") for m in owned)
 
 
+def _edp_mesh(grid: Grid) -> Any:
+    """A 1-D DeviceMesh over this rank's expert-data-parallel group (reusing the group, creating none):
+    the sharded expert state's checkpoint placement."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return DeviceMesh.from_group(grid.edp_group, device, mesh=dist.get_process_group_ranks(grid.edp_group),
+                                 mesh_dim_names=("edp",))
+
+
 def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: float = 1.0,
                     schedule: str | None = None) -> Any:
     """The run's optimizer over the parameters this rank holds (`schedule` = parallel.schedule, used
@@ -80,6 +94,8 @@ def build_optimizer(model: nn.Module, optim: DictConfig, grid: Grid, grad_clip: 
             expert_param=lambda n, p: is_expert_param(p), ep_group=grid.ep_group, ep_rank=grid.ep_rank,
             reduce_experts=lambda: reduce_expert_grads(model, grid.edp_group, grid.dp_group, grid.dp),
             expert_grad_sq=lambda: expert_grad_sq(model, counted))
+        if optim.get("shard_experts", False) and grid.dp > grid.ep:
+            expert_kwargs.update(expert_shard_group=grid.edp_group, expert_shard_mesh=_edp_mesh(grid))
     local = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
     return ZeroAdamW(local, no_decay=no_decay, dp_group=grid.dp_group, dp_mesh=grid.dp_mesh,
                      pp_group=grid.pp_group if grid.pp > 1 else None,

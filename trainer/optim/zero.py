@@ -42,6 +42,17 @@ FP32 master as data and its FP32 `main_grad` as `p.grad` (`_experts_fp32`), so t
 reduction, the norm and the update run exactly as with FP32 parameters; after the update (or at
 `zero_grad` after a skipped step) it holds the BF16 rounding of the master again.
 
+`expert_shard_group` (optim.shard_experts; the expert-data-parallel group: the dp / ep ranks holding
+the same slots) partitions the expert slots' state too: each member keeps its contiguous 1/edp of
+every slot (dim 1) of the moments and, with BF16 parameters, of the FP32 master (`ExpertAdamW`), so a
+rank holds (2 x moment bytes + 4 with BF16 parameters) x expert elements / edp. The gradients are still
+all-reduced whole (the global norm needs them; twinpipe.parallel.experts.grad_reduction), and a BF16
+expert parameter is not swapped to FP32 (it has no whole master): the reduction and the norm read its
+`main_grad`, and `ExpertAdamW.step` updates the chunk from the chunk of the gradient with `adamw_` and
+all-gathers the updated chunks, rounded to the parameter's dtype, into the parameter, bit for bit the
+unsharded update. In checkpoints a sharded state tensor is a DTensor `Shard(1)` of the parameter's
+shape over the edp mesh, so the saved tensors are those of an unsharded run.
+
 In checkpoints each shard is a DTensor `Shard(0)` of the bucket's full flat vector, so
 torch.distributed.checkpoint re-splits it when a run resumes with a different dp size. With pipeline
 parallelism each pipeline rank's bucket holds other parameters: `dense_key`
@@ -100,25 +111,65 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     exp_avg_sq.copy_(v)
 
 
+def _grad(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """An expert parameter's FP32 gradient: its `main_grad` with BF16 parameters, else `p.grad`."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
 class ExpertAdamW(torch.optim.Optimizer):
     """AdamW of the expert slots under expert parallelism: `adamw_` per parameter with moments in
     `moment_dtype`. A torch optimizer, so EPLB (twinpipe.parallel.experts.rebalance.move_slots) moves
-    each parameter's `state` rows (exp_avg, exp_avg_sq: the parameter's shape) with the slots; `step` is a
+    each parameter's `state` rows (exp_avg, exp_avg_sq: [S, ...] like the parameter) with the slots; `step` is a
     0-dim fp32 tensor per parameter, as torch.optim.AdamW keeps it. The state exists from the start,
     so a resume can load into it. A parameter without a gradient is skipped, as torch's does. With
     `master_weights` the state also holds "master", the FP32 copy of the parameter's values (taken here,
     before ZeroAdamW stores the parameter in BF16), which `step` updates while the parameter shows it
-    (see the module docstring)."""
+    (see the module docstring).
+
+    `shard_group` (optim.shard_experts: the expert-data-parallel group, the ranks holding the same
+    slots) partitions the state ZeRO-1 style: member k of n keeps, of every slot parameter [S, D, ...]
+    whose D divides by n, the state of dim-1 rows [k D/n, (k+1) D/n) of each slot (`owned`): a
+    contiguous 1/n of each slot, so EPLB moves a slot's chunk between the same members of two EP ranks
+    (the moves are the same on every member). `step` updates the chunk with `adamw_` from the chunk
+    of the full reduced gradient (elementwise, so bit for bit the unsharded update) and all-gathers
+    the updated chunks into the parameter (`publish`). A parameter whose D does not divide keeps its
+    state whole, as without the key."""
 
     def __init__(self, params: Iterable[Any], *, betas: tuple[float, float], eps: float,
-                 moment_dtype: torch.dtype = torch.float32, master_weights: bool = False):
+                 moment_dtype: torch.dtype = torch.float32, master_weights: bool = False,
+                 shard_group: Any = None):
         super().__init__(params, dict(lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0))
+        self.shard_group = shard_group
+        self.shard_size = dist.get_world_size(shard_group) if shard_group is not None else 1
+        self.shard_rank = dist.get_rank(shard_group) if shard_group is not None else 0
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p, dtype=moment_dtype),
-                                 "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype)}
+                mine = self.owned(p, p.detach())
+                self.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(mine, dtype=moment_dtype),
+                                 "exp_avg_sq": torch.zeros_like(mine, dtype=moment_dtype)}
                 if master_weights:
-                    self.state[p]["master"] = p.detach().to(torch.float32, copy=True)
+                    self.state[p]["master"] = mine.to(torch.float32, copy=True).contiguous()
+
+    def shard_range(self, param: torch.Tensor) -> Optional[tuple[int, int]]:
+        """The dim-1 rows [lo, hi) of `param`'s slots whose state this rank keeps; None: all of it."""
+        n = self.shard_size
+        if n == 1 or param.dim() < 2 or param.shape[1] % n:
+            return None
+        chunk = param.shape[1] // n
+        return self.shard_rank * chunk, (self.shard_rank + 1) * chunk
+
+    def owned(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of `full` (a tensor shaped like `param`, e.g. its gradient): a view."""
+        cut = self.shard_range(param)
+        return full if cut is None else full[:, cut[0]:cut[1]]
+
+    @torch.no_grad()
+    def publish(self, param: torch.Tensor, chunk: torch.Tensor) -> None:
+        """All-gather the members' updated `chunk`s (this rank's, FP32) into `param` (rounded to its
+        dtype first: the same bits as rounding the gathered FP32 values)."""
+        parts = [torch.empty_like(chunk, dtype=param.dtype) for _ in range(self.shard_size)]
+        dist.all_gather(parts, chunk.to(param.dtype).contiguous(), group=self.shard_group)
+        param.copy_(torch.cat(parts, dim=1))  # in place: the version moves (FP8 weight caches re-quantise)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> None:
@@ -127,14 +178,28 @@ class ExpertAdamW(torch.optim.Optimizer):
                              "and gradients first, then call step()")
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = _grad(p)
+                if grad is None:
                     continue
                 st = self.state[p]
                 st["step"] += 1
                 # decayed and exempt parameters are in separate groups (the exempt with weight_decay 0)
                 mask = torch.ones((), dtype=torch.float32, device=p.device)
-                adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], mask, lr=group["lr"], betas=group["betas"],
-                       eps=group["eps"], weight_decay=group["weight_decay"], step=int(st["step"]))
+                sharded = self.shard_range(p) is not None
+                if sharded:  # this rank's chunk: its FP32 master, or the FP32 parameter's values
+                    param = st["master"] if "master" in st else self.owned(p, p.detach()).contiguous()
+                    grad = self.owned(p, grad).contiguous()
+                elif "master" in st and p.dtype != torch.float32:  # BF16, not showing its master
+                    param = st["master"]
+                else:
+                    param = p
+                adamw_(param, grad, st["exp_avg"], st["exp_avg_sq"], mask, lr=group["lr"],
+                       betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                       step=int(st["step"]))
+                if sharded:
+                    self.publish(p, param)
+                elif param is not p:
+                    p.copy_(param)
 
 
 def _into_main_grad(param: torch.Tensor) -> None:
@@ -286,7 +351,8 @@ class ZeroAdamW:
                  expert_grad_sq: Optional[Callable[[], torch.Tensor]] = None, ep_group: Any = None,
                  ep_rank: int = 0, pp_group: Any = None, moment_dtype: torch.dtype = torch.float32,
                  counted: Callable[[str, nn.Parameter], bool] = lambda n, p: True, dense_key: str = fmt.dense_bucket_key(0, 1),
-                 param_dtype: torch.dtype = torch.float32):
+                 param_dtype: torch.dtype = torch.float32, expert_shard_group: Any = None,
+                 expert_shard_mesh: Any = None):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         dense = [(n, p) for n, p in named if not expert_param(n, p)]
         experts = [(n, p) for n, p in named if expert_param(n, p)]
@@ -304,12 +370,14 @@ class ZeroAdamW:
         self.expert_names = {p: n for n, p in experts}
         self.expert_counted = [p for n, p in experts if counted(n, p)]
         self.expert_key = fmt.expert_optim_key(ep_rank)
+        self.expert_mesh = expert_shard_mesh  # DeviceMesh over expert_shard_group: state saved as DTensor Shard(1)
         self.expert_opt = None
         if experts:
             groups = [{"params": [p for n, p in experts if not no_decay(n, p)], "weight_decay": weight_decay},
                       {"params": [p for n, p in experts if no_decay(n, p)], "weight_decay": 0.0}]
             self.expert_opt = ExpertAdamW([g for g in groups if g["params"]], betas=self.betas, eps=eps,
-                                          moment_dtype=moment_dtype, master_weights=param_dtype != torch.float32)
+                                          moment_dtype=moment_dtype, master_weights=param_dtype != torch.float32,
+                                          shard_group=expert_shard_group)
             if param_dtype != torch.float32:
                 for p in self.expert_names:
                     _to_low_precision(p, param_dtype, torch.zeros_like(p, dtype=torch.float32))
@@ -321,6 +389,8 @@ class ZeroAdamW:
         if self.low_precision or self.expert_opt is None:
             return
         fold_into_main_grads(list(self.expert_names))
+        if self.expert_opt.shard_group is not None:  # sharded: no full FP32 master; `main_grad` is read
+            return
         for p in self.expert_names:
             if not hasattr(p, "main_grad"):
                 return
@@ -363,7 +433,7 @@ class ZeroAdamW:
             if self.expert_grad_sq is not None:
                 sq = self.expert_grad_sq()
             else:
-                sq = sum(p.grad.double().pow(2).sum().cpu() for p in self.expert_counted if p.grad is not None)
+                sq = sum(_grad(p).double().pow(2).sum().cpu() for p in self.expert_counted if _grad(p) is not None)
             sq = torch.as_tensor(sq, dtype=torch.float64).cpu()
             if self.ep_group is not None:
                 dist.all_reduce(sq, group=self.ep_group)  # each ep rank holds other experts
@@ -379,8 +449,9 @@ class ZeroAdamW:
             b.publish()
         if self.expert_opt is not None:
             for p in self.expert_names:
-                if p.grad is not None and clip_coef != 1.0:
-                    p.grad.mul_(clip_coef)
+                grad = _grad(p)
+                if grad is not None and clip_coef != 1.0:
+                    grad.mul_(clip_coef)
             for group in self.expert_opt.param_groups:
                 group["lr"] = lr
             self.expert_opt.step()
@@ -405,8 +476,20 @@ class ZeroAdamW:
         for b in self.buckets:
             out[b.key] = b.state_dict()
         if self.expert_opt is not None:  # a key per ep rank: the ranks hold different experts
-            out[self.expert_key] = {self.expert_names[p]: dict(st) for p, st in self.expert_opt.state.items()}
+            out[self.expert_key] = {self.expert_names[p]: {k: self._wrap_expert(p, t) for k, t in st.items()}
+                                    for p, st in self.expert_opt.state.items()}
         return out
+
+    def _wrap_expert(self, param: nn.Parameter, state: torch.Tensor) -> torch.Tensor:
+        """A sharded expert state tensor as a DTensor Shard(1) of the parameter's shape over the
+        expert-data-parallel mesh (the checkpoint holds the whole tensor, as without sharding, so a
+        resume under another dp, or without optim.shard_experts, reads it); anything else as it is."""
+        if self.expert_mesh is None or not state.dim() or self.expert_opt.shard_range(param) is None:
+            return state
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(state, self.expert_mesh, [Shard(1)], run_check=False,
+                                  shape=param.shape, stride=param.new_empty(param.shape, device="meta").stride())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Counterpart of state_dict after torch.distributed.checkpoint filled it in place."""
@@ -416,6 +499,10 @@ class ZeroAdamW:
         if self.expert_opt is not None:
             by_name = {n: p for p, n in self.expert_names.items()}
             for name, st in state[self.expert_key].items():
-                self.expert_opt.state[by_name[name]].update(st)
-                if "master" in st:  # BF16 parameters: the rounding of the loaded master
-                    by_name[name].detach().copy_(st["master"])
+                p = by_name[name]
+                st = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in st.items()}
+                self.expert_opt.state[p].update(st)
+                if "master" in st and self.expert_opt.shard_range(p) is not None:  # the gathered chunks
+                    self.expert_opt.publish(p, st["master"])
+                elif "master" in st:  # BF16 parameters: the rounding of the loaded master
+                    p.detach().copy_(st["master"])
