@@ -23,6 +23,14 @@ once on a rank, in units of one rank-share activation (a half-size stage counts 
 Writes bench/results/pipeline.json and one PNG timeline per schedule and PP (pipeline_v3* for
 `--stages v3`, whose formula takes the F, B, W medians measured in the same run and whose JSON adds W's
 share of the backward).
+
+With `--stages v3` every op's own CPU time is recorded too (its thread's, so waiting for a core is not
+in it) and the step is *replayed* as if each rank had a core to itself (`pipeline_v3.replay`): each rank
+runs its ops in the order it ran them for their CPU time, a forward starts once the previous stage's
+forward of that micro-batch ended, a backward once the next stage's backward did (transfers cost
+nothing). Its bubble is the schedule's with the measured op costs, whatever the machine's core count;
+the wall-clock figures beside it show what 2 shared cores did to the same run (JSON `replayed`, and
+`pipeline_v3_<schedule>_pp<N>_replayed.png`).
 """
 
 from __future__ import annotations
@@ -301,6 +309,9 @@ def main() -> None:
     parser.add_argument("--stages", choices=["sleep", "v3"], default="sleep",
                         help="sleep: stages of the given costs; v3: real DeepSeek-V3 blocks, costs measured "
                              "(our schedules only; bench/pipeline_v3.py)")
+    parser.add_argument("--blocks-per-stage", type=int, default=4,
+                        help="--stages v3: blocks on every stage but the last (1 block + MTP + heads), so the "
+                             "stages cost about the same; 0: 2 blocks per rank, evenly")
     parser.add_argument("--out", type=Path, default=None,
                         help="default bench/results/pipeline.json (pipeline_v3.json for --stages v3)")
     args = parser.parse_args()
@@ -318,11 +329,20 @@ def main() -> None:
         num_chunks = args.chunks_per_rank * pp
         for schedule in args.schedules:
             if v3:
-                from twinpipe.bench.pipeline_v3 import cpu_share, measured_costs, run_rank
+                from twinpipe.bench.pipeline_v3 import cpu_share, measured_costs, replayed, run_rank
 
-                results = run_local(run_rank, pp, schedule, num_chunks, args.reps, timeout_s=900)
+                results = run_local(run_rank, pp, schedule, num_chunks, args.reps, args.blocks_per_stage,
+                                    timeout_s=900)
                 entry = analyse(schedule, pp, measured_costs(results), num_chunks, results, measured=True)
                 entry.update(cpu_share(results, entry), load_avg_1min=os.getloadavg()[0])
+                entry["replayed"] = replayed(schedule, results, entry["stages"], bubble_formula)
+                rep = entry["replayed"]
+                plot({**entry, **rep}, args.out.parent / f"{prefix}_{schedule}_pp{pp}_replayed.png")
+                print(f"PP={pp} {schedule:24s} replayed on dedicated cores: step {rep['step_ms']:7.1f} ms  "
+                      f"bubble mean {rep['bubble_ms_mean']:6.1f} max {rep['bubble_ms_max']:6.1f} ms  formula "
+                      f"{rep['bubble_formula_ms'] if rep['bubble_formula_ms'] is None else round(rep['bubble_formula_ms'], 1)}"
+                      f"  (stage CPU ms F {rep['stage_cpu_ms']['F']:.1f} B {rep['stage_cpu_ms']['B']:.1f} "
+                      f"W {rep['stage_cpu_ms']['W']:.1f})", flush=True)
             else:
                 results = run_local(_run, pp, schedule, costs, num_chunks, args.reps, timeout_s=300)
                 entry = analyse(schedule, pp, costs, num_chunks, results)
