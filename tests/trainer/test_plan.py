@@ -33,7 +33,10 @@ LAYOUTS = {"pp2": ["parallel.pp=2", "parallel.schedule=dualpipe", "train.global_
            "pp2dp2ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
                          "train.global_batch=16"],
            "dp2ep2_bf16_params": ["parallel.dp=2", "parallel.ep=2", "train.global_batch=8", "train.dtype=bf16",
-                                  "optim.param_dtype=bf16"]}
+                                  "optim.param_dtype=bf16"],
+           # the expert slots' moments and FP32 master sharded over edp = 2
+           "dp4ep2_shard_experts": ["parallel.dp=4", "parallel.ep=2", "train.global_batch=16", "train.dtype=bf16",
+                                    "optim.param_dtype=bf16", "optim.shard_experts=true"]}
 
 
 def recipe(*overrides: str, name: str = "pretrain"):

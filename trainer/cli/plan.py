@@ -17,8 +17,9 @@ and counts, per rank, in bytes:
   (`trainer/optim/zero.py`); with bf16 parameters the same fp32 buffers as their `main_grad` (a
   parameter's bf16 `p.grad` lives only until its hook adds it in: not counted);
 - optimizer: ZeRO-1 shard over dp of the replicated parameters (fp32 master copy + two moments in
-  optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again), plus, with
-  bf16 parameters, the slots' fp32 master;
+  optim.moment_dtype), and the local AdamW moments of the expert slots (not sharded again; with
+  optim.shard_experts sharded over the dp / ep ranks holding the same slots), plus, with
+  bf16 parameters, the slots' fp32 master (sharded with them);
 - activations saved for backward, per micro-batch and stage (`activation_bytes`, MLA + MoE as
   `model/` computes them, with train.recompute and, under FP8, the Linears' and experts' inputs cached
   in FP8), times the micro-batches in flight: DualPipe / DualPipeV pp + 1, 1F1B pp - pp_rank, no
@@ -309,7 +310,8 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
                    fp8_weight_cache_bytes=fp8_w + (fp8_t if kept_t else fp8_t_largest),
                    fp8_transpose_bytes_per_step=fp8_t if kept_t else fp8_t * chunks(cfg) // stages_held(cfg),
                    grad_bytes=4 * (dense + experts),
-                   optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment) + experts * (2 * moment + 4 * bf16_params),
+                   optimizer_bytes=math.ceil(dense / p.dp) * (4 + 2 * moment)
+                   + experts // expert_shards * (2 * moment + 4 * bf16_params),
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
                    activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,
                    all_to_all_bytes_per_step=int(a2a), total_bytes=0)
@@ -389,6 +391,8 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
     """Step time of the slowest planned rank and what follows from it (see the module docstring)."""
     from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
+    # optim.shard_experts: the slots' state split over edp = dp / ep (each slot's dim 1, which divides)
+    expert_shards = p.dp // p.ep if cfg.optim.get("shard_experts", False) else 1
     from twinpipe.trainer.flops import flops_per_token
 
     p, t, c = cfg.parallel, cfg.train, model_config(cfg.model)
@@ -507,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="twinpipe-plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="recipe overrides, as for twinpipe-train")
+        if cfg.optim.get("shard_experts", False):  # + the updated slot chunks all-gathered over edp
+            dp_bytes += (2 if cfg.optim.param_dtype == "bf16" else 4) * r.expert_params * (edp - 1) / edp
     parser.add_argument("--config-name", default="pretrain")
     parser.add_argument("--gpu", default="H800", help=f"one of {', '.join(GPUS)}")
     parser.add_argument("--world", type=int, default=None, help="GPUs of the job (checked = pp x dp)")
