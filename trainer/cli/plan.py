@@ -304,6 +304,8 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
     kv = sum(b < c.num_hidden_layers for b in blocks) * batch * length * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
     params = dense + experts + frozen
     bf16_params = cfg.optim.param_dtype == "bf16"  # trainable weights in bf16, experts' fp32 master in the optimizer
+    # optim.shard_experts: the slots' state split over edp = dp / ep (each slot's dim 1, which divides)
+    expert_shards = p.dp // p.ep if cfg.optim.get("shard_experts", False) else 1
     out = RankPlan(rank=rank, pp_rank=grid.pp_rank, blocks=blocks, holds_head="lm_head" in local, params=params,
                    expert_params=experts,
                    weights_bytes=(2 if bf16_params else 4) * (dense + experts) + 4 * frozen,
@@ -391,8 +393,6 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
     """Step time of the slowest planned rank and what follows from it (see the module docstring)."""
     from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
-    # optim.shard_experts: the slots' state split over edp = dp / ep (each slot's dim 1, which divides)
-    expert_shards = p.dp // p.ep if cfg.optim.get("shard_experts", False) else 1
     from twinpipe.trainer.flops import flops_per_token
 
     p, t, c = cfg.parallel, cfg.train, model_config(cfg.model)
@@ -421,6 +421,8 @@ def roofline(cfg: DictConfig, ranks: list[RankPlan], gpu: GPUSpec) -> dict[str, 
         edp = p.dp // p.ep
         # ZeRO-1: fp32 gradient all-reduce (2x) + master all-gather (1x) over dp; experts all-reduced over edp
         dp_bytes = 3 * 4 * dense * (p.dp - 1) / p.dp + 2 * 4 * r.expert_params * (edp - 1) / edp
+        if cfg.optim.get("shard_experts", False):  # + the updated slot chunks all-gathered over edp
+            dp_bytes += (2 if cfg.optim.param_dtype == "bf16" else 4) * r.expert_params * (edp - 1) / edp
         dp_comm = dp_bytes / (gpu.ib_gb_s * 1e9)
         optimizer = 3 * (r.optimizer_bytes + r.weights_bytes) / (gpu.hbm_tb_s * 1e12)
         step_times.append(dict(rank=r.rank, compute_s=compute, recompute_s=chunks(cfg) * rerun,
@@ -511,8 +513,6 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="twinpipe-plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="recipe overrides, as for twinpipe-train")
-        if cfg.optim.get("shard_experts", False):  # + the updated slot chunks all-gathered over edp
-            dp_bytes += (2 if cfg.optim.param_dtype == "bf16" else 4) * r.expert_params * (edp - 1) / edp
     parser.add_argument("--config-name", default="pretrain")
     parser.add_argument("--gpu", default="H800", help=f"one of {', '.join(GPUS)}")
     parser.add_argument("--world", type=int, default=None, help="GPUs of the job (checked = pp x dp)")
