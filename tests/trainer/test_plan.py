@@ -241,3 +241,72 @@ def test_bad_layouts_are_one_line(args, needle, capsys):
     assert planner.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err
+
+
+def _measured_working(cfg) -> int:
+    """The largest block's working memory of one micro-batch's backward (`bench.working_memory.working_peak`:
+    LiveBytes peak above what the forward left, FP8 kernels counted as one each), over the model's main blocks."""
+    from bench.working_memory import working_peak
+    from twinpipe.trainer.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    return max(working_peak(model, layer, cfg.train.micro_batch, cfg.train.seq_len)["working"]
+               for layer in range(len(model.layers)))
+
+
+@pytest.mark.parametrize("size,recompute,fp8", [
+    ("tiny", "[norms,mla_up,attention,router]", "emulate"), ("mid", "[norms,mla_up,attention,router]", "emulate"),
+    ("mid", "[norms,mla_up]", "emulate"), ("tiny", "[norms,mla_up]", "off"), ("mid", "none", "off")])
+def test_plan_working_bytes_match_the_largest_blocks_backward(size, recompute, fp8):
+    """The plan's `working_bytes` (the backward's transient peak above the persistent and saved bytes)
+    against the largest one measured over the blocks (fp32, CPU math attention). Measured at the time of
+    writing: FP8 (the MoE blocks' experts backward is the peak) 1.1-3.5% over, without FP8 2.9% under
+    (tiny) to 4.3% over (mid): the plan leaves out that the backward releases the saved tensors of the
+    nodes it has passed (counted whole in `activation_bytes` until the block's backward ends) and
+    small tensors (router, norms, index tensors). 10% (issue 16's bound) is above both; a missing phase
+    or a wrong width is off by more.
+    `test_plan_working_bytes_bound_the_recomputed_attention` covers the attention phase."""
+    cfg = recipe(*(TINY if size == "tiny" else MID), "train.global_batch=2", f"train.recompute={recompute}",
+                 f"fp8.backend={fp8}")
+    [planned] = planner.plan(cfg, attention="math", check_fit=False)["ranks"]
+    assert planned["working_bytes"] == pytest.approx(_measured_working(cfg), rel=0.10)
+    assert planned["total_bytes"] == sum(planned[k] for k in ("weights_bytes", "fp8_weight_cache_bytes", "grad_bytes",
+                                                              "optimizer_bytes", "activation_bytes", "working_bytes"))
+
+
+@pytest.mark.parametrize("size", ["tiny", "mid"])
+def test_plan_working_bytes_bound_the_recomputed_attention(size):
+    """Without FP8 (the routed experts' backward smaller) and with train.recompute=attention, the
+    attention phase is the plan's peak: it counts what the recomputed sublayer saves again, whole, while
+    torch's non-reentrant checkpoint releases each tensor as the backward reads it. So it is an upper
+    bound here, measured 1.10x (mid) and 1.43x (tiny) of the largest block's peak; at V3's shape it
+    stays below the experts' phase (1.5 against 2.7 GiB a middle rank), which sets the figure. The
+    bound: never under what is measured, and within 1.6x."""
+    cfg = recipe(*(TINY if size == "tiny" else MID), "train.global_batch=2",
+                 "train.recompute=[norms,mla_up,attention,router]", "fp8.backend=off")
+    [planned] = planner.plan(cfg, attention="math", check_fit=False)["ranks"]
+    measured = _measured_working(cfg)
+    assert measured <= planned["working_bytes"] < 1.6 * measured, (measured, planned["working_bytes"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_experts_backward_bytes_match_measured(dtype):
+    """`fp8_experts_backward_bytes`, phase by phase from `FP8GroupedSwiGLU.backward`, against the
+    backward's LiveBytes peak (FP8 kernels counted as one each; the incoming gradient made outside, so
+    taken off the plan's figure), segments not multiples of 128 and widths not multiples of 128
+    included. Measured 0.2-0.3% under (scales and index tensors); 1% leaves room for nothing else."""
+    from tests.fp8.test_experts import H, I, _pair, _swiglu_step
+    from twinpipe.fp8.experts import FP8GroupedSwiGLU
+
+    _, fp8 = _pair()
+    fp8.to(dtype)
+    for counts in ([70, 0, 130, 57], [700, 300, 1300, 570]):
+        counts = torch.tensor(counts)
+        m = int(counts.sum())
+        g = torch.Generator().manual_seed(3)
+        x, w, probe = torch.randn(m, H, generator=g).to(dtype), torch.rand(m, generator=g), torch.randn(m, H, generator=g)
+        _swiglu_step(FP8GroupedSwiGLU, fp8, x, counts, w, probe, (True,) * 5)  # caches the weights' transposes
+        measured = _swiglu_step(FP8GroupedSwiGLU, fp8, x, counts, w, probe, (True,) * 5)[2]
+        planned = planner.fp8_experts_backward_bytes(m, H, I, 4, dtype.itemsize, dtype.itemsize) - m * H * dtype.itemsize
+        assert planned == pytest.approx(measured, rel=0.01), (m, planned, measured)

@@ -31,7 +31,13 @@ and counts, per rank, in bytes:
   the weights' dtype (fp32: `LatentKVCache.for_model`), for this rank's rollouts (`--rollout`; default
   a GRPO recipe's global_batch / dp sequences of train.seq_len, else one micro-batch);
 - all-to-all bytes per step sent by the rank (dispatch + combine, forward and backward, every top-k pick
-  sent as its own row, as `parallel/experts/dispatch.py` does).
+  sent as its own row, as `parallel/experts/dispatch.py` does);
+- the backward's working memory (`working_bytes`): what the largest block's backward holds at its peak
+  above the rest, in the total (at V3's shape the routed experts' FP8 backward, two [T x top-k, H]
+  fp32 tensors and the incoming gradient at once, `fp8_experts_backward_bytes`). Checked against
+  LiveBytes on CPU (tests/trainer/test_plan.py). Not in it: under DualPipe the forward chunk run
+  beside the backward (its own transients), the loss head's backward (chunked cross-entropy), the
+  allocator's fragmentation and CUDA/NCCL workspaces.
 
 Then a roofline step time with a stated GPU (`GPUS`): per micro-batch and stage, the forward takes
 max(FLOPs / peak, bytes / HBM bandwidth), backward twice that plus what it recomputes
@@ -201,6 +207,84 @@ def recompute_flops(c: Any, layer: int, seq_len: int, recompute: tuple[str, ...]
 
 
 @dataclass
+def fp8_experts_backward_bytes(rows: int, hidden: int, inter: int, experts: int, x_bytes: int, w_bytes: int,
+                               chunk: int = 4096) -> float:
+    """Peak bytes the FP8 routed experts' backward (`fp8.experts.FP8GroupedSwiGLU.backward`, every input
+    needing a gradient) holds above what it saved, its incoming gradient [M, H] included, for `rows`
+    (M) routed rows over `experts` local experts. Each FP8 kernel's output counts, not a kernel's
+    scratch. Its phases, in order: the weights' gradient (y recomputed, the product written over it),
+    y's gradient quantised for the down Dgrad and along the tokens for its Wgrad (a zero-padded
+    [H, L] fp32 buffer, L = the rows with each expert's segment padded to 128), the SwiGLU recomputed
+    (gate, up, sigmoid, silu: four [M, I] fp32) and h along the tokens, dh and the SwiGLU gradients
+    (six [M, I] fp32 at most), their FP8 copies, the two Dgrad GEMMs (two [M, H] fp32 at once), x along
+    the tokens (dequantised `chunk` rows at a time: `act_dequant`'s three fp32 tensors of a chunk), the
+    three Wgrad outputs ([E, I, H] in the weights' dtype) together."""
+    m, h, i, e = rows, hidden, inter, experts
+    length = math.ceil(m / 128) * 128 + 128 * e
+    q8 = fp8_input_bytes
+    t8 = lambda n: n * length * 33 / 32  # noqa: E731  (along the tokens: E4M3 + a scale per 128)
+    tf = lambda n: 4 * n * length  # noqa: E731  (its fp32 buffer)
+    c = min(m, chunk)
+    deq = lambda k: 4 * c * (2 * k + 128 * math.ceil(k / 128))  # noqa: E731  (q.float(), the scales, the product)
+    cast = x_bytes != 4  # bf16 rows: fp32 copies of the gradient's chunks and of the product
+    grad_in = m * h * x_bytes
+    phases = [
+        grad_in + m * h * x_bytes + cast * 4 * m * h,                                  # weight's gradient
+        grad_in + m * h * x_bytes + m * q8(h) + tf(h) + cast * 4 * c * h + t8(h),      # y's, quantised
+        grad_in + m * q8(h) + t8(h) + 16 * m * i + max(4 * m * i + m * q8(i),         # SwiGLU, h's
+                                                      m * q8(i) + tf(i) + max(deq(i), t8(i))),
+        grad_in + t8(h) + t8(i) + max(m * q8(h) + 20 * m * i, 24 * m * i),             # dh, d_gate, d_up
+        grad_in + t8(h) + 3 * t8(i) + 8 * m * i + tf(i),                               # along the tokens
+        grad_in + t8(h) + 3 * t8(i) + m * q8(i) + 8 * m * h,                           # the Dgrad GEMMs
+        grad_in + m * h * x_bytes + t8(h) + 3 * t8(i) + tf(h) + max(deq(h), t8(h)),  # x along the tokens
+        grad_in + m * h * x_bytes + 2 * t8(h) + 3 * t8(i) + 3 * e * i * h * w_bytes,   # the Wgrad outputs
+    ]
+    return max(phases)
+
+
+def experts_backward_bytes(rows: int, hidden: int, inter: int, experts: int, x_bytes: int, w_bytes: int) -> float:
+    """Peak bytes of the routed experts' backward through autograd (`model.experts`, no FP8) above what
+    they saved, the incoming gradient [M, H] included: the larger of the gate weights' product
+    (`_ScaledRows`: the incoming gradient, y recomputed, y's gradient and the product, four [M, H]) and
+    the down GEMM's (y's gradient, dh [M, I], down's gradient [E, H, I]); the SwiGLU's and the input
+    GEMMs' come after the SwiGLU's saved tensors are released and stay below."""
+    m, h, i, e = rows, hidden, inter, experts
+    a = m * h * x_bytes
+    return max(4 * a, a + m * i * x_bytes + e * i * h * w_bytes)
+
+
+def working_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: str, recompute: tuple[str, ...] = (),
+                  dtype_bytes: int = 4, fp8: bool = False, local_experts: int | None = None,
+                  param_bytes: int = 4) -> float:
+    """Bytes block `layer`'s backward holds at its peak above what persists and what its forward saved
+    (`activation_bytes`): the gradient flowing in (the residual's, [T, H]) and the larger of the
+    feed-forward's backward and the attention's. Feed-forward: the routed experts'
+    (`fp8_experts_backward_bytes` or `experts_backward_bytes`) for the T x top-k rows a rank receives
+    on average over its `local_experts`; a dense MLP's down projection (the gradient of its input
+    [T, I], its weight's [H, I]; under FP8 the input dequantised for the weight's gradient instead).
+    Attention: what a recomputed attention sublayer (`attention`, `full`) saves again (everything, no
+    region being recomputed inside another), the gradients of the core's q, k, v and of the output
+    projection's weight. The all-to-all buffers of expert parallelism are not in it: the combine's and
+    the dispatch's backward each hold two [T x top-k, H] buffers, below the experts' peak between them
+    (`parallel/experts/dispatch.py`)."""
+    h, nh = c.hidden_size, c.num_attention_heads
+    if c.is_moe_layer(layer):
+        rows, e, i = tokens * c.num_experts_per_tok, local_experts or c.n_routed_experts, c.moe_intermediate_size
+        experts = fp8_experts_backward_bytes if fp8 else experts_backward_bytes
+        ffn = experts(rows, h, i, e, dtype_bytes, param_bytes)
+    else:
+        i = c.intermediate_size
+        weight = h * i * param_bytes
+        ffn = tokens * i * dtype_bytes + (4 * tokens * (2 * i + 128 * math.ceil(i / 128)) if fp8 else weight)
+    attn = tokens * nh * (2 * (c.qk_nope_head_dim + c.qk_rope_head_dim) + c.v_head_dim) * dtype_bytes
+    attn += h * nh * c.v_head_dim * param_bytes
+    if "attention" in recompute or "full" in recompute:
+        act = dict(attention=attention, dtype_bytes=dtype_bytes, fp8=fp8)
+        attn += (activation_bytes(c, layer, tokens, seq_len, recompute=(), **act)
+                 - activation_bytes(c, layer, tokens, seq_len, recompute=("attention",), **act) + tokens * h * dtype_bytes)
+    return tokens * h * dtype_bytes + max(ffn, attn)
+
+
 class RankPlan:
     rank: int
     pp_rank: int
@@ -219,6 +303,7 @@ class RankPlan:
     kv_cache_bytes: int
     all_to_all_bytes_per_step: int
     total_bytes: int
+    working_bytes: int  # the largest block's backward transient peak (`working_bytes`)
 
 
 def fake_grid(world: int, rank: int, pp: int, dp: int, ep: int) -> Any:
@@ -253,6 +338,7 @@ def held_parameters(cfg: DictConfig, grid: Any) -> tuple[Any, set[str]]:
 def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, int]) -> RankPlan:
     """Everything `RankPlan` lists for `rank` of the recipe's layout (see the module docstring)."""
     from twinpipe.parallel.experts.layer import is_expert_param
+    from twinpipe.model.experts import Experts
     from twinpipe.parallel.parallelize import is_under
     from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
@@ -316,9 +402,13 @@ def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, in
                    + experts // expert_shards * (2 * moment + 4 * bf16_params),
                    activation_bytes_per_micro_batch=per_micro, micro_batches_in_flight=in_flight,
                    activation_bytes=per_micro * in_flight + rerun, kv_cache_bytes=kv,
-                   all_to_all_bytes_per_step=int(a2a), total_bytes=0)
+                   all_to_all_bytes_per_step=int(a2a), working_bytes=0, total_bytes=0)
+    slots = max((m.gate_proj.shape[0] for n, m in model.named_modules()  # this rank's expert slots
+                 if isinstance(m, Experts) and is_under(n, local)), default=None)
+    out.working_bytes = int(max((working_bytes(c, b, tokens, t.seq_len, recompute=recompute, local_experts=slots,
+                                               param_bytes=2 if bf16_params else 4, **act) for b in blocks), default=0))
     out.total_bytes = (out.weights_bytes + out.fp8_weight_cache_bytes + out.grad_bytes + out.optimizer_bytes
-                       + out.activation_bytes)
+                       + out.activation_bytes + out.working_bytes)
     return out
 
 
@@ -479,7 +569,8 @@ def check_fits(result: dict, cfg: DictConfig) -> None:
         moments = ", or set optim.moment_dtype=bf16" if cfg.optim.moment_dtype != "bf16" else ""
         raise ValueError(f"rank {worst['rank']} (pp rank {worst['pp_rank']}) needs {g('total_bytes'):.1f} GiB > "
                          f"{gpu['hbm_gb']:.0f} GB of the {gpu['name']} (activations {g('activation_bytes'):.1f} "
-                         f"GiB for {worst['micro_batches_in_flight']} micro-batches in flight, weights "
+                         f"GiB for {worst['micro_batches_in_flight']} micro-batches in flight, backward working "
+                         f"memory {g('working_bytes'):.1f}, weights "
                          f"{g('weights_bytes'):.1f} + FP8 copies {g('fp8_weight_cache_bytes'):.1f}, gradients "
                          f"{g('grad_bytes'):.1f}, optimizer {g('optimizer_bytes'):.1f}): raise parallel.pp or "
                          f"parallel.ep, lower train.micro_batch={cfg.train.micro_batch} or recompute more "
@@ -491,12 +582,13 @@ def report(result: dict) -> str:
     lines = [f"{result['world']} GPUs ({result['gpu']['name']}): pp {result['pp']} x dp {result['dp']} "
              f"(ep {result['ep']}), {result['schedule']}",
              f"{'rank':>6} {'pp':>3} {'params':>8} {'weights':>8} {'fp8 w':>6} {'grads':>8} {'optim':>8} {'act':>8} "
-             f"{'(mb)':>5} {'kv':>7} {'total':>8} {'a2a/step':>9}   (GiB)"]
+             f"{'(mb)':>5} {'work':>6} {'kv':>7} {'total':>8} {'a2a/step':>9}   (GiB)"]
     for r in result["ranks"]:
         g = lambda k: r[k] / GIB  # noqa: E731
         lines.append(f"{r['rank']:>6} {r['pp_rank']:>3} {r['params'] / 1e9:>7.2f}B {g('weights_bytes'):>8.2f} "
                      f"{g('fp8_weight_cache_bytes'):>6.2f} {g('grad_bytes'):>8.2f} {g('optimizer_bytes'):>8.2f} {g('activation_bytes'):>8.2f} "
-                     f"{r['micro_batches_in_flight']:>5} {g('kv_cache_bytes'):>7.2f} {g('total_bytes'):>8.2f} "
+                     f"{r['micro_batches_in_flight']:>5} {g('working_bytes'):>6.2f} {g('kv_cache_bytes'):>7.2f} "
+                     f"{g('total_bytes'):>8.2f} "
                      f"{g('all_to_all_bytes_per_step'):>9.1f}")
     s = result["step"]
     lines.append(f"step {s['step_s']:.2f} s (compute {s['compute_s']:.2f}, all-to-all {s['all_to_all_s']:.2f}, "
