@@ -206,7 +206,6 @@ def recompute_flops(c: Any, layer: int, seq_len: int, recompute: tuple[str, ...]
     return flops + (6.0 * h * width if "moe" in recompute else 0.0)
 
 
-@dataclass
 def fp8_experts_backward_bytes(rows: int, hidden: int, inter: int, experts: int, x_bytes: int, w_bytes: int,
                                chunk: int = 4096) -> float:
     """Peak bytes the FP8 routed experts' backward (`fp8.experts.FP8GroupedSwiGLU.backward`, every input
@@ -285,6 +284,7 @@ def working_bytes(c: Any, layer: int, tokens: int, seq_len: int, attention: str,
     return tokens * h * dtype_bytes + max(ffn, attn)
 
 
+@dataclass
 class RankPlan:
     rank: int
     pp_rank: int
@@ -302,8 +302,8 @@ class RankPlan:
     activation_bytes: int
     kv_cache_bytes: int
     all_to_all_bytes_per_step: int
-    total_bytes: int
     working_bytes: int  # the largest block's backward transient peak (`working_bytes`)
+    total_bytes: int
 
 
 def fake_grid(world: int, rank: int, pp: int, dp: int, ep: int) -> Any:
@@ -337,8 +337,8 @@ def held_parameters(cfg: DictConfig, grid: Any) -> tuple[Any, set[str]]:
 
 def plan_rank(cfg: DictConfig, rank: int, attention: str, rollout: tuple[int, int]) -> RankPlan:
     """Everything `RankPlan` lists for `rank` of the recipe's layout (see the module docstring)."""
-    from twinpipe.parallel.experts.layer import is_expert_param
     from twinpipe.model.experts import Experts
+    from twinpipe.parallel.experts.layer import is_expert_param
     from twinpipe.parallel.parallelize import is_under
     from twinpipe.parallel.recompute import parse_options
     from twinpipe.trainer.build import model_config
