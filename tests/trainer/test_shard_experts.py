@@ -6,6 +6,10 @@ with `adamw_` from its chunk of the whole reduced gradient and all-gathers the c
 slots (`zero.ExpertAdamW`). AdamW is elementwise and the gradient reduction is unchanged, so a run with
 the key is the run without it bit for bit: compared with torch.equal, never a tolerance.
 
+- unit level (2 gloo ranks as the edp group): ZeroAdamW with and without the key from the same
+  gradients, fp32 and BF16 parameters (bf16 moments): parameters and norms equal, each state tensor
+  this rank's chunk of the unsharded one, a dim 1 that does not divide and a 1-D slot parameter kept
+  whole;
 - trainer level, dp=4 x ep=2 (edp 2), 3 steps with an EPLB re-plan after step 2 (which moves each
   member's chunks): losses and gradient norms as logged, each step's reduced gradients (dense bucket and
   every expert slot) and the final weights equal with and without the key; fp32 parameters without
@@ -13,7 +17,7 @@ the key is the run without it bit for bit: compared with torch.equal, never a to
   (the dp-group reduction of replicas);
 - the expert state bytes per rank are half the unsharded run's (measured from the state tensors and
   from the run's `optimizer_state_bytes`);
-- resume from step 2's checkpoint to step 3: the weights of the run that did not stop; the saved
+- resume from step 2's checkpoint to step 3: the weights of the run that did not stop (bf16 case); the saved
   state is the whole tensors (DTensor Shard(1) over the edp mesh), so (fp32 case) a sharded checkpoint
   resumes without the key and an unsharded one with it (DCP re-splits them), and under another
   layout (12 EPLB slots: `reshard.load_resharded` reading the Shard(1) chunks by ranges, each member
@@ -28,6 +32,61 @@ import torch
 from twinpipe.parallel.local import run_local
 from twinpipe.trainer.metrics import read_metrics
 from trainer_recipe import make_cfg
+
+def _unit_rank(rank, world, param_dtype):
+    """ZeroAdamW with the expert slots' state sharded over the world (as over an edp group; the
+    gradients given are the reduced ones) and without, from the same parameters and gradients: the
+    parameters and gradient norms of 3 steps (clipped), and each sharded state tensor against this
+    rank's chunk of the unsharded one; a parameter whose dim 1 does not divide, or 1-D, keeps its state
+    whole (with BF16 parameters updated on its FP32 master, not shown as the parameter's data)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from twinpipe.trainer.optim.optimizer import no_decay
+    from twinpipe.trainer.optim.zero import ZeroAdamW
+
+    runs, norms = [], []
+    for group in (None, dist.group.WORLD):
+        g = torch.Generator().manual_seed(0)
+        named = [("experts.gate_proj", nn.Parameter(torch.randn(4, 6, 5, generator=g))),  # dim 1 divides: sharded
+                 ("experts.odd", nn.Parameter(torch.randn(4, 5, 6, generator=g))),        # 5 rows: kept whole
+                 ("experts.scale", nn.Parameter(torch.randn(4, generator=g))),            # 1-D, no decay: whole
+                 ("norm.weight", nn.Parameter(torch.randn(7, generator=g)))]              # the dense bucket
+        opt = ZeroAdamW(named, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, no_decay=no_decay,
+                        expert_param=lambda n, p: n.startswith("experts."), param_dtype=param_dtype,
+                        moment_dtype=torch.bfloat16, expert_shard_group=group)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(100 + step)
+            for _, p in named:
+                grad = torch.randn(p.shape, generator=gen)
+                if hasattr(p, "main_grad"):
+                    p.main_grad.copy_(grad)
+                else:
+                    p.grad = grad
+            opt.reduce_gradients()
+            norms.append(opt.grad_norm())  # read from the FP32 gradients, with and without the key
+            opt.step(1e-2, 0.7)
+            opt.zero_grad()
+        runs.append((opt, {n: p.detach().clone() for n, p in named}))
+    (whole, w0), (sharded, w1) = runs
+    assert norms[:3] == norms[3:]
+    for name in w0:
+        assert w0[name].dtype == param_dtype and torch.equal(w0[name], w1[name]), (rank, name)
+    shapes = {}
+    for (p0, st0), (p1, st1) in zip(whole.expert_opt.state.items(), sharded.expert_opt.state.items()):
+        assert st0.keys() == st1.keys() and float(st1["step"]) == 3
+        for k in st0:
+            if st0[k].dim():
+                assert torch.equal(sharded.expert_opt.owned(p1, st0[k]), st1[k]), (rank, whole.expert_names[p0], k)
+        shapes[sharded.expert_names[p1]] = tuple(st1["exp_avg"].shape)
+    return shapes
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_expert_adamw_sharded_is_unsharded(param_dtype):
+    for shapes in run_local(_unit_rank, 2, param_dtype):
+        assert shapes == {"experts.gate_proj": (4, 3, 5), "experts.odd": (4, 5, 6), "experts.scale": (4,)}
+
 
 LAYOUT = ["parallel.dp=4", "parallel.ep=2", "eplb.every=2", "checkpoint.every=2"]
 FP32 = []
@@ -104,8 +163,8 @@ def test_sharded_expert_state_is_the_unsharded_run(data_dir, tmp_path, precision
             for name in w0:
                 assert torch.equal(w0[name], w1[name]), (rank, name, what)
 
-    same_weights(sharded, resumed("sharded", "again", "optim.shard_experts=true"), "resumed")
-    if precision == "bf16":
+    if precision == "bf16":  # the same layout and key (the fp32 case resumes across them)
+        same_weights(sharded, resumed("sharded", "again", "optim.shard_experts=true"), "resumed")
         return
     # the checkpoint holds whole tensors (DTensor Shard(1)): it resumes without the key, and an
     # unsharded one with it (DCP re-splits them)
