@@ -209,14 +209,17 @@ V3 = ["--config-name", "pretrain_v3", "run.dir=plan"]
 
 def test_v3_671b_at_deepseek_layout_dry_runs_in_a_minute():
     """recipes/pretrain_v3.yaml: DeepSeek's layout and settings (PP16 DualPipe, DP128, EP64, 4096-token
-    sequences, 15360 per batch, FP8, recompute of norms and MLA up-projections)."""
+    sequences, 15360 per batch, FP8, BF16 parameters with FP32 master weights, ZeRO-1 over the expert
+    slots too), recomputing norms, MLA up-projections, the attention sublayer and the router: every
+    rank fits an 80 GB H800 (the plan's fit check passes)."""
     cfg = recipe("run.dir=plan", name="pretrain_v3")
     p, t = cfg.parallel, cfg.train
     assert (p.pp, p.dp, p.ep, p.schedule, t.seq_len, t.global_batch, t.micro_batch) == \
         (16, 128, 64, "dualpipe", 4096, 15360, 1)
-    assert cfg.fp8.backend != "off" and list(t.recompute) == ["norms", "mla_up"]
+    assert cfg.fp8.backend != "off" and list(t.recompute) == ["norms", "mla_up", "attention", "router"]
+    assert (cfg.optim.param_dtype, cfg.optim.shard_experts, cfg.fp8.cache_transposed) == ("bf16", True, False)
     start = time.monotonic()
-    result = planner.plan(cfg, gpu="H800", check_fit=False)
+    result = planner.plan(cfg, gpu="H800", check_fit=True)
     assert time.monotonic() - start < 60
     assert result["world"] == 2048 and len(result["ranks"]) == 16
     total = sum(r["params"] for r in result["ranks"])
@@ -235,7 +238,8 @@ def test_v3_671b_at_deepseek_layout_dry_runs_in_a_minute():
     ([*TINY, "parallel.dp=2", "parallel.ep=2", "train.global_batch=8", "model.n_routed_experts=7",
       "model.n_group=1", "model.topk_group=1"], "model.n_routed_experts=7 is not divisible by parallel.ep=2"),
     ([*TINY, "parallel.dp=3", "parallel.ep=2", "train.global_batch=6"], "parallel.ep=2: must divide parallel.dp=3"),
-    (["--rank", "384", *V3], "GB of the H800 SXM (activations 56.2 GiB for 17 micro-batches in flight"),
+    (["--rank", "384", *V3, "train.recompute=[norms,mla_up]"],
+     "GB of the H800 SXM (activations 56.2 GiB for 17 micro-batches in flight"),
 ])
 def test_bad_layouts_are_one_line(args, needle, capsys):
     assert planner.main(args) == 1
