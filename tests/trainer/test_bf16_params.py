@@ -22,7 +22,11 @@ Later records: under BF16 autocast a router score near a tie flips already at st
 parameters as with BF16 ones (measured at step 2, BF16 parameters: 1 pick moved under dp=2 x ep=2, 2
 under pp=2, 6 under pp=2 x dp=2 x ep=2; FP32 parameters: 1, 3 and 4), so the later losses fall under
 the helper's `diverged_loss` rule (measured <= 3.9e-5 over the 3 steps) and the first flip may move up
-to 8 picks (16 with the overlap; the FP32 rule allows 4). Resume is bitwise: the losses after a resume
+to 32 picks (the FP32 rule allows 4): BF16 parameters put many scores within a rounding of a tie, and
+how many flip together depends on last bits: pp=2 DualPipe moved 2 picks with the MoE input's
+gradients summed in one order (ba2f242) and 12, at step 3, in the other (ee6be8a, the order before
+both). 32 is 3% of the 1024 picks of a step (256 tokens x top-2 x 2 MoE layers incl. MTP); a fault
+(experts read from the wrong slots, stale optimizer state) moves a large share of them. Resume is bitwise: the losses after a resume
 equal the uninterrupted run's of the same layout exactly.
 
 Against FP32 parameters (same recipe, train.dtype=bf16 in both): with FP32 parameters autocast already
@@ -222,7 +226,7 @@ def test_layout_matches_one_process_and_resumes(layout, one_process, data_dir, t
         assert params == {"torch.bfloat16"} and grads == {"torch.float32"}
         assert masters == ({"torch.float32"} if layout == "dp2_ep2" else set())
     got = read_metrics(tmp_path)
-    assert_matches_one_process(ref, got, first_grad=3e-5, first_flip_picks=8)
+    assert_matches_one_process(ref, got, first_grad=3e-5, first_flip_picks=32)
     # bitwise resume under the layout: the same layout uninterrupted
     whole = tmp_path / "whole"
     run_local(_rank, 2, data_dir, whole, 3, "never", layout)
@@ -246,7 +250,7 @@ def test_dualpipe_with_expert_overlap_matches_one_process(data_dir, tmp_path):
     for params, grads, masters, _ in out:
         assert params == {"torch.bfloat16"} and grads == {"torch.float32"} and masters == {"torch.float32"}
     assert_matches_one_process(read_metrics(ref), read_metrics(tmp_path / "pp_ep"), first_grad=5e-5,
-                               first_flip_picks=16)
+                               first_flip_picks=32)
 
 
 def test_loss_tracks_fp32_params(data_dir, tmp_path):
