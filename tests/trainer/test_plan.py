@@ -240,6 +240,8 @@ def test_v3_671b_at_deepseek_layout_dry_runs_in_a_minute():
     ([*TINY, "parallel.dp=3", "parallel.ep=2", "train.global_batch=6"], "parallel.ep=2: must divide parallel.dp=3"),
     (["--rank", "384", *V3, "train.recompute=[norms,mla_up]"],
      "GB of the H800 SXM (activations 56.2 GiB for 17 micro-batches in flight"),
+    (["--rank", "384", "--reserve", "4", *V3], "needs 71.3 GiB > 80 GB of the H800 SXM less --reserve 4 GiB"),
+    (["--rank", "384", "--reserve", "-1", *V3], "--reserve -1: must be >= 0 GiB"),
 ])
 def test_bad_layouts_are_one_line(args, needle, capsys):
     assert planner.main(args) == 1

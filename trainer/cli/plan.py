@@ -559,16 +559,18 @@ def plan(cfg: DictConfig, gpu: str = "H800", ranks: list[int] | None = None, att
     return result
 
 
-def check_fits(result: dict, cfg: DictConfig) -> None:
+def check_fits(result: dict, cfg: DictConfig, reserve_gib: float = 0.0) -> None:
     """ValueError naming the rank, its bytes and their parts when a planned rank needs more than the
-    GPU's memory."""
+    GPU's memory less `reserve_gib` (what the plan does not count: the CUDA context, NCCL's buffers,
+    the allocator's fragmentation; `twinpipe-plan --reserve`)."""
     worst = max(result["ranks"], key=lambda r: r["total_bytes"])
     gpu = result["gpu"]
-    if worst["total_bytes"] > gpu["hbm_gb"] * 1e9:
+    if worst["total_bytes"] > gpu["hbm_gb"] * 1e9 - reserve_gib * GIB:
         g = lambda k: worst[k] / GIB  # noqa: E731
         moments = ", or set optim.moment_dtype=bf16" if cfg.optim.moment_dtype != "bf16" else ""
+        reserved = f" less --reserve {reserve_gib:g} GiB" if reserve_gib else ""
         raise ValueError(f"rank {worst['rank']} (pp rank {worst['pp_rank']}) needs {g('total_bytes'):.1f} GiB > "
-                         f"{gpu['hbm_gb']:.0f} GB of the {gpu['name']} (activations {g('activation_bytes'):.1f} "
+                         f"{gpu['hbm_gb']:.0f} GB of the {gpu['name']}{reserved} (activations {g('activation_bytes'):.1f} "
                          f"GiB for {worst['micro_batches_in_flight']} micro-batches in flight, backward working "
                          f"memory {g('working_bytes'):.1f}, weights "
                          f"{g('weights_bytes'):.1f} + FP8 copies {g('fp8_weight_cache_bytes'):.1f}, gradients "
@@ -613,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", choices=("fused", "math"), default="fused")
     parser.add_argument("--rollout", type=int, nargs=2, metavar=("BATCH", "LEN"), default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--reserve", type=float, default=0.0, metavar="GIB",
+                        help="GiB per GPU the plan does not count (CUDA context, NCCL buffers, fragmentation): "
+                             "the fit check leaves them free")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     config.set_offline_defaults()
@@ -627,7 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
-        check_fits(result, cfg)  # after the table and the JSON: the user sees what does not fit
+        if args.reserve < 0:
+            raise ValueError(f"--reserve {args.reserve:g}: must be >= 0 GiB")
+        check_fits(result, cfg, args.reserve)  # after the table and the JSON: the user sees what does not fit
     except ValueError as e:
         print(f"twinpipe-plan: {e}", file=sys.stderr)
         return 1
