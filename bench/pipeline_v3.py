@@ -224,10 +224,11 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
         t0, c0 = time.perf_counter(), time.process_time()
         runner.run(micro_batches, objective)
         t1, cpu = time.perf_counter(), time.process_time() - c0
+        labelled = label_ops(ops, chunks)
         if rep or reps == 1:  # the first step warms up
-            timed_ops += label_ops(ops, chunks)
+            timed_ops += labelled
     return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu,
-            "ops": label_ops(ops, chunks), "timed_ops": timed_ops}
+            "ops": labelled, "timed_ops": timed_ops}
 
 
 def replayed(schedule: str, results: list[dict], num_stages: int, formula) -> dict:
@@ -235,11 +236,9 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula) -> di
     timed steps (`median_costs`); the formula (`formula(schedule, stages, f, b, w)`: bench/pipeline.py's
     `bubble_formula`) takes the medians of F, of B (b + W where the backward is split) and of W over
     the same ops."""
-    cpu = {k: [op["cpu_s"] for r in results for op in r["timed_ops"] if op["kind"] == k]
-           for k in ("F", "B", "b", "W")}
-    med = {k: statistics.median(v) if v else 0.0 for k, v in cpu.items()}
-    f, w = med["F"], med["W"]
-    b = med["b"] + w if cpu["W"] else med["B"]
+    fbw = stage_costs({k: [op["cpu_s"] for r in results for op in r["timed_ops"] if op["kind"] == k]
+                       for k in ("F", "B", "b", "W")})
+    f, b, w = fbw["f"], fbw["b"], fbw["w"]
     costs = median_costs(results)
     out = replay([r["ops"] for r in results], num_stages, costs)
     bubbles = out["bubble_s"]
@@ -269,7 +268,14 @@ def measured_costs(results: list[dict]) -> dict[str, float]:
     """Median seconds of one stage's F, full backward B and W over all ranks' spans. Where the schedule
     splits backwards, B = median input-gradient backward + median W (the two halves of one backward,
     so W <= B), else the median full backward (1F1B: W = 0, nothing is deferred)."""
-    spans = {k: [e[3] - e[2] for r in results for e in r["events"] if e[0] == k] for k in ("F", "B", "b", "W")}
-    med = {k: statistics.median(v) if v else 0.0 for k, v in spans.items()}
-    b = med["b"] + med["W"] if spans["W"] else med["B"]
+    return stage_costs({k: [e[3] - e[2] for r in results for e in r["events"] if e[0] == k]
+                        for k in ("F", "B", "b", "W")})
+
+
+def stage_costs(durations: dict[str, list[float]]) -> dict[str, float]:
+    """F, B, W of one stage from the durations of each op kind (F, B, b, W): their medians, with B =
+    median b + median W where the backward was split (the two halves of one backward), else the
+    median full backward (1F1B: W = 0)."""
+    med = {k: statistics.median(v) if v else 0.0 for k, v in durations.items()}
+    b = med["b"] + med["W"] if durations["W"] else med["B"]
     return {"f": med["F"], "b": b, "w": med["W"]}

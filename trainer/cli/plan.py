@@ -623,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     config.set_offline_defaults()
     config.register()
     try:
+        if args.reserve < 0:
+            raise ValueError(f"--reserve {args.reserve:g}: must be >= 0 GiB")
         with initialize_config_module("twinpipe.recipes", version_base=None):
             cfg = compose(args.config_name, overrides=["run.dir=plan", *args.overrides])
         config.validate(cfg)
@@ -632,8 +634,6 @@ def main(argv: list[str] | None = None) -> int:
         print(report(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
-        if args.reserve < 0:
-            raise ValueError(f"--reserve {args.reserve:g}: must be >= 0 GiB")
         check_fits(result, cfg, args.reserve)  # after the table and the JSON: the user sees what does not fit
     except ValueError as e:
         print(f"twinpipe-plan: {e}", file=sys.stderr)
