@@ -208,6 +208,8 @@ class FP8Experts(Experts):
     def select(self, ids) -> "FP8Experts":
         new = super().select(ids)
         new._init_fp8(self.fp8_backend)       # fresh caches: the copies are new parameters
+        for name, cache in new.fp8_weight_caches.items():  # as this module's keep their transposes or not
+            cache.keep_transposed = self.fp8_weight_caches[name].keep_transposed
         return new
 
     def grouped_swiglu(self, x_sorted: torch.Tensor, counts: torch.Tensor,

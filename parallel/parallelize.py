@@ -7,7 +7,8 @@ and one order, applied from outside the model (the model holds no process-group 
    (`experts.layer.apply_expert_parallel`, EPLB replicas when `num_replicas` > experts), dispatching
    with all-to-all over the ep group;
 3. the FP8 swap (`twinpipe.fp8.convert_model`): Linear layers and experts (the local slots included)
-   become FP8 subclasses with the same parameters;
+   become FP8 subclasses with the same parameters, their weight caches keeping each FP8 weight's
+   transpose through the step unless `fp8_cache_transposed` is False (`fp8.weight_cache.cache_transposes`);
 4. zero-bubble weight-gradient split under DualPipe / DualPipeV (`pipeline.zero_bubble`): the layers'
    weight gradients wait for the schedule's W chunks;
 5. selective recomputation (`recompute`, `train.recompute`).
@@ -38,7 +39,8 @@ TOP_LEVEL = ("embed_tokens", "layers", "norm", "lm_head", "mtp")
 def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: str = "1f1b",
                 fp8_backend: str = "off", num_replicas: int | None = None, seed: int | None = None,
                 std: float | None = None, recompute: Any = "none", materialize_meta: bool = True,
-                fill: Callable[..., None] | None = None, layer_split: list[int] | None = None) -> nn.Module:
+                fill: Callable[..., None] | None = None, layer_split: list[int] | None = None,
+                fp8_cache_transposed: bool = True) -> nn.Module:
     """Apply the transforms above to `model`; returns it (the same object, changed in
     place, unless the FP8 swap had to replace it). `seed` (with `std`, default the config's
     initializer_range) initialises a model built on meta; without it the model must hold its weights.
@@ -71,6 +73,10 @@ def parallelize(model: nn.Module, grid: Grid, device: torch.device, schedule: st
         from twinpipe.fp8 import convert_model
 
         model = convert_model(model, fp8_backend)
+        if not fp8_cache_transposed:
+            from twinpipe.fp8.weight_cache import cache_transposes
+
+            cache_transposes(model, False)
         log.info("fp8: linear layers and experts converted (backend %s)", fp8_backend)
     if grid.pp > 1 and schedule in ("dualpipe", "dualpipev"):
         from twinpipe.parallel.pipeline.zero_bubble import split_weight_gradients

@@ -86,11 +86,7 @@ def build_model(cfg: DictConfig, device: torch.device, grid: Any = None) -> Any:
             if isinstance(module, Gate):
                 module.weight.requires_grad_(False)
     grid = grid if grid is not None else Grid.single()
-    model = parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
-                        num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=cfg.train.seed,
-                        std=cfg.train.init_std, fill=fill, layer_split=cfg.parallel.get("layer_split"))
-    if not cfg.fp8.get("cache_transposed", True):  # Dgrad's FP8 Wᵀ made in each backward, not kept
-        from twinpipe.fp8.weight_cache import cache_transposes
-
-        cache_transposes(model, False)
-    return model
+    return parallelize(model, grid, device, cfg.parallel.schedule, cfg.fp8.backend,
+                       num_replicas=cfg.eplb.replicas or None, recompute=cfg.train.recompute, seed=cfg.train.seed,
+                       std=cfg.train.init_std, fill=fill, layer_split=cfg.parallel.get("layer_split"),
+                       fp8_cache_transposed=cfg.fp8.get("cache_transposed", True))
