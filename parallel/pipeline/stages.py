@@ -69,9 +69,12 @@ def record_layer_split(model: nn.Module, layer_split: Sequence[int] | None) -> N
 def stage_ranges(model: nn.Module, num_stages: int, layer_split: Sequence[int] | None = None) -> list[range]:
     """`split_layers` for `model`: `layer_split`, else the one recorded on it (`record_layer_split`),
     else the even split."""
-    if layer_split is None:
-        layer_split = getattr(model, LAYER_SPLIT_ATTR, None)
-    return split_layers(len(model.layers), num_stages, layer_split)
+    return split_layers(len(model.layers), num_stages, _split_of(model, layer_split))
+
+
+def _split_of(model: nn.Module, layer_split: Sequence[int] | None) -> Sequence[int] | None:
+    """`layer_split`, else the split recorded on `model` (None: the even one)."""
+    return layer_split if layer_split is not None else getattr(model, LAYER_SPLIT_ATTR, None)
 
 
 class TransformerStage(nn.Module):
@@ -117,7 +120,7 @@ def build_stages(model: nn.Module, schedule: str, pp: int, pp_rank: int,
     """This rank's stage modules for `schedule`, in the order DualPipe/DualPipeV/OneFOneB take them."""
     placement = StagePlacement(schedule, pp)
     stages = placement.num_stages
-    if layer_split is None and getattr(model, LAYER_SPLIT_ATTR, None) is None and len(model.layers) < stages:
+    if _split_of(model, layer_split) is None and len(model.layers) < stages:
         raise ValueError(f"parallel.schedule={schedule} on parallel.pp={pp} ranks makes {stages} stages "
                          f"but model.num_hidden_layers={len(model.layers)}: every stage needs at least "
                          "one block (fewer pipeline ranks, 1f1b/dualpipe instead of dualpipev, or more "
