@@ -59,6 +59,7 @@ HIDDEN, MICRO = 16, 2
 OURS = ("dualpipe", "dualpipev", "1f1b")
 OVERLAPPED = ("dualpipe_overlap", "dualpipev_overlap")
 TORCH = ("torch_1f1b", "torch_interleaved_1f1b", "torch_zbv", "torch_dualpipev")
+TORCH_V3 = ("torch_1f1b", "torch_zbv", "torch_dualpipev")  # --stages v3 (pipeline_v3.run_torch_rank)
 
 
 class Recorder:
@@ -308,10 +309,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--stages", choices=["sleep", "v3"], default="sleep",
                         help="sleep: stages of the given costs; v3: real DeepSeek-V3 blocks, costs measured "
-                             "(our schedules only; bench/pipeline_v3.py)")
+                             "(ours and torch's 1F1B, ZBV and DualPipeV; bench/pipeline_v3.py)")
     parser.add_argument("--blocks-per-stage", type=int, default=4,
                         help="--stages v3: blocks on every stage but the last (1 block + MTP + heads), so the "
                              "stages cost about the same; 0: 2 blocks per rank, evenly")
+    parser.add_argument("--comm-ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0],
+                        help="--stages v3: replay again with expert all-to-all of this many times each "
+                             "stage's forward compute in every forward and backward")
+    parser.add_argument("--hidden-fraction", type=float, default=0.84,
+                        help="--stages v3: share of an F&B pair's all-to-all the overlap hides (default: "
+                             "the lower of bench/ep_overlap.py's gloo figures, 0.84 at ep=4; 1.00 at ep=2)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default bench/results/pipeline.json (pipeline_v3.json for --stages v3)")
     args = parser.parse_args()
@@ -319,7 +326,9 @@ def main() -> None:
     prefix = "pipeline_v3" if v3 else "pipeline"
     args.out = args.out or RESULTS / f"{prefix}.json"
     if v3:
-        args.schedules = [s for s in args.schedules if s in OURS]
+        args.schedules = [s for s in args.schedules if s in OURS + TORCH_V3]
+        if not 0.0 <= args.hidden_fraction <= 1.0:
+            parser.error(f"--hidden-fraction {args.hidden_fraction}: must be in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,13 +338,14 @@ def main() -> None:
         num_chunks = args.chunks_per_rank * pp
         for schedule in args.schedules:
             if v3:
-                from twinpipe.bench.pipeline_v3 import cpu_share, measured_costs, replayed, run_rank
+                from twinpipe.bench.pipeline_v3 import cpu_share, measured_costs, replayed, run_rank, run_torch_rank
 
-                results = run_local(run_rank, pp, schedule, num_chunks, args.reps, args.blocks_per_stage,
-                                    timeout_s=900)
+                run = run_torch_rank if schedule in TORCH_V3 else run_rank
+                results = run_local(run, pp, schedule, num_chunks, args.reps, args.blocks_per_stage, timeout_s=900)
                 entry = analyse(schedule, pp, measured_costs(results), num_chunks, results, measured=True)
                 entry.update(cpu_share(results, entry), load_avg_1min=os.getloadavg()[0])
-                entry["replayed"] = replayed(schedule, results, entry["stages"], bubble_formula)
+                entry["replayed"] = replayed(schedule, results, entry["stages"], bubble_formula,
+                                             tuple(args.comm_ratios), args.hidden_fraction)
                 rep = entry["replayed"]
                 plot({**entry, **rep}, args.out.parent / f"{prefix}_{schedule}_pp{pp}_replayed.png")
                 print(f"PP={pp} {schedule:24s} replayed on dedicated cores: step {rep['step_ms']:7.1f} ms  "
@@ -355,14 +365,23 @@ def main() -> None:
                   + (f"  CPU share of busy time {entry['cpu_share_of_busy_mean']:.2f} ({entry['cores']} "
                      f"cores), load {entry['load_avg_1min']:.1f}" if v3 else ""), flush=True)
             entries.append(entry)
+        if v3 and args.comm_ratios:
+            from twinpipe.bench.pipeline_v3 import comm_table, plot_comm
+
+            this_pp = [e for e in entries if e["pp"] == pp]
+            print(comm_table(this_pp), flush=True)
+            plot_comm(this_pp, args.out.parent / f"{prefix}_comm_pp{pp}.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if v3:
         from twinpipe.bench.pipeline_v3 import SEQ, v3_config
 
         meta = {"model": {k: v for k, v in vars(v3_config(1)).items() if isinstance(v, (int, float, str))},
                 "seq_len": SEQ, "micro_batch": 1, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                "note": "real V3 blocks (2 per rank) on gloo CPU ranks, one thread each; stage costs are the "
-                        "medians measured in the same run; with more ranks than cores the ranks share cores"}
+                "blocks_per_stage": args.blocks_per_stage, "comm_ratios": args.comm_ratios,
+                "hidden_fraction": args.hidden_fraction,
+                "note": "real V3 blocks on gloo CPU ranks, one thread each, the same model under every schedule "
+                        "(pipeline_v3.stage_split); stage costs are the medians measured in the same run; with "
+                        "more ranks than cores the ranks share cores, so compare the replayed figures"}
     else:
         meta = {"costs_ms": {"F": args.f_ms, "B": args.b_ms, "W": args.w_ms}, "torch": torch.__version__,
                 "cpu_count": os.cpu_count(), "note": "sleep-based stage costs on gloo CPU ranks"}

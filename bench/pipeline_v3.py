@@ -23,11 +23,15 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from twinpipe.model.config import ModelConfig
-from twinpipe.model.transformer import Transformer
+from twinpipe.model.moe import set_aux_loss_scale
+from twinpipe.model.transformer import Transformer, TransformerOutput
 from twinpipe.parallel.pipeline.runner import PipelineRunner
-from twinpipe.parallel.pipeline.stages import keep_local_stages
+from twinpipe.parallel.pipeline.placement import StagePlacement
+from twinpipe.parallel.pipeline.stages import build_stages, keep_local_stages
+from twinpipe.parallel.pipeline.weight_grad_store import WeightGradStore
 from twinpipe.parallel.pipeline.zero_bubble import split_weight_gradients
 from twinpipe.trainer.loss import GLOBAL_COUNTS, PretrainLoss
 
@@ -100,17 +104,27 @@ def median_costs(results: list[dict]) -> dict[tuple[str, int], float]:
     return {k: statistics.median(v) for k, v in by.items()}
 
 
-def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None = None) -> dict:
+def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None = None,
+           comm: dict[int, float] | None = None, hidden: float | None = None) -> dict:
     """The step's timeline if every rank had a core to itself: each rank runs its ops in the order it
-    ran them, each taking its measured CPU time (or `costs[(kind, stage)]`); a forward of (micro-batch m, stage s) starts once
-    (m, s-1)'s forward ended, a backward once (m, s+1)'s backward ended (the P2P transfers cost
-    nothing), and the two halves of an F&B pair start together once both inputs are there (the engine
-    receives both before it computes). Returns the replayed step span, per-rank busy and bubble times
+    ran them, each taking its measured CPU time (or `costs[(kind, stage)]`); a forward of (micro-batch m,
+    stage s) starts once (m, s-1)'s forward ended, a backward once (m, s+1)'s backward ended (the P2P
+    transfers cost nothing), and the two halves of an F&B pair start together once both inputs are there
+    (the engine receives both before it computes).
+
+    `comm[stage]`: seconds of expert all-to-all in each forward and each backward (b or B) of that stage
+    (dispatch and combine; a backward moves the same bytes); W has none. Outside an F&B pair, and inside
+    one without `hidden`, the op waits for all of it. With `hidden` (the overlap: one micro-batch's
+    all-to-alls behind the other's compute), a pair takes max(its compute + (1 - hidden) x its
+    all-to-all, its all-to-all) and both halves end together.
+
+    Returns the replayed step span, per-rank busy (compute and exposed all-to-all) and bubble times
     (span - busy) in seconds, and the timeline."""
     ends: dict[tuple, float] = {}
     clock = [0.0] * len(ops_per_rank)
     nxt = [0] * len(ops_per_rank)
     timeline: list[list] = [[] for _ in ops_per_rank]
+    busy = [0.0] * len(ops_per_rank)
 
     def dep(op: dict) -> tuple | None:
         m, s = op.get("micro_batch"), op.get("stage")
@@ -122,6 +136,17 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
 
     def cost(op: dict) -> float:
         return op["cpu_s"] if costs is None else costs[(op["kind"], op["stage"])]
+
+    def all_to_all(op: dict) -> float:
+        return comm[op["stage"]] if comm is not None and op["kind"] != "W" else 0.0
+
+    def durations(group: list[dict]) -> list[float]:
+        own = [cost(op) + all_to_all(op) for op in group]
+        if len(group) < 2 or hidden is None:
+            return own
+        compute, moved = sum(cost(op) for op in group), sum(all_to_all(op) for op in group)
+        pair = max(compute + (1.0 - hidden) * moved, moved)
+        return [pair * d / sum(own) for d in own] if sum(own) else own  # drawn in proportion, end together
 
     def ready_at(op: dict) -> float | None:
         d = dep(op)
@@ -138,36 +163,44 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
                 if any(t is None for t in starts):
                     break
                 t = max([clock[r], *starts])
+                spans = durations(group)
+                for op, d in zip(group, spans):
+                    timeline[r].append((op["kind"], op.get("stage", -1), t, t + d))
+                    t += d
                 for op in group:
-                    end = t + cost(op)
-                    timeline[r].append((op["kind"], op.get("stage", -1), t, end))
                     if op["kind"] != "W":
-                        ends[("F" if op["kind"] == "F" else "B", op["micro_batch"], op["stage"])] = end
-                    t = end
+                        ends[("F" if op["kind"] == "F" else "B", op["micro_batch"], op["stage"])] = t
+                busy[r] += sum(spans)
                 clock[r] = t
                 nxt[r] += len(group)
                 progressed = True
         if not progressed:
             raise RuntimeError("replay: no rank can go on (ops mislabelled: a dependency never ends)")
     span = max(clock)
-    busy = [sum(cost(op) for op in ops) for ops in ops_per_rank]
     return {"span_s": span, "busy_s": busy, "bubble_s": [span - b for b in busy], "timeline": timeline}
 
 
+V_SHAPES = ("dualpipev", "torch_zbv", "torch_dualpipev")  # two stages per rank, 2PP in all
+
+
 def stage_split(schedule: str, world: int, blocks_per_stage: int) -> list[int] | None:
-    """Blocks per stage (parallel.layer_split): `blocks_per_stage` on every stage but the last, which
-    holds one block besides the MTP block and the two heads (they cost about as much as 2.4 blocks
-    here), so the stages cost about the same, as the bubble formula assumes. 0: 2 blocks per rank,
-    evenly (the last stage then costs 2.3x the others)."""
+    """Blocks per stage (parallel.layer_split), the same model under every schedule: the V shapes' 2PP
+    stages hold `blocks_per_stage` blocks each but the last, which holds one block besides the MTP block
+    and the two heads (they cost about as much as 2.4 blocks here), so the stages cost about the same,
+    as the bubble formula assumes; schedules of PP stages (DualPipe, 1F1B) take two of those per stage.
+    0: 2 blocks per rank, evenly (the last stage then costs 2.3x the others)."""
     if not blocks_per_stage:
         return None
-    stages = 2 * world if schedule == "dualpipev" else world
-    return [blocks_per_stage] * (stages - 1) + [1]
+    v = [blocks_per_stage] * (2 * world - 1) + [1]
+    if schedule in V_SHAPES:
+        return v
+    return [a + b for a, b in zip(v[::2], v[1::2])]
 
 
 def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
-             blocks_per_stage: int = 0) -> dict:
-    """One rank of the V3 pipeline: the spans of its last step (the earlier ones warm up)."""
+             blocks_per_stage: int = 0, keep_grads: bool = False) -> dict:
+    """One rank of the V3 pipeline: the spans of its last step (the earlier ones warm up); with
+    `keep_grads` also its parameters' gradients after the last step (`grads`)."""
     torch.manual_seed(0)
     split = stage_split(schedule, world, blocks_per_stage)
     config = v3_config(sum(split) if split else 2 * world)
@@ -228,21 +261,175 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
         if rep or reps == 1:  # the first step warms up
             timed_ops += labelled
     return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu,
-            "ops": labelled, "timed_ops": timed_ops}
+            "ops": labelled, "timed_ops": timed_ops, "grads": _grads(model) if keep_grads else None}
 
 
-def replayed(schedule: str, results: list[dict], num_stages: int, formula) -> dict:
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+class _TorchStage(nn.Module):
+    """A `TransformerStage` as torch.distributed.pipelining takes one: a single tensor in and out
+    (input ids into the first stage, h between stages; the last returns its heads' inputs). The
+    positions are 0..T-1 and the input ids the MTP block embeds come from the micro-batch list, picked
+    by `current` (the forward chunk torch's schedule is running: `run_torch_rank` sets it)."""
+
+    def __init__(self, stage: nn.Module, micro_batches: list[dict]) -> None:
+        super().__init__()
+        self.stage, self.micro_batches, self.current = stage, micro_batches, 0
+
+    def forward(self, x: torch.Tensor):
+        ids = self.micro_batches[self.current]["input_ids"]                        # [1, T]
+        pos = torch.arange(ids.shape[1]).expand_as(ids)                           # [1, T]
+        out = self.stage(x, pos) if self.stage.is_first else self.stage(x, ids, pos)
+        return out if self.stage.is_last else out[0]                               # h [1, T, H]
+
+
+def run_torch_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
+                   blocks_per_stage: int = 0, graph_split: bool = False, keep_grads: bool = False) -> dict:
+    """One rank of torch.distributed.pipelining's `schedule` (torch_zbv, torch_dualpipev, torch_1f1b) on
+    the same V3 stages, model, data and loss as `run_rank`. Where the schedule defers weight gradients
+    (ZBV, DualPipeV) they are the same W as ours: `split_weight_gradients` with torch's `dw_builder` hook
+    handing each backward's deferred closures to the schedule (`_dw_builder`), so the comparison is of
+    schedules; `graph_split` gives torch's own split instead (`stage_backward_input` /
+    `stage_backward_weight` over the autograd graph, which reruns whole custom-Function backwards in W).
+    Every `forward_one_chunk` (plus the loss on the last stage), `backward_one_chunk` (b where it leaves
+    the weights for later) and `backward_weight_one_chunk` is an op with its CPU time, stage and
+    micro-batch, as `run_rank` records ours."""
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    torch.manual_seed(0)
+    ours = "1f1b" if schedule == "torch_1f1b" else "dualpipev"  # the same stage layout
+    split = stage_split(ours, world, blocks_per_stage)
+    config = v3_config(sum(split) if split else 2 * world)
+    model = Transformer(config)
+    keep_local_stages(model, ours, world, rank, split)
+    deferring = schedule != "torch_1f1b" and not graph_split
+    if deferring:
+        split_weight_gradients(model)
+    placement = StagePlacement(ours, world)
+    num_stages = placement.num_stages
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (num_chunks, SEQ + 1), generator=g)
+    micro_batches = [{"input_ids": ids[i:i + 1, :-1], "labels": ids[i:i + 1, 1:]} for i in range(num_chunks)]
+    modules = build_stages(model, ours, world, rank, split)
+    set_aux_loss_scale(modules, 1.0 / num_chunks)
+    events: list = []
+    ops: list = []
+    h = torch.empty(1, SEQ, config.hidden_size, requires_grad=True)  # torch reads requires_grad off these
+    pstages = []
+    for module, index in zip(modules, placement.stages(rank)):
+        wrapped = _TorchStage(module, micro_batches)
+        outputs = (h, *(torch.empty(1, SEQ - k, config.hidden_size, requires_grad=True)
+                        for k in range(1, len(model.mtp) + 1))) \
+            if module.is_last else h
+        stage = PipelineStage(wrapped, index, num_stages, torch.device("cpu"),
+                              input_args=ids[:1, :-1] if module.is_first else h, output_args=outputs,
+                              dw_builder=_dw_builder if deferring else None)
+        stage.forward_one_chunk = _torch_op(events, ops, "F", index, stage.forward_one_chunk, wrapped)
+        stage.backward_one_chunk = _torch_op(events, ops, "B", index, stage.backward_one_chunk)
+        stage.backward_weight_one_chunk = _torch_op(events, ops, "W", index, stage.backward_weight_one_chunk)
+        pstages.append(stage)
+    objective = Objective(config.num_nextn_predict_layers)
+    head = model.lm_head.weight
+
+    def loss_fn(output, index):
+        """The objective on micro-batch `index`; its CPU time joins the last stage's forward op."""
+        c0 = time.thread_time()
+        hidden, *mtp_hidden = output
+        loss, _ = objective(TransformerOutput(hidden, head, list(mtp_hidden)), micro_batches[int(index)])
+        ops[-1][1] += time.thread_time() - c0  # the last stage's forward of this micro-batch, just run
+        return loss
+
+    cls = {"torch_zbv": schedules.ScheduleZBVZeroBubble, "torch_dualpipev": schedules.ScheduleDualPipeV,
+           "torch_1f1b": schedules.Schedule1F1B}[schedule]
+    sched = cls(pstages[0] if schedule == "torch_1f1b" else pstages, num_chunks, loss_fn=loss_fn,
+                scale_grads=False)
+    first = any(m.is_first for m in modules)
+    last = any(m.is_last for m in modules)
+    timed_ops: list[dict] = []
+    for rep in range(reps):
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        events.clear()
+        ops.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        WeightGradStore.enabled = deferring
+        try:
+            sched.step(*([ids[:, :-1]] if first else []),
+                       **({"target": torch.arange(num_chunks), "losses": []} if last else {}))
+        finally:
+            WeightGradStore.clear()
+        t1, cpu = time.perf_counter(), time.process_time() - c0
+        labelled = [{"kind": k, "cpu_s": c, "pair": False, "stage": s, "micro_batch": m} for k, c, s, m in ops]
+        if rep or reps == 1:
+            timed_ops += labelled
+    return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu,
+            "ops": labelled, "timed_ops": timed_ops, "grads": _grads(model) if keep_grads else None}
+
+
+def _dw_builder():
+    """torch's `dw_builder` hook, called right after a backward: the weight-gradient closures our split
+    layers deferred in that backward, as one callable (run at once for a full backward, else as the
+    schedule's W of that chunk)."""
+    funcs, WeightGradStore.cache = WeightGradStore.cache, []
+
+    def run():
+        with torch.no_grad():
+            for func in funcs:
+                func()
+    return run
+
+
+def _torch_op(events: list, ops: list, kind: str, stage: int, fn, wrapped: _TorchStage | None = None):
+    """A PipelineStage method (`forward_one_chunk(chunk, ...)`, `backward_one_chunk(chunk, loss,
+    full_backward, ...)`, `backward_weight_one_chunk(chunk, ...)`) timed into `events` (kind, stage, start,
+    end) and `ops` [kind, CPU seconds, stage, micro-batch]; a backward that leaves the weight gradients
+    for later is `b`. A forward first points `wrapped` at its micro-batch."""
+    def run(chunk, *args, **kwargs):
+        k = kind
+        if kind == "B" and not kwargs.get("full_backward", args[1] if len(args) > 1 else True):
+            k = "b"
+        if wrapped is not None:
+            wrapped.current = chunk
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = fn(chunk, *args, **kwargs)
+        c1, t1 = time.thread_time(), time.perf_counter()
+        events.append((k, stage, t0, t1))
+        ops.append([k, c1 - c0, stage, chunk])
+        return out
+    return run
+
+
+OVERLAPPING = ("dualpipe", "dualpipev")  # ours: F&B pairs whose all-to-alls the overlap hides
+
+
+def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_ratios: tuple = (),
+             hidden: float | None = None) -> dict:
     """`replay` of the last step's ops, each costing the median CPU time of its kind and stage over the
     timed steps (`median_costs`); the formula (`formula(schedule, stages, f, b, w)`: bench/pipeline.py's
     `bubble_formula`) takes the medians of F, of B (b + W where the backward is split) and of W over
-    the same ops."""
+    the same ops.
+
+    `comm_sweep`: the same replay with expert all-to-all in every forward and backward, `ratio` x the
+    stage's forward compute each (`replay`'s `comm`), exposed in full; for our DualPipe and DualPipeV
+    also with the overlap hiding `hidden` of each F&B pair's all-to-all (`step_ms_overlap`)."""
     fbw = stage_costs({k: [op["cpu_s"] for r in results for op in r["timed_ops"] if op["kind"] == k]
                        for k in ("F", "B", "b", "W")})
     f, b, w = fbw["f"], fbw["b"], fbw["w"]
     costs = median_costs(results)
-    out = replay([r["ops"] for r in results], num_stages, costs)
+    ops = [r["ops"] for r in results]
+    out = replay(ops, num_stages, costs)
     bubbles = out["bubble_s"]
     want = formula(schedule, num_stages, f, b, w)
+    sweep = []
+    for ratio in comm_ratios:
+        comm = {s: ratio * c for (k, s), c in costs.items() if k == "F"}
+        entry = {"ratio": ratio, "step_ms": replay(ops, num_stages, costs, comm)["span_s"] * 1e3,
+                 "step_ms_overlap": None}
+        if schedule in OVERLAPPING and hidden is not None:
+            entry["step_ms_overlap"] = replay(ops, num_stages, costs, comm, hidden)["span_s"] * 1e3
+        sweep.append(entry)
     return {"stage_cpu_ms": {"F": f * 1e3, "B": b * 1e3, "W": w * 1e3},
             "op_cpu_ms": {f"{k}{s}": v * 1e3 for (k, s), v in sorted(costs.items())},
             "step_ms": out["span_s"] * 1e3, "busy_ms_per_rank": [x * 1e3 for x in out["busy_s"]],
@@ -250,7 +437,49 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula) -> di
             "bubble_ms_mean": statistics.mean(bubbles) * 1e3, "bubble_ms_max": max(bubbles) * 1e3,
             "bubble_formula_ms": want * 1e3 if want is not None else None,
             "bubble_max_over_formula": max(bubbles) / want if want else None,
+            "comm_hidden_fraction": hidden, "comm_sweep": sweep,
             "timeline": [[(k, s, t0 * 1e3, t1 * 1e3) for k, s, t0, t1 in line] for line in out["timeline"]]}
+
+
+def comm_table(entries: list[dict]) -> str:
+    """Replayed step (ms) of each schedule at each all-to-all ratio of one PP; `+overlap` rows for ours."""
+    ratios = [c["ratio"] for c in entries[0]["replayed"]["comm_sweep"]]
+    lines = [f"PP={entries[0]['pp']} replayed step ms with all-to-all = ratio x forward compute "
+             f"(overlap hides {entries[0]['replayed']['comm_hidden_fraction']:.2f} of a pair's)",
+             f"{'schedule':22s}" + "".join(f"{r:>10.2f}" for r in ratios)]
+    for e in entries:
+        sweep = e["replayed"]["comm_sweep"]
+        lines.append(f"{e['schedule']:22s}" + "".join(f"{c['step_ms']:10.1f}" for c in sweep))
+        if sweep and sweep[0]["step_ms_overlap"] is not None:
+            lines.append(f"{e['schedule'] + ' +overlap':22s}" + "".join(f"{c['step_ms_overlap']:10.1f}" for c in sweep))
+    return "\n".join(lines)
+
+
+def plot_comm(entries: list[dict], path) -> None:
+    """Replayed step time against the all-to-all ratio, one line per schedule (dashed: with the overlap)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for e in entries:
+        sweep = e["replayed"]["comm_sweep"]
+        ratios = [c["ratio"] for c in sweep]
+        line, = ax.plot(ratios, [c["step_ms"] for c in sweep], marker="o", label=e["schedule"])
+        if sweep and sweep[0]["step_ms_overlap"] is not None:
+            ax.plot(ratios, [c["step_ms_overlap"] for c in sweep], marker="o", linestyle="--",
+                    color=line.get_color(), label=f"{e['schedule']} + overlap")
+    hidden = entries[0]["replayed"]["comm_hidden_fraction"]
+    ax.set_xlabel("expert all-to-all per forward or backward / forward compute")
+    ax.set_ylabel("replayed step (ms)")
+    ax.set_title(f"V3 stages, PP={entries[0]['pp']}, {entries[0]['num_chunks']} micro-batches "
+                 f"(overlap hides {hidden:.2f} of a pair's all-to-all)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def cpu_share(results: list[dict], entry: dict) -> dict:
