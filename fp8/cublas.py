@@ -2,9 +2,13 @@
 
 `_scaled_mm(a [M, K] row-major, b [K, N] column-major, scale_a, scale_b)` accepts DeepSeek's layouts:
 scale_a [M, ceil(K/128)] (1×128) with scale_b [ceil(K/128), ceil(N/128)] (128×128) or
-[ceil(K/128), N] (1×128, for Wgrad). cuBLAS wants the 1×128 scales M-major ("outer-dim major"),
-so they are passed as the transpose of a contiguous [nbk, M] tensor. There is no blockwise grouped
-GEMM in cuBLAS for Hopper, so the grouped forms loop over the expert segments.
+[ceil(K/128), N] (1×128, for Wgrad). Torch checks the scales' strides on the GPU only (its meta kernel
+checks shapes): ScaledBlas.cpp's `get_joint_scaling` reads scale_a as is and scale_b through `.t()`.
+A 1×128 scale must be outer-dim major (scale_a strides (1, M); scale_b.t() strides (1, N)), so both are
+transposes of contiguous [nbk, rows] tensors. The 128×128 scale_b.t() [nbn, nbk] must be row-major
+with a leading stride of nbk (torch's main branch) or of nbk rounded up to 4 (the 2.9-era Blas.cpp);
+the two agree when nbk % 4 == 0 and the probe below finds which one this torch wants otherwise. There
+is no blockwise grouped GEMM in cuBLAS for Hopper, so the grouped forms loop over the expert segments.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from twinpipe.fp8.emulate import (check_gemm_operands, check_grouped_operands, k
                                   segment_bounds)
 
 
+_LAYOUT = {"pad_128x128": False}   # whether scale_b.t()'s leading stride is nbk rounded up to 4
+
+
 @functools.lru_cache(maxsize=None)
 def cublas_unavailable_reason(device_index: int = 0) -> str | None:
-    """None when blockwise `_scaled_mm` runs on this machine, else why not (probed once)."""
+    """None when blockwise `_scaled_mm` runs on this machine, else why not (probed once). The probe has
+    K = 384 (3 K blocks), where the two 128×128 scale layouts torch has required differ; the one that
+    this torch accepts is kept for every later call."""
     if not torch.cuda.is_available():
         return "no CUDA device (torch._scaled_mm blockwise needs a Hopper GPU)"
     if not hasattr(torch, "_scaled_mm"):
@@ -27,21 +36,43 @@ def cublas_unavailable_reason(device_index: int = 0) -> str | None:
     major, minor = torch.cuda.get_device_capability(device_index)
     if major != 9:
         return f"compute capability {major}.{minor}: blockwise _scaled_mm scaling is implemented for 9.x"
-    try:
-        a = torch.zeros(256, 256, device=f"cuda:{device_index}", dtype=torch.float8_e4m3fn)
-        _scaled(a, torch.ones(256, 2, device=a.device), a, torch.ones(2, 2, device=a.device),
-                torch.bfloat16)
-    except RuntimeError as exc:  # the build lacks blockwise support (e.g. CUDA < 12.9)
-        return f"torch._scaled_mm rejected blockwise scales: {str(exc).splitlines()[0]}"
-    return None
+    device = torch.device("cuda", device_index)
+    a = torch.zeros(256, 384, device=device, dtype=torch.float8_e4m3fn)
+    a_s, b_s = torch.ones(256, 3, device=device), torch.ones(2, 3, device=device)
+    errors = []
+    for pad in (False, True):
+        _LAYOUT["pad_128x128"] = pad
+        try:
+            _scaled(a, a_s, a, b_s, torch.bfloat16)
+            return None
+        except (RuntimeError, ValueError) as exc:  # no blockwise support (e.g. CUDA < 12.9), or not this layout
+            errors.append(str(exc).splitlines()[0])
+    _LAYOUT["pad_128x128"] = False
+    return f"torch._scaled_mm rejected blockwise scales: {'; '.join(dict.fromkeys(errors))}"
+
+
+def _scale_a(a_s: torch.Tensor) -> torch.Tensor:
+    """[M, nbk] with strides (1, M): 1×128 scales, outer-dim (M) major."""
+    return a_s.float().t().contiguous().t()
+
+
+def _scale_b(b_s: torch.Tensor, n: int) -> torch.Tensor:
+    """b_s [nbn, nbk] (128×128) or [N, nbk] (1×128) -> scale_b [nbk, nbn] or [nbk, N] as cuBLAS reads it."""
+    if b_s.shape[0] == n:                                  # 1×128: scale_b.t() [N, nbk] N-major
+        return b_s.float().t().contiguous()
+    nbn, nbk = b_s.shape                                   # 128×128: scale_b.t() [nbn, nbk] row-major
+    lead = -(-nbk // 4) * 4 if _LAYOUT["pad_128x128"] else nbk
+    rows = b_s.float()
+    if lead != nbk or rows.stride() != (nbk, 1):
+        rows = torch.zeros(nbn, lead, device=b_s.device, dtype=torch.float32)
+        rows[:, :nbk] = b_s
+    return rows[:, :nbk].t()
 
 
 def _scaled(a, a_s, b, b_s, out_dtype):
     """a [M, K] fp8, a_s [M, nbk]; b [N, K] fp8, b_s [nbn or N, nbk] -> [M, N]."""
-    scale_a = a_s.float().t().contiguous().t()            # [M, nbk], M-major
-    scale_b = b_s.float().t().contiguous()                 # [nbk, nbn] or, 1×128 (Wgrad), [nbk, N]
-    return torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
-                            out_dtype=out_dtype)
+    return torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=_scale_a(a_s),
+                            scale_b=_scale_b(b_s, b.shape[0]), out_dtype=out_dtype)
 
 
 def _require(device: torch.device) -> None:
