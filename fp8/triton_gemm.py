@@ -21,7 +21,7 @@ import triton.language as tl
 
 from twinpipe.fp8.emulate import (b_scales_are_per_row, check_gemm_operands, check_grouped_operands,
                                   check_k_grouped_operands)
-from twinpipe.fp8.triton_quant import interpreting
+from twinpipe.fp8.triton_quant import check_int32_offsets, interpreting
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -211,13 +211,14 @@ def triton_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
         use_tma = (_TMA_STATE["ok"] and not interpreting() and a.is_cuda
                    and torch.cuda.get_device_capability(a.device)[0] >= 9
                    and k % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
-    if use_tma and not interpreting():
-        _set_tma_allocator()
+    check_int32_offsets("triton_gemm", a2, b, out)
     if m > 0 and n > 0:
         args = (a2, as2, b, b_s, out, m, n, k, a2.stride(0), as2.stride(0), b.stride(0), b_s.stride(0),
                 out.stride(0))
         tiles = lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])  # noqa: E731
         try:
+            if use_tma and not interpreting():
+                _set_tma_allocator()   # inside the try: a Triton without set_allocator falls back below
             _launch(_fp8_gemm_kernel, _fp8_gemm_tuned, tiles, a.device, *args,
                     B_PER_ROW=b_per_row, USE_TMA=bool(use_tma), BLOCK_K=block_size)
         except Exception as exc:  # noqa: BLE001 - a Triton build without working TMA: pointer loads
@@ -244,6 +245,7 @@ def triton_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s
     b_s = b_s.float().contiguous()
     offsets = offsets.to(device=a.device, dtype=torch.int32)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)   # [M, N]
+    check_int32_offsets("triton_grouped_gemm", a, b, out)
     if m > 0 and n > 0:
         # upper bound on the tiles without reading the counts on the host: every group may end with a
         # partial row tile
@@ -267,6 +269,7 @@ def triton_k_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b
     a_s, b_s = _rows_contiguous(a_s.float()), _rows_contiguous(b_s.float())
     offsets = offsets.to(device=a.device, dtype=torch.int32)
     out = torch.empty(num_groups, m, n, dtype=out_dtype, device=a.device)   # [G, M, N]
+    check_int32_offsets("triton_k_grouped_gemm", a, b, out)
     if num_groups > 0 and m > 0 and n > 0:
         _launch(_fp8_k_grouped_gemm_kernel, _fp8_k_grouped_tuned,
                 lambda meta: num_groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),

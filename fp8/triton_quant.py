@@ -27,6 +27,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_int32_offsets(kernel: str, *tensors: torch.Tensor) -> None:
+    """The kernels form element offsets as int32 products (row * stride + column), correct while the
+    largest offset into every tensor they address is below 2^31; past that they would read and write
+    out of bounds (DeepSeek-V3's shapes stay below 2^30: 73,736 rows x 7168 at most in the GPU suite)."""
+    for t in tensors:
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+        if extent >= 2**31:
+            raise ValueError(f"{kernel}: a tensor of shape {tuple(t.shape)} and strides {t.stride()} spans "
+                             f"{extent} >= 2^31 elements, past the kernels' int32 offsets; split the call")
+
+
 @triton.jit
 def _round_scale_pow2(s):
     bits = s.to(tl.int32, bitcast=True)
@@ -111,6 +122,7 @@ def triton_act_quant(x: torch.Tensor, block_size: int = 128, pow2: bool = False,
     nbk = math.ceil(k / block_size)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)   # [M, K]
     s = torch.empty(m, nbk, dtype=torch.float32, device=x.device)       # [M, nbk]
+    check_int32_offsets("triton_act_quant", x2)
     rows = 64 if interpreting() else 8     # the interpreter pays per program, not per element
     if m > 0 and k > 0:
         _act_quant_kernel[(triton.cdiv(m, rows), nbk)](
@@ -130,6 +142,7 @@ def triton_weight_quant(w: torch.Tensor, block_size: int = 128, pow2: bool = Fal
     nbn, nbk = math.ceil(n / block_size), math.ceil(k / block_size)
     q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)    # [E, N, K]
     s = torch.empty(e, nbn, nbk, dtype=torch.float32, device=w.device)      # [E, nbn, nbk]
+    check_int32_offsets("triton_weight_quant", w3)
     if e > 0 and n > 0 and k > 0:
         _weight_quant_kernel[(nbn, nbk, e)](
             w3, q, s, n, k, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0),
