@@ -47,10 +47,12 @@ def _torch_cuda_accepts(mat1, mat2, scale_a, scale_b, padded: bool) -> str | Non
     return None
 
 
-# (M, N, K): DeepSeek-V3's dense shapes, the suite's odd ones, and the `small` preset's q_b projection
-# forward (K = q_lora_rank 384: 3 K blocks, where the two 128×128 stride rules differ) and its Dgrad
+# (M, N, K): DeepSeek-V3's dense shapes, the suite's odd ones, the `small` preset's q_b projection
+# forward (K = q_lora_rank 384: 3 K blocks, where the two 128×128 stride rules differ) and Dgrad, and
+# its kv_a Dgrad (K = 288, not a multiple of 128)
 SHAPES = [(4096, 7168, 2048), (4096, 4096, 7168), (4096, 7168, 16384), (4096, 24576, 1536), (4096, 2112, 7168),
-          (1000, 2112, 7168), (4095, 576, 1536), (8192, 1536, 384), (8192, 384, 1536), (77, 256, 128)]
+          (1000, 2112, 7168), (4095, 576, 1536), (77, 208, 288), (8192, 1536, 384), (8192, 384, 1536),
+          (8192, 1024, 288), (77, 256, 128)]
 
 
 @pytest.mark.parametrize("padded", [False, True])
