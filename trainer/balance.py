@@ -34,12 +34,14 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class ExpertLoadTracker:
     """Accumulates `last_counts` [E] and `last_balance_loss` of each MoE layer after every training-mode
-    forward (`model.eval()` forwards, e.g. SFT's evaluation, are not counted)."""
+    forward (`model.eval()` forwards, e.g. SFT's evaluation, are not counted), where they are: nothing
+    is read back from the device during the step."""
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers(model)
+        self.device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         self.counts = [None] * len(self.layers)
-        self.balance = [0.0] * len(self.layers)
+        self.balance = [None] * len(self.layers)  # float64: the sum Python floats gave before
         self.calls = [0] * len(self.layers)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
 
@@ -53,20 +55,26 @@ class ExpertLoadTracker:
             self.counts[i] = c.clone() if self.counts[i] is None else self.counts[i] + c
             bal = getattr(module, "last_balance_loss", None)
             if bal is not None:
-                self.balance[i] += float(bal)
+                bal = bal.detach().to(torch.float64)
+                self.balance[i] = bal if self.balance[i] is None else self.balance[i] + bal
             self.calls[i] += 1
         return hook
 
-    def take(self) -> tuple[torch.Tensor, float]:
-        """Counts [num_moe_layers, E] since the last take (zeros for layers that did not run on this
-        rank) and the mean balance loss per forward, summed over layers; then reset."""
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts [num_moe_layers, E] int64 since the last take (zeros for layers that did not run on
+        this rank) and the mean balance loss per forward, summed over layers (0-d float64), both on the
+        model's device; then reset."""
+        device = next((c.device for c in self.counts if c is not None), self.device)
         num_experts = [m.gate.e_score_correction_bias.numel() for _, m in self.layers]
-        rows = [c if c is not None else torch.zeros(e, dtype=torch.int64)
+        rows = [c if c is not None else torch.zeros(e, dtype=torch.int64, device=device)
                 for c, e in zip(self.counts, num_experts)]
-        counts = torch.stack([r.cpu() for r in rows]) if rows else torch.zeros(0, 0, dtype=torch.int64)
-        balance = sum(b / n for b, n in zip(self.balance, self.calls) if n)
+        counts = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64, device=device)
+        # divided by a tensor: a CUDA division by a Python number multiplies by its reciprocal
+        means = [b / torch.full((), n, dtype=torch.float64, device=b.device)
+                 for b, n in zip(self.balance, self.calls) if n and b is not None]
+        balance = sum(means, torch.zeros((), dtype=torch.float64, device=device))
         self.counts = [None] * len(self.layers)
-        self.balance = [0.0] * len(self.layers)
+        self.balance = [None] * len(self.layers)
         self.calls = [0] * len(self.layers)
         return counts, balance
 
@@ -97,7 +105,8 @@ def update_router_bias(model: nn.Module, counts: torch.Tensor, gamma: float, cen
         update = gamma * torch.sign(c.mean() - c)  # [E]
         if center:
             update -= update.mean()
-        bias.add_(update.to(bias.device, bias.dtype))
+        # from host counts: a blocking copy to a GPU would wait for all the step's queued work
+        bias.add_(update.to(bias.device, bias.dtype, non_blocking=True))
 
 
 def load_max_over_mean(counts: torch.Tensor) -> float:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from twinpipe.parallel.grid import build_grid, collective_timeout_s, init_distributed
@@ -49,7 +48,9 @@ log = logging.getLogger(__name__)
 
 
 class StopRequest:
-    """Set by SIGTERM / SIGUSR1 (cluster pre-emption): checkpoint after the current step, exit 0."""
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption): checkpoint after the current step, exit 0. The
+    step agrees on it over the ranks (`TrainStep(stop=...)`), so a signal that comes after the step
+    reduced its gradients stops the run after the next step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -63,14 +64,6 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("signal %d: will checkpoint after this step and exit", signum)
         self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled."""
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -208,7 +201,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
             if hasattr(loss_fn, "mtp_lambda"):
                 loss_fn.mtp_lambda = mtp_lambda_at(cfg.loss, tokens)
 
-            metrics = train_step(micro_batches, lr, gamma_at(cfg.balance, tokens))
+            metrics = train_step(micro_batches, lr, gamma_at(cfg.balance, tokens), stop.requested)
             if ema is not None and not metrics["skipped"]:
                 ema.update()  # copies the weights out; the average is folded in a background thread
             if metrics["skipped"]:
@@ -229,7 +222,7 @@ def train(cfg: DictConfig, loss_fn: Any = None, batch_source: Any = None, evalua
                 last.update(saver.report())  # the stall and write speed of the checkpoints since the last record
                 writer.log(last)
 
-            stopping = stop.agreed(device)
+            stopping = train_step.stop_agreed  # any rank signalled
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
                 save()
                 saved_at = step

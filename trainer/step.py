@@ -2,10 +2,11 @@
 
     global counts of the loss's normalisers (all micro-batches, all dp ranks)
     -> zero_grad -> step runner (forward + backward of this rank's micro-batches)
-    -> reduce gradients over dp -> global grad norm, clip -> ZeRO-1 AdamW step
+    -> reduce gradients over dp -> global grad norm -> one read of the step's values on the host
+    (loss, norm, expert counts: the trainer's one wait for the device) -> clip -> ZeRO-1 AdamW step
     -> router-bias update from the global expert counts -> EPLB re-plan every `eplb.every` steps
 
-`TrainStep(micro_batches, lr, gamma) -> metrics` is all a loop calls; the pretraining loop
+`TrainStep(micro_batches, lr, gamma, stop) -> metrics` is all a loop calls; the pretraining loop
 (`loop.py`) adds its cadence (data, LR and batch schedules, metrics, checkpoints, signals) and the
 post-training loops add their data, loss and rollouts.
 """
@@ -53,20 +54,30 @@ def add_global_counts(loss_fn: Callable, micro_batches: list[dict], group: Any,
     per_batch = [loss_fn.normalizers(mb) for mb in micro_batches]
     names = sorted(per_batch[0])
     # float64: exact for token counts (< 2^53), and a weighted normaliser may be fractional
-    totals = torch.stack([sum(c[k].to(torch.float64) for c in per_batch) for k in names]).to(device)  # [K]
+    totals = torch.stack([sum(c[k].to(torch.float64) for c in per_batch) for k in names])  # [K]
+    totals = totals.to(device, non_blocking=True)  # a blocking copy to a GPU waits for all queued work
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
     counts = dict(zip(names, totals.to(torch.float32)))
     return [{**mb, GLOBAL_COUNTS: counts} for mb in micro_batches]
 
 
-def sum_over(group: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each value summed over `group` (None: as is), as floats."""
+def sum_over(group: Any, values: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """The sorted names of `values` and the values [K] (float32) summed over `group` (None: as they are),
+    where they are."""
     keys = sorted(values)
     t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
-    return dict(zip(keys, t.tolist()))
+    return keys, t
+
+
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`tensors` copied to the host in one transfer (one wait for the device), each with its shape and
+    dtype: float32, float64 and integers below 2^53 pass float64 exactly."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
 
 
 class TrainStep:
@@ -87,14 +98,17 @@ class TrainStep:
         self.center_bias, self.rebalancer, self.eplb_every = center_bias, rebalancer, eplb_every
         self.tracker = ExpertLoadTracker(model)
         self.steps_done = 0
+        self.stop_agreed = False
         if rebalancer is not None:
             self.eplb_window = torch.zeros(len(self.tracker.layers), rebalancer.num_experts, dtype=torch.float64)
             # rows of the MoE layers this rank holds (the rebalancer's layers; all of them with pp = 1)
             self.eplb_rows = [i for i, (_, m) in enumerate(self.tracker.layers) if not m.gate.weight.is_meta]
 
-    def __call__(self, micro_batches: list[dict], lr: float, gamma: float) -> dict[str, Any]:
+    def __call__(self, micro_batches: list[dict], lr: float, gamma: float, stop: bool = False) -> dict[str, Any]:
         """Run the step; returns the global batch's metrics (the loss's, `grad_norm`, `balance_loss`,
-        `skipped`, `expert_load` [MoE layer][expert], `expert_load_max_over_mean`, EPLB's)."""
+        `skipped`, `expert_load` [MoE layer][expert], `expert_load_max_over_mean`, EPLB's). `stop`:
+        whether this rank was asked to stop (a signal); `stop_agreed` then says, on every rank,
+        whether any rank was, read with the step's other values (no wait of its own)."""
         grid, optimizer = self.grid, self.optimizer
         micro_batches = add_global_counts(self.loss_fn, micro_batches, grid.dp_group, self.device)
         objective = Objective(self.loss_fn, len(micro_batches) * grid.dp, grid.dp)
@@ -102,12 +116,20 @@ class TrainStep:
         optimizer.zero_grad()
         local = self.runner.run(micro_batches, objective)
         optimizer.reduce_gradients()
-        grad_norm = optimizer.grad_norm()
-        metrics = sum_over(grid.dp_group, local)
+        grad_norm = optimizer.grad_norm_tensor()
+        keys, summed = sum_over(grid.dp_group, local)
         counts, balance_loss = self.tracker.take()
         # [moe layers, E] of the global batch: summed over dp, and over pp where each pipeline rank
-        # ran only its stages' layers (zeros elsewhere), so every rank updates the same biases
-        counts = global_counts(global_counts(counts, grid.dp_group), grid.pp_group)
+        # ran only its stages' layers (zeros elsewhere), so every rank updates the same biases; this
+        # rank's stop request rides along (the sum over dp then pp is the sum over all ranks)
+        flat = torch.cat([counts.reshape(-1), torch.full((1,), int(stop), dtype=torch.int64, device=counts.device)])
+        flat = global_counts(global_counts(flat, grid.dp_group), grid.pp_group)
+        # the step's one wait for the device: whether to step and the clip need the loss and the norm;
+        # the rest comes along (the bias update and EPLB read the counts on the host, as before)
+        summed, grad_norm, balance_loss, flat = to_host(summed, grad_norm, balance_loss, flat)
+        metrics = dict(zip(keys, summed.tolist()))
+        grad_norm, balance_loss = grad_norm.item(), balance_loss.item()
+        counts, self.stop_agreed = flat[:-1].reshape(counts.shape), bool(flat[-1])
 
         finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
         if finite:

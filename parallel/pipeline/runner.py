@@ -11,8 +11,8 @@ DualPipeV or 1F1B, as `StagePlacement` (placement.py) declares: inputs enter whe
 objective runs where the last stage sits, on the whole micro-batch (any keys). Gradients are then
 summed over the mirror pair (`Grid.pp_mirror_group`) for the modules both ranks hold
 (`stages.copied_module_names`: DualPipe's stages, 1F1B's embedding with MTP, nothing for DualPipeV).
-Metrics are summed over the pipeline group. The objective is the trainer's, passed in: `parallel`
-never imports `trainer`.
+Metrics are summed over the pipeline group (their names gathered at the first step only). The
+objective is the trainer's, passed in: `parallel` never imports `trainer`.
 """
 
 from __future__ import annotations
@@ -92,13 +92,19 @@ def _folding_main_grads(overlapped: Callable, params: list[nn.Parameter]) -> Cal
     return run
 
 
-def sum_metrics(records: list[dict[str, torch.Tensor]], group, device: torch.device) -> dict[str, torch.Tensor]:
-    """Each metric summed over `records` and over the ranks of `group` (ranks without the last stage
-    have no records: the names are gathered first, so any loss's metrics pass)."""
+def metric_names(records: list[dict[str, torch.Tensor]], group) -> list[str]:
+    """The sorted names of the metrics in `records` on any rank of `group` (ranks without the last
+    stage have none), gathered as Python objects: pickling and two collectives, so once per runner."""
     local = sorted({k for r in records for k in r})
     names: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(names, local, group=group)
-    keys = sorted(set().union(*map(set, names)))
+    return sorted(set().union(*map(set, names)))
+
+
+def sum_metrics(records: list[dict[str, torch.Tensor]], keys: list[str], group,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Each metric of `keys` summed over `records` (0 where none has it) and over the ranks of `group`,
+    in one all-reduce."""
     zero = torch.zeros((), dtype=torch.float32, device=device)
     totals = torch.stack([sum((r[k].float().to(device) for r in records if k in r), zero) for k in keys])
     dist.all_reduce(totals, group=group)
@@ -136,6 +142,7 @@ class PipelineRunner:
                 overlapped_forward_backward=overlapped_forward_backward)
         self.pipe.on_chunk = self._mark
         self.num_chunks = 0
+        self.metric_keys: list[str] | None = None  # the objective's metric names, gathered at the first step
 
     def _mark(self, phase: int, chunk: int, forward: bool) -> None:
         """The engine's chunk -> the micro-batch in flight (`in_flight`)."""
@@ -178,6 +185,11 @@ class PipelineRunner:
 
         n = len(micro_batches)
         set_aux_loss_scale(self.stages, 1.0 / n)  # the balance loss is averaged over micro-batches
+        # positions filled in below (0..T-1) need no document mask: say so, rather than have every
+        # stage read them back from the device for each micro-batch
+        causal_only = not any("position_ids" in mb for mb in micro_batches)
+        for stage in self.stages:
+            stage.causal_only = causal_only
         micro_batches = [to_device(mb, self.device) for mb in micro_batches]
         micro, seq = micro_batches[0]["input_ids"].shape
         # the hidden states travel in the parameters' dtype: an embedding stored in BF16 (optim.param_dtype)
@@ -194,7 +206,18 @@ class PipelineRunner:
         finally:
             in_flight.clear()
         self.sum_copies()
-        return sum_metrics(criterion.records, self.group, self.device)
+        return sum_metrics(criterion.records, self.known_metric_keys(criterion.records), self.group, self.device)
+
+    def known_metric_keys(self, records: list[dict[str, torch.Tensor]]) -> list[str]:
+        """The metric names of every step (`metric_names`, gathered once): an objective's metrics are
+        the same names at every step, which a rank holding records checks on the host."""
+        if self.metric_keys is None:
+            self.metric_keys = metric_names(records, self.group)
+        new = {k for r in records for k in r} - set(self.metric_keys)
+        if new:
+            raise ValueError(f"the objective returned metrics {sorted(new)} absent at the first step "
+                             f"({self.metric_keys}): a step runner sums the same metrics at every step")
+        return self.metric_keys
 
 
 def positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:

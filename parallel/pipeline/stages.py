@@ -87,6 +87,10 @@ class TransformerStage(nn.Module):
     in chunks when it likes (the runner hands it the head weight), so no stage holds [B, T, V] logits.
     """
 
+    # True: the positions are 0..T-1 in every row, so attention is plain causal (no mask) without a
+    # look at the device's position_ids; the runner sets it per step from what the host knows
+    causal_only = False
+
     def __init__(self, model: nn.Module, layers: range, is_first: bool, is_last: bool) -> None:
         super().__init__()
         self.is_first, self.is_last = is_first, is_last
@@ -103,7 +107,8 @@ class TransformerStage(nn.Module):
             h = self.embed_tokens(input_ids)  # [B, T, H]
         else:
             h, input_ids, position_ids = inputs
-        mask = document_causal_mask(position_ids)  # [B, 1, T, T] or None (causal): once per stage
+        # [B, 1, T, T] or None (causal): once per stage, a host sync unless causal_only says None
+        mask = None if self.causal_only else document_causal_mask(position_ids)
         for layer in self.layers:
             h = layer(h, position_ids, mask=mask)  # [B, T, H]
         if not self.is_last:

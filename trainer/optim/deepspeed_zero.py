@@ -62,7 +62,10 @@ class DeepSpeedZero1:
         self.ds.reduce_gradients(pipeline_parallel=True)
 
     def grad_norm(self) -> float:
-        return float(self.ds.scaled_global_norm())
+        return self.grad_norm_tensor().item()
+
+    def grad_norm_tensor(self) -> torch.Tensor:
+        return torch.as_tensor(self.ds.scaled_global_norm(), dtype=torch.float64)
 
     def step(self, lr: float, clip_coef: float = 1.0) -> None:
         """DeepSpeed clips by its own global norm with the same rule (clip_coef is ours, unused)."""

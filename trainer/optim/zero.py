@@ -425,22 +425,29 @@ class ZeroAdamW:
 
     def grad_norm(self) -> float:
         """L2 norm of the whole model's (reduced) gradient, identical on every rank."""
-        total = torch.zeros((), dtype=torch.float64)
+        return self.grad_norm_tensor().item()
+
+    def grad_norm_tensor(self) -> torch.Tensor:
+        """`grad_norm` as a 0-d float64 tensor on the gradients' device, read back by no one here (the
+        step reads it with its other values in one transfer)."""
+        grads = [b.grad for b in self.buckets] + [g for g in map(_grad, self.expert_names) if g is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for b in self.buckets:
             for lo, hi in b.norm_ranges:
-                total += b.grad[lo:hi].double().pow(2).sum().cpu()
+                total += b.grad[lo:hi].double().pow(2).sum()
         if self.expert_names:
             if self.expert_grad_sq is not None:
                 sq = self.expert_grad_sq()
             else:
-                sq = sum(_grad(p).double().pow(2).sum().cpu() for p in self.expert_counted if _grad(p) is not None)
-            sq = torch.as_tensor(sq, dtype=torch.float64).cpu()
+                sq = sum(_grad(p).double().pow(2).sum() for p in self.expert_counted if _grad(p) is not None)
+            sq = torch.as_tensor(sq, dtype=torch.float64).to(device)
             if self.ep_group is not None:
                 dist.all_reduce(sq, group=self.ep_group)  # each ep rank holds other experts
             total += sq
         if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
             dist.all_reduce(total, group=self.pp_group)  # each stage holds other layers
-        return float(total.sqrt())
+        return total.sqrt()
 
     def step(self, lr: float, clip_coef: float = 1.0) -> None:
         self.step_count += 1
