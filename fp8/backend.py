@@ -1,8 +1,9 @@
 """FP8 kernel backends behind one interface: emulate (torch), triton, cublas, auto.
 
 A backend bundles the two quantizers and the two GEMMs. `auto` resolves once per device type to the
-fastest available (on Hopper: cuBLAS blockwise for dense GEMMs, our Triton kernels for grouped GEMMs
-and quantization; on other GPUs Triton; on CPU emulation) and logs its choice in one line.
+fastest available (on Hopper: cuBLAS blockwise for dense GEMMs whose K is a multiple of 128 and N of
+16, our Triton kernels for the other dense GEMMs, grouped GEMMs and quantization; on other GPUs Triton;
+on CPU emulation) and logs its choice in one line.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def _cublas() -> Backend:
                    cublas.cublas_grouped_gemm, cublas.cublas_k_grouped_gemm)
 
 
+def cublas_or_triton(cublas_gemm: Callable[..., torch.Tensor], triton_gemm: Callable[..., torch.Tensor]
+                     ) -> Callable[..., torch.Tensor]:
+    """`auto`'s dense GEMM: cuBLAS where `_scaled_mm` takes the shape (N and K multiples of 16) and K is
+    whole 128-blocks, Triton elsewhere. Wgrad's K is the token count, e.g. 4 x 2047 = 8188 rows in an
+    MTP layer at sequence length 2048, which `_scaled_mm` refuses; whether cuBLAS's blockwise kernels
+    take a partial last K block (K = 288: a kv_a Dgrad) is not established, so those go to Triton too."""
+    def gemm(a, a_s, b, b_s, out_dtype, block_size=128):
+        k, n = a.shape[-1], b.shape[0]
+        use = cublas_gemm if k % 128 == 0 and n % 16 == 0 else triton_gemm
+        return use(a, a_s, b, b_s, out_dtype, block_size)
+    return gemm
+
+
 @functools.lru_cache(maxsize=None)
 def _auto(device_type: str) -> Backend:
     if device_type == "cuda":
@@ -57,9 +71,10 @@ def _auto(device_type: str) -> Backend:
         reason = cublas_unavailable_reason(torch.cuda.current_device())
         if reason is None:
             # cuBLAS for dense GEMMs; cuBLAS has no blockwise grouped GEMM, so experts stay on Triton
-            log.info("fp8 backend auto -> cublas dense GEMMs, triton grouped GEMMs and quantization")
-            return Backend("auto:cublas+triton", triton.act_quant, triton.weight_quant, _cublas().gemm,
-                           triton.grouped_gemm, triton.k_grouped_gemm)
+            log.info("fp8 backend auto -> cublas dense GEMMs (K % 128 == 0, N % 16 == 0), triton for the "
+                     "other dense GEMMs, grouped GEMMs and quantization")
+            return Backend("auto:cublas+triton", triton.act_quant, triton.weight_quant,
+                           cublas_or_triton(_cublas().gemm, triton.gemm), triton.grouped_gemm, triton.k_grouped_gemm)
         log.info("fp8 backend auto -> triton (cublas unavailable: %s)", reason)
         return triton
     log.info("fp8 backend auto -> emulate (tensors on %s; the FP8 kernels need a CUDA GPU)", device_type)
