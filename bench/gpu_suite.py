@@ -9,7 +9,9 @@ with the issue-15 goals checked); <gpu> is the device name ("cpu-dry" for --dry)
 1. correctness: every FP8 kernel of every backend (Triton; cuBLAS blockwise `_scaled_mm` where the GPU
    has it) against the torch emulation: activation and weight quantization (bitwise), dense, grouped
    and k-grouped GEMMs at aligned and odd shapes. Relative Frobenius error vs the emulation's FP32
-   result: <= 1e-5 for FP32 output (the same FP8 products summed in FP32 in another order: ~1e-7),
+   result, for FP32 output: <= 1e-5 in the interpreter (the same FP8 products summed in FP32 in another
+   order: ~1e-7), <= 1e-3 on a GPU (Hopper's FP8 tensor cores keep ~14 bits while summing a 128-wide
+   K block before it is promoted to FP32, DeepSeek-V3 report §3.3.2: ~6e-5 relative per block sum);
    <= 1e-2 for BF16 output (its rounding: 2^-9 rms per element, 2^-8 where the Triton interpreter
    truncates); a wrong block scale or tile is off by order 1. cuBLAS is checked in BF16 only, at the
    shapes whose N and K are multiples of 16 (`_scaled_mm` refuses the others);
@@ -181,7 +183,7 @@ def correctness(device, sizes: dict, progress: Progress) -> list[dict]:
     from twinpipe.fp8.backend import get_backend
 
     ref = get_backend("emulate", device)
-    limit = {str(torch.float32): 1e-5, str(torch.bfloat16): 1e-2}  # see the module docstring
+    limit = {str(torch.float32): 1e-3 if device.type == "cuda" else 1e-5, str(torch.bfloat16): 1e-2}  # docstring
     g = torch.Generator().manual_seed(1)
 
     def graded(rows: list[dict]) -> list[dict]:
