@@ -467,7 +467,10 @@ def run_parts(commands: dict[str, list[str]], out: Path, meta: dict, deadline: f
                 code = proc.wait(timeout=end - start)
                 status = None if code == 0 else f"crashed: exit code {code}"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)   # the part and whatever it started
+                except ProcessLookupError:                # it ended on its own in between
+                    pass
                 proc.wait()
                 status = f"timeout after {end - start:.0f} s"
         part = json.loads(path.read_text()) if path.exists() else {"meta": meta, "result": None}
