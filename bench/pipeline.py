@@ -31,6 +31,18 @@ forward of that micro-batch ended, a backward once the next stage's backward did
 nothing). Its bubble is the schedule's with the measured op costs, whatever the machine's core count;
 the wall-clock figures beside it show what 2 shared cores did to the same run (JSON `replayed`, and
 `pipeline_v3_<schedule>_pp<N>_replayed.png`).
+
+`--stages v3` also runs torch's Schedule1F1B, ScheduleZBVZeroBubble and ScheduleDualPipeV on the same
+stages and model (every schedule runs the same blocks: `pipeline_v3.stage_split`), deferring the same
+weight gradients as ours (our split through torch's `dw_builder`); their gradients equal ours bit for
+bit (tests/parallel/test_pipeline_replay.py). Since one op measures 5-15% apart from run to run on a
+shared machine, every schedule of a PP is replayed once more at one cost table, the medians of the V
+shapes' ops (`pipeline_v3.common_costs`, JSON `replayed_common`): those figures differ only by
+schedule. Both replays are repeated with expert all-to-all added (`--comm-ratios`: r x a stage's
+forward compute in each forward and each backward; W moves nothing): waited for in full, and for our
+DualPipe/DualPipeV also with the overlap (`parallel/experts/overlap.py`) hiding `--hidden-fraction` of
+each F&B pair's, the share `bench/ep_overlap.py` measures (`comm_sweep`, `pipeline_v3_comm_pp<N>.png`).
+The all-to-all is a model there: on CPU ranks without expert parallelism nothing is sent.
 """
 
 from __future__ import annotations
@@ -298,6 +310,31 @@ def plot(entry: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def common_replays(runs: dict[str, list[dict]], entries: list[dict], args, prefix: str) -> None:
+    """--stages v3: every schedule of one PP replayed again at one cost table (`pipeline_v3.common_costs`
+    from the V shapes' runs), entry["replayed_common"]; prints the bubbles and the all-to-all sweep and
+    plots it."""
+    from twinpipe.bench.pipeline_v3 import V_SHAPES, comm_table, common_costs, plot_comm, replayed, stage_costs_of
+
+    v_runs = [results for schedule, results in runs.items() if schedule in V_SHAPES]
+    if not v_runs:
+        print("no V-shaped schedule ran: no common cost table (run dualpipev or torch_zbv too)")
+        return
+    costs = common_costs(v_runs)
+    for entry in entries:
+        schedule = entry["schedule"]
+        rep = replayed(schedule, runs[schedule], entry["stages"], bubble_formula, tuple(args.comm_ratios),
+                       args.hidden_fraction, stage_costs_of(costs, schedule))
+        entry["replayed_common"] = rep
+        formula = rep["bubble_formula_ms"]
+        print(f"PP={entry['pp']} {schedule:24s} replayed at common costs: step {rep['step_ms']:7.1f} ms  bubble "
+              f"mean {rep['bubble_ms_mean']:6.1f} max {rep['bubble_ms_max']:6.1f} ms  formula "
+              f"{formula if formula is None else round(formula, 1)}", flush=True)
+    if args.comm_ratios:
+        print(comm_table(entries, "replayed_common"), flush=True)
+        plot_comm(entries, args.out.parent / f"{prefix}_comm_pp{entries[0]['pp']}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pp", type=int, nargs="+", default=[4, 8])
@@ -336,6 +373,7 @@ def main() -> None:
     entries = []
     for pp in args.pp:
         num_chunks = args.chunks_per_rank * pp
+        runs: dict[str, list[dict]] = {}  # --stages v3: each schedule's per-rank results
         for schedule in args.schedules:
             if v3:
                 from twinpipe.bench.pipeline_v3 import cpu_share, measured_costs, replayed, run_rank, run_torch_rank
@@ -346,6 +384,7 @@ def main() -> None:
                 entry.update(cpu_share(results, entry), load_avg_1min=os.getloadavg()[0])
                 entry["replayed"] = replayed(schedule, results, entry["stages"], bubble_formula,
                                              tuple(args.comm_ratios), args.hidden_fraction)
+                runs[schedule] = results
                 rep = entry["replayed"]
                 plot({**entry, **rep}, args.out.parent / f"{prefix}_{schedule}_pp{pp}_replayed.png")
                 print(f"PP={pp} {schedule:24s} replayed on dedicated cores: step {rep['step_ms']:7.1f} ms  "
@@ -365,12 +404,8 @@ def main() -> None:
                   + (f"  CPU share of busy time {entry['cpu_share_of_busy_mean']:.2f} ({entry['cores']} "
                      f"cores), load {entry['load_avg_1min']:.1f}" if v3 else ""), flush=True)
             entries.append(entry)
-        if v3 and args.comm_ratios:
-            from twinpipe.bench.pipeline_v3 import comm_table, plot_comm
-
-            this_pp = [e for e in entries if e["pp"] == pp]
-            print(comm_table(this_pp), flush=True)
-            plot_comm(this_pp, args.out.parent / f"{prefix}_comm_pp{pp}.png")
+        if v3:
+            common_replays(runs, [e for e in entries if e["pp"] == pp], args, prefix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if v3:
         from twinpipe.bench.pipeline_v3 import SEQ, v3_config

@@ -2,17 +2,20 @@
 --stages v3`).
 
 The model is V3-shaped (MLA, one dense block then MoE blocks with 16 routed experts, top-4 in 4
-groups, one shared expert, MTP) with `blocks_per_stage` blocks on every stage but the last, which holds
-one block with the MTP block and the heads (`stage_split`: the stages then cost about the same), sized
-so a block takes about ten milliseconds on one CPU thread. Under DualPipe and DualPipeV the weight
+groups, one shared expert, MTP), sized so a block takes about ten milliseconds on one CPU thread, and
+the same under every schedule (`stage_split`): the V shapes' 2PP stages hold `blocks_per_stage` blocks
+but the last, which holds one block with the MTP block and the heads (the stages then cost about the
+same); DualPipe's and 1F1B's PP stages take two of those each. Under DualPipe and DualPipeV the weight
 gradients are split off every layer (`parallel.pipeline.zero_bubble`, as `parallelize` does), so the
-W chunks hold the real weight-gradient GEMMs. The step is the trainer's (`PipelineRunner.run`: its
-placement, criterion, P2P) without the gradient sum over DualPipe's mirror pair, which is not part of
-the schedule.
+W chunks hold the real weight-gradient GEMMs. Ours (`run_rank`) is the trainer's step
+(`PipelineRunner.run`: its placement, criterion, P2P) without the gradient sum over DualPipe's mirror
+pair, which is not part of the schedule; torch's schedules (`run_torch_rank`) run the same stage
+modules through torch.distributed.pipelining.
 
 Spans recorded per rank (time.perf_counter, one clock for all processes): `F` a stage forward, `B` a
 full backward, `b` a zero-bubble backward (input gradients only), `W` one deferred weight-gradient
-chunk. F&B chunks run forward then backward (no overlap) and are recorded as their F and B.
+chunk. F&B chunks run forward then backward (no overlap) and are recorded as their F and B; `replay`
+adds the overlap's effect on expert all-to-all as a model.
 """
 
 from __future__ import annotations
@@ -404,20 +407,55 @@ def _torch_op(events: list, ops: list, kind: str, stage: int, fn, wrapped: _Torc
 OVERLAPPING = ("dualpipe", "dualpipev")  # ours: F&B pairs whose all-to-alls the overlap hides
 
 
+def common_costs(runs: list[list[dict]]) -> dict[tuple[str, int], float]:
+    """One cost table for every schedule of a PP, from runs of the V shapes (their 2PP stages): F, b and W
+    of each stage the median over all those runs' timed ops, and a full backward B = b + W. A schedule
+    replayed at these costs differs from another only in its order of ops and what they wait for: on a
+    shared machine the same op measures 5-15% apart from run to run (load, caches), enough to hide a
+    schedule's own difference. `stage_costs_of` gives a PP-stage schedule its stages' costs."""
+    by: dict[tuple[str, int], list[float]] = {}
+    for results in runs:
+        for r in results:
+            for op in r["timed_ops"]:
+                if op["kind"] != "B":
+                    by.setdefault((op["kind"], op["stage"]), []).append(op["cpu_s"])
+    costs = {k: statistics.median(v) for k, v in by.items()}
+    for (kind, stage), c in list(costs.items()):
+        if kind == "b":
+            costs[("B", stage)] = c + costs.get(("W", stage), 0.0)
+    return costs
+
+
+def stage_costs_of(costs: dict[tuple[str, int], float], schedule: str) -> dict[tuple[str, int], float]:
+    """`common_costs` (2PP stages) for `schedule`: as they are for the V shapes; a schedule of PP stages
+    takes two at a time (`stage_split`: its stage s holds V stages 2s and 2s+1)."""
+    if schedule in V_SHAPES:
+        return costs
+    merged: dict[tuple[str, int], float] = {}
+    for (kind, stage), c in costs.items():
+        merged[(kind, stage // 2)] = merged.get((kind, stage // 2), 0.0) + c
+    return merged
+
+
 def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_ratios: tuple = (),
-             hidden: float | None = None) -> dict:
+             hidden: float | None = None, costs: dict | None = None) -> dict:
     """`replay` of the last step's ops, each costing the median CPU time of its kind and stage over the
-    timed steps (`median_costs`); the formula (`formula(schedule, stages, f, b, w)`: bench/pipeline.py's
-    `bubble_formula`) takes the medians of F, of B (b + W where the backward is split) and of W over
-    the same ops.
+    timed steps (`median_costs`), or `costs[(kind, stage)]` (`common_costs`); the formula
+    (`formula(schedule, stages, f, b, w)`: bench/pipeline.py's `bubble_formula`) takes the medians of F,
+    of B (b + W where the backward is split) and of W over the same ops (over the stages of `costs`).
 
     `comm_sweep`: the same replay with expert all-to-all in every forward and backward, `ratio` x the
     stage's forward compute each (`replay`'s `comm`), exposed in full; for our DualPipe and DualPipeV
     also with the overlap hiding `hidden` of each F&B pair's all-to-all (`step_ms_overlap`)."""
-    fbw = stage_costs({k: [op["cpu_s"] for r in results for op in r["timed_ops"] if op["kind"] == k]
-                       for k in ("F", "B", "b", "W")})
-    f, b, w = fbw["f"], fbw["b"], fbw["w"]
-    costs = median_costs(results)
+    if costs is None:
+        fbw = stage_costs({k: [op["cpu_s"] for r in results for op in r["timed_ops"] if op["kind"] == k]
+                           for k in ("F", "B", "b", "W")})
+        f, b, w = fbw["f"], fbw["b"], fbw["w"]
+        costs = median_costs(results)
+    else:
+        deferred = any(op["kind"] == "W" for r in results for op in r["ops"])
+        f, b, w = (statistics.median(c for (k, _), c in costs.items() if k == kind) for kind in ("F", "B", "W"))
+        w = w if deferred else 0.0
     ops = [r["ops"] for r in results]
     out = replay(ops, num_stages, costs)
     bubbles = out["bubble_s"]
@@ -441,22 +479,24 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_
             "timeline": [[(k, s, t0 * 1e3, t1 * 1e3) for k, s, t0, t1 in line] for line in out["timeline"]]}
 
 
-def comm_table(entries: list[dict]) -> str:
-    """Replayed step (ms) of each schedule at each all-to-all ratio of one PP; `+overlap` rows for ours."""
-    ratios = [c["ratio"] for c in entries[0]["replayed"]["comm_sweep"]]
-    lines = [f"PP={entries[0]['pp']} replayed step ms with all-to-all = ratio x forward compute "
-             f"(overlap hides {entries[0]['replayed']['comm_hidden_fraction']:.2f} of a pair's)",
+def comm_table(entries: list[dict], key: str = "replayed") -> str:
+    """Replayed step (ms) of each schedule at each all-to-all ratio of one PP (`entries[i][key]`: each
+    run's own costs, or `replayed_common`); `+overlap` rows for ours."""
+    ratios = [c["ratio"] for c in entries[0][key]["comm_sweep"]]
+    lines = [f"PP={entries[0]['pp']} {key}: step ms with all-to-all = ratio x forward compute "
+             f"(overlap hides {entries[0][key]['comm_hidden_fraction']:.2f} of a pair's)",
              f"{'schedule':22s}" + "".join(f"{r:>10.2f}" for r in ratios)]
     for e in entries:
-        sweep = e["replayed"]["comm_sweep"]
+        sweep = e[key]["comm_sweep"]
         lines.append(f"{e['schedule']:22s}" + "".join(f"{c['step_ms']:10.1f}" for c in sweep))
         if sweep and sweep[0]["step_ms_overlap"] is not None:
             lines.append(f"{e['schedule'] + ' +overlap':22s}" + "".join(f"{c['step_ms_overlap']:10.1f}" for c in sweep))
     return "\n".join(lines)
 
 
-def plot_comm(entries: list[dict], path) -> None:
-    """Replayed step time against the all-to-all ratio, one line per schedule (dashed: with the overlap)."""
+def plot_comm(entries: list[dict], path, key: str = "replayed_common") -> None:
+    """Replayed step time against the all-to-all ratio, one line per schedule (dashed: with the overlap),
+    at the common costs (`common_costs`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,17 +504,17 @@ def plot_comm(entries: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for e in entries:
-        sweep = e["replayed"]["comm_sweep"]
+        sweep = e[key]["comm_sweep"]
         ratios = [c["ratio"] for c in sweep]
         line, = ax.plot(ratios, [c["step_ms"] for c in sweep], marker="o", label=e["schedule"])
         if sweep and sweep[0]["step_ms_overlap"] is not None:
             ax.plot(ratios, [c["step_ms_overlap"] for c in sweep], marker="o", linestyle="--",
                     color=line.get_color(), label=f"{e['schedule']} + overlap")
-    hidden = entries[0]["replayed"]["comm_hidden_fraction"]
+    hidden = entries[0][key]["comm_hidden_fraction"]
     ax.set_xlabel("expert all-to-all per forward or backward / forward compute")
     ax.set_ylabel("replayed step (ms)")
-    ax.set_title(f"V3 stages, PP={entries[0]['pp']}, {entries[0]['num_chunks']} micro-batches "
-                 f"(overlap hides {hidden:.2f} of a pair's all-to-all)", fontsize=9)
+    ax.set_title(f"V3 stages, PP={entries[0]['pp']}, {entries[0]['num_chunks']} micro-batches, one cost "
+                 f"table for all (overlap hides {hidden:.2f} of a pair's all-to-all)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
