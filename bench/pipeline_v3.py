@@ -108,7 +108,7 @@ def median_costs(results: list[dict]) -> dict[tuple[str, int], float]:
 
 
 def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None = None,
-           comm: dict[int, float] | None = None, hidden: float | None = None) -> dict:
+           comm: dict[int, float] | None = None, hidden: float | None = None, pairs_apart: bool = False) -> dict:
     """The step's timeline if every rank had a core to itself: each rank runs its ops in the order it
     ran them, each taking its measured CPU time (or `costs[(kind, stage)]`); a forward of (micro-batch m,
     stage s) starts once (m, s-1)'s forward ended, a backward once (m, s+1)'s backward ended (the P2P
@@ -120,6 +120,9 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
     one without `hidden`, the op waits for all of it. With `hidden` (the overlap: one micro-batch's
     all-to-alls behind the other's compute), a pair takes max(its compute + (1 - hidden) x its
     all-to-all, its all-to-all) and both halves end together.
+
+    `pairs_apart`: what-if for an engine that runs an F&B pair without an overlap as an F chunk then a
+    B chunk (each starts once its own input is there, the forward's output leaves before the backward).
 
     Returns the replayed step span, per-rank busy (compute and exposed all-to-all) and bubble times
     (span - busy) in seconds, and the timeline."""
@@ -161,7 +164,8 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
         progressed = False
         for r, ops in enumerate(ops_per_rank):
             while nxt[r] < len(ops):
-                group = ops[nxt[r]:nxt[r] + 2] if ops[nxt[r]]["pair"] else ops[nxt[r]:nxt[r] + 1]
+                paired = ops[nxt[r]]["pair"] and not pairs_apart
+                group = ops[nxt[r]:nxt[r] + 2] if paired else ops[nxt[r]:nxt[r] + 1]
                 starts = [ready_at(op) for op in group]
                 if any(t is None for t in starts):
                     break
@@ -460,6 +464,10 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_
     out = replay(ops, num_stages, costs)
     bubbles = out["bubble_s"]
     want = formula(schedule, num_stages, f, b, w)
+    apart = None
+    if any(op["pair"] for line in ops for op in line):
+        a = replay(ops, num_stages, costs, pairs_apart=True)
+        apart = {"step_ms": a["span_s"] * 1e3, "bubble_ms_mean": statistics.mean(a["bubble_s"]) * 1e3}
     sweep = []
     for ratio in comm_ratios:
         comm = {s: ratio * c for (k, s), c in costs.items() if k == "F"}
@@ -475,7 +483,7 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_
             "bubble_ms_mean": statistics.mean(bubbles) * 1e3, "bubble_ms_max": max(bubbles) * 1e3,
             "bubble_formula_ms": want * 1e3 if want is not None else None,
             "bubble_max_over_formula": max(bubbles) / want if want else None,
-            "comm_hidden_fraction": hidden, "comm_sweep": sweep,
+            "pairs_apart": apart, "comm_hidden_fraction": hidden, "comm_sweep": sweep,
             "timeline": [[(k, s, t0 * 1e3, t1 * 1e3) for k, s, t0, t1 in line] for line in out["timeline"]]}
 
 

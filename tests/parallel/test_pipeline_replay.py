@@ -62,6 +62,9 @@ def test_all_to_all_is_waited_for_unless_the_overlap_hides_it():
     assert moved["timeline"][0][2][3] - moved["timeline"][0][1][2] == 10.0  # bound by the all-to-all
     with_w = replay([[{**_op("W", 0, 0), "cpu_s": 1.0}]], 1, comm={0: 9.0})
     assert with_w["span_s"] == 1.0  # W moves nothing
+    apart = replay([rank0, rank1], 2, comm=comm, pairs_apart=True)
+    # the pair's F runs at once (1.5-3.0) and is sent: rank 1's F(1) can follow its B(0) at 5.5
+    assert apart["timeline"][0][1][2:] == (1.5, 3.0) and apart["timeline"][1][2][2:] == (5.5, 7.0)
 
 
 def test_torch_schedules_on_v3_stages_compute_our_gradients():
