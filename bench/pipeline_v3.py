@@ -113,7 +113,7 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
     ran them, each taking its measured CPU time (or `costs[(kind, stage)]`); a forward of (micro-batch m,
     stage s) starts once (m, s-1)'s forward ended, a backward once (m, s+1)'s backward ended (the P2P
     transfers cost nothing), and the two halves of an F&B pair start together once both inputs are there
-    (the engine receives both before it computes).
+    and are sent together at its end (the engine receives both before it computes, and sends both after).
 
     `comm[stage]`: seconds of expert all-to-all in each forward and each backward (b or B) of that stage
     (dispatch and combine; a backward moves the same bytes); W has none. Outside an F&B pair, and inside
