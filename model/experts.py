@@ -144,6 +144,14 @@ def weighted_swiglu(experts: nn.Module, x_sorted: torch.Tensor, counts: torch.Te
     return scale_rows(function(x_sorted, counts), weight, x_sorted.dtype)
 
 
+def count_per_expert(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """idx [M] (values in [0, num_experts)) -> [num_experts] int64, how many rows name each expert: the
+    values `torch.bincount(idx, minlength=num_experts)` gives, without the host wait bincount makes
+    on a GPU (it reads idx's maximum to size its output; here the size is known)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(
+        0, idx, torch.ones_like(idx, dtype=torch.long))
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked weights: gate_proj/up_proj [E, I, H], down_proj [E, H, I]."""
 
@@ -160,7 +168,7 @@ class Experts(nn.Module):
         flat_idx = topk_idx.reshape(-1)                                           # [N*K]
         order = flat_idx.argsort(stable=True)                                     # [N*K]
         token = order // K                                                        # [M], M = N*K
-        counts = torch.bincount(flat_idx, minlength=self.num_experts)             # [E]
+        counts = count_per_expert(flat_idx, self.num_experts)                     # [E]
         weight = topk_weight.reshape(-1)[order]                                   # [M]
         y = weighted_swiglu(self, x[token], counts, weight)                       # [M, H], weighted
         return sum_rows(x, token, y)                                              # [N, H]

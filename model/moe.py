@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .experts import Experts
+from .experts import Experts, count_per_expert
 from .gate import Gate
 from .mlp import MLP
 
@@ -83,7 +83,7 @@ class MoE(nn.Module):
         y = self.experts(flat, topk_idx, topk_weight).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        self.last_counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)
+        self.last_counts = count_per_expert(topk_idx.reshape(-1), self.num_experts)
         if self.aux_loss_alpha > 0 and (self.training or torch.is_grad_enabled()):
             aux = self.aux_loss_alpha * sequence_balance_loss(
                 scores.view(B, T, -1), topk_idx.view(B, T, -1), self.num_experts)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from twinpipe.model.experts import sum_rows
+from twinpipe.model.experts import count_per_expert, sum_rows
 from twinpipe.parallel.experts import all_to_all, overlap
 
 
@@ -33,16 +33,16 @@ class Dispatched:
     out_splits: list[int]      # rows received from each EP rank
 
 
-def _slot_major_permutation(recv_counts: torch.Tensor) -> torch.Tensor:
-    """recv_counts[ep, S] (rows from source r for local slot s, received source-major) -> index that
-    reorders the received rows slot-major (slot 0 from all sources, then slot 1, ...)."""
+def _slot_major_permutation(recv_counts: torch.Tensor, total: int) -> torch.Tensor:
+    """recv_counts[ep, S] (rows from source r for local slot s, received source-major; `total` rows in
+    all, known on the host from the split sizes) -> index that reorders the received rows slot-major
+    (slot 0 from all sources, then slot 1, ...)."""
     flat = recv_counts.flatten()                                                  # [ep * S]
     start = (torch.cumsum(flat, 0) - flat).view_as(recv_counts)                   # [ep, S]
     counts_t = recv_counts.t().flatten()                                          # [S * ep]
     start_t = start.t().flatten()                                                 # [S * ep]
-    total = int(flat.sum())
-    seg_start = torch.repeat_interleave(start_t, counts_t)                        # [M]
-    seg_offset = torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t)
+    seg_start = torch.repeat_interleave(start_t, counts_t, output_size=total)     # [M]
+    seg_offset = torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t, output_size=total)
     return seg_start + (torch.arange(total, device=recv_counts.device) - seg_offset)  # [M]
 
 
@@ -59,20 +59,21 @@ def dispatch(x: torch.Tensor, topk_weight: torch.Tensor, slot: torch.Tensor, num
     k = topk_weight.shape[1]
     order = torch.argsort(slot, stable=True)                                   # [N*K]
     token_of = order // k                                                      # [N*K]
-    send_counts = torch.bincount(slot, minlength=num_slots)                    # [R]
+    send_counts = count_per_expert(slot, num_slots)                            # [R]
     recv_counts, counts_work = all_to_all.exchange_counts(send_counts, group)
     rows, extra = all_to_all.pack_rows(x[token_of], topk_weight.reshape(-1)[order])  # [N*K, H + extra]
     overlap.wait(counts_work, switch=False)
     recv_counts = recv_counts.view(ep, num_slots // ep)                        # [ep, S]
-    in_splits = send_counts.view(ep, num_slots // ep).sum(1).tolist()
-    out_splits = recv_counts.sum(1).tolist()
+    # the split sizes, both directions in one read (the all-to-all takes them on the host)
+    splits = torch.cat([send_counts.view(ep, num_slots // ep).sum(1), recv_counts.sum(1)]).tolist()
+    in_splits, out_splits = splits[:ep], splits[ep:]
     if fp8_block_size is not None:
         rows = all_to_all.exchange_rows_fp8(rows, out_splits, in_splits, group, fp8_block_size,
                                             raw=extra)                         # [M, H + extra]
     else:
         rows = all_to_all.exchange_rows(rows, out_splits, in_splits, group)    # [M, H + extra]
     x_recv, weight_recv = all_to_all.unpack_rows(rows, x.shape[1], topk_weight.dtype)  # [M, H], [M]
-    perm = _slot_major_permutation(recv_counts)                                # [M]
+    perm = _slot_major_permutation(recv_counts, sum(out_splits))               # [M]
     return x_recv[perm], weight_recv[perm], recv_counts.sum(0), Dispatched(order, perm, in_splits, out_splits)
 
 

@@ -87,13 +87,18 @@ def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda nam
     """Squared gradient norm of this rank's expert slots, each *logical* expert counted once: a slot
     whose expert has c replicas (EPLB) weighs 1/c, so the global norm (summed over the ep group)
     equals the one of the same model without expert parallelism. Only layers whose module name
-    `counted(name)` accepts contribute (pipeline copies are counted on one rank)."""
+    `counted(name)` accepts contribute (pipeline copies are counted on one rank).
+
+    A 0-d float64 tensor on the gradients' device (on the host where no layer counts): summed there,
+    in float64 and parameter by parameter, so the step reads it back with its other values."""
     total = torch.zeros((), dtype=torch.float64)
     for name, layer in model.named_modules():
         if not isinstance(layer, ExpertParallelExperts) or not counted(name):
             continue
         weight = 1.0 / layer.logcnt[layer.local_logical_ids()].double()  # [S]
         for p in layer.local.parameters():
-            if _fp32_grad(p) is not None:
-                total += (_fp32_grad(p).double().pow(2).flatten(1).sum(1).cpu() * weight.cpu()).sum()
+            grad = _fp32_grad(p)
+            if grad is not None:
+                per_slot = grad.double().pow(2).flatten(1).sum(1)  # [S]
+                total = total.to(grad.device) + (per_slot * weight.to(grad.device)).sum()
     return total

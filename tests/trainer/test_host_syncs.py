@@ -1,12 +1,15 @@
-"""A training step waits for the device once: the host syncs and object collectives of one step.
+"""A training step waits for the device once, and once more per expert-parallel dispatch: the host syncs
+and object collectives of one step.
 
 Counted with `host_syncs.HostSyncs` (see there for what counts and how values already on the host are
 told apart) around a 3-step run of the tiny recipe, at step 2 (a steady, unlogged step), on every rank
-of pp=1, pp=2 DualPipeV and dp=2 x ep=2. The trainer's own code (trainer/, the pipeline runner) waits
-for the device once per step: `step.to_host`, the one transfer of the loss, grad norm, balance loss,
-expert counts and stop flag, which whether to step and the clip coefficient need. No step makes a
-Python-object collective. Syncs elsewhere (the MoE layers' `bincount`s, expert dispatch's split sizes,
-`expert_grad_sq`) are listed by `python tests/trainer/host_syncs.py` and not held here.
+of pp=1, pp=2 DualPipeV and dp=2 x ep=2, at every call site in the repository. The trainer waits once
+per step: `step.to_host`, the one transfer of the loss, grad norm, balance loss, expert counts and stop
+flag, which whether to step and the clip coefficient need. Under expert parallelism each MoE layer's
+dispatch also reads its all-to-all split sizes (one `tolist`, both directions), which the collective
+takes on the host. Nothing else syncs: the MoE layers count their picks without `bincount`, the
+dispatch's permutation is sized from the split sizes, and the experts' squared grad norm stays on the
+device. No step makes a Python-object collective.
 """
 
 from __future__ import annotations
@@ -20,26 +23,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_syncs import HostSyncs, count_layout, is_sync  # noqa: E402
 
-# the trainer's sites: trainer/ and the pipeline runner
-OURS = ("trainer/", "parallel/pipeline/")
 # reads of tensors made on the host (no device copy on a GPU either), which the harness cannot tell
 # from device tensors: the pipeline's micro-batch indices and ExpertAdamW's step counter
 HOST_MADE = {("int", "parallel/pipeline/runner.py", "__call__"), ("int", "trainer/optim/zero.py", "step")}
+TO_HOST = ("cpu", "trainer/step.py (to_host)")
+# the tiny recipe's MoE layers (1 block + the MTP block) times a dp=2 rank's micro-batches (8 / 2 / 2)
+DISPATCHES = 2 * 2
+# the syncs of one step on each rank, by (kind, file (function))
+EXPECTED = {
+    "pp1": {TO_HOST: 1},
+    "pp2-dualpipev": {TO_HOST: 1},
+    "dp2-ep2": {TO_HOST: 1, ("tolist", "parallel/experts/dispatch.py (dispatch)"): DISPATCHES},
+}
 
 
-def _ours(records: dict) -> dict[tuple[str, str], int]:
-    """The syncs at the trainer's own sites, by (kind, file (function))."""
+def _syncs(records: dict) -> dict[tuple[str, str], int]:
+    """The syncs at every site but the reads of host-made tensors, by (kind, file (function))."""
     out: dict[tuple[str, str], int] = {}
     for (kind, site), n in records.items():
         path, _, func = site.partition(" ")
         file = path.rsplit(":", 1)[0]
-        if is_sync(kind) and file.startswith(OURS) and (kind, file, func.strip("()")) not in HOST_MADE:
+        if is_sync(kind) and (kind, file, func.strip("()")) not in HOST_MADE:
             out[(kind, f"{file} {func}")] = out.get((kind, f"{file} {func}"), 0) + n
     return out
 
 
-@pytest.mark.parametrize("layout", ["pp1", "pp2-dualpipev", "dp2-ep2"])
-def test_one_wait_per_step_and_no_object_collectives(layout, data_dir, tmp_path):
+@pytest.mark.parametrize("layout", list(EXPECTED))
+def test_one_wait_per_step_and_per_dispatch(layout, data_dir, tmp_path):
     ranks = count_layout(layout, data_dir, tmp_path)
     for rank, by_step in enumerate(ranks):
         step = by_step[2]
@@ -49,7 +59,7 @@ def test_one_wait_per_step_and_no_object_collectives(layout, data_dir, tmp_path)
         # the recipe gives no position_ids: no stage reads them back for a document mask
         masks = {site: n for (kind, site), n in step.items() if "document_causal_mask" in site}
         assert not masks, (layout, rank, masks)
-        assert _ours(step) == {("cpu", "trainer/step.py (to_host)"): 1}, (layout, rank, step)
+        assert _syncs(step) == EXPECTED[layout], (layout, rank, step)
 
 
 def test_the_harness_tells_syncs_from_host_reads():
