@@ -327,12 +327,12 @@ def common_replays(runs: dict[str, list[dict]], entries: list[dict], args, prefi
                        args.hidden_fraction, stage_costs_of(costs, schedule))
         entry["replayed_common"] = rep
         formula = rep["bubble_formula_ms"]
-        apart = rep["pairs_apart"]
+        together = rep["pairs_together"]
         print(f"PP={entry['pp']} {schedule:24s} replayed at common costs: step {rep['step_ms']:7.1f} ms  bubble "
               f"mean {rep['bubble_ms_mean']:6.1f} max {rep['bubble_ms_max']:6.1f} ms  formula "
               f"{formula if formula is None else round(formula, 1)}"
-              + (f"  (F&B pairs apart: step {apart['step_ms']:.1f}, bubble {apart['bubble_ms_mean']:.1f})"
-                 if apart else ""), flush=True)
+              + (f"  (F&B pairs together: step {together['step_ms']:.1f}, bubble {together['bubble_ms_mean']:.1f})"
+                 if together else ""), flush=True)
     if args.comm_ratios:
         print(comm_table(entries, "replayed_common"), flush=True)
         plot_comm(entries, args.out.parent / f"{prefix}_comm_pp{entries[0]['pp']}.png")

@@ -14,8 +14,9 @@ modules through torch.distributed.pipelining.
 
 Spans recorded per rank (time.perf_counter, one clock for all processes): `F` a stage forward, `B` a
 full backward, `b` a zero-bubble backward (input gradients only), `W` one deferred weight-gradient
-chunk. F&B chunks run forward then backward (no overlap) and are recorded as their F and B; `replay`
-adds the overlap's effect on expert all-to-all as a model.
+chunk. F&B chunks run as the trainer runs them without expert parallelism (a communicator per
+direction, no overlap hook: an F chunk then a B chunk) and their F op is marked as a pair's first half;
+`replay` adds the overlap's effect on expert all-to-all as a model, pairing them.
 """
 
 from __future__ import annotations
@@ -121,8 +122,10 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
     all-to-alls behind the other's compute), a pair takes max(its compute + (1 - hidden) x its
     all-to-all, its all-to-all) and both halves end together.
 
-    `pairs_apart`: what-if for an engine that runs an F&B pair without an overlap as an F chunk then a
-    B chunk (each starts once its own input is there, the forward's output leaves before the backward).
+    `pairs_apart`: an F&B pair runs as an F chunk then a B chunk (each starts once its own input is
+    there, the forward's output leaves before the backward), as the engine runs one without an overlap
+    hook when it has a communicator per direction (`engine.py`); ignored with `hidden` (the overlap
+    pairs them).
 
     Returns the replayed step span, per-rank busy (compute and exposed all-to-all) and bubble times
     (span - busy) in seconds, and the timeline."""
@@ -164,7 +167,7 @@ def replay(ops_per_rank: list[list[dict]], num_stages: int, costs: dict | None =
         progressed = False
         for r, ops in enumerate(ops_per_rank):
             while nxt[r] < len(ops):
-                paired = ops[nxt[r]]["pair"] and not pairs_apart
+                paired = ops[nxt[r]]["pair"] and (hidden is not None or not pairs_apart)
                 group = ops[nxt[r]:nxt[r] + 2] if paired else ops[nxt[r]:nxt[r] + 1]
                 starts = [ready_at(op) for op in group]
                 if any(t is None for t in starts):
@@ -219,30 +222,25 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
     ops: list = []
     chunks: list = []
 
-    def overlapped(module0, inputs0, criterion0, labels0, module1, loss1, outputs1, grads1):
-        """`engine.sequential_forward_backward`, timing its forward and its backward apart."""
-        t0, c0 = time.perf_counter(), time.thread_time()
-        outputs0 = module0(*inputs0)
-        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else list(outputs0)
-        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        t1, c1 = time.perf_counter(), time.thread_time()
-        if loss1 is not None:
-            loss1.backward()
-        elif outputs1:
-            torch.autograd.backward(outputs1, grad_tensors=grads1)
-        c2 = time.thread_time()
-        events.extend([("F", -1, t0, t1), ("B", -1, t1, time.perf_counter())])
-        ops.extend([["F", c1 - c0, True], ["B", c2 - c1, False]])
-        return outputs0, loss0
-
+    # as the trainer runs it (Grid.pp_flow_groups): a communicator per direction, so an F&B chunk without
+    # an overlap hook runs as F then B (engine.py)
+    flows = (dist.new_group(list(range(world))), dist.new_group(list(range(world))))
     runner = PipelineRunner(model, schedule, world, rank, dist.group.WORLD, torch.device("cpu"), layer_split=split,
-                            overlapped_forward_backward=overlapped)
+                            p2p_groups=flows)
     runner.sum_copies = lambda: None  # not part of the schedule (module docstring)
     pipe = runner.pipe
     pipe._forward_compute = _timed(events, ops, lambda *a: "F", pipe._forward_compute)
     pipe._backward_compute = _timed(events, ops, lambda phase, enable_zb=False: "b" if enable_zb else "B",
                                     pipe._backward_compute)
     pipe._weight_chunk = _timed(events, ops, lambda: "W", pipe._weight_chunk)
+    forward_backward = pipe._forward_backward_chunk
+
+    def paired(*args, **kwargs):
+        """An F&B chunk: its forward op is marked as a pair's first half (the overlap would pair them)."""
+        first = len(ops)
+        forward_backward(*args, **kwargs)
+        ops[first][2] = True
+    pipe._forward_backward_chunk = paired
     mark, own = pipe.on_chunk, runner.placement.stages(rank)
 
     def on_chunk(phase: int, chunk: int, forward: bool) -> None:
@@ -268,7 +266,8 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
         if rep or reps == 1:  # the first step warms up
             timed_ops += labelled
     return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu,
-            "ops": labelled, "timed_ops": timed_ops, "grads": _grads(model) if keep_grads else None}
+            "ops": labelled, "timed_ops": timed_ops, "grads": _grads(model) if keep_grads else None,
+            "pairs_apart": True}
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -448,6 +447,10 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_
     (`formula(schedule, stages, f, b, w)`: bench/pipeline.py's `bubble_formula`) takes the medians of F,
     of B (b + W where the backward is split) and of W over the same ops (over the stages of `costs`).
 
+    Our F&B pairs are replayed as the engine ran them (`pairs_apart`); `pairs_together` is the step
+    with each pair's halves started and sent together, as an overlap hook runs them, without
+    communication.
+
     `comm_sweep`: the same replay with expert all-to-all in every forward and backward, `ratio` x the
     stage's forward compute each (`replay`'s `comm`), exposed in full; for our DualPipe and DualPipeV
     also with the overlap hiding `hidden` of each F&B pair's all-to-all (`step_ms_overlap`)."""
@@ -461,17 +464,18 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_
         f, b, w = (statistics.median(c for (k, _), c in costs.items() if k == kind) for kind in ("F", "B", "W"))
         w = w if deferred else 0.0
     ops = [r["ops"] for r in results]
-    out = replay(ops, num_stages, costs)
+    apart = any(r.get("pairs_apart") for r in results)  # how the engine ran its F&B chunks
+    out = replay(ops, num_stages, costs, pairs_apart=apart)
     bubbles = out["bubble_s"]
     want = formula(schedule, num_stages, f, b, w)
-    apart = None
-    if any(op["pair"] for line in ops for op in line):
-        a = replay(ops, num_stages, costs, pairs_apart=True)
-        apart = {"step_ms": a["span_s"] * 1e3, "bubble_ms_mean": statistics.mean(a["bubble_s"]) * 1e3}
+    together = None
+    if apart and any(op["pair"] for line in ops for op in line):
+        t = replay(ops, num_stages, costs)
+        together = {"step_ms": t["span_s"] * 1e3, "bubble_ms_mean": statistics.mean(t["bubble_s"]) * 1e3}
     sweep = []
     for ratio in comm_ratios:
         comm = {s: ratio * c for (k, s), c in costs.items() if k == "F"}
-        entry = {"ratio": ratio, "step_ms": replay(ops, num_stages, costs, comm)["span_s"] * 1e3,
+        entry = {"ratio": ratio, "step_ms": replay(ops, num_stages, costs, comm, pairs_apart=apart)["span_s"] * 1e3,
                  "step_ms_overlap": None}
         if schedule in OVERLAPPING and hidden is not None:
             entry["step_ms_overlap"] = replay(ops, num_stages, costs, comm, hidden)["span_s"] * 1e3
@@ -483,7 +487,7 @@ def replayed(schedule: str, results: list[dict], num_stages: int, formula, comm_
             "bubble_ms_mean": statistics.mean(bubbles) * 1e3, "bubble_ms_max": max(bubbles) * 1e3,
             "bubble_formula_ms": want * 1e3 if want is not None else None,
             "bubble_max_over_formula": max(bubbles) / want if want else None,
-            "pairs_apart": apart, "comm_hidden_fraction": hidden, "comm_sweep": sweep,
+            "pairs_apart": apart, "pairs_together": together, "comm_hidden_fraction": hidden, "comm_sweep": sweep,
             "timeline": [[(k, s, t0 * 1e3, t1 * 1e3) for k, s, t0, t1 in line] for line in out["timeline"]]}
 
 

@@ -14,6 +14,9 @@ Groups built for each rank:
 - `pp_mirror_group`: this rank and its mirror in the pipeline (pp_rank r and pp - 1 - r, same dp
   rank); None on the middle rank of an odd pipeline. DualPipe's two copies of a stage live on such a
   pair, and so does the embedding shared by the first and the last stage (the pair of pp_rank 0).
+- `pp_flow_groups`: two more communicators over `pp_group`'s ranks, for the pipeline's messages towards
+  higher and towards lower pp ranks (`parallel/pipeline/engine.py`: with one way per communicator, a
+  send may leave before the receive it matches is posted); None without a pipeline.
 Without torch.distributed (one process) every group is None and all sizes are 1.
 """
 
@@ -44,6 +47,7 @@ class Grid:
     ep_group: Any = None
     edp_group: Any = None
     pp_mirror_group: Any = None
+    pp_flow_groups: Any = None  # (towards higher pp ranks, towards lower), over pp_group's ranks
     dp_mesh: Any = None  # a 1-D DeviceMesh over dp_group (for sharded DTensor checkpoints)
 
     @classmethod
@@ -136,9 +140,14 @@ def build_grid(pp: int = 1, dp: int = 1, ep: int = 1) -> Grid:
             if s == pp_rank and r == grid.ep_rank:
                 grid.edp_group = edg
     for d in range(dp):
-        g = dist.new_group([s * dp + d for s in range(pp)])
+        ranks = [s * dp + d for s in range(pp)]
+        g = dist.new_group(ranks)
         if d == dp_rank:
             grid.pp_group = g
+        if pp > 1:
+            flows = (dist.new_group(ranks), dist.new_group(ranks))
+            if d == dp_rank:
+                grid.pp_flow_groups = flows
         for r in range(pp // 2):
             mg = dist.new_group([r * dp + d, (pp - 1 - r) * dp + d])
             if d == dp_rank and pp_rank in (r, pp - 1 - r):

@@ -61,4 +61,4 @@ def select_runner(cfg: DictConfig, model: nn.Module, grid: Grid, device: torch.d
         from twinpipe.parallel.experts.overlap import overlapped_forward_backward as overlapped
     return PipelineRunner(model, cfg.parallel.schedule, grid.pp, grid.pp_rank, grid.pp_group, device,
                           cfg.train.dtype, overlapped_forward_backward=overlapped,
-                          mirror_group=grid.pp_mirror_group)
+                          mirror_group=grid.pp_mirror_group, p2p_groups=grid.pp_flow_groups)

@@ -16,6 +16,15 @@ its diagram:
 Sends and receives are queued and launched together at the next compute, which waits for them
 (`_commit`). A W chunk launches them but waits only after its weight gradients: W needs no received
 tensor, so it fills the time the transfers take (on gloo the host would otherwise sit in `wait`).
+
+With `p2p_groups` (a communicator per direction, `Grid.pp_flow_groups`) a compute waits for its
+receives only; sends complete on their own and are waited for at the end of the step. An F&B chunk
+without an overlap hook is then an F chunk and a B chunk: the forward starts once its input is there
+and its output leaves before the backward, instead of both waiting for both inputs and both outputs
+for the backward (what an overlap needs, since it interleaves the two). On V3 stages that takes a third
+off DualPipe's bubble (`bench/pipeline.py --stages v3`). The send leaves before the peer posts the
+receive it matches, which is safe only because every message of a communicator flows one way along
+the pipeline (on one NCCL stream for both ways it would queue ahead of groups the peer waits for).
 """
 
 from __future__ import annotations
@@ -92,7 +101,8 @@ class PipelineEngine(nn.Module):
     def __init__(self, modules: Sequence[nn.Module], batch_dim: int = 0,
                  process_group: dist.ProcessGroup | None = None,
                  rank_mapping: Sequence[int] | None = None,
-                 overlapped_forward_backward: Callable | None = None) -> None:
+                 overlapped_forward_backward: Callable | None = None,
+                 p2p_groups: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None) -> None:
         super().__init__()
         self.module = nn.ModuleList(modules)
         self.batch_dim = batch_dim
@@ -111,7 +121,9 @@ class PipelineEngine(nn.Module):
             same_type = len({type(m) for m in modules}) == 1
             overlapped_forward_backward = getattr(type(modules[0]), "overlapped_forward_backward",
                                                   None) if same_type else None
-        self.overlapped_forward_backward = overlapped_forward_backward or sequential_forward_backward
+        self.overlapped_forward_backward = overlapped_forward_backward  # None: no overlap
+        # (towards higher positions, towards lower): the same ranks as `group`, one communicator per way
+        self.p2p_groups = p2p_groups
         self.placement = self._placement()
         # on_chunk(phase, chunk, forward): called as a chunk's forward or backward begins (the pipeline
         # runner marks the micro-batch in flight with it: in_flight.py)
@@ -122,6 +134,9 @@ class PipelineEngine(nn.Module):
 
     # ---- state ------------------------------------------------------------------------------------
     def _reset(self, criterion=None, return_outputs: bool = False) -> None:
+        for req in getattr(self, "sent", []):  # the last step's sends (p2p_groups)
+            req.wait()
+        self.sent: list = []
         WeightGradStore.clear()
         self.phases = [_Phase() for _ in self.placement.module_index]
         self.ops: list = []  # queued P2P operations
@@ -138,6 +153,12 @@ class PipelineEngine(nn.Module):
 
     def _peer(self, position: int) -> int:
         return self._group_rank_of[position]
+
+    def _p2p_group(self, src: int, dst: int) -> dist.ProcessGroup:
+        """The communicator of a message from pipeline position src to dst."""
+        if self.p2p_groups is None:
+            return self.group
+        return self.p2p_groups[0] if dst > src else self.p2p_groups[1]
 
     def _load(self, inputs, labels, num_chunks: int) -> None:
         """Split the step's inputs to the first-stage phase and labels to the last-stage phase."""
@@ -241,8 +262,8 @@ class PipelineEngine(nn.Module):
             return
         module0, inputs0, criterion0, labels0 = self._begin_forward(phase0)
         module1, loss1, outputs1, grads1 = self._begin_backward(phase1)
-        outputs0, loss0 = self.overlapped_forward_backward(module0, inputs0, criterion0, labels0,
-                                                           module1, loss1, outputs1, grads1)
+        overlapped = self.overlapped_forward_backward or sequential_forward_backward
+        outputs0, loss0 = overlapped(module0, inputs0, criterion0, labels0, module1, loss1, outputs1, grads1)
         outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else list(outputs0)
         self._end_forward(phase0, outputs0, loss0)
         self._end_backward(phase1, loss1)
@@ -253,7 +274,7 @@ class PipelineEngine(nn.Module):
         if src is None or src == LOCAL:
             return
         self.phases[phase].inputs.append(p2p.append_irecv_forward(
-            self.ops, self._peer(src), self.group, requires_grad=not self.forward_only))
+            self.ops, self._peer(src), self._p2p_group(src, self.rank), requires_grad=not self.forward_only))
 
     def _send_forward(self, phase: int) -> None:
         dst = self.placement.fwd_dst[phase]
@@ -270,14 +291,14 @@ class PipelineEngine(nn.Module):
             self.phases[1 - phase].inputs.append(
                 [t.detach().requires_grad_(grad and t.is_floating_point()) for t in outputs])
         else:
-            p2p.append_isend(self.ops, outputs, self._peer(dst), self.group)
+            p2p.append_isend(self.ops, outputs, self._peer(dst), self._p2p_group(self.rank, dst))
 
     def _recv_backward(self, phase: int) -> None:
         dst = self.placement.fwd_dst[phase]
         if self.forward_only or dst is None or dst == LOCAL:
             return
         self.phases[phase].output_grads.append(
-            p2p.append_irecv_backward(self.ops, self._peer(dst), self.group))
+            p2p.append_irecv_backward(self.ops, self._peer(dst), self._p2p_group(dst, self.rank)))
 
     def _send_backward(self, phase: int) -> None:
         src = self.placement.fwd_src[phase]
@@ -290,10 +311,19 @@ class PipelineEngine(nn.Module):
         if src == LOCAL:
             self.phases[1 - phase].output_grads.append(grads)
         else:
-            p2p.append_isend(self.ops, grads, self._peer(src), self.group)
+            p2p.append_isend(self.ops, grads, self._peer(src), self._p2p_group(self.rank, src))
+
+    def _post(self) -> list:
+        """Launch the queued operations; return the requests a compute must wait for: all of them, or
+        with `p2p_groups` the receives (the sends join `sent`, waited for at the end of the step)."""
+        if self.p2p_groups is None:
+            return p2p.post(self.ops)
+        sends, recvs = p2p.post_apart(self.ops)
+        self.sent = [req for req in self.sent if not req.is_completed()] + sends
+        return recvs
 
     def _commit(self) -> None:
-        for req in self.inflight + p2p.post(self.ops):
+        for req in self.inflight + self._post():
             req.wait()
         self.inflight = []
 
@@ -316,6 +346,10 @@ class PipelineEngine(nn.Module):
             self._send_backward(phase)
 
     def _forward_backward_chunk(self, phase0: int, phase1: int, recv0: bool = True) -> None:
+        if self.overlapped_forward_backward is None and self.p2p_groups is not None and not self.forward_only:
+            self._forward_chunk(phase0, recv=recv0)  # nothing to overlap: F, its output leaves, then B
+            self._backward_chunk(phase1)
+            return
         if recv0:
             self._recv_forward(phase0)
         self._recv_backward(phase1)
@@ -327,5 +361,5 @@ class PipelineEngine(nn.Module):
     def _weight_chunk(self) -> None:
         if self.forward_only:
             return
-        self.inflight += p2p.post(self.ops)
+        self.inflight += self._post()
         WeightGradStore.pop()

@@ -20,8 +20,8 @@ class OneFOneB(PipelineEngine):
     """1F1B over the ranks of `process_group`; `module` is this rank's stage."""
 
     def __init__(self, module: nn.Module, batch_dim: int = 0, process_group=None,
-                 rank_mapping=None) -> None:
-        super().__init__((module,), batch_dim, process_group, rank_mapping)
+                 rank_mapping=None, p2p_groups=None) -> None:
+        super().__init__((module,), batch_dim, process_group, rank_mapping, p2p_groups=p2p_groups)
 
     def _placement(self) -> Placement:
         n, r = self.num_ranks, self.rank

@@ -117,6 +117,22 @@ def post(ops: list) -> list:
     return reqs
 
 
+def post_apart(ops: list) -> tuple[list, list]:
+    """Launch the queued operations, one batch per process group and kind (sends, receives); return
+    (send requests, receive requests). Empties `ops`. For an engine with a communicator per direction
+    (`PipelineEngine(p2p_groups=...)`): it waits for receives only, so a send leaves before the
+    receive the peer will match it with is posted, which one batch of sends and receives on one NCCL
+    stream cannot allow."""
+    batches: dict[tuple, list] = {}
+    for op in ops:
+        batches.setdefault((id(op.group), op.op is dist.isend), []).append(op)
+    ops.clear()
+    sends, recvs = [], []
+    for (_, is_send), batch in batches.items():
+        (sends if is_send else recvs).extend(dist.batch_isend_irecv(batch))
+    return sends, recvs
+
+
 def commit(ops: list) -> None:
     """Launch the queued operations together and wait for all of them; empties `ops`."""
     for req in post(ops):

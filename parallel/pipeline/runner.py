@@ -123,15 +123,17 @@ class PipelineRunner:
 
     def __init__(self, model: nn.Module, schedule: str, pp: int, pp_rank: int, pp_group,
                  device: torch.device, dtype: str = "fp32", layer_split=None,
-                 overlapped_forward_backward: Callable | None = None, mirror_group=None) -> None:
+                 overlapped_forward_backward: Callable | None = None, mirror_group=None,
+                 p2p_groups=None) -> None:
         self.placement = StagePlacement(schedule, pp)
         self.model, self.schedule = model, schedule
         self.pp, self.pp_rank, self.group, self.device, self.dtype = pp, pp_rank, pp_group, device, dtype
         self.mirror_group = mirror_group  # Grid.pp_mirror_group: this rank and pp_rank pp-1-r
         self.stages = build_stages(model, schedule, pp, pp_rank, layer_split)
         self.copied = sorted(copied_module_names(model, schedule, pp, pp_rank, layer_split))
+        # p2p_groups: Grid.pp_flow_groups, a communicator per direction (engine.py)
         if schedule == "1f1b":
-            self.pipe = OneFOneB(self.stages[0], process_group=pp_group)
+            self.pipe = OneFOneB(self.stages[0], process_group=pp_group, p2p_groups=p2p_groups)
         else:
             # overlapped_forward_backward: e.g. twinpipe.parallel.experts.overlap's, with expert parallelism
             if overlapped_forward_backward is not None:
@@ -139,7 +141,7 @@ class PipelineRunner:
                     overlapped_forward_backward, [q for q in model.parameters() if not q.is_meta])
             self.pipe = self.SCHEDULES[schedule](
                 self.stages, process_group=pp_group,
-                overlapped_forward_backward=overlapped_forward_backward)
+                overlapped_forward_backward=overlapped_forward_backward, p2p_groups=p2p_groups)
         self.pipe.on_chunk = self._mark
         self.num_chunks = 0
         self.metric_keys: list[str] | None = None  # the objective's metric names, gathered at the first step

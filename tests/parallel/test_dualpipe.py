@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from twinpipe.parallel.dualpipe import (DualPipe, DualPipeV, WeightGradStore,
                                         set_p2p_tensor_dtype, set_p2p_tensor_shapes)
 from twinpipe.parallel.local import run_local
+from twinpipe.parallel.pipeline import engine
 from twinpipe.parallel.pipeline.engine import sequential_forward_backward
 from twinpipe.parallel.pipeline.one_f_one_b import OneFOneB
 from twinpipe.parallel.pipeline.weight_grad_store import linear
@@ -120,16 +122,22 @@ def _problem_and_reference(n_stages, num_chunks):
     return stages, x, target, reference_result
 
 
-def _run_dualpipe(rank, world, num_chunks, v_shape, hook, mapping=None):
+def _flow_groups(world):
+    """A communicator per direction over the whole world (Grid.pp_flow_groups of one pipeline)."""
+    return (dist.new_group(list(range(world))), dist.new_group(list(range(world))))
+
+
+def _run_dualpipe(rank, world, num_chunks, v_shape, hook, mapping=None, flows=False):
     pos = mapping[rank] if mapping else rank  # this process's place in the pipeline
     n_stages = 2 * world if v_shape else world
     stages, x, target, (ref_loss, ref_grads, ref_out) = _problem_and_reference(n_stages, num_chunks)
     pair = (stages[pos], stages[n_stages - 1 - pos])
+    groups = _flow_groups(world) if flows else None
     if v_shape:
-        pipe = DualPipeV(pair, overlapped_forward_backward=hook, rank_mapping=mapping)
+        pipe = DualPipeV(pair, overlapped_forward_backward=hook, rank_mapping=mapping, p2p_groups=groups)
         inputs, labels = ([x], [target]) if pos == 0 else ([], [])
     else:
-        pipe = DualPipe(pair, overlapped_forward_backward=hook, rank_mapping=mapping)
+        pipe = DualPipe(pair, overlapped_forward_backward=hook, rank_mapping=mapping, p2p_groups=groups)
         half_x, half_t = x.chunk(2), target.chunk(2)
         # position 0 feeds the first half, whose losses land on position N-1, and vice versa
         inputs = [half_x[0]] if pos == 0 else [half_x[1]] if pos == world - 1 else []
@@ -194,6 +202,34 @@ def test_dualpipev_matches_unpartitioned(world, num_chunks):
     assert [r["peak"] for r in res] == [2 * world + 1] * world
 
 
+@pytest.mark.parametrize("v_shape,world,num_chunks,mapping", [
+    (False, 2, 4, None), (False, 4, 10, None), (False, 4, 8, [2, 0, 3, 1]), (True, 2, 4, None), (True, 3, 7, None),
+    (True, 4, 8, None)])
+def test_a_communicator_per_direction_runs_pairs_apart_with_the_same_results(v_shape, world, num_chunks, mapping):
+    """With `p2p_groups` and no overlap hook an F&B chunk runs as an F chunk then a B chunk (its forward's
+    output sent before the backward runs) and computes only wait for receives: the same losses, outputs,
+    gradients (the same sums in the same order: bit for bit) and activation peaks as the paired run."""
+    paired = run(_run_dualpipe, world, num_chunks, v_shape, None, mapping)
+    apart = run(_run_dualpipe, world, num_chunks, v_shape, None, mapping, True)
+    for a, b in zip(paired, apart):
+        assert (a["loss"] is None) == (b["loss"] is None) and (a["loss"] is None or torch.equal(a["loss"], b["loss"]))
+        assert (a["out"] is None) == (b["out"] is None) and (a["out"] is None or torch.equal(a["out"], b["out"]))
+        assert all(torch.equal(g, h) for m in range(2) for g, h in zip(a["grads"][m], b["grads"][m]))
+        assert a["peak"] == b["peak"] and b["queue_empty"]
+
+
+def test_pairs_run_apart_only_with_a_communicator_per_direction():
+    """The paired F&B step (what an overlap hook needs) runs without `p2p_groups`; with them, and no hook,
+    no chunk goes through it."""
+    def count(rank, world, flows):
+        calls = []
+        original = engine.sequential_forward_backward
+        engine.sequential_forward_backward = lambda *a: calls.append(1) or original(*a)
+        _run_dualpipe(rank, world, 6, False, None, None, flows)
+        return len(calls)
+    assert min(run(count, 2, False)) > 0 and run(count, 2, True) == [0, 0]
+
+
 def _counting_hook(calls):
     def hook(*args):
         calls.append(1)
@@ -228,9 +264,9 @@ def test_overlap_hook_runs_forward_backward_pairs(v_shape):
     assert all(r["queue_empty"] for r in res)
 
 
-def _run_1f1b(rank, world, num_chunks):
+def _run_1f1b(rank, world, num_chunks, flows=False):
     stages, x, target, (ref_loss, ref_grads, ref_out) = _problem_and_reference(world, num_chunks)
-    pipe = OneFOneB(stages[rank])
+    pipe = OneFOneB(stages[rank], p2p_groups=_flow_groups(world) if flows else None)
     inputs = [x] if rank == 0 else []
     labels = [target] if rank == world - 1 else []
     LIVE.update(now=0, peak=0)
@@ -242,9 +278,9 @@ def _run_1f1b(rank, world, num_chunks):
                          ref_grads=ref_grads[rank], ref_out=ref_out, peak=peak))
 
 
-@pytest.mark.parametrize("world,num_chunks", [(1, 3), (3, 2), (4, 8)])
-def test_1f1b_matches_unpartitioned(world, num_chunks):
-    res = run(_run_1f1b, world, num_chunks)
+@pytest.mark.parametrize("world,num_chunks,flows", [(1, 3, False), (3, 2, False), (4, 8, False), (4, 8, True)])
+def test_1f1b_matches_unpartitioned(world, num_chunks, flows):
+    res = run(_run_1f1b, world, num_chunks, flows)
     assert torch.equal(res[-1]["loss"], res[-1]["ref_loss"])
     assert torch.equal(res[-1]["out"], res[-1]["ref_out"])
     for rank, r in enumerate(res):
