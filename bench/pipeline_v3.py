@@ -211,13 +211,8 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
              blocks_per_stage: int = 0, keep_grads: bool = False) -> dict:
     """One rank of the V3 pipeline: the spans of its last step (the earlier ones warm up); with
     `keep_grads` also its parameters' gradients after the last step (`grads`)."""
-    torch.manual_seed(0)
-    split = stage_split(schedule, world, blocks_per_stage)
-    config = v3_config(sum(split) if split else 2 * world)
-    model = Transformer(config)
-    keep_local_stages(model, schedule, world, rank, split)  # other stages to meta: a rank holds its own
-    if schedule in ("dualpipe", "dualpipev"):
-        split_weight_gradients(model)
+    model, config, split = _rank_model(schedule, world, rank, blocks_per_stage,
+                                       deferring=schedule in ("dualpipe", "dualpipev"))
     events: list = []
     ops: list = []
     chunks: list = []
@@ -248,26 +243,54 @@ def run_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: int,
         chunks.append((own[module], runner.placement.micro_batch(module, chunk, runner.num_chunks), forward))
         mark(phase, chunk, forward)
     pipe.on_chunk = on_chunk
+    _, micro_batches = _micro_batches(config, num_chunks)
+    objective = Objective(config.num_nextn_predict_layers)
+
+    def step() -> None:
+        chunks.clear()
+        runner.run(micro_batches, objective)
+    result = _timed_steps(model, reps, events, ops, step, lambda: label_ops(ops, chunks))
+    return {**result, "grads": _grads(model) if keep_grads else None, "pairs_apart": True}
+
+
+def _rank_model(layout: str, world: int, rank: int, blocks_per_stage: int,
+                deferring: bool) -> tuple[Transformer, ModelConfig, list[int] | None]:
+    """The V3 model with only this rank's stages of `layout` (the others on meta), its weight gradients
+    split off every layer when `deferring`; with its config and `stage_split`."""
+    torch.manual_seed(0)
+    split = stage_split(layout, world, blocks_per_stage)
+    config = v3_config(sum(split) if split else 2 * world)
+    model = Transformer(config)
+    keep_local_stages(model, layout, world, rank, split)  # other stages to meta: a rank holds its own
+    if deferring:
+        split_weight_gradients(model)
+    return model, config, split
+
+
+def _micro_batches(config: ModelConfig, num_chunks: int) -> tuple[torch.Tensor, list[dict]]:
+    """The step's token ids [num_chunks, SEQ + 1] (the same on every rank) and its micro-batches."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (num_chunks, SEQ + 1), generator=g)
-    micro_batches = [{"input_ids": ids[i:i + 1, :-1], "labels": ids[i:i + 1, 1:]} for i in range(num_chunks)]
-    objective = Objective(config.num_nextn_predict_layers)
+    return ids, [{"input_ids": ids[i:i + 1, :-1], "labels": ids[i:i + 1, 1:]} for i in range(num_chunks)]
+
+
+def _timed_steps(model: nn.Module, reps: int, events: list, ops: list, step, label) -> dict:
+    """`reps` steps (`step()`), lined up by a barrier; the spans and CPU time of the last, its ops
+    (`label()` after each) and the ops of every step but the first, which warms up."""
     timed_ops: list[dict] = []
     for rep in range(reps):
         model.zero_grad(set_to_none=True)
         dist.barrier()
         events.clear()
         ops.clear()
-        chunks.clear()
         t0, c0 = time.perf_counter(), time.process_time()
-        runner.run(micro_batches, objective)
+        step()
         t1, cpu = time.perf_counter(), time.process_time() - c0
-        labelled = label_ops(ops, chunks)
-        if rep or reps == 1:  # the first step warms up
+        labelled = label()
+        if rep or reps == 1:
             timed_ops += labelled
     return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu,
-            "ops": labelled, "timed_ops": timed_ops, "grads": _grads(model) if keep_grads else None,
-            "pairs_apart": True}
+            "ops": labelled, "timed_ops": timed_ops}
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -304,20 +327,12 @@ def run_torch_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: 
     micro-batch, as `run_rank` records ours."""
     from torch.distributed.pipelining import PipelineStage, schedules
 
-    torch.manual_seed(0)
     ours = "1f1b" if schedule == "torch_1f1b" else "dualpipev"  # the same stage layout
-    split = stage_split(ours, world, blocks_per_stage)
-    config = v3_config(sum(split) if split else 2 * world)
-    model = Transformer(config)
-    keep_local_stages(model, ours, world, rank, split)
     deferring = schedule != "torch_1f1b" and not graph_split
-    if deferring:
-        split_weight_gradients(model)
+    model, config, split = _rank_model(ours, world, rank, blocks_per_stage, deferring)
     placement = StagePlacement(ours, world)
     num_stages = placement.num_stages
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (num_chunks, SEQ + 1), generator=g)
-    micro_batches = [{"input_ids": ids[i:i + 1, :-1], "labels": ids[i:i + 1, 1:]} for i in range(num_chunks)]
+    ids, micro_batches = _micro_batches(config, num_chunks)
     modules = build_stages(model, ours, world, rank, split)
     set_aux_loss_scale(modules, 1.0 / num_chunks)
     events: list = []
@@ -353,25 +368,19 @@ def run_torch_rank(rank: int, world: int, schedule: str, num_chunks: int, reps: 
                 scale_grads=False)
     first = any(m.is_first for m in modules)
     last = any(m.is_last for m in modules)
-    timed_ops: list[dict] = []
-    for rep in range(reps):
-        model.zero_grad(set_to_none=True)
-        dist.barrier()
-        events.clear()
-        ops.clear()
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def step() -> None:
         WeightGradStore.enabled = deferring
         try:
             sched.step(*([ids[:, :-1]] if first else []),
                        **({"target": torch.arange(num_chunks), "losses": []} if last else {}))
         finally:
             WeightGradStore.clear()
-        t1, cpu = time.perf_counter(), time.process_time() - c0
-        labelled = [{"kind": k, "cpu_s": c, "pair": False, "stage": s, "micro_batch": m} for k, c, s, m in ops]
-        if rep or reps == 1:
-            timed_ops += labelled
-    return {"t0": t0, "t1": t1, "events": list(events), "peak_activations": None, "cpu_s": cpu,
-            "ops": labelled, "timed_ops": timed_ops, "grads": _grads(model) if keep_grads else None}
+
+    def label() -> list[dict]:
+        return [{"kind": k, "cpu_s": c, "pair": False, "stage": s, "micro_batch": m} for k, c, s, m in ops]
+    result = _timed_steps(model, reps, events, ops, step, label)
+    return {**result, "grads": _grads(model) if keep_grads else None}
 
 
 def _dw_builder():
