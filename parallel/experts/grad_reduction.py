@@ -91,7 +91,7 @@ def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda nam
 
     A 0-d float64 tensor on the gradients' device (on the host where no layer counts): summed there,
     in float64 and parameter by parameter, so the step reads it back with its other values."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     for name, layer in model.named_modules():
         if not isinstance(layer, ExpertParallelExperts) or not counted(name):
             continue
@@ -99,6 +99,8 @@ def expert_grad_sq(model: nn.Module, counted: Callable[[str], bool] = lambda nam
         for p in layer.local.parameters():
             grad = _fp32_grad(p)
             if grad is not None:
+                if total is None:
+                    total = torch.zeros((), dtype=torch.float64, device=grad.device)
                 per_slot = grad.double().pow(2).flatten(1).sum(1)  # [S]
-                total = total.to(grad.device) + (per_slot * weight.to(grad.device)).sum()
-    return total
+                total += (per_slot * weight.to(grad.device)).sum()
+    return torch.zeros((), dtype=torch.float64) if total is None else total

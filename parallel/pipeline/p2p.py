@@ -120,9 +120,8 @@ def post(ops: list) -> list:
 def post_apart(ops: list) -> tuple[list, list]:
     """Launch the queued operations, one batch per process group and kind (sends, receives); return
     (send requests, receive requests). Empties `ops`. For an engine with a communicator per direction
-    (`PipelineEngine(p2p_groups=...)`): it waits for receives only, so a send leaves before the
-    receive the peer will match it with is posted, which one batch of sends and receives on one NCCL
-    stream cannot allow."""
+    (`PipelineEngine(p2p_groups=...)`), which waits for the receives only: its sends may leave before
+    the peer posts the matching receives."""
     batches: dict[tuple, list] = {}
     for op in ops:
         batches.setdefault((id(op.group), op.op is dist.isend), []).append(op)
